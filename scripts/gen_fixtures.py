@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Generate tiny random checkpoints and reference outputs for distillery's parity tests.
+
+Run by hand (never by CI):
+
+    python -m venv .refenv && .refenv/bin/pip install torch transformers timm safetensors pillow
+    .refenv/bin/python scripts/gen_fixtures.py
+
+Writes, for every supported family:
+  tests/fixtures/models/<name>/            config.json, model.safetensors[, preprocessor_config.json]
+  tests/fixtures/refs/<name>-<case>.safetensors
+      pixel_values [B,3,H,W] at a non-native input size, and the reference model's
+      hidden_states.{i} / last_hidden_state exactly as transformers (or timm) return them.
+and the embedded demo assets (assets/demo-model, assets/sample.png).
+
+Weights are drawn at random with a fixed seed (not the libraries' init, which zeroes many
+tensors such as SAM's position tables), so every parameter influences the outputs.
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+import torch.nn.functional as F
+import transformers as T
+from safetensors.torch import save_file
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+MODELS = os.path.join(ROOT, "tests", "fixtures", "models")
+REFS = os.path.join(ROOT, "tests", "fixtures", "refs")
+
+
+def randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 0:
+                continue
+            noise = torch.randn(p.shape, generator=g)
+            if ("norm" in name or "layer_norm" in name or "layernorm" in name) and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif "lambda1" in name or "gamma" in name:
+                p.copy_(0.5 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.05 * noise)
+            else:
+                fan_in = p[0].numel() if p.dim() > 1 else p.shape[-1]
+                scale = max(fan_in, 1) ** -0.5 if p.dim() > 1 else 0.5
+                p.copy_(noise * scale)
+    model.eval()
+    return model
+
+
+def fresh(name):
+    d = os.path.join(MODELS, name)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    return d
+
+
+def pixels(b, h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, h, w, generator=g)
+
+
+def save_ref(name, case, x, hidden, last):
+    os.makedirs(REFS, exist_ok=True)
+    out = {"pixel_values": x.clone().contiguous()}
+    for i, h in enumerate(hidden):
+        out[f"hidden_states.{i}"] = h.clone().contiguous()
+    out["last_hidden_state"] = last.clone().contiguous()
+    save_file(out, os.path.join(REFS, f"{name}-{case}.safetensors"))
+    shapes = {k: list(v.shape) for k, v in out.items() if k != "pixel_values"}
+    print(f"  {name}-{case}: input {list(x.shape)} -> {len(hidden)} hidden states, last {shapes['last_hidden_state']}")
+
+
+def hf_ref(name, model, cases, **kw):
+    for case, x in cases.items():
+        with torch.no_grad():
+            o = model(pixel_values=x, output_hidden_states=True, **kw)
+        save_ref(name, case, x, o.hidden_states, o.last_hidden_state)
+
+
+def token_family(name, model, seed, cases, save_model=None, **kw):
+    randomize(model, seed)
+    d = fresh(name)
+    (save_model or model).save_pretrained(d, safe_serialization=True)
+    hf_ref(name, model, cases, **kw)
+
+
+def main():
+    torch.manual_seed(0)
+    print("transformers", T.__version__, "torch", torch.__version__)
+    common = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2)
+
+    # ViT: native 32 px / patch 8 (4x4 grid); test 40x56 (5x7, upsampling, non-square) and 24x16.
+    vit = T.ViTModel(T.ViTConfig(intermediate_size=64, image_size=32, patch_size=8, **common), add_pooling_layer=False)
+    token_family("vit", vit, 1, {"up": pixels(2, 40, 56, 11), "down": pixels(1, 24, 16, 12)},
+                 interpolate_pos_encoding=True)
+
+    # DINOv2: native 28 px / patch 7; plain bicubic resampling.
+    dcfg = dict(image_size=28, patch_size=7, mlp_ratio=2, **common)
+    dino = T.Dinov2Model(T.Dinov2Config(**dcfg))
+    token_family("dinov2", dino, 2, {"up": pixels(2, 35, 49, 21), "down": pixels(1, 21, 14, 22)})
+
+    # DINOv2-giant style: SwiGLU FFN.
+    dino_g = T.Dinov2Model(T.Dinov2Config(use_swiglu_ffn=True, **dcfg))
+    token_family("dinov2-swiglu", dino_g, 3, {"up": pixels(1, 42, 35, 31)})
+
+    # DINOv2 with registers: antialiased bicubic resampling.
+    dreg = T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(num_register_tokens=4, **dcfg))
+    token_family("dinov2-registers", dreg, 4, {"up": pixels(2, 35, 49, 41), "down": pixels(1, 21, 14, 42)})
+
+    # CLIP: the full CLIPModel checkpoint layout people download (vision_config nested,
+    # vision_model.* weights next to the text tower).
+    vcfg = dict(intermediate_size=64, image_size=32, patch_size=8, **common)
+    clip_full = T.CLIPModel(T.CLIPConfig(
+        vision_config=vcfg,
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        projection_dim=8))
+    randomize(clip_full, 5)
+    d = fresh("clip")
+    clip_full.save_pretrained(d, safe_serialization=True)
+    T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
+    vision = T.CLIPVisionModel(T.CLIPVisionConfig(**vcfg))
+    vision.load_state_dict({k[len("vision_model."):]: v for k, v in clip_full.state_dict().items() if k.startswith("vision_model.")}, strict=True)
+    vision.eval()
+    hf_ref("clip", vision, {"up": pixels(2, 40, 56, 51), "down": pixels(1, 24, 16, 52)}, interpolate_pos_encoding=True)
+
+    # SigLIP vision tower (bare).
+    sig = T.SiglipVisionModel(T.SiglipVisionConfig(**vcfg))
+    token_family("siglip", sig, 6, {"up": pixels(2, 40, 56, 61), "down": pixels(1, 24, 16, 62)},
+                 interpolate_pos_encoding=True)
+
+    # SAM: full SamModel checkpoint (vision_encoder.*, prompt encoder, mask decoder), native
+    # 64 px / patch 8 (8x8 grid), window 3 (so windows are padded), global blocks 1 and 3.
+    svcfg = dict(hidden_size=32, output_channels=16, num_hidden_layers=4, num_attention_heads=2, mlp_dim=64,
+                 image_size=64, patch_size=8, window_size=3, global_attn_indexes=[1, 3])
+    sam_full = T.SamModel(T.SamConfig(
+        vision_config=svcfg,
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16)))
+    randomize(sam_full, 7)
+    d = fresh("sam")
+    sam_full.save_pretrained(d, safe_serialization=True)
+    sd = {k[len("vision_encoder."):]: v for k, v in sam_full.state_dict().items() if k.startswith("vision_encoder.")}
+    sam_ref(sd, svcfg, "native", 64, pixels(1, 3, 64, 64, ) if False else pixels(1, 64, 64, 71))
+    sam_ref(sd, svcfg, "down", 48, pixels(2, 48, 48, 72))
+    sam_ref(sd, svcfg, "up", 80, pixels(1, 80, 80, 73))
+
+    timm_vit()
+    demo_assets()
+
+
+def sam_ref(sd, svcfg, case, size, x):
+    """The reference SAM encoder cannot change input size; build it at `size` with the absolute
+    table resampled as timm's samvit does (bicubic, antialiased) and the global blocks' relative
+    tables resampled linearly as get_rel_pos does at run time."""
+    grid = size // svcfg["patch_size"]
+    cfg = dict(svcfg, image_size=size)
+    sd = dict(sd)
+    pe = sd["pos_embed"].permute(0, 3, 1, 2)
+    sd["pos_embed"] = F.interpolate(pe, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True).permute(0, 2, 3, 1)
+    for i in svcfg["global_attn_indexes"]:
+        for ax in ("h", "w"):
+            k = f"layers.{i}.attn.rel_pos_{ax}"
+            t = sd[k]
+            sd[k] = F.interpolate(t.t()[None], size=2 * grid - 1, mode="linear").reshape(-1, 2 * grid - 1).t()
+    m = T.SamVisionModel(T.SamVisionConfig(**cfg))
+    m.vision_encoder.load_state_dict(sd, strict=True)
+    m.eval()
+    hf_ref("sam", m, {case: x})
+
+
+def timm_vit():
+    import timm
+    from timm.models import _hub
+
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True, **args)
+    randomize(m, 8)
+    d = fresh("timm-vit")
+    _hub.save_for_hf(m, d, model_args=args, safe_serialization=True)
+    for case, x in {"up": pixels(2, 40, 56, 81), "down": pixels(1, 24, 16, 82)}.items():
+        with torch.no_grad():
+            h = m.patch_embed(x)
+            h = m._pos_embed(h)
+            h = m.norm_pre(h)
+            hs = [h]
+            for blk in m.blocks:
+                h = blk(h)
+                hs.append(h)
+            last = m.norm(h)
+        save_ref("timm-vit", case, x, hs, last)
+
+
+def demo_assets():
+    """The checkpoint and image embedded in the binary for `distillery features` with no
+    arguments: a DINOv2-with-registers network at the real 224 px / patch 14 geometry."""
+    from PIL import Image, ImageDraw
+
+    assets = os.path.join(ROOT, "assets")
+    d = os.path.join(assets, "demo-model")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    m = T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(
+        hidden_size=48, num_hidden_layers=4, num_attention_heads=3, mlp_ratio=2, image_size=224, patch_size=14,
+        num_register_tokens=4))
+    randomize(m, 9)
+    m.save_pretrained(d, safe_serialization=True)
+    T.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                        do_convert_rgb=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(d)
+    img = Image.new("RGB", (320, 240), (135, 190, 235))
+    dr = ImageDraw.Draw(img)
+    dr.rectangle([0, 170, 320, 240], fill=(90, 150, 70))
+    dr.ellipse([230, 20, 290, 80], fill=(250, 220, 80))
+    dr.polygon([(40, 170), (110, 70), (180, 170)], fill=(120, 110, 100))
+    dr.rectangle([200, 120, 280, 175], fill=(170, 60, 50))
+    img.save(os.path.join(assets, "sample.png"))
+    print("  demo assets written")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+//! Speed measurement: a forward pass of a ViT-B/16-size encoder (random weights written as a
+//! transformers ViT checkpoint and loaded through the normal path).
+
+use crate::error::{Error, Result};
+use crate::models::{FeatureRequest, LoadOptions, VisionEncoder};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// Size of a random ViT checkpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct VitSize {
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp: usize,
+    pub patch: usize,
+    pub image: usize,
+}
+
+impl VitSize {
+    pub const BASE16: VitSize = VitSize {
+        dim: 768,
+        depth: 12,
+        heads: 12,
+        mlp: 3072,
+        patch: 16,
+        image: 224,
+    };
+}
+
+/// Write a transformers-layout ViT checkpoint with random weights into `dir`.
+pub fn write_random_vit(dir: &Path, s: VitSize, device: &Device) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let config = serde_json::json!({
+        "model_type": "vit",
+        "hidden_size": s.dim,
+        "num_hidden_layers": s.depth,
+        "num_attention_heads": s.heads,
+        "intermediate_size": s.mlp,
+        "image_size": s.image,
+        "patch_size": s.patch,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "qkv_bias": true,
+    });
+    let cfg_path = dir.join("config.json");
+    std::fs::write(&cfg_path, config.to_string()).map_err(|e| Error::io(&cfg_path, e))?;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let d = s.dim;
+    let n = (s.image / s.patch) * (s.image / s.patch) + 1;
+    let rnd = |t: &mut HashMap<String, Tensor>, name: String, shape: &[usize]| -> Result<()> {
+        t.insert(name, (Tensor::randn(0f32, 1f32, shape, device)? * 0.02)?);
+        Ok(())
+    };
+    rnd(&mut t, "embeddings.cls_token".into(), &[1, 1, d])?;
+    rnd(&mut t, "embeddings.position_embeddings".into(), &[1, n, d])?;
+    rnd(
+        &mut t,
+        "embeddings.patch_embeddings.projection.weight".into(),
+        &[d, 3, s.patch, s.patch],
+    )?;
+    rnd(
+        &mut t,
+        "embeddings.patch_embeddings.projection.bias".into(),
+        &[d],
+    )?;
+    for i in 0..s.depth {
+        let p = format!("encoder.layer.{i}");
+        for (name, o, inn) in [
+            ("attention.attention.query", d, d),
+            ("attention.attention.key", d, d),
+            ("attention.attention.value", d, d),
+            ("attention.output.dense", d, d),
+            ("intermediate.dense", s.mlp, d),
+            ("output.dense", d, s.mlp),
+        ] {
+            rnd(&mut t, format!("{p}.{name}.weight"), &[o, inn])?;
+            rnd(&mut t, format!("{p}.{name}.bias"), &[o])?;
+        }
+        for ln in ["layernorm_before", "layernorm_after"] {
+            t.insert(
+                format!("{p}.{ln}.weight"),
+                Tensor::ones(d, DType::F32, device)?,
+            );
+            t.insert(
+                format!("{p}.{ln}.bias"),
+                Tensor::zeros(d, DType::F32, device)?,
+            );
+        }
+    }
+    t.insert(
+        "layernorm.weight".into(),
+        Tensor::ones(d, DType::F32, device)?,
+    );
+    t.insert(
+        "layernorm.bias".into(),
+        Tensor::zeros(d, DType::F32, device)?,
+    );
+    crate::features::write_safetensors_atomic(&t, &dir.join("model.safetensors"))
+}
+
+/// Timing result.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchResult {
+    pub batch: usize,
+    pub image: usize,
+    pub iters: usize,
+    pub mean_s: f64,
+    pub median_s: f64,
+    pub min_s: f64,
+    pub images_per_s: f64,
+}
+
+/// Time `iters` forward passes (after `warmup`) of `enc` on random pixels.
+pub fn time_forward(
+    enc: &dyn VisionEncoder,
+    batch: usize,
+    image: usize,
+    warmup: usize,
+    iters: usize,
+    device: &Device,
+) -> Result<BenchResult> {
+    let x = Tensor::randn(0f32, 1f32, (batch, 3, image, image), device)?;
+    let req = FeatureRequest::last_only();
+    let sync = |t: &Tensor| -> Result<()> {
+        // Reading one value forces asynchronous devices to finish.
+        let _ = t
+            .flatten_all()?
+            .get(0)?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        Ok(())
+    };
+    for _ in 0..warmup {
+        let o = enc.forward_features(&x, &req)?;
+        if let Some(t) = &o.last_hidden_state {
+            sync(t)?;
+        }
+    }
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t0 = Instant::now();
+        let o = enc.forward_features(&x, &req)?;
+        if let Some(t) = &o.last_hidden_state {
+            sync(t)?;
+        }
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let median = sorted[sorted.len() / 2];
+    Ok(BenchResult {
+        batch,
+        image,
+        iters: times.len(),
+        mean_s: mean,
+        median_s: median,
+        min_s: sorted[0],
+        images_per_s: batch as f64 / median,
+    })
+}
+
+/// Build a random ViT of size `s` in a temporary folder and load it.
+pub fn random_vit(
+    s: VitSize,
+    opts: &LoadOptions,
+) -> Result<(tempfile::TempDir, Box<dyn VisionEncoder>)> {
+    let dir = tempfile::Builder::new()
+        .prefix("distillery-bench")
+        .tempdir()
+        .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    write_random_vit(dir.path(), s, &Device::Cpu)?;
+    let enc = crate::models::load(&dir.path().to_string_lossy(), opts)?;
+    Ok((dir, enc))
+}

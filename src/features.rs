@@ -1,0 +1,133 @@
+//! Feature extraction: input loading (`pixel_values` safetensors or image files), running an
+//! encoder, and writing hidden states with the reference layout, atomically.
+
+use crate::error::{Error, Result};
+use crate::models::{EncoderOutput, ModelInfo};
+use crate::preprocess::read_image;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Read tensor `pixel_values` `[B, 3, H, W]` from a safetensors file.
+pub fn read_pixels(path: &Path, device: &Device) -> Result<Tensor> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    let view = st.tensor("pixel_values").map_err(|_| Error::BadInput {
+        path: path.to_path_buf(),
+        msg: format!(
+            "no tensor named pixel_values (found: {})",
+            st.names()
+                .into_iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    })?;
+    let shape = view.shape().to_vec();
+    if shape.len() != 4 || shape[1] != 3 {
+        return Err(Error::BadInput {
+            path: path.to_path_buf(),
+            msg: format!("pixel_values must be [B, 3, H, W], got shape {shape:?}"),
+        });
+    }
+    let t = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| Error::BadInput {
+            path: path.to_path_buf(),
+            msg: format!("pixel_values: {}", crate::weights::clean_candle_msg(&e)),
+        })?
+        .remove("pixel_values")
+        .ok_or_else(|| Error::BadInput {
+            path: path.to_path_buf(),
+            msg: "no tensor named pixel_values".into(),
+        })?;
+    if !t.dtype().is_float() {
+        return Err(Error::BadInput {
+            path: path.to_path_buf(),
+            msg: format!("pixel_values must be floating point, got {:?}", t.dtype()),
+        });
+    }
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+/// Preprocess image files into one batch (all must give the same size after preprocessing).
+pub fn read_images(paths: &[PathBuf], info: &ModelInfo, device: &Device) -> Result<Tensor> {
+    let mut items = Vec::with_capacity(paths.len());
+    for p in paths {
+        let img = read_image(p)?;
+        items.push(info.preprocess.apply(&img, device)?);
+    }
+    let first = items.first().map(|t| t.dims().to_vec()).unwrap_or_default();
+    for (p, t) in paths.iter().zip(&items) {
+        if t.dims() != first.as_slice() {
+            return Err(Error::BadInput {
+                path: p.clone(),
+                msg: format!(
+                    "preprocesses to {:?} but the first image gives {first:?}; batch images of one size",
+                    t.dims()
+                ),
+            });
+        }
+    }
+    Ok(Tensor::stack(&items, 0)?)
+}
+
+/// Names and tensors to write for an encoder output (`hidden_states.{i}`, `last_hidden_state`).
+pub fn output_tensors(out: &EncoderOutput) -> Result<HashMap<String, Tensor>> {
+    let mut m = HashMap::new();
+    for (i, t) in &out.hidden_states {
+        m.insert(format!("hidden_states.{i}"), t.contiguous()?);
+    }
+    if let Some(t) = &out.last_hidden_state {
+        m.insert("last_hidden_state".to_string(), t.contiguous()?);
+    }
+    Ok(m)
+}
+
+/// Write tensors as safetensors: to a temporary file beside `path`, then rename, so a reader
+/// never sees a half-written file and a failed write leaves any previous file intact.
+pub fn write_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(Error::io(dir, "output folder does not exist"));
+    }
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let res = candle_core::safetensors::save(tensors, &tmp)
+        .map_err(|e| Error::io(&tmp, crate::weights::clean_candle_msg(&e)))
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// One-line description of a loaded model for an input size.
+pub fn describe(info: &ModelInfo, input_hw: (usize, usize)) -> String {
+    let (gh, gw) = info.grid(input_hw);
+    format!(
+        "{} depth={} width={} heads={} patch={} native={}x{} input={}x{} grid={}x{} prefix_tokens={}",
+        info.family,
+        info.depth,
+        info.width,
+        info.num_heads,
+        info.patch,
+        info.image_size.0,
+        info.image_size.1,
+        input_hw.0,
+        input_hw.1,
+        gh,
+        gw,
+        info.prefix_tokens
+    )
+}

@@ -1,0 +1,22 @@
+//! distillery: turn large frozen vision foundation models into small, fast task models.
+//!
+//! This crate provides the teacher zoo ([`models`]): DINOv2 (with and without registers),
+//! CLIP and SigLIP vision towers, plain ViT (transformers and timm naming) and the SAM image
+//! encoder, loaded from Hugging Face folders or hub ids with the checkpoints' own weight names,
+//! runnable at any input resolution, with every block's output available.
+
+pub mod bench;
+pub mod config;
+pub mod embedded;
+pub mod error;
+pub mod features;
+pub mod hub;
+pub mod interp;
+pub mod models;
+pub mod preprocess;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use models::{
+    load, EncoderOutput, Family, FeatureRequest, LoadOptions, ModelInfo, VisionEncoder,
+};

@@ -1,0 +1,283 @@
+//! The `distillery` command line: a thin layer over the library.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, Subcommand, ValueEnum};
+use distillery::features::{
+    describe, output_tensors, read_images, read_pixels, write_safetensors_atomic,
+};
+use distillery::models::{self, FeatureRequest, LoadOptions};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "distillery",
+    version,
+    about = "Distil large vision foundation models into small, fast task models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Model folder (config.json + model.safetensors) or hub id (org/name[@revision]);
+    /// defaults to the demo checkpoint embedded in the binary
+    #[arg(long)]
+    model: Option<String>,
+    /// Compute dtype
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    /// Device
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an encoder and write every block's output (hidden_states.{i}, last_hidden_state)
+    Features {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Image file(s) to preprocess as the checkpoint says (repeat for a batch); defaults to
+        /// the embedded sample image when neither --image nor --pixels is given
+        #[arg(long, conflicts_with = "pixels")]
+        image: Vec<PathBuf>,
+        /// Safetensors file with a normalised `pixel_values` [B,3,H,W] (skips preprocessing)
+        #[arg(long)]
+        pixels: Option<PathBuf>,
+        /// Output safetensors file (written atomically); without it only a summary is printed
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Which hidden states: `all`, `sak` (4 evenly spaced blocks) or a comma list of
+        /// hidden-state indices (0 = embeddings, i = block i-1)
+        #[arg(long, default_value = "all")]
+        levels: String,
+    },
+    /// Show what a model folder or hub id contains
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Time a ViT-B/16-size forward pass (random weights)
+    Bench {
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 224)]
+        image: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+        /// Print the result as one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn device(d: DeviceArg) -> Result<Device> {
+    Ok(match d {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => {
+            Device::new_cuda(0).context("CUDA device 0 (build with --features cuda)")?
+        }
+    })
+}
+
+fn load_model(m: &ModelArgs) -> Result<(String, Box<dyn distillery::VisionEncoder>)> {
+    let dtype = match m.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+    };
+    let opts = LoadOptions {
+        dtype,
+        device: device(m.device)?,
+    };
+    let name = match &m.model {
+        Some(s) => s.clone(),
+        None => distillery::embedded::demo_model_dir()?
+            .to_string_lossy()
+            .to_string(),
+    };
+    let enc = models::load(&name, &opts)?;
+    Ok((name, enc))
+}
+
+fn parse_levels(s: &str, info: &distillery::ModelInfo) -> Result<FeatureRequest> {
+    Ok(match s {
+        "all" => FeatureRequest::all(info.depth),
+        "sak" => FeatureRequest::blocks(&info.default_levels),
+        list => {
+            let mut idx = Vec::new();
+            for p in list.split(',') {
+                let v: usize = p
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("--levels: {p:?} is not an index"))?;
+                if v > info.depth {
+                    bail!("--levels: {v} is out of range 0..={}", info.depth);
+                }
+                idx.push(v);
+            }
+            FeatureRequest {
+                hidden_states: idx,
+                last: false,
+            }
+        }
+    })
+}
+
+fn stats(t: &Tensor) -> Result<(f32, f32)> {
+    let t = t.to_dtype(DType::F32)?.flatten_all()?;
+    let mean = t.mean_all()?.to_scalar::<f32>()?;
+    let var = t
+        .broadcast_sub(&t.mean_all()?)?
+        .sqr()?
+        .mean_all()?
+        .to_scalar::<f32>()?;
+    Ok((mean, var.sqrt()))
+}
+
+fn features(
+    model: ModelArgs,
+    image: Vec<PathBuf>,
+    pixels: Option<PathBuf>,
+    out: Option<PathBuf>,
+    levels: String,
+) -> Result<()> {
+    let (name, enc) = load_model(&model)?;
+    let info = enc.info().clone();
+    let dev = device(model.device)?;
+    let x = match (&pixels, image.is_empty()) {
+        (Some(p), _) => read_pixels(p, &dev)?,
+        (None, false) => read_images(&image, &info, &dev)?,
+        (None, true) => {
+            let sample = distillery::embedded::sample_image()?;
+            eprintln!("input: embedded sample image {}", sample.display());
+            read_images(&[sample], &info, &dev)?
+        }
+    };
+    let dtype = match model.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+    };
+    let x = x.to_dtype(dtype)?;
+    let (b, _, h, w) = x.dims4()?;
+    eprintln!("model: {name}");
+    eprintln!("loaded: {} batch={b}", describe(&info, (h, w)));
+    let req = parse_levels(&levels, &info)?;
+    let t0 = std::time::Instant::now();
+    let o = enc.forward_features(&x, &req)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let tensors = output_tensors(&o)?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort_by_key(|n| {
+        n.strip_prefix("hidden_states.")
+            .and_then(|i| i.parse::<usize>().ok())
+            .unwrap_or(usize::MAX)
+    });
+    for n in names {
+        let t = &tensors[n];
+        let (mean, std) = stats(t)?;
+        println!(
+            "{n:<20} {:<18} mean {mean:>9.4} std {std:>9.4}",
+            format!("{:?}", t.dims())
+        );
+    }
+    eprintln!("forward: {secs:.3} s ({:.1} images/s)", b as f64 / secs);
+    if let Some(out) = out {
+        write_safetensors_atomic(&tensors, &out)?;
+        eprintln!("wrote {} tensors to {}", tensors.len(), out.display());
+    }
+    Ok(())
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Features {
+            model,
+            image,
+            pixels,
+            out,
+            levels,
+        } => features(model, image, pixels, out, levels),
+        Command::Info { model } => {
+            let (name, enc) = load_model(&model)?;
+            let info = enc.info();
+            println!("model: {name}");
+            println!("{}", describe(info, info.image_size));
+            println!("sak levels (0-based blocks): {:?}", info.default_levels);
+            println!("preprocess: {:?}", info.preprocess);
+            Ok(())
+        }
+        Command::Bench {
+            batch,
+            image,
+            warmup,
+            iters,
+            device: d,
+            json,
+        } => {
+            let opts = LoadOptions {
+                dtype: DType::F32,
+                device: device(d)?,
+            };
+            let (_dir, enc) =
+                distillery::bench::random_vit(distillery::bench::VitSize::BASE16, &opts)?;
+            let r = distillery::bench::time_forward(
+                enc.as_ref(),
+                batch,
+                image,
+                warmup,
+                iters,
+                &opts.device,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "ViT-B/16 forward, batch {batch}, {image} px, {} threads: median {:.3} s, mean {:.3} s, min {:.3} s ({:.1} images/s)",
+                    rayon::current_num_threads(),
+                    r.median_s,
+                    r.mean_s,
+                    r.min_s,
+                    r.images_per_s
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

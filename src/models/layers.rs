@@ -1,0 +1,340 @@
+//! Building blocks shared by every transformer family: linear, layer norm, attention, MLPs,
+//! layer scale and the pre-norm block. Families differ only in weight names and a few switches,
+//! which [`BlockNames`] and [`BlockSpec`] describe declaratively.
+
+use crate::error::Result;
+use crate::weights::Weights;
+use candle_core::{Module, Tensor, D};
+use candle_nn::Linear;
+
+/// Load `name.weight` [out, in] and optionally `name.bias` [out].
+pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    let weight = w.get((out_dim, in_dim), "weight")?;
+    let bias = if bias {
+        Some(w.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+/// Load several linears with the same input and concatenate them along the output dimension,
+/// so that e.g. separate q/k/v projections run as one matrix product.
+pub fn fused_linear(
+    parts: &[Weights],
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+) -> Result<Linear> {
+    let mut ws = Vec::with_capacity(parts.len());
+    let mut bs = Vec::with_capacity(parts.len());
+    for p in parts {
+        ws.push(p.get((out_dim, in_dim), "weight")?);
+        if bias {
+            bs.push(p.get(out_dim, "bias")?);
+        }
+    }
+    let weight = Tensor::cat(&ws, 0)?;
+    let bias = if bias {
+        Some(Tensor::cat(&bs, 0)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+/// LayerNorm over the last dimension.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(dim, "weight")?,
+            bias: w.get(dim, "bias")?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = if x.is_contiguous() {
+            x.clone()
+        } else {
+            x.contiguous()?
+        };
+        Ok(candle_nn::ops::layer_norm(
+            &x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+/// Activation functions used by the supported families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// exact GELU (erf)
+    Gelu,
+    /// tanh approximation (`gelu_pytorch_tanh`, `gelu_new`)
+    GeluTanh,
+    /// x * sigmoid(1.702 x) (OpenAI CLIP)
+    QuickGelu,
+    Relu,
+    Silu,
+}
+
+impl Activation {
+    /// Parse a `hidden_act` string of a transformers config.
+    pub fn from_hf(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu" => Self::Gelu,
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Self::GeluTanh,
+            "quick_gelu" => Self::QuickGelu,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            _ => return None,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Gelu => x.gelu_erf()?,
+            Self::GeluTanh => x.gelu()?,
+            Self::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            Self::Relu => x.relu()?,
+            Self::Silu => x.silu()?,
+        })
+    }
+}
+
+/// Multi-head self-attention with one fused qkv projection.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    pub fn new(qkv: Linear, proj: Linear, num_heads: usize, head_dim: usize) -> Self {
+        Self {
+            qkv,
+            proj,
+            num_heads,
+            scale: (head_dim as f64).powf(-0.5),
+        }
+    }
+
+    /// x: [B, N, C] -> [B, N, C]
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let h = self.num_heads;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, n, 3, h, c / h))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)? * self.scale)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let attn = q.matmul(&k.t()?)?;
+        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        Ok(self.proj.forward(&out)?)
+    }
+}
+
+/// Feed-forward network of a block.
+#[derive(Clone, Debug)]
+pub enum Mlp {
+    /// fc1 -> act -> fc2
+    Plain {
+        fc1: Linear,
+        fc2: Linear,
+        act: Activation,
+    },
+    /// DINOv2-giant: w_in -> split -> silu(x1) * x2 -> w_out
+    SwiGlu { w_in: Linear, w_out: Linear },
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Mlp::Plain { fc1, fc2, act } => Ok(fc2.forward(&act.forward(&fc1.forward(x)?)?)?),
+            Mlp::SwiGlu { w_in, w_out } => {
+                let h = w_in.forward(x)?;
+                let half = h.dim(D::Minus1)? / 2;
+                let x1 = h.narrow(D::Minus1, 0, half)?;
+                let x2 = h.narrow(D::Minus1, half, half)?;
+                Ok(w_out.forward(&(x1.silu()? * x2)?)?)
+            }
+        }
+    }
+}
+
+/// Hidden width of DINOv2's SwiGLU FFN (as the reference computes it).
+pub fn swiglu_hidden(dim: usize, mlp_ratio: f64) -> usize {
+    let hidden = (dim as f64 * mlp_ratio) as usize;
+    let hidden = (hidden as f64 * 2.0 / 3.0) as usize;
+    (hidden + 7) / 8 * 8
+}
+
+/// How attention projections are stored.
+#[derive(Clone, Debug)]
+pub enum QkvNames {
+    /// three separate linears (transformers naming)
+    Separate {
+        q: &'static str,
+        k: &'static str,
+        v: &'static str,
+    },
+    /// one fused linear (timm / SAM naming)
+    Fused(&'static str),
+}
+
+/// Weight names of one pre-norm transformer block, relative to the block's prefix.
+#[derive(Clone, Debug)]
+pub struct BlockNames {
+    pub norm1: &'static str,
+    pub qkv: QkvNames,
+    pub proj: &'static str,
+    pub norm2: &'static str,
+    pub fc1: &'static str,
+    pub fc2: &'static str,
+    pub swiglu_in: &'static str,
+    pub swiglu_out: &'static str,
+    pub ls1: &'static str,
+    pub ls2: &'static str,
+}
+
+/// Hyper-parameters of a block.
+#[derive(Clone, Debug)]
+pub struct BlockSpec {
+    pub dim: usize,
+    pub num_heads: usize,
+    pub mlp_hidden: usize,
+    pub qkv_bias: bool,
+    pub eps: f64,
+    pub act: Activation,
+    pub swiglu: bool,
+    pub layer_scale: bool,
+}
+
+/// `x = x + ls1 * attn(norm1(x)); x = x + ls2 * mlp(norm2(x))`
+#[derive(Clone, Debug)]
+pub struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    ls1: Option<Tensor>,
+    norm2: LayerNorm,
+    mlp: Mlp,
+    ls2: Option<Tensor>,
+}
+
+impl Block {
+    pub fn load(w: &Weights, names: &BlockNames, spec: &BlockSpec) -> Result<Self> {
+        let d = spec.dim;
+        let qkv = match &names.qkv {
+            QkvNames::Separate { q, k, v } => {
+                fused_linear(&[w.pp(q), w.pp(k), w.pp(v)], d, d, spec.qkv_bias)?
+            }
+            QkvNames::Fused(name) => linear(&w.pp(name), d, 3 * d, spec.qkv_bias)?,
+        };
+        let proj = linear(&w.pp(names.proj), d, d, true)?;
+        let mlp = if spec.swiglu {
+            Mlp::SwiGlu {
+                w_in: linear(&w.pp(names.swiglu_in), d, 2 * spec.mlp_hidden, true)?,
+                w_out: linear(&w.pp(names.swiglu_out), spec.mlp_hidden, d, true)?,
+            }
+        } else {
+            Mlp::Plain {
+                fc1: linear(&w.pp(names.fc1), d, spec.mlp_hidden, true)?,
+                fc2: linear(&w.pp(names.fc2), spec.mlp_hidden, d, true)?,
+                act: spec.act,
+            }
+        };
+        let (ls1, ls2) = if spec.layer_scale {
+            (Some(w.get(d, names.ls1)?), Some(w.get(d, names.ls2)?))
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            norm1: LayerNorm::load(&w.pp(names.norm1), d, spec.eps)?,
+            attn: Attention::new(qkv, proj, spec.num_heads, d / spec.num_heads),
+            ls1,
+            norm2: LayerNorm::load(&w.pp(names.norm2), d, spec.eps)?,
+            mlp,
+            ls2,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let scale = |y: Tensor, ls: &Option<Tensor>| -> Result<Tensor> {
+            Ok(match ls {
+                Some(g) => y.broadcast_mul(g)?,
+                None => y,
+            })
+        };
+        let y = scale(self.attn.forward(&self.norm1.forward(x)?)?, &self.ls1)?;
+        let x = (x + y)?;
+        let y = scale(self.mlp.forward(&self.norm2.forward(&x)?)?, &self.ls2)?;
+        Ok((x + y)?)
+    }
+}
+
+/// Patch embedding: a Conv2d with kernel = stride = patch, as a matrix product over patches.
+#[derive(Clone, Debug)]
+pub struct PatchEmbed {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    patch: usize,
+    dim: usize,
+}
+
+impl PatchEmbed {
+    pub fn load(w: &Weights, in_ch: usize, dim: usize, patch: usize, bias: bool) -> Result<Self> {
+        let weight = w.get((dim, in_ch, patch, patch), "weight")?;
+        let bias = if bias {
+            Some(w.get(dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            patch,
+            dim,
+        })
+    }
+
+    pub fn patch(&self) -> usize {
+        self.patch
+    }
+
+    /// [B, C, H, W] -> ([B, h*w, D], (h, w)); trailing pixels that do not fill a patch are
+    /// dropped, as a strided convolution does.
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, (usize, usize))> {
+        let (b, c, hh, ww) = x.dims4()?;
+        let p = self.patch;
+        let (gh, gw) = (hh / p, ww / p);
+        let x = x.narrow(2, 0, gh * p)?.narrow(3, 0, gw * p)?;
+        // [B, C, gh, p, gw, p] -> [B, gh, gw, C, p, p] -> [B*gh*gw, C*p*p]
+        let cols = x
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * gh * gw, c * p * p))?;
+        let w = self.weight.reshape((self.dim, c * p * p))?;
+        let mut y = cols.matmul(&w.t()?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        Ok((y.reshape((b, gh * gw, self.dim))?, (gh, gw)))
+    }
+}

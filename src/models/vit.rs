@@ -1,0 +1,236 @@
+//! Plain ViT: transformers `ViTModel` naming and timm `VisionTransformer` naming (the latter is
+//! what ImageNet-21k augreg checkpoints used to initialise SAK's student come in).
+
+use super::encoder::{load_blocks, DimDefaults, Dims, PositionEmbedding, TokenEncoder};
+use super::layers::{BlockNames, LayerNorm, PatchEmbed, QkvNames};
+use super::{evenly_spaced_blocks, find_prefix, Family, ModelFiles, ModelInfo};
+use crate::config::Cfg;
+use crate::error::Result;
+use crate::interp::Kernel;
+use crate::preprocess::{PreprocessConfig, Resample, HALF, IMAGENET_MEAN, IMAGENET_STD};
+use crate::weights::Weights;
+
+const HF_NAMES: BlockNames = BlockNames {
+    norm1: "layernorm_before",
+    qkv: QkvNames::Separate {
+        q: "attention.attention.query",
+        k: "attention.attention.key",
+        v: "attention.attention.value",
+    },
+    proj: "attention.output.dense",
+    norm2: "layernorm_after",
+    fc1: "intermediate.dense",
+    fc2: "output.dense",
+    swiglu_in: "",
+    swiglu_out: "",
+    ls1: "",
+    ls2: "",
+};
+
+/// timm's block naming (also used by DINOv2's original release).
+pub const TIMM_NAMES: BlockNames = BlockNames {
+    norm1: "norm1",
+    qkv: QkvNames::Fused("attn.qkv"),
+    proj: "attn.proj",
+    norm2: "norm2",
+    fc1: "mlp.fc1",
+    fc2: "mlp.fc2",
+    swiglu_in: "mlp.fc1",
+    swiglu_out: "mlp.fc2",
+    ls1: "ls1.gamma",
+    ls2: "ls2.gamma",
+};
+
+const VIT_DEFAULTS: DimDefaults = DimDefaults {
+    dim: 768,
+    depth: 12,
+    heads: 12,
+    eps: 1e-12,
+    act: "gelu",
+    image_size: 224,
+    patch: 16,
+};
+
+/// transformers `ViTModel` (or a ViT task model wrapping it).
+pub fn load_hf(
+    cfg: &Cfg,
+    pre: Option<&Cfg>,
+    w: &Weights,
+    files: &ModelFiles,
+) -> Result<TokenEncoder> {
+    let d = Dims::from_hf(cfg, &VIT_DEFAULTS)?;
+    let w = find_prefix(w, "embeddings.patch_embeddings.projection.weight", files)?;
+    let emb = w.pp("embeddings");
+    let n0 = d.native_grid().0 * d.native_grid().1;
+    let preprocess = PreprocessConfig::exact(d.image_size, Resample::Bilinear, HALF, HALF);
+    let preprocess = match pre {
+        Some(p) => preprocess.with_hf(p)?,
+        None => preprocess,
+    };
+    Ok(TokenEncoder {
+        info: info(Family::Vit, &d, 1, preprocess),
+        patch_embed: PatchEmbed::load(
+            &emb.pp("patch_embeddings.projection"),
+            d.channels,
+            d.dim,
+            d.patch,
+            true,
+        )?,
+        cls: Some(emb.get((1, 1, d.dim), "cls_token")?),
+        registers: None,
+        pos: PositionEmbedding::new(
+            &emb.get((1, n0 + 1, d.dim), "position_embeddings")?,
+            1,
+            Kernel::Bicubic,
+        )?,
+        pre_norm: None,
+        blocks: load_blocks(
+            &w.pp("encoder.layer"),
+            d.depth,
+            &HF_NAMES,
+            &d.block_spec(false, false),
+        )?,
+        final_norm: Some(LayerNorm::load(&w.pp("layernorm"), d.dim, d.eps)?),
+    })
+}
+
+pub(crate) fn info(
+    family: Family,
+    d: &Dims,
+    prefix: usize,
+    preprocess: PreprocessConfig,
+) -> ModelInfo {
+    ModelInfo {
+        family,
+        depth: d.depth,
+        width: d.dim,
+        num_heads: d.heads,
+        patch: d.patch,
+        image_size: d.image_size,
+        prefix_tokens: prefix,
+        out_channels: d.dim,
+        default_levels: evenly_spaced_blocks(d.depth, 4),
+        preprocess,
+    }
+}
+
+/// Sizes of timm's named ViT variants: (width, depth, heads).
+fn timm_variant(name: &str) -> Option<(usize, usize, usize)> {
+    Some(match name {
+        "tiny" => (192, 12, 3),
+        "small" => (384, 12, 6),
+        "base" => (768, 12, 12),
+        "large" => (1024, 24, 16),
+        "huge" => (1280, 32, 16),
+        "giant" => (1408, 40, 16),
+        _ => return None,
+    })
+}
+
+/// A timm hub folder: `config.json` with `architecture` (e.g. `vit_base_patch16_384.augreg_in21k_ft_in1k`),
+/// optional `model_args` overriding sizes, and `pretrained_cfg` with input size and normalisation.
+pub fn load_timm(
+    cfg: &Cfg,
+    _pre: Option<&Cfg>,
+    w: &Weights,
+    files: &ModelFiles,
+) -> Result<TokenEncoder> {
+    let arch = cfg.string("architecture", "")?;
+    let base = arch.split('.').next().unwrap_or("");
+    let parts: Vec<&str> = base.split('_').collect();
+    let variant = parts.get(1).and_then(|v| timm_variant(v));
+    let mut patch = parts
+        .iter()
+        .find_map(|p| p.strip_prefix("patch").and_then(|n| n.parse().ok()))
+        .unwrap_or(16);
+    let mut img = parts
+        .last()
+        .and_then(|p| p.parse::<usize>().ok())
+        .unwrap_or(224);
+    let (mut dim, mut depth, mut heads) = variant.unwrap_or((768, 12, 12));
+    let mut mlp_ratio = 4.0;
+    if let Some(args) = cfg.sub("model_args") {
+        dim = args.positive("embed_dim", dim)?;
+        depth = args.positive("depth", depth)?;
+        heads = args.positive("num_heads", heads)?;
+        patch = args.positive("patch_size", patch)?;
+        img = args.size2("img_size", img)?.0;
+        mlp_ratio = args.f64("mlp_ratio", mlp_ratio)?;
+    } else {
+        cfg.ensure(variant.is_some(), || {
+            format!("cannot tell the size of timm architecture {arch:?} (add model_args)")
+        })?;
+    }
+    cfg.ensure(dim % heads == 0, || {
+        format!("embed_dim {dim} not divisible by num_heads {heads}")
+    })?;
+    let mut mean = IMAGENET_MEAN;
+    let mut std = IMAGENET_STD;
+    let mut crop_pct = 0.9;
+    let mut resample = Resample::Bicubic;
+    // The data config's input size drives preprocessing; the model's own grid comes from the
+    // checkpoint's position table.
+    let mut data_img = img;
+    if let Some(p) = cfg.sub("pretrained_cfg") {
+        let input = p.usize_list("input_size", &[3, img, img])?;
+        if input.len() == 3 && input[1] > 0 {
+            data_img = input[1];
+        }
+        if let Some(m) = p.f32_list("mean")? {
+            cfg.ensure(m.len() == 3, || {
+                "pretrained_cfg.mean must have 3 values".into()
+            })?;
+            mean = [m[0], m[1], m[2]];
+        }
+        if let Some(s) = p.f32_list("std")? {
+            cfg.ensure(s.len() == 3, || {
+                "pretrained_cfg.std must have 3 values".into()
+            })?;
+            std = [s[0], s[1], s[2]];
+        }
+        crop_pct = p.f64("crop_pct", crop_pct)?;
+        if p.string("interpolation", "bicubic")? == "bilinear" {
+            resample = Resample::Bilinear;
+        }
+    }
+    let d = Dims {
+        dim,
+        depth,
+        heads,
+        mlp_hidden: (dim as f64 * mlp_ratio) as usize,
+        eps: 1e-6,
+        act: super::layers::Activation::Gelu,
+        image_size: (img, img),
+        patch,
+        channels: 3,
+        qkv_bias: true,
+    };
+    let w = find_prefix(w, "patch_embed.proj.weight", files)?;
+    let mut preprocess = PreprocessConfig::short_edge_crop(
+        (data_img as f64 / crop_pct).floor() as usize,
+        data_img,
+        mean,
+        std,
+    );
+    preprocess.resample = resample;
+    let layer_scale = w.contains("blocks.0.ls1.gamma");
+    Ok(TokenEncoder {
+        info: info(Family::TimmVit, &d, 1, preprocess),
+        patch_embed: PatchEmbed::load(&w.pp("patch_embed.proj"), 3, dim, patch, true)?,
+        cls: Some(w.get((1, 1, dim), "cls_token")?),
+        registers: None,
+        pos: PositionEmbedding::new(
+            &w.get((1, (img / patch) * (img / patch) + 1, dim), "pos_embed")?,
+            1,
+            Kernel::BicubicAntialias,
+        )?,
+        pre_norm: None,
+        blocks: load_blocks(
+            &w.pp("blocks"),
+            depth,
+            &TIMM_NAMES,
+            &d.block_spec(false, layer_scale),
+        )?,
+        final_norm: Some(LayerNorm::load(&w.pp("norm"), dim, d.eps)?),
+    })
+}

@@ -1,0 +1,167 @@
+//! Checkpoint access: memory-mapped safetensors files (one, or the shards listed in a
+//! `model.safetensors.index.json`), looked up by the checkpoint's own tensor names under a
+//! prefix. Every failure names the file and the tensor.
+
+use crate::error::{Error, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+struct Inner {
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// tensor name -> index into `files`
+    index: HashMap<String, usize>,
+    /// what to name in an error about a missing tensor
+    display_path: PathBuf,
+}
+
+/// A view on a set of safetensors files, with a name prefix.
+#[derive(Clone)]
+pub struct Weights {
+    inner: Arc<Inner>,
+    prefix: String,
+    device: Device,
+    dtype: DType,
+}
+
+impl Weights {
+    /// Open safetensors files. `display_path` is named in errors about missing tensors (the
+    /// checkpoint file, or the shard index).
+    pub fn open(
+        paths: &[PathBuf],
+        display_path: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let meta = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
+            if meta.len() < 8 {
+                return Err(Error::Safetensors {
+                    path: p.clone(),
+                    msg: format!("file is {} bytes, too short for a header", meta.len()),
+                });
+            }
+            // SAFETY: the file is mapped read-only; distillery never writes to checkpoints it
+            // reads, and users must not modify a checkpoint while a process reads it.
+            let st = unsafe { MmapedSafetensors::new(p) }.map_err(|e| Error::Safetensors {
+                path: p.clone(),
+                msg: clean_candle_msg(&e),
+            })?;
+            for (name, _) in st.tensors() {
+                index.insert(name, i);
+            }
+            files.push((p.clone(), st));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                files,
+                index,
+                display_path: display_path.to_path_buf(),
+            }),
+            prefix: String::new(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A view with `s` appended to the prefix.
+    pub fn pp(&self, s: impl AsRef<str>) -> Self {
+        let s = s.as_ref();
+        let prefix = if self.prefix.is_empty() {
+            s.to_string()
+        } else if s.is_empty() {
+            self.prefix.clone()
+        } else {
+            format!("{}.{}", self.prefix, s)
+        };
+        Self {
+            inner: self.inner.clone(),
+            prefix,
+            device: self.device.clone(),
+            dtype: self.dtype,
+        }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.inner.index.contains_key(&self.full(name))
+    }
+
+    /// All tensor names (full, without the view's prefix applied).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.inner.index.keys().map(|s| s.as_str())
+    }
+
+    /// The stored shape of a tensor, if present.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        let full = self.full(name);
+        let &i = self.inner.index.get(&full)?;
+        self.inner.files[i]
+            .1
+            .get(&full)
+            .ok()
+            .map(|v| v.shape().to_vec())
+    }
+
+    /// Load a tensor of any shape.
+    pub fn get_any(&self, name: &str) -> Result<Tensor> {
+        let full = self.full(name);
+        let Some(&i) = self.inner.index.get(&full) else {
+            return Err(Error::MissingTensor {
+                path: self.inner.display_path.clone(),
+                name: full,
+            });
+        };
+        let (path, st) = &self.inner.files[i];
+        let t = st
+            .load(&full, &self.device)
+            .map_err(|e| Error::Safetensors {
+                path: path.clone(),
+                msg: format!("tensor {full:?}: {}", clean_candle_msg(&e)),
+            })?;
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// Load a tensor and check its shape.
+    pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        let shape: Shape = shape.into();
+        let full = self.full(name);
+        if let Some(got) = self.shape_of(name) {
+            if got != shape.dims() {
+                let i = self.inner.index[&full];
+                return Err(Error::ShapeMismatch {
+                    path: self.inner.files[i].0.clone(),
+                    name: full,
+                    expected: shape.dims().to_vec(),
+                    got,
+                });
+            }
+        }
+        self.get_any(name)
+    }
+}
+
+/// candle wraps errors with backtraces and context; keep the first line.
+pub(crate) fn clean_candle_msg(e: &candle_core::Error) -> String {
+    let s = e.to_string();
+    s.lines().next().unwrap_or("").trim().to_string()
+}
