@@ -12,6 +12,7 @@ pub mod error;
 pub mod features;
 pub mod hub;
 pub mod interp;
+pub mod kernels;
 pub mod models;
 pub mod preprocess;
 pub mod weights;

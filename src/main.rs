@@ -9,6 +9,11 @@ use distillery::features::{
 use distillery::models::{self, FeatureRequest, LoadOptions};
 use std::path::PathBuf;
 
+// Large tensors are allocated and freed at every op; mimalloc keeps those pages mapped instead
+// of returning them to the kernel each time (a measurable share of CPU time otherwise).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "distillery",
@@ -268,7 +273,21 @@ fn run() -> Result<()> {
     }
 }
 
+/// Keep freed memory mapped: tensors of the same sizes are freed and allocated again at every
+/// layer, and returning their pages to the OS makes each reuse pay page faults.
+fn tune_allocator() {
+    // mimalloc v2 option ids (mimalloc.h): 4 = arena_eager_commit, 15 = purge_delay.
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: setting allocator options is thread-safe and done before heavy allocation.
+    unsafe {
+        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 1);
+        libmimalloc_sys::mi_option_set(PURGE_DELAY, -1);
+    }
+}
+
 fn main() {
+    tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

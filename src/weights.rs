@@ -38,13 +38,10 @@ impl Weights {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
-            let meta = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
-            if meta.len() < 8 {
-                return Err(Error::Safetensors {
-                    path: p.clone(),
-                    msg: format!("file is {} bytes, too short for a header", meta.len()),
-                });
-            }
+            check_safetensors(p).map_err(|msg| Error::Safetensors {
+                path: p.clone(),
+                msg,
+            })?;
             // SAFETY: the file is mapped read-only; distillery never writes to checkpoints it
             // reads, and users must not modify a checkpoint while a process reads it.
             let st = unsafe { MmapedSafetensors::new(p) }.map_err(|e| Error::Safetensors {
@@ -158,6 +155,57 @@ impl Weights {
         }
         self.get_any(name)
     }
+}
+
+/// Check a safetensors file's framing before mapping it: header length, header JSON, and that
+/// the data the header declares is all present (a truncated download is the common failure).
+fn check_safetensors(path: &Path) -> std::result::Result<(), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let size = f.metadata().map_err(|e| e.to_string())?.len();
+    if size < 8 {
+        return Err(format!("file is {size} bytes, too short for a header"));
+    }
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| e.to_string())?;
+    let n = u64::from_le_bytes(len);
+    if n > 100_000_000 {
+        return Err(format!(
+            "header length {n} is implausible; not a safetensors file?"
+        ));
+    }
+    if 8 + n > size {
+        return Err(format!(
+            "file is truncated: header declares {n} bytes but the file has {size}"
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| format!("header is not valid JSON ({e}); not a safetensors file?"))?;
+    let obj = json
+        .as_object()
+        .ok_or_else(|| "header is not a JSON object".to_string())?;
+    let mut end = 0u64;
+    for (name, v) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let off = v
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|a| a.get(1))
+            .and_then(|x| x.as_u64())
+            .ok_or_else(|| format!("tensor {name:?} has no data_offsets"))?;
+        end = end.max(off);
+    }
+    if 8 + n + end > size {
+        return Err(format!(
+            "file is truncated: tensor data needs {} bytes, the file has {size}",
+            8 + n + end
+        ));
+    }
+    Ok(())
 }
 
 /// candle wraps errors with backtraces and context; keep the first line.

@@ -4,8 +4,24 @@
 
 use crate::error::Result;
 use crate::weights::Weights;
-use candle_core::{Module, Tensor, D};
-use candle_nn::Linear;
+use candle_core::{Tensor, D};
+
+/// `nn.Linear`: `y = x W^T + b` over the last dimension (fused bias on CPU).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(crate::kernels::linear(x, &self.weight, self.bias.as_ref())?)
+    }
+}
 
 /// Load `name.weight` [out, in] and optionally `name.bias` [out].
 pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
@@ -103,7 +119,7 @@ impl Activation {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Self::Gelu => x.gelu_erf()?,
+            Self::Gelu => crate::kernels::gelu_erf(x)?,
             Self::GeluTanh => x.gelu()?,
             Self::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
             Self::Relu => x.relu()?,
@@ -133,20 +149,9 @@ impl Attention {
 
     /// x: [B, N, C] -> [B, N, C]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let h = self.num_heads;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, n, 3, h, c / h))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)? * self.scale)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let attn = q.matmul(&k.t()?)?;
-        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
-        Ok(self.proj.forward(&out)?)
+        let qkv = self.qkv.forward(x)?;
+        let out = crate::kernels::attention(&qkv, self.num_heads, self.scale)?;
+        self.proj.forward(&out)
     }
 }
 
@@ -182,7 +187,7 @@ impl Mlp {
 pub fn swiglu_hidden(dim: usize, mlp_ratio: f64) -> usize {
     let hidden = (dim as f64 * mlp_ratio) as usize;
     let hidden = (hidden as f64 * 2.0 / 3.0) as usize;
-    (hidden + 7) / 8 * 8
+    hidden.div_ceil(8) * 8
 }
 
 /// How attention projections are stored.

@@ -8,7 +8,7 @@
 //! reference's `get_rel_pos` does.
 
 use super::encoder::{DimDefaults, Dims};
-use super::layers::{linear, Activation, LayerNorm, PatchEmbed};
+use super::layers::{linear, Activation, LayerNorm, Linear, PatchEmbed};
 use super::{
     check_pixels, find_prefix, vision_cfg, EncoderOutput, Family, FeatureRequest, ModelFiles,
     ModelInfo, VisionEncoder,
@@ -19,7 +19,7 @@ use crate::interp::{resample_grid_tokens, resample_rows, Kernel};
 use crate::preprocess::{PreprocessConfig, IMAGENET_MEAN, IMAGENET_STD};
 use crate::weights::Weights;
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear};
+use candle_nn::{Conv2d, Conv2dConfig};
 use std::collections::BTreeMap;
 
 const DEFAULTS: DimDefaults = DimDefaults {
@@ -73,7 +73,7 @@ impl SamAttention {
         let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let mut attn = (&q * self.scale)?.matmul(&k.t()?)?;
+        let mut attn = crate::kernels::matmul_bt(&(&q * self.scale)?, &k)?;
         if let Some(rel) = &self.rel {
             let bn = b * nh;
             let rh = rel_pos_lookup(&rel.h, h)?; // [h, kh, hd]
@@ -99,13 +99,12 @@ impl SamAttention {
                 .broadcast_add(&rel_w.unsqueeze(3)?)?
                 .reshape((bn, n, n))?;
         }
-        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
-        let out = attn
-            .matmul(&v)?
+        let attn = crate::kernels::softmax_last_dim(&attn)?;
+        let out = crate::kernels::matmul(&attn, &v)?
             .reshape((b, nh, h, w, hd))?
             .permute((0, 2, 3, 1, 4))?
             .reshape((b, h, w, c))?;
-        Ok(self.proj.forward(&out)?)
+        self.proj.forward(&out)
     }
 }
 
