@@ -151,6 +151,7 @@ def main():
 
     timm_vit()
     demo_assets()
+    full_size_manifests()
 
 
 def sam_ref(sd, svcfg, case, size, x):
@@ -193,6 +194,63 @@ def timm_vit():
                 hs.append(h)
             last = m.norm(h)
         save_ref("timm-vit", case, x, hs, last)
+
+
+def full_size_manifests():
+    """Real checkpoint configs (as published on the hub) with the exact tensor names and shapes
+    transformers saves for them, built on the meta device (no weights). The Rust tests build
+    every full-size model from these, proving the loader accepts the real layouts."""
+    out = os.path.join(ROOT, "tests", "fixtures", "full-size")
+    shutil.rmtree(out, ignore_errors=True)
+    sam = lambda h, l, n, g: T.SamConfig(vision_config=dict(hidden_size=h, num_hidden_layers=l, num_attention_heads=n,
+                                                                global_attn_indexes=g, mlp_dim=4 * h))
+    dino = lambda h, l, n, **kw: dict(hidden_size=h, num_hidden_layers=l, num_attention_heads=n, image_size=518, patch_size=14, **kw)
+    specs = {
+        "sam-vit-base": (T.SamModel, sam(768, 12, 12, [2, 5, 8, 11])),
+        "sam-vit-large": (T.SamModel, sam(1024, 24, 16, [5, 11, 17, 23])),
+        "sam-vit-huge": (T.SamModel, sam(1280, 32, 16, [7, 15, 23, 31])),
+        "dinov2-base": (T.Dinov2Model, T.Dinov2Config(**dino(768, 12, 12))),
+        "dinov2-large": (T.Dinov2Model, T.Dinov2Config(**dino(1024, 24, 16))),
+        "dinov2-giant": (T.Dinov2Model, T.Dinov2Config(**dino(1536, 40, 24, use_swiglu_ffn=True))),
+        "dinov2-with-registers-giant": (T.Dinov2WithRegistersModel,
+                                        T.Dinov2WithRegistersConfig(**dino(1536, 40, 24, use_swiglu_ffn=True, num_register_tokens=4))),
+        "clip-vit-large-patch14-336": (T.CLIPModel, T.CLIPConfig(
+            vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                               image_size=336, patch_size=14),
+            text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+            projection_dim=768)),
+        "siglip-so400m-patch14-384": (T.SiglipModel, T.SiglipConfig(
+            vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                               image_size=384, patch_size=14),
+            text_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16))),
+        "vit-base-patch16-224": (T.ViTModel, T.ViTConfig()),
+    }
+    import tempfile
+    from safetensors import safe_open
+
+    for name, (cls, cfg) in specs.items():
+        # The names on disk are what save_pretrained writes (transformers 5 renames some
+        # parameters in memory, e.g. DINOv2's attention, and maps them back when saving), so
+        # save for real: uninitialised bf16 memory, read the headers, delete.
+        with torch.device("meta"):
+            m = cls(cfg)
+        m = m.to_empty(device="cpu").to(torch.bfloat16)
+        manifest = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            m.save_pretrained(tmp, safe_serialization=True)
+            for fn in sorted(os.listdir(tmp)):
+                if fn.endswith(".safetensors"):
+                    with safe_open(os.path.join(tmp, fn), "pt") as f:
+                        for k in f.keys():
+                            manifest[k] = list(f.get_slice(k).get_shape())
+        n = sum(v.numel() for v in m.parameters())
+        del m
+        d = os.path.join(out, name)
+        os.makedirs(d)
+        cfg.save_pretrained(d)
+        with open(os.path.join(d, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=0, sort_keys=True)
+        print(f"  full-size {name}: {len(manifest)} tensors, {n / 1e6:.1f}M parameters")
 
 
 def demo_assets():

@@ -15,6 +15,8 @@ struct Inner {
     index: HashMap<String, usize>,
     /// what to name in an error about a missing tensor
     display_path: PathBuf,
+    /// shape-only checkpoint: tensors are zeros of these shapes (dry runs, loader tests)
+    manifest: Option<HashMap<String, Vec<usize>>>,
 }
 
 /// A view on a set of safetensors files, with a name prefix.
@@ -58,11 +60,33 @@ impl Weights {
                 files,
                 index,
                 display_path: display_path.to_path_buf(),
+                manifest: None,
             }),
             prefix: String::new(),
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// A shape-only checkpoint: every listed tensor reads as zeros of its shape. Lets a model
+    /// of any size be built (and its weight names and shapes checked) without its weights.
+    pub fn from_manifest(
+        manifest: HashMap<String, Vec<usize>>,
+        display_path: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                files: Vec::new(),
+                index: manifest.keys().map(|k| (k.clone(), 0)).collect(),
+                display_path: display_path.to_path_buf(),
+                manifest: Some(manifest),
+            }),
+            prefix: String::new(),
+            device: device.clone(),
+            dtype,
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -111,6 +135,9 @@ impl Weights {
     /// The stored shape of a tensor, if present.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         let full = self.full(name);
+        if let Some(m) = &self.inner.manifest {
+            return m.get(&full).cloned();
+        }
         let &i = self.inner.index.get(&full)?;
         self.inner.files[i]
             .1
@@ -128,6 +155,9 @@ impl Weights {
                 name: full,
             });
         };
+        if let Some(m) = &self.inner.manifest {
+            return Ok(Tensor::zeros(m[&full].as_slice(), self.dtype, &self.device)?);
+        }
         let (path, st) = &self.inner.files[i];
         let t = st
             .load(&full, &self.device)
@@ -144,9 +174,12 @@ impl Weights {
         let full = self.full(name);
         if let Some(got) = self.shape_of(name) {
             if got != shape.dims() {
-                let i = self.inner.index[&full];
+                let path = match self.inner.manifest {
+                    Some(_) => self.inner.display_path.clone(),
+                    None => self.inner.files[self.inner.index[&full]].0.clone(),
+                };
                 return Err(Error::ShapeMismatch {
-                    path: self.inner.files[i].0.clone(),
+                    path,
                     name: full,
                     expected: shape.dims().to_vec(),
                     got,

@@ -376,18 +376,25 @@ impl Default for LoadOptions {
 
 /// Load an encoder from resolved files.
 pub fn load_from_files(files: &ModelFiles, opts: &LoadOptions) -> Result<Box<dyn VisionEncoder>> {
-    let cfg = Cfg::read(&files.config)?;
-    let family = detect_family(&cfg)?;
-    let pre = match &files.preprocessor {
-        Some(p) => Some(Cfg::read(p)?),
-        None => None,
-    };
+    // Config problems are reported before the (large) weights are touched.
+    detect_family(&Cfg::read(&files.config)?)?;
     let w = Weights::open(
         &files.weights,
         &files.weights_display,
         opts.dtype,
         &opts.device,
     )?;
+    build(files, &w)
+}
+
+/// Build an encoder from the config files in `files` and the given weights.
+pub fn build(files: &ModelFiles, w: &Weights) -> Result<Box<dyn VisionEncoder>> {
+    let cfg = Cfg::read(&files.config)?;
+    let family = detect_family(&cfg)?;
+    let pre = match &files.preprocessor {
+        Some(p) => Some(Cfg::read(p)?),
+        None => None,
+    };
     let enc: Box<dyn VisionEncoder> = match family {
         Family::Vit => Box::new(vit::load_hf(&cfg, pre.as_ref(), &w, files)?),
         Family::TimmVit => Box::new(vit::load_timm(&cfg, pre.as_ref(), &w, files)?),
