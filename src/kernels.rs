@@ -74,6 +74,22 @@ fn gelu_body(src: &[f32], dst: &mut [f32]) {
 multiversion!(gelu_slice, gelu_body, (src: &[f32], dst: &mut [f32]));
 
 #[inline(always)]
+fn gelu_inplace_body(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = gelu_one(*v);
+    }
+}
+multiversion!(gelu_slice_inplace, gelu_inplace_body, (x: &mut [f32]));
+
+/// d/dx [x Phi(x)] = Phi(x) + x phi(x) (candle ops, any device).
+fn gelu_derivative(x: &Tensor) -> candle_core::Result<Tensor> {
+    let cdf = (((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
+    let pdf = ((x.sqr()? * -0.5)?.exp()?
+        * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+    cdf + (x * pdf)?
+}
+
+#[inline(always)]
 fn softmax_body(src: &[f32], dst: &mut [f32]) {
     // Lane-wise reductions so the loops vectorise (a plain fold is a serial dependency).
     const L: usize = 16;
@@ -141,11 +157,7 @@ impl CustomOp1 for Gelu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        // d/dx [x Phi(x)] = Phi(x) + x phi(x)
-        let cdf = ((arg * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
-        let pdf = ((arg.sqr()? * -0.5)?.exp()?
-            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
-        let d = (cdf? + (arg * pdf)?)?;
+        let d = gelu_derivative(arg)?;
         Ok(Some(grad.mul(&d)?))
     }
 }
@@ -275,7 +287,10 @@ impl candle_core::CustomOp2 for LinearNoBias {
     }
 }
 
-struct LinearBias;
+struct LinearBias {
+    /// apply exact GELU to the output in place
+    gelu: bool,
+}
 
 impl candle_core::CustomOp3 for LinearBias {
     fn name(&self) -> &'static str {
@@ -296,7 +311,7 @@ impl candle_core::CustomOp3 for LinearBias {
         if b.len() != n {
             candle_core::bail!("linear kernel: bias has {} values for {n} outputs", b.len())
         }
-        let out = gemm_xwt(
+        let mut out = gemm_xwt(
             f32_arg(xs, xl, "linear x")?,
             f32_arg(ws, wl, "linear w")?,
             Some(b),
@@ -304,6 +319,9 @@ impl candle_core::CustomOp3 for LinearBias {
             n,
             k,
         );
+        if self.gelu {
+            out.par_chunks_mut(CHUNK).for_each(gelu_slice_inplace);
+        }
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
@@ -311,11 +329,39 @@ impl candle_core::CustomOp3 for LinearBias {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = if self.gelu {
+            let pre = x.matmul(&w.t()?)?.broadcast_add(b)?;
+            (g * gelu_derivative(&pre)?)?
+        } else {
+            g.clone()
+        };
         Ok((Some(g.matmul(w)?), Some(g.t()?.matmul(x)?), Some(g.sum(0)?)))
+    }
+}
+
+/// `gelu(x @ w^T + b)` in one pass over memory on CPU (`nn.Linear` then exact GELU).
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if fast_path(x) && fast_path(w) && fast_path(b) {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&1);
+        let m = x.elem_count() / k.max(1);
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = w.dim(0)?;
+        }
+        let x2 = x.reshape((m, k))?.contiguous()?;
+        x2.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            LinearBias { gelu: true },
+        )?
+        .reshape(out_dims)
+    } else {
+        gelu_erf(&linear(x, w, Some(b))?)
     }
 }
 
@@ -334,7 +380,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
         let x2 = x2.contiguous()?;
         let w = w.contiguous()?;
         match b {
-            Some(b) => x2.apply_op3(&w, &b.contiguous()?, LinearBias)?,
+            Some(b) => x2.apply_op3(&w, &b.contiguous()?, LinearBias { gelu: false })?,
             None => x2.apply_op2(&w, LinearNoBias)?,
         }
     } else {
@@ -727,6 +773,67 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(e < 1e-5, "attention grad err {e}");
+    }
+
+    #[test]
+    fn fused_linear_gelu_matches_composition_and_gradient() {
+        let x = Tensor::randn(0f32, 1f32, (3, 5, 16), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 0.3f32, (24, 16), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 0.1f32, 24, &Device::Cpu).unwrap();
+        let fused = linear_gelu(&x, &w, &b).unwrap();
+        let plain = x
+            .matmul(&w.t().unwrap().broadcast_left(3).unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap()
+            .gelu_erf()
+            .unwrap();
+        let e = (fused - plain)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(e < 1e-5, "fused linear+gelu err {e}");
+        let (xv, wv, bv) = (
+            candle_core::Var::from_tensor(&x).unwrap(),
+            candle_core::Var::from_tensor(&w).unwrap(),
+            candle_core::Var::from_tensor(&b).unwrap(),
+        );
+        let up = Tensor::randn(0f32, 1f32, (3, 5, 24), &Device::Cpu).unwrap();
+        let g1 = (linear_gelu(xv.as_tensor(), wv.as_tensor(), bv.as_tensor()).unwrap() * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let reference = xv
+            .as_tensor()
+            .broadcast_matmul(&wv.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(bv.as_tensor())
+            .unwrap()
+            .gelu_erf()
+            .unwrap();
+        let g2 = (reference * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&xv, &wv, &bv] {
+            let d = (g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap()).unwrap();
+            let e = d
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(e < 1e-4, "grad err {e}");
+        }
     }
 
     #[test]

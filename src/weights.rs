@@ -156,7 +156,11 @@ impl Weights {
             });
         };
         if let Some(m) = &self.inner.manifest {
-            return Ok(Tensor::zeros(m[&full].as_slice(), self.dtype, &self.device)?);
+            return Ok(Tensor::zeros(
+                m[&full].as_slice(),
+                self.dtype,
+                &self.device,
+            )?);
         }
         let (path, st) = &self.inner.files[i];
         let t = st

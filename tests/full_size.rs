@@ -36,21 +36,59 @@ fn full_size_configs_build() {
         ("dinov2-base", "dinov2", 12, 768, 14, 518, [2, 5, 8, 11]),
         ("dinov2-large", "dinov2", 24, 1024, 14, 518, [5, 11, 17, 23]),
         ("dinov2-giant", "dinov2", 40, 1536, 14, 518, [9, 19, 29, 39]),
-        ("dinov2-with-registers-giant", "dinov2-with-registers", 40, 1536, 14, 518, [9, 19, 29, 39]),
-        ("clip-vit-large-patch14-336", "clip", 24, 1024, 14, 336, [5, 11, 17, 23]),
-        ("siglip-so400m-patch14-384", "siglip", 27, 1152, 14, 384, [5, 12, 19, 26]),
-        ("vit-base-patch16-224", "vit", 12, 768, 16, 224, [2, 5, 8, 11]),
+        (
+            "dinov2-with-registers-giant",
+            "dinov2-with-registers",
+            40,
+            1536,
+            14,
+            518,
+            [9, 19, 29, 39],
+        ),
+        (
+            "clip-vit-large-patch14-336",
+            "clip",
+            24,
+            1024,
+            14,
+            336,
+            [5, 11, 17, 23],
+        ),
+        (
+            "siglip-so400m-patch14-384",
+            "siglip",
+            27,
+            1152,
+            14,
+            384,
+            [5, 12, 19, 26],
+        ),
+        (
+            "vit-base-patch16-224",
+            "vit",
+            12,
+            768,
+            16,
+            224,
+            [2, 5, 8, 11],
+        ),
     ];
     for &(name, family, depth, width, patch, size, levels) in cases {
         let enc = build(name);
         let info = enc.info();
         assert_eq!(info.family.to_string(), family, "{name}");
-        assert_eq!((info.depth, info.width, info.patch), (depth, width, patch), "{name}");
+        assert_eq!(
+            (info.depth, info.width, info.patch),
+            (depth, width, patch),
+            "{name}"
+        );
         assert_eq!(info.image_size, (size, size), "{name}");
         assert_eq!(info.default_levels, levels.to_vec(), "{name}");
         // A small non-square input through the first two blocks (SAM: a windowed one).
         let x = Tensor::zeros((1, 3, 2 * patch, 3 * patch), DType::BF16, &Device::Cpu).unwrap();
-        let out = enc.forward_features(&x, &FeatureRequest::blocks(&[0, 1])).unwrap();
+        let out = enc
+            .forward_features(&x, &FeatureRequest::blocks(&[0, 1]))
+            .unwrap();
         let h = &out.hidden_states[&2];
         if family == "sam" {
             assert_eq!(h.dims(), &[1, 2, 3, width], "{name}");

@@ -171,7 +171,13 @@ pub enum Mlp {
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Mlp::Plain { fc1, fc2, act } => Ok(fc2.forward(&act.forward(&fc1.forward(x)?)?)?),
+            Mlp::Plain { fc1, fc2, act } => {
+                let h = match (act, &fc1.bias) {
+                    (Activation::Gelu, Some(b)) => crate::kernels::linear_gelu(x, &fc1.weight, b)?,
+                    _ => act.forward(&fc1.forward(x)?)?,
+                };
+                fc2.forward(&h)
+            }
             Mlp::SwiGlu { w_in, w_out } => {
                 let h = w_in.forward(x)?;
                 let half = h.dim(D::Minus1)? / 2;
