@@ -26,10 +26,20 @@ fn build(name: &str) -> Box<dyn distillery::VisionEncoder> {
     models::build(&files, &w).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
+/// (name, family, depth, width, patch, native size, sak levels)
+type Case = (
+    &'static str,
+    &'static str,
+    usize,
+    usize,
+    usize,
+    usize,
+    [usize; 4],
+);
+
 #[test]
 fn full_size_configs_build() {
-    // (name, family, depth, width, patch, native size, sak levels)
-    let cases: &[(&str, &str, usize, usize, usize, usize, [usize; 4])] = &[
+    let cases: &[Case] = &[
         ("sam-vit-base", "sam", 12, 768, 16, 1024, [2, 5, 8, 11]),
         ("sam-vit-large", "sam", 24, 1024, 16, 1024, [5, 11, 17, 23]),
         ("sam-vit-huge", "sam", 32, 1280, 16, 1024, [7, 15, 23, 31]),

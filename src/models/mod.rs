@@ -396,14 +396,14 @@ pub fn build(files: &ModelFiles, w: &Weights) -> Result<Box<dyn VisionEncoder>> 
         None => None,
     };
     let enc: Box<dyn VisionEncoder> = match family {
-        Family::Vit => Box::new(vit::load_hf(&cfg, pre.as_ref(), &w, files)?),
-        Family::TimmVit => Box::new(vit::load_timm(&cfg, pre.as_ref(), &w, files)?),
+        Family::Vit => Box::new(vit::load_hf(&cfg, pre.as_ref(), w, files)?),
+        Family::TimmVit => Box::new(vit::load_timm(&cfg, pre.as_ref(), w, files)?),
         Family::Dinov2 | Family::Dinov2WithRegisters => {
-            Box::new(dinov2::load(&cfg, family, pre.as_ref(), &w, files)?)
+            Box::new(dinov2::load(&cfg, family, pre.as_ref(), w, files)?)
         }
-        Family::Clip => Box::new(clip::load(&cfg, pre.as_ref(), &w, files)?),
-        Family::Siglip => Box::new(siglip::load(&cfg, pre.as_ref(), &w, files)?),
-        Family::Sam => Box::new(sam::load(&cfg, pre.as_ref(), &w, files)?),
+        Family::Clip => Box::new(clip::load(&cfg, pre.as_ref(), w, files)?),
+        Family::Siglip => Box::new(siglip::load(&cfg, pre.as_ref(), w, files)?),
+        Family::Sam => Box::new(sam::load(&cfg, pre.as_ref(), w, files)?),
     };
     Ok(enc)
 }
