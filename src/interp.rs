@@ -125,23 +125,63 @@ pub fn resample_hwc(
     out
 }
 
+/// Linear interpolation taps (`align_corners=False`): for each output index the two input
+/// indices and their weights.
+fn linear_taps(n: usize, on: usize) -> Vec<(usize, usize, f32, f32)> {
+    let s = n as f32 / on as f32;
+    (0..on)
+        .map(|o| {
+            let real = (s * (o as f32 + 0.5) - 0.5).max(0.0);
+            let i0 = (real.floor() as usize).min(n - 1);
+            let i1 = (i0 + 1).min(n - 1);
+            let l1 = real - i0 as f32;
+            (i0, i1, 1.0 - l1, l1)
+        })
+        .collect()
+}
+
 /// Linear (1-D) resampling of `[n, c]` rows to `[on, c]`, as `F.interpolate(mode="linear")`
 /// applied along n.
 pub fn linear_rows(data: &[f32], (n, c): (usize, usize), on: usize) -> Vec<f32> {
     assert_eq!(data.len(), n * c, "linear_rows: buffer size");
-    let s = n as f32 / on as f32;
     let mut out = vec![0f32; on * c];
-    for o in 0..on {
-        let real = (s * (o as f32 + 0.5) - 0.5).max(0.0);
-        let i0 = (real.floor() as usize).min(n - 1);
-        let i1 = (i0 + 1).min(n - 1);
-        let l1 = real - i0 as f32;
-        let l0 = 1.0 - l1;
+    for (o, (i0, i1, l0, l1)) in linear_taps(n, on).into_iter().enumerate() {
         for j in 0..c {
             out[o * c + j] = l0 * data[i0 * c + j] + l1 * data[i1 * c + j];
         }
     }
     out
+}
+
+/// The `[on, n]` matrix of linear interpolation from n to on samples.
+fn linear_matrix(n: usize, on: usize, device: &Device) -> Result<Tensor> {
+    let mut m = vec![0f32; on * n];
+    for (o, (i0, i1, l0, l1)) in linear_taps(n, on).into_iter().enumerate() {
+        m[o * n + i0] += l0;
+        m[o * n + i1] += l1;
+    }
+    Ok(Tensor::from_vec(m, (on, n), device)?)
+}
+
+/// Bilinear resize of `[B, C, H, W]` maps to `[B, C, oh, ow]` with the weights of
+/// `F.interpolate(mode="bilinear", align_corners=False)`, as two small matrix products, so it is
+/// differentiable and runs on any device.
+pub fn resize_bilinear(x: &Tensor, (oh, ow): (usize, usize)) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if (h, w) == (oh, ow) {
+        return Ok(x.clone());
+    }
+    let dev = x.device();
+    let ry = linear_matrix(h, oh, dev)?.to_dtype(x.dtype())?; // [oh, h]
+    let rx = linear_matrix(w, ow, dev)?.to_dtype(x.dtype())?; // [ow, w]
+                                                              // [B*C*H, W] @ [W, ow] -> [B*C, H, ow]
+    let y = x
+        .reshape((b * c * h, w))?
+        .matmul(&rx.t()?)?
+        .reshape((b * c, h, ow))?;
+    // [oh, H] @ [B*C, H, ow] (broadcast over B*C)
+    let y = ry.broadcast_left(b * c)?.matmul(&y)?;
+    Ok(y.reshape((b, c, oh, ow))?)
 }
 
 /// Bicubically resample a `[h*w, c]` token grid tensor to `[oh*ow, c]` (any dtype/device; the
@@ -202,6 +242,28 @@ mod tests {
         let expect = [0.0, 2.5, 7.5, 10.0];
         for (a, b) in out.iter().zip(expect) {
             assert!((a - b).abs() < 1e-6, "{out:?}");
+        }
+    }
+
+    /// torch 2.15: `F.interpolate(torch.arange(6.).view(1,1,2,3), size=(3,5), mode="bilinear",
+    /// align_corners=False)`.
+    #[test]
+    fn bilinear_matches_torch() {
+        let x = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 2, 3))
+            .unwrap();
+        let y = resize_bilinear(&x, (3, 5))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = [
+            0.0f32, 0.4, 1.0, 1.6, 2.0, 1.5, 1.9, 2.5, 3.1, 3.5, 3.0, 3.4, 4.0, 4.6, 5.0,
+        ];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{y:?}");
         }
     }
 

@@ -646,6 +646,85 @@ pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> candle_core::Result<
     }
 }
 
+/// Gradients of `f` at `args`, by differentiating `f` on detached copies (used by fused ops
+/// whose backward pass is the unfused composition).
+fn reference_grads(
+    args: &[&Tensor],
+    grad: &Tensor,
+    f: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Vec<Option<Tensor>>> {
+    let vars = args
+        .iter()
+        .map(|a| candle_core::Var::from_tensor(&a.detach()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts)?;
+    let g = (y * grad.detach())?.sum_all()?.backward()?;
+    Ok(ts.iter().map(|t| g.get(t).cloned()).collect())
+}
+
+/// candle's fused LayerNorm forward, with a backward pass.
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "distillery-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // Delegate to candle's kernel through tensors built from the storages.
+        let t = |s: &CpuStorage, l: &Layout| -> candle_core::Result<Tensor> {
+            let v = f32_arg(s, l, "layer norm")?;
+            Tensor::from_slice(v, l.shape(), &candle_core::Device::Cpu)
+        };
+        let y = candle_nn::ops::layer_norm(&t(s1, l1)?, &t(s2, l2)?, &t(s3, l3)?, self.eps)?;
+        let v = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((CpuStorage::F32(v), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let eps = self.eps;
+        let mut gs = reference_grads(&[x, w, b], g, |t| {
+            candle_nn::ops::layer_norm_slow(&t[0], &t[1], &t[2], eps)
+        })?;
+        let gb = gs.pop().flatten();
+        let gw = gs.pop().flatten();
+        let gx = gs.pop().flatten();
+        Ok((gx, gw, gb))
+    }
+}
+
+/// LayerNorm over the last dimension, differentiable (fast fused forward on CPU when no
+/// gradient is being tracked through it).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let tracked = x.is_variable() || w.is_variable() || b.is_variable() || x.track_op();
+    if !tracked {
+        candle_nn::ops::layer_norm(&x, w, b, eps)
+    } else if fast_path(&x) {
+        x.apply_op3(w, b, LayerNormOp { eps })
+    } else {
+        candle_nn::ops::layer_norm_slow(&x, w, b, eps)
+    }
+}
+
 fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }

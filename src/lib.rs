@@ -13,6 +13,7 @@ pub mod features;
 pub mod hub;
 pub mod interp;
 pub mod kernels;
+pub mod losses;
 pub mod models;
 pub mod preprocess;
 pub mod weights;

@@ -17,6 +17,8 @@ struct Inner {
     display_path: PathBuf,
     /// shape-only checkpoint: tensors are zeros of these shapes (dry runs, loader tests)
     manifest: Option<HashMap<String, Vec<usize>>>,
+    /// trainable parameters: tensors are the variables themselves (updates are seen)
+    vars: Option<HashMap<String, candle_core::Var>>,
 }
 
 /// A view on a set of safetensors files, with a name prefix.
@@ -61,6 +63,7 @@ impl Weights {
                 index,
                 display_path: display_path.to_path_buf(),
                 manifest: None,
+                vars: None,
             }),
             prefix: String::new(),
             device: device.clone(),
@@ -82,11 +85,39 @@ impl Weights {
                 index: manifest.keys().map(|k| (k.clone(), 0)).collect(),
                 display_path: display_path.to_path_buf(),
                 manifest: Some(manifest),
+                vars: None,
             }),
             prefix: String::new(),
             device: device.clone(),
             dtype,
         }
+    }
+
+    /// Trainable parameters: every lookup returns the variable's own tensor, so models built
+    /// from this view are trained by updating the variables.
+    pub fn from_vars(vars: &candle_nn::VarMap, display_path: &Path) -> Result<Self> {
+        let data = vars
+            .data()
+            .lock()
+            .map_err(|_| Error::Invalid("parameter store lock poisoned".into()))?
+            .clone();
+        let (device, dtype) = data
+            .values()
+            .next()
+            .map(|v| (v.device().clone(), v.dtype()))
+            .unwrap_or((Device::Cpu, DType::F32));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                files: Vec::new(),
+                index: data.keys().map(|k| (k.clone(), 0)).collect(),
+                display_path: display_path.to_path_buf(),
+                manifest: None,
+                vars: Some(data),
+            }),
+            prefix: String::new(),
+            device,
+            dtype,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -138,6 +169,9 @@ impl Weights {
         if let Some(m) = &self.inner.manifest {
             return m.get(&full).cloned();
         }
+        if let Some(v) = &self.inner.vars {
+            return v.get(&full).map(|v| v.dims().to_vec());
+        }
         let &i = self.inner.index.get(&full)?;
         self.inner.files[i]
             .1
@@ -155,6 +189,9 @@ impl Weights {
                 name: full,
             });
         };
+        if let Some(v) = &self.inner.vars {
+            return Ok(v[&full].as_tensor().clone());
+        }
         if let Some(m) = &self.inner.manifest {
             return Ok(Tensor::zeros(
                 m[&full].as_slice(),
@@ -178,9 +215,10 @@ impl Weights {
         let full = self.full(name);
         if let Some(got) = self.shape_of(name) {
             if got != shape.dims() {
-                let path = match self.inner.manifest {
-                    Some(_) => self.inner.display_path.clone(),
-                    None => self.inner.files[self.inner.index[&full]].0.clone(),
+                let path = if self.inner.files.is_empty() {
+                    self.inner.display_path.clone()
+                } else {
+                    self.inner.files[self.inner.index[&full]].0.clone()
                 };
                 return Err(Error::ShapeMismatch {
                     path,

@@ -12,17 +12,16 @@ use std::sync::Mutex;
 
 /// Absolute position embeddings for prefix tokens and a patch grid.
 pub struct PositionEmbedding {
-    /// `[1, P, D]` for the prefix (cls) positions, if the checkpoint has them
-    pub prefix: Option<Tensor>,
-    /// `[h0 * w0, D]` patch positions on the checkpoint's grid
-    pub grid: Tensor,
+    /// `[P + h0 * w0, D]`: P prefix (cls) positions, then the checkpoint's patch grid
+    table: Tensor,
+    prefix: usize,
     pub grid_hw: (usize, usize),
     pub kernel: Kernel,
     cache: Mutex<HashMap<(usize, usize), Tensor>>,
 }
 
 impl PositionEmbedding {
-    /// Split a `[P + h0*w0, D]` table (any leading 1 dims removed) into prefix and grid parts.
+    /// Wrap a `[P + h0*w0, D]` table (a leading 1 dim is removed).
     pub fn new(table: &Tensor, prefix: usize, kernel: Kernel) -> Result<Self> {
         let table = if table.rank() == 3 {
             table.squeeze(0)?
@@ -30,36 +29,52 @@ impl PositionEmbedding {
             table.clone()
         };
         let (n, _) = table.dims2()?;
-        let patches = n - prefix;
+        let patches = n.saturating_sub(prefix);
         let side = (patches as f64).sqrt().round() as usize;
-        if side * side != patches {
+        if side * side != patches || patches == 0 {
             return Err(crate::Error::Invalid(format!(
                 "position table has {patches} patch positions, not a square grid"
             )));
         }
         Ok(Self {
-            prefix: if prefix > 0 {
-                Some(table.narrow(0, 0, prefix)?.unsqueeze(0)?)
-            } else {
-                None
-            },
-            grid: table.narrow(0, prefix, patches)?,
+            table,
+            prefix,
             grid_hw: (side, side),
             kernel,
             cache: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Patch position embeddings for a grid, `[1, h*w, D]` (resampled and cached).
+    /// Prefix positions `[1, P, D]`, if any.
+    pub fn prefix(&self) -> Result<Option<Tensor>> {
+        if self.prefix == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.table.narrow(0, 0, self.prefix)?.unsqueeze(0)?))
+    }
+
+    /// Patch position embeddings for a grid, `[1, h*w, D]`. On the native grid this is a view of
+    /// the table (so a trainable table gets gradients); other grids are resampled and cached
+    /// (a trainable table is resampled afresh each time instead).
     pub fn for_grid(&self, hw: (usize, usize)) -> Result<Tensor> {
-        if let Ok(cache) = self.cache.lock() {
-            if let Some(t) = cache.get(&hw) {
-                return Ok(t.clone());
+        let n0 = self.grid_hw.0 * self.grid_hw.1;
+        let grid = self.table.narrow(0, self.prefix, n0)?;
+        if hw == self.grid_hw {
+            return Ok(grid.unsqueeze(0)?);
+        }
+        let cacheable = !self.table.track_op();
+        if cacheable {
+            if let Ok(cache) = self.cache.lock() {
+                if let Some(t) = cache.get(&hw) {
+                    return Ok(t.clone());
+                }
             }
         }
-        let t = resample_grid_tokens(&self.grid, self.grid_hw, hw, self.kernel)?.unsqueeze(0)?;
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.insert(hw, t.clone());
+        let t = resample_grid_tokens(&grid, self.grid_hw, hw, self.kernel)?.unsqueeze(0)?;
+        if cacheable {
+            if let Ok(mut cache) = self.cache.lock() {
+                cache.insert(hw, t.clone());
+            }
         }
         Ok(t)
     }
@@ -89,8 +104,8 @@ impl TokenEncoder {
                 let d = cls.dim(2)?;
                 let cls = cls.broadcast_as((b, 1, d))?;
                 let x = Tensor::cat(&[&cls, &patches], 1)?;
-                let pos = match &self.pos.prefix {
-                    Some(p) => Tensor::cat(&[p, &pos], 1)?,
+                let pos = match self.pos.prefix()? {
+                    Some(p) => Tensor::cat(&[&p, &pos], 1)?,
                     None => pos,
                 };
                 x.broadcast_add(&pos)?

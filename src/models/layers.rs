@@ -82,7 +82,7 @@ impl LayerNorm {
         } else {
             x.contiguous()?
         };
-        Ok(candle_nn::ops::layer_norm(
+        Ok(crate::kernels::layer_norm(
             &x,
             &self.weight,
             &self.bias,

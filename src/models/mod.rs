@@ -10,6 +10,7 @@ pub mod encoder;
 pub mod layers;
 pub mod sam;
 pub mod siglip;
+pub mod student;
 pub mod vit;
 
 use crate::config::Cfg;

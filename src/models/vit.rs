@@ -213,24 +213,40 @@ pub fn load_timm(
         std,
     );
     preprocess.resample = resample;
+    timm_encoder(&w, &d, info(Family::TimmVit, &d, 1, preprocess), true)
+}
+
+/// A plain ViT in timm naming under `w` (`patch_embed.proj`, `cls_token`, `pos_embed`,
+/// `blocks.N`, optional `norm`); also the student's stem, which has no final norm.
+pub(crate) fn timm_encoder(
+    w: &Weights,
+    d: &Dims,
+    info: ModelInfo,
+    final_norm: bool,
+) -> Result<TokenEncoder> {
+    let (gh, gw) = d.native_grid();
     let layer_scale = w.contains("blocks.0.ls1.gamma");
     Ok(TokenEncoder {
-        info: info(Family::TimmVit, &d, 1, preprocess),
-        patch_embed: PatchEmbed::load(&w.pp("patch_embed.proj"), 3, dim, patch, true)?,
-        cls: Some(w.get((1, 1, dim), "cls_token")?),
+        info,
+        patch_embed: PatchEmbed::load(&w.pp("patch_embed.proj"), 3, d.dim, d.patch, true)?,
+        cls: Some(w.get((1, 1, d.dim), "cls_token")?),
         registers: None,
         pos: PositionEmbedding::new(
-            &w.get((1, (img / patch) * (img / patch) + 1, dim), "pos_embed")?,
+            &w.get((1, gh * gw + 1, d.dim), "pos_embed")?,
             1,
             Kernel::BicubicAntialias,
         )?,
         pre_norm: None,
         blocks: load_blocks(
             &w.pp("blocks"),
-            depth,
+            d.depth,
             &TIMM_NAMES,
             &d.block_spec(false, layer_scale),
         )?,
-        final_norm: Some(LayerNorm::load(&w.pp("norm"), dim, d.eps)?),
+        final_norm: if final_norm {
+            Some(LayerNorm::load(&w.pp("norm"), d.dim, d.eps)?)
+        } else {
+            None
+        },
     })
 }

@@ -1,0 +1,342 @@
+//! The SAK student (SPEC.md section 2): a Teacher-Agnostic Stem (plain ViT/16 in timm naming,
+//! final norm removed) shared by all teachers, and one Teacher-Specific Adapter Path per teacher:
+//! L+1 adapters chained `R_0 = a_0(X_0)`, `R_l = a_l(R_{l-1} + X_l)` over the stem's block
+//! outputs, a LayerNorm per (level, teacher) and, when widths differ, a training-only aligner
+//! Linear to the teacher's width. The stem runs once per batch; the paths only read its outputs.
+//!
+//! Parameter names: `stem.*` (timm ViT names), `tsap.{t}.adapters.{l}.{down,up}.{weight,bias}`,
+//! `tsap.{t}.adapters.{l}.scale`, `tsap.{t}.norms.{k}.{weight,bias}`,
+//! `tsap.{t}.aligners.{k}.{weight,bias}` (dropped at export).
+
+use super::encoder::{Dims, TokenEncoder};
+use super::layers::{Activation, LayerNorm, Linear};
+use super::{evenly_spaced_blocks, Family, FeatureRequest, ModelInfo, VisionEncoder};
+use crate::error::{Error, Result};
+use crate::preprocess::{PreprocessConfig, IMAGENET_MEAN, IMAGENET_STD};
+use crate::weights::Weights;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// A teacher as the student sees it: a name (for logs and outputs) and its feature width.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeacherSlot {
+    pub name: String,
+    pub dim: usize,
+}
+
+/// Everything needed to rebuild a student (saved as `student.json` next to its weights).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StudentSpec {
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub patch: usize,
+    /// training resolution: the position table's grid is `image_size / patch`
+    pub image_size: usize,
+    pub teachers: Vec<TeacherSlot>,
+    /// 0-based stem blocks whose adapter outputs are distilled
+    pub levels: Vec<usize>,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// Student presets: (width, depth, heads), patch 16 (SPEC.md section 2).
+pub fn preset(name: &str) -> Option<(usize, usize, usize)> {
+    Some(match name {
+        "vit-t16" => (192, 12, 3),
+        "vit-s16" => (384, 12, 6),
+        "vit-b16" => (768, 12, 12),
+        "vit-l16" => (1024, 24, 16),
+        _ => return None,
+    })
+}
+
+impl StudentSpec {
+    pub fn new(
+        (dim, depth, heads): (usize, usize, usize),
+        image_size: usize,
+        teachers: Vec<TeacherSlot>,
+    ) -> Result<Self> {
+        if dim % heads != 0 || dim % 4 != 0 {
+            return Err(Error::Invalid(format!(
+                "student width {dim} must divide by its {heads} heads and by 4"
+            )));
+        }
+        if image_size < 16 || image_size % 16 != 0 {
+            return Err(Error::Invalid(format!(
+                "student image size {image_size} must be a positive multiple of the patch (16)"
+            )));
+        }
+        if teachers.is_empty() {
+            return Err(Error::Invalid("at least one teacher is needed".into()));
+        }
+        Ok(Self {
+            dim,
+            depth,
+            heads,
+            patch: 16,
+            image_size,
+            teachers,
+            levels: evenly_spaced_blocks(depth, 4),
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        })
+    }
+
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch
+    }
+
+    fn dims(&self) -> Dims {
+        Dims {
+            dim: self.dim,
+            depth: self.depth,
+            heads: self.heads,
+            mlp_hidden: 4 * self.dim,
+            eps: 1e-6,
+            act: Activation::Gelu,
+            image_size: (self.image_size, self.image_size),
+            patch: self.patch,
+            channels: 3,
+            qkv_bias: true,
+        }
+    }
+
+    /// Every parameter: name, shape, initialiser.
+    pub fn parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
+        let d = self.dim;
+        let n = self.grid() * self.grid() + 1;
+        let mut p: Vec<(String, Vec<usize>, Init)> = vec![
+            (
+                "stem.patch_embed.proj.weight".into(),
+                vec![d, 3, self.patch, self.patch],
+                Init::TruncNormal(0.02),
+            ),
+            ("stem.patch_embed.proj.bias".into(), vec![d], Init::Zeros),
+            ("stem.cls_token".into(), vec![1, 1, d], Init::Normal(1e-6)),
+            (
+                "stem.pos_embed".into(),
+                vec![1, n, d],
+                Init::TruncNormal(0.02),
+            ),
+        ];
+        let lin = |p: &mut Vec<(String, Vec<usize>, Init)>, name: String, o: usize, i: usize| {
+            p.push((
+                format!("{name}.weight"),
+                vec![o, i],
+                Init::TruncNormal(0.02),
+            ));
+            p.push((format!("{name}.bias"), vec![o], Init::Zeros));
+        };
+        let ln = |p: &mut Vec<(String, Vec<usize>, Init)>, name: String, dim: usize| {
+            p.push((format!("{name}.weight"), vec![dim], Init::Ones));
+            p.push((format!("{name}.bias"), vec![dim], Init::Zeros));
+        };
+        for i in 0..self.depth {
+            let b = format!("stem.blocks.{i}");
+            ln(&mut p, format!("{b}.norm1"), d);
+            lin(&mut p, format!("{b}.attn.qkv"), 3 * d, d);
+            lin(&mut p, format!("{b}.attn.proj"), d, d);
+            ln(&mut p, format!("{b}.norm2"), d);
+            lin(&mut p, format!("{b}.mlp.fc1"), 4 * d, d);
+            lin(&mut p, format!("{b}.mlp.fc2"), d, 4 * d);
+        }
+        for (t, teacher) in self.teachers.iter().enumerate() {
+            for l in 0..=self.depth {
+                let a = format!("tsap.{t}.adapters.{l}");
+                lin(&mut p, format!("{a}.down"), d / 4, d);
+                lin(&mut p, format!("{a}.up"), d, d / 4);
+                p.push((format!("{a}.scale"), vec![1], Init::Ones));
+            }
+            for k in 0..self.levels.len() {
+                ln(&mut p, format!("tsap.{t}.norms.{k}"), d);
+                if teacher.dim != d {
+                    lin(&mut p, format!("tsap.{t}.aligners.{k}"), teacher.dim, d);
+                }
+            }
+        }
+        p
+    }
+}
+
+/// Parameter initialisers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Zeros,
+    Ones,
+    Normal(f64),
+    /// normal with std, cut at +-2 std (values beyond are clamped)
+    TruncNormal(f64),
+}
+
+impl Init {
+    pub fn tensor(self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Ok(match self {
+            Init::Zeros => Tensor::zeros(shape, DType::F32, device)?,
+            Init::Ones => Tensor::ones(shape, DType::F32, device)?,
+            Init::Normal(s) => Tensor::randn(0f32, s as f32, shape, device)?,
+            Init::TruncNormal(s) => {
+                Tensor::randn(0f32, s as f32, shape, device)?.clamp(-2.0 * s, 2.0 * s)?
+            }
+        })
+    }
+}
+
+/// `a(x) = x + s * Up(GELU(Down(x)))`
+pub struct Adapter {
+    down: Linear,
+    up: Linear,
+    scale: Tensor,
+}
+
+impl Adapter {
+    fn load(w: &Weights, d: usize) -> Result<Self> {
+        Ok(Self {
+            down: super::layers::linear(&w.pp("down"), d, d / 4, true)?,
+            up: super::layers::linear(&w.pp("up"), d / 4, d, true)?,
+            scale: w.get(1, "scale")?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let bias = self
+            .down
+            .bias
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("adapter down projection without bias".into()))?;
+        let h = crate::kernels::linear_gelu(x, &self.down.weight, bias)?;
+        let y = self.up.forward(&h)?.broadcast_mul(&self.scale)?;
+        Ok((x + y)?)
+    }
+}
+
+struct Path {
+    adapters: Vec<Adapter>,
+    norms: Vec<LayerNorm>,
+    aligners: Vec<Option<Linear>>,
+}
+
+/// Student outputs for one batch.
+pub struct StudentOutput {
+    /// raw stem tokens `[B, N, D]` at each level (input of the task routers in stage 2)
+    pub stem: Vec<Tensor>,
+    /// `[teacher][level]`: LayerNorm-ed adapter features as `[B, D, h, w]` maps
+    pub normed: Vec<Vec<Tensor>>,
+    /// `[teacher][level]`: the same after the aligner (teacher width), when requested
+    pub aligned: Vec<Vec<Tensor>>,
+    pub grid: (usize, usize),
+}
+
+pub struct Student {
+    pub spec: StudentSpec,
+    stem: TokenEncoder,
+    paths: Vec<Path>,
+}
+
+/// Token sequence `[B, P + h*w, D]` -> patch map `[B, D, h, w]`.
+fn tokens_to_map(t: &Tensor, prefix: usize, (h, w): (usize, usize)) -> Result<Tensor> {
+    let (b, n, d) = t.dims3()?;
+    Ok(t.narrow(1, prefix, n - prefix)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, d, h, w))?)
+}
+
+impl Student {
+    /// Build from parameters named as in [`StudentSpec::parameters`]. Aligners are optional
+    /// (an exported student has none).
+    pub fn build(spec: &StudentSpec, w: &Weights) -> Result<Self> {
+        let d = spec.dims();
+        let info = ModelInfo {
+            family: Family::TimmVit,
+            depth: spec.depth,
+            width: spec.dim,
+            num_heads: spec.heads,
+            patch: spec.patch,
+            image_size: (spec.image_size, spec.image_size),
+            prefix_tokens: 1,
+            out_channels: spec.dim,
+            default_levels: spec.levels.clone(),
+            preprocess: PreprocessConfig::exact(
+                (spec.image_size, spec.image_size),
+                crate::preprocess::Resample::Bicubic,
+                spec.mean,
+                spec.std,
+            ),
+        };
+        let stem = super::vit::timm_encoder(&w.pp("stem"), &d, info, false)?;
+        let mut paths = Vec::new();
+        for (t, teacher) in spec.teachers.iter().enumerate() {
+            let pw = w.pp(format!("tsap.{t}"));
+            let adapters = (0..=spec.depth)
+                .map(|l| Adapter::load(&pw.pp(format!("adapters.{l}")), spec.dim))
+                .collect::<Result<Vec<_>>>()?;
+            let mut norms = Vec::new();
+            let mut aligners = Vec::new();
+            for k in 0..spec.levels.len() {
+                norms.push(LayerNorm::load(
+                    &pw.pp(format!("norms.{k}")),
+                    spec.dim,
+                    1e-5,
+                )?);
+                let a = pw.pp(format!("aligners.{k}"));
+                aligners.push(if teacher.dim != spec.dim && a.contains("weight") {
+                    Some(super::layers::linear(&a, spec.dim, teacher.dim, true)?)
+                } else {
+                    None
+                });
+            }
+            paths.push(Path {
+                adapters,
+                norms,
+                aligners,
+            });
+        }
+        Ok(Self {
+            spec: spec.clone(),
+            stem,
+            paths,
+        })
+    }
+
+    /// Run the stem once and every adapter path on its outputs.
+    pub fn forward(&self, pixels: &Tensor, aligned: bool) -> Result<StudentOutput> {
+        let depth = self.spec.depth;
+        let req = FeatureRequest {
+            hidden_states: (0..=depth).collect(),
+            last: false,
+        };
+        let out = self.stem.forward_features(pixels, &req)?;
+        let x: Vec<&Tensor> = (0..=depth).map(|i| &out.hidden_states[&i]).collect();
+        let stem = self.spec.levels.iter().map(|&b| x[b + 1].clone()).collect();
+        let mut normed = Vec::new();
+        let mut al = Vec::new();
+        for path in &self.paths {
+            let mut r = path.adapters[0].forward(x[0])?;
+            let mut per_level = Vec::new();
+            let mut per_level_al = Vec::new();
+            for l in 1..=depth {
+                r = path.adapters[l].forward(&(&r + x[l])?)?;
+                if let Some(k) = self.spec.levels.iter().position(|&b| b + 1 == l) {
+                    let n = path.norms[k].forward(&r.narrow(1, 1, r.dim(1)? - 1)?)?;
+                    if aligned {
+                        let a = match &path.aligners[k] {
+                            Some(lin) => lin.forward(&n)?,
+                            None => n.clone(),
+                        };
+                        per_level_al.push(tokens_to_map(&a, 0, out.grid)?);
+                    }
+                    per_level.push(tokens_to_map(&n, 0, out.grid)?);
+                }
+            }
+            normed.push(per_level);
+            al.push(per_level_al);
+        }
+        Ok(StudentOutput {
+            stem,
+            normed,
+            aligned: al,
+            grid: out.grid,
+        })
+    }
+}
