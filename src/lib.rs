@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod data;
 pub mod embedded;
 pub mod error;
 pub mod features;
@@ -16,6 +17,7 @@ pub mod kernels;
 pub mod losses;
 pub mod models;
 pub mod preprocess;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

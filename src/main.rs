@@ -73,6 +73,8 @@ enum Command {
         #[arg(long, default_value = "all")]
         levels: String,
     },
+    /// SAK stage 1: distil frozen teachers into a student on unlabeled images
+    Distill(Box<DistillArgs>),
     /// Show what a model folder or hub id contains
     Info {
         #[command(flatten)]
@@ -94,6 +96,119 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct DistillArgs {
+    /// Teacher folder or hub id (repeat for several teachers)
+    #[arg(long = "teacher")]
+    teachers: Vec<String>,
+    /// Student preset (vit-s16, vit-b16, vit-l16) or a ViT folder / hub id to start from
+    #[arg(long)]
+    student: Option<String>,
+    /// Folder tree of unlabeled images (jpg, png, webp)
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Run folder (checkpoint, metrics.jsonl, exported student)
+    #[arg(long)]
+    out: PathBuf,
+    /// Total training steps (default: epochs x steps per epoch)
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    epochs: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Student input size (teachers other than SAM get the same)
+    #[arg(long)]
+    image_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Max global gradient norm (0 = off)
+    #[arg(long)]
+    clip_grad: Option<f64>,
+    #[arg(long, value_enum)]
+    loss: Option<distillery::losses::FeatureLoss>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Stop unreadable images from being skipped: fail instead
+    #[arg(long)]
+    strict_images: bool,
+    /// TOML file with any DistillConfig field; flags override it
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue from the run folder's last checkpoint (a larger --steps extends the run)
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many steps in this invocation (with a checkpoint), e.g. for preemptible jobs
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// No progress bar
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn distill(a: DistillArgs) -> Result<()> {
+    use distillery::train::stage1::{self, DistillConfig, RunOptions};
+    let mut cfg = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+            toml::from_str::<DistillConfig>(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?
+        }
+        None => DistillConfig::default(),
+    };
+    if a.resume && a.config.is_none() && a.teachers.is_empty() {
+        // Resuming with only the run folder: take the run's own recipe.
+        let p = a.out.join("config.toml");
+        let text = std::fs::read_to_string(&p).with_context(|| format!("{}", p.display()))?;
+        cfg = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?;
+    }
+    if !a.teachers.is_empty() {
+        cfg.teachers = a.teachers;
+    }
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
+    }
+    set!(
+        student,
+        images,
+        steps,
+        epochs,
+        batch_size,
+        image_size,
+        lr,
+        weight_decay,
+        clip_grad,
+        loss,
+        seed,
+        checkpoint_every
+    );
+    if a.strict_images {
+        cfg.strict_images = true;
+    }
+    let opts = RunOptions {
+        resume: a.resume,
+        stop_after: a.stop_after,
+        progress: !a.quiet,
+    };
+    let s = stage1::run(&cfg, &a.out, &opts)?;
+    eprintln!(
+        "steps {}..{} of {}; last loss {:.5}; {:.1} images/s; {} unreadable images skipped",
+        s.start_step, s.end_step, s.total_steps, s.last_loss, s.images_per_s, s.skipped_images
+    );
+    if s.end_step == s.total_steps {
+        eprintln!(
+            "student exported to {}",
+            a.out.join("student.safetensors").display()
+        );
+    }
+    Ok(())
 }
 
 fn device(d: DeviceArg) -> Result<Device> {
@@ -225,6 +340,7 @@ fn run() -> Result<()> {
             out,
             levels,
         } => features(model, image, pixels, out, levels),
+        Command::Distill(a) => distill(*a),
         Command::Info { model } => {
             let (name, enc) = load_model(&model)?;
             let info = enc.info();
@@ -294,6 +410,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");

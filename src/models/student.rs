@@ -54,6 +54,7 @@ pub fn preset(name: &str) -> Option<(usize, usize, usize)> {
 impl StudentSpec {
     pub fn new(
         (dim, depth, heads): (usize, usize, usize),
+        patch: usize,
         image_size: usize,
         teachers: Vec<TeacherSlot>,
     ) -> Result<Self> {
@@ -62,9 +63,9 @@ impl StudentSpec {
                 "student width {dim} must divide by its {heads} heads and by 4"
             )));
         }
-        if image_size < 16 || image_size % 16 != 0 {
+        if patch == 0 || image_size < patch || image_size % patch != 0 {
             return Err(Error::Invalid(format!(
-                "student image size {image_size} must be a positive multiple of the patch (16)"
+                "student image size {image_size} must be a positive multiple of the patch ({patch})"
             )));
         }
         if teachers.is_empty() {
@@ -74,7 +75,7 @@ impl StudentSpec {
             dim,
             depth,
             heads,
-            patch: 16,
+            patch,
             image_size,
             teachers,
             levels: evenly_spaced_blocks(depth, 4),
@@ -165,19 +166,43 @@ pub enum Init {
     Zeros,
     Ones,
     Normal(f64),
-    /// normal with std, cut at +-2 std (values beyond are clamped)
+    /// normal with std, truncated at +-2 std (values beyond are redrawn)
     TruncNormal(f64),
 }
 
 impl Init {
-    pub fn tensor(self, shape: &[usize], device: &Device) -> Result<Tensor> {
+    /// Draw the initial value from `rng` (so initialisation is reproducible from a seed).
+    pub fn tensor(
+        self,
+        shape: &[usize],
+        rng: &mut impl rand::Rng,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let mut normal = |std: f64, cut: Option<f64>| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    let z: f64 = rng.sample(rand_distr::StandardNormal);
+                    let z = match cut {
+                        // resample outside the cut, as trunc_normal_ does
+                        Some(c) if z.abs() > c => {
+                            let mut z2: f64 = rng.sample(rand_distr::StandardNormal);
+                            while z2.abs() > c {
+                                z2 = rng.sample(rand_distr::StandardNormal);
+                            }
+                            z2
+                        }
+                        _ => z,
+                    };
+                    (z * std) as f32
+                })
+                .collect()
+        };
         Ok(match self {
             Init::Zeros => Tensor::zeros(shape, DType::F32, device)?,
             Init::Ones => Tensor::ones(shape, DType::F32, device)?,
-            Init::Normal(s) => Tensor::randn(0f32, s as f32, shape, device)?,
-            Init::TruncNormal(s) => {
-                Tensor::randn(0f32, s as f32, shape, device)?.clamp(-2.0 * s, 2.0 * s)?
-            }
+            Init::Normal(s) => Tensor::from_vec(normal(s, None), shape, device)?,
+            Init::TruncNormal(s) => Tensor::from_vec(normal(s, Some(2.0)), shape, device)?,
         })
     }
 }
@@ -312,22 +337,25 @@ impl Student {
         let mut normed = Vec::new();
         let mut al = Vec::new();
         for path in &self.paths {
-            let mut r = path.adapters[0].forward(x[0])?;
+            // R_0 = a_0(X_0), R_l = a_l(R_{l-1} + X_l)
+            let mut r = vec![path.adapters[0].forward(x[0])?];
+            for l in 1..=depth {
+                let next = path.adapters[l].forward(&(&r[l - 1] + x[l])?)?;
+                r.push(next);
+            }
             let mut per_level = Vec::new();
             let mut per_level_al = Vec::new();
-            for l in 1..=depth {
-                r = path.adapters[l].forward(&(&r + x[l])?)?;
-                if let Some(k) = self.spec.levels.iter().position(|&b| b + 1 == l) {
-                    let n = path.norms[k].forward(&r.narrow(1, 1, r.dim(1)? - 1)?)?;
-                    if aligned {
-                        let a = match &path.aligners[k] {
-                            Some(lin) => lin.forward(&n)?,
-                            None => n.clone(),
-                        };
-                        per_level_al.push(tokens_to_map(&a, 0, out.grid)?);
-                    }
-                    per_level.push(tokens_to_map(&n, 0, out.grid)?);
+            for (k, &b) in self.spec.levels.iter().enumerate() {
+                let rl = &r[b + 1];
+                let n = path.norms[k].forward(&rl.narrow(1, 1, rl.dim(1)? - 1)?)?;
+                if aligned {
+                    let a = match &path.aligners[k] {
+                        Some(lin) => lin.forward(&n)?,
+                        None => n.clone(),
+                    };
+                    per_level_al.push(tokens_to_map(&a, 0, out.grid)?);
                 }
+                per_level.push(tokens_to_map(&n, 0, out.grid)?);
             }
             normed.push(per_level);
             al.push(per_level_al);

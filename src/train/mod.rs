@@ -1,0 +1,6 @@
+//! Training: optimiser, schedule, checkpoints, and the stage runners.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod schedule;
+pub mod stage1;
