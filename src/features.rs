@@ -131,3 +131,23 @@ pub fn describe(info: &ModelInfo, input_hw: (usize, usize)) -> String {
         info.prefix_tokens
     )
 }
+
+/// Output tensors of an exported SAK student: per teacher and level the LayerNorm-ed adapter
+/// features `teacher.{t}.level.{k}` `[B, D, h, w]`, and the raw stem tokens at each level
+/// `stem.level.{k}` `[B, N, D]`.
+pub fn student_tensors(
+    student: &crate::models::student::Student,
+    pixels: &Tensor,
+) -> Result<HashMap<String, Tensor>> {
+    let out = student.forward(pixels, false)?;
+    let mut m = HashMap::new();
+    for (k, t) in out.stem.iter().enumerate() {
+        m.insert(format!("stem.level.{k}"), t.contiguous()?);
+    }
+    for (t, levels) in out.normed.iter().enumerate() {
+        for (k, f) in levels.iter().enumerate() {
+            m.insert(format!("teacher.{t}.level.{k}"), f.contiguous()?);
+        }
+    }
+    Ok(m)
+}

@@ -275,6 +275,71 @@ fn stats(t: &Tensor) -> Result<(f32, f32)> {
     Ok((mean, var.sqrt()))
 }
 
+fn print_tensors(tensors: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    // Natural order: numeric name segments compare as numbers.
+    names.sort_by_key(|n| {
+        n.split('.')
+            .map(|seg| match seg.parse::<usize>() {
+                Ok(v) => (0u8, v, String::new()),
+                Err(_) => (1u8, 0, seg.to_string()),
+            })
+            .collect::<Vec<_>>()
+    });
+    for n in names {
+        let t = &tensors[n];
+        let (mean, std) = stats(t)?;
+        println!(
+            "{n:<20} {:<18} mean {mean:>9.4} std {std:>9.4}",
+            format!("{:?}", t.dims())
+        );
+    }
+    Ok(())
+}
+
+/// `features --model <RUN_DIR>` on an exported SAK student.
+fn student_features(
+    dir: &std::path::Path,
+    image: &[PathBuf],
+    pixels: Option<&PathBuf>,
+    out: Option<&PathBuf>,
+) -> Result<()> {
+    let student = distillery::train::stage1::load_student(dir)?;
+    let spec = &student.spec;
+    let dev = Device::Cpu;
+    let x = match (pixels, image.is_empty()) {
+        (Some(p), _) => read_pixels(p, &dev)?,
+        (None, false) => {
+            let pre = distillery::preprocess::PreprocessConfig::exact(
+                (spec.image_size, spec.image_size),
+                distillery::preprocess::Resample::Bicubic,
+                spec.mean,
+                spec.std,
+            );
+            let items = image
+                .iter()
+                .map(|p| Ok(pre.apply(&distillery::preprocess::read_image(p)?, &dev)?))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::stack(&items, 0)?
+        }
+        (None, true) => bail!("give --image or --pixels for a student"),
+    };
+    eprintln!(
+        "student: width={} depth={} patch={} trained at {} px, levels {:?}",
+        spec.dim, spec.depth, spec.patch, spec.image_size, spec.levels
+    );
+    for (t, slot) in spec.teachers.iter().enumerate() {
+        eprintln!("teacher.{t} = {} (width {})", slot.name, slot.dim);
+    }
+    let tensors = distillery::features::student_tensors(&student, &x)?;
+    print_tensors(&tensors)?;
+    if let Some(out) = out {
+        write_safetensors_atomic(&tensors, out)?;
+        eprintln!("wrote {} tensors to {}", tensors.len(), out.display());
+    }
+    Ok(())
+}
+
 fn features(
     model: ModelArgs,
     image: Vec<PathBuf>,
@@ -282,6 +347,12 @@ fn features(
     out: Option<PathBuf>,
     levels: String,
 ) -> Result<()> {
+    if let Some(m) = &model.model {
+        let dir = std::path::Path::new(m);
+        if dir.join("student.json").is_file() {
+            return student_features(dir, &image, pixels.as_ref(), out.as_ref());
+        }
+    }
     let (name, enc) = load_model(&model)?;
     let info = enc.info().clone();
     let dev = device(model.device)?;
@@ -308,20 +379,7 @@ fn features(
     let o = enc.forward_features(&x, &req)?;
     let secs = t0.elapsed().as_secs_f64();
     let tensors = output_tensors(&o)?;
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort_by_key(|n| {
-        n.strip_prefix("hidden_states.")
-            .and_then(|i| i.parse::<usize>().ok())
-            .unwrap_or(usize::MAX)
-    });
-    for n in names {
-        let t = &tensors[n];
-        let (mean, std) = stats(t)?;
-        println!(
-            "{n:<20} {:<18} mean {mean:>9.4} std {std:>9.4}",
-            format!("{:?}", t.dims())
-        );
-    }
+    print_tensors(&tensors)?;
     eprintln!("forward: {secs:.3} s ({:.1} images/s)", b as f64 / secs);
     if let Some(out) = out {
         write_safetensors_atomic(&tensors, &out)?;
