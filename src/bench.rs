@@ -176,3 +176,103 @@ pub fn random_vit(
     let enc = crate::models::load(&dir.path().to_string_lossy(), opts)?;
     Ok((dir, enc))
 }
+
+/// Peak resident memory of this process so far, in MiB (Linux `VmHWM`; None elsewhere).
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Timing of one SAK stage-1 training step.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepBench {
+    pub teachers: usize,
+    pub batch: usize,
+    pub image: usize,
+    pub iters: usize,
+    pub median_s: f64,
+    pub min_s: f64,
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// One stage-1 step (student forward + every teacher + loss + backward + AdamW) of a ViT-S/16
+/// student with `n_teachers` ViT-B/16-size teachers (random weights) at `image` px.
+pub fn time_stage1_step(
+    n_teachers: usize,
+    batch: usize,
+    image: usize,
+    warmup: usize,
+    iters: usize,
+) -> Result<StepBench> {
+    use crate::models::student::{preset, Student, StudentSpec, TeacherSlot};
+    use crate::train::stage1::{distill_loss, new_student_params, Teacher};
+    let opts = LoadOptions::default();
+    let dev = Device::Cpu;
+    let mut dirs = Vec::new();
+    let mut teachers = Vec::new();
+    for _ in 0..n_teachers {
+        let dir = tempfile::Builder::new()
+            .prefix("distillery-bench-teacher")
+            .tempdir()
+            .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+        write_random_vit(dir.path(), VitSize::BASE16, &dev)?;
+        teachers.push(Teacher::load(
+            &dir.path().to_string_lossy(),
+            image,
+            0,
+            &opts,
+        )?);
+        dirs.push(dir);
+    }
+    let slots = teachers
+        .iter()
+        .enumerate()
+        .map(|(i, t)| TeacherSlot {
+            name: format!("teacher{i}"),
+            dim: t.encoder.info().width,
+        })
+        .collect();
+    let dims = preset("vit-s16").ok_or_else(|| Error::Invalid("preset".into()))?;
+    let spec = StudentSpec::new(dims, 16, image, slots)?;
+    let vm = new_student_params(&spec, None, 0)?;
+    let student = Student::build(
+        &spec,
+        &crate::weights::Weights::from_vars(&vm, Path::new("bench"))?,
+    )?;
+    let vars = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("lock".into()))?
+        .clone();
+    let mut optim = crate::train::optim::AdamW::new(&vars, 0.01)?;
+    let x = Tensor::randn(0f32, 1f32, (batch, 3, image, image), &dev)?;
+    let tx: Vec<Tensor> = (0..n_teachers).map(|_| x.clone()).collect();
+    let mut times = Vec::new();
+    for i in 0..warmup + iters.max(1) {
+        let t0 = Instant::now();
+        let (loss, _) = distill_loss(
+            &student,
+            &teachers,
+            &x,
+            &tx,
+            crate::losses::FeatureLoss::CosSmoothL1,
+        )?;
+        let grads = loss.backward()?;
+        optim.step(&grads, 1e-4)?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(StepBench {
+        teachers: n_teachers,
+        batch,
+        image,
+        iters: times.len(),
+        median_s: times[times.len() / 2],
+        min_s: times[0],
+        peak_rss_mib: peak_rss_mib(),
+    })
+}

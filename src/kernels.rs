@@ -81,6 +81,57 @@ fn gelu_inplace_body(x: &mut [f32]) {
 }
 multiversion!(gelu_slice_inplace, gelu_inplace_body, (x: &mut [f32]));
 
+#[inline(always)]
+fn gelu_grad_one(x: f32) -> f32 {
+    // Phi(x) + x phi(x)
+    let gx = gelu_one(x);
+    let cdf = if x != 0.0 { gx / x } else { 0.5 };
+    let pdf = exp_approx(-0.5 * x * x) * 0.398_942_3;
+    cdf + x * pdf
+}
+
+#[inline(always)]
+fn gelu_bwd_body(x: &[f32], g: &[f32], out: &mut [f32]) {
+    for ((o, &xv), &gv) in out.iter_mut().zip(x).zip(g) {
+        *o = gv * gelu_grad_one(xv);
+    }
+}
+multiversion!(gelu_bwd_slice, gelu_bwd_body, (x: &[f32], g: &[f32], out: &mut [f32]));
+
+struct GeluBwd;
+
+impl candle_core::CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "distillery-gelu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_arg(s1, l1, "gelu bwd x")?;
+        let g = f32_arg(s2, l2, "gelu bwd grad")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(o, (xc, gc))| gelu_bwd_slice(xc, gc, o));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `grad * gelu'(x)` (fused on CPU f32).
+fn gelu_backward(x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+    if fast_path(x) && fast_path(grad) {
+        x.contiguous()?
+            .apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd)
+    } else {
+        grad * gelu_derivative(x)?
+    }
+}
+
 /// d/dx [x Phi(x)] = Phi(x) + x phi(x) (candle ops, any device).
 fn gelu_derivative(x: &Tensor) -> candle_core::Result<Tensor> {
     let cdf = (((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
@@ -157,8 +208,7 @@ impl CustomOp1 for Gelu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let d = gelu_derivative(arg)?;
-        Ok(Some(grad.mul(&d)?))
+        Ok(Some(gelu_backward(arg, grad)?))
     }
 }
 
@@ -334,8 +384,8 @@ impl candle_core::CustomOp3 for LinearBias {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = if self.gelu {
-            let pre = x.matmul(&w.t()?)?.broadcast_add(b)?;
-            (g * gelu_derivative(&pre)?)?
+            let pre = linear(x, w, Some(b))?;
+            gelu_backward(&pre, g)?
         } else {
             g.clone()
         };
@@ -646,23 +696,6 @@ pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> candle_core::Result<
     }
 }
 
-/// Gradients of `f` at `args`, by differentiating `f` on detached copies (used by fused ops
-/// whose backward pass is the unfused composition).
-fn reference_grads(
-    args: &[&Tensor],
-    grad: &Tensor,
-    f: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
-) -> candle_core::Result<Vec<Option<Tensor>>> {
-    let vars = args
-        .iter()
-        .map(|a| candle_core::Var::from_tensor(&a.detach()))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let y = f(&ts)?;
-    let g = (y * grad.detach())?.sum_all()?.backward()?;
-    Ok(ts.iter().map(|t| g.get(t).cloned()).collect())
-}
-
 /// candle's fused LayerNorm forward, with a backward pass.
 struct LayerNormOp {
     eps: f32,
@@ -696,18 +729,94 @@ impl candle_core::CustomOp3 for LayerNormOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        b: &Tensor,
+        _b: &Tensor,
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let packed = x.contiguous()?.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &g.contiguous()?,
+            &LayerNormBwd { eps: self.eps },
+        )?;
+        let rows = x.elem_count() / d;
+        let gx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let gw = packed.narrow(0, rows, 1)?.reshape(d)?;
+        let gb = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// LayerNorm gradients, packed as `[rows + 2, D]`: dx rows, then dw, then db. Row sums are
+/// accumulated in fixed-size row blocks and added in block order, so results do not depend on
+/// thread scheduling (exact resume needs bit-identical gradients).
+struct LayerNormBwd {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "distillery-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_arg(s1, l1, "layer norm bwd x")?;
+        let w = f32_arg(s2, l2, "layer norm bwd w")?;
+        let g = f32_arg(s3, l3, "layer norm bwd grad")?;
+        let d = w.len();
+        let rows = x.len() / d;
+        let mut out = vec![0f32; (rows + 2) * d];
+        let (dx, rest) = out.split_at_mut(rows * d);
+        const BLOCK: usize = 64;
         let eps = self.eps;
-        let mut gs = reference_grads(&[x, w, b], g, |t| {
-            candle_nn::ops::layer_norm_slow(&t[0], &t[1], &t[2], eps)
-        })?;
-        let gb = gs.pop().flatten();
-        let gw = gs.pop().flatten();
-        let gx = gs.pop().flatten();
-        Ok((gx, gw, gb))
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(BLOCK * d)
+            .enumerate()
+            .map(|(blk, dxb)| {
+                let mut dw = vec![0f32; d];
+                let mut db = vec![0f32; d];
+                for (r, dxr) in dxb.chunks_exact_mut(d).enumerate() {
+                    let row = blk * BLOCK + r;
+                    let xr = &x[row * d..(row + 1) * d];
+                    let gr = &g[row * d..(row + 1) * d];
+                    let mean = xr.iter().sum::<f32>() / d as f32;
+                    let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                    let rstd = 1.0 / (var + eps).sqrt();
+                    let mut s1 = 0f32;
+                    let mut s2 = 0f32;
+                    for j in 0..d {
+                        let xh = (xr[j] - mean) * rstd;
+                        let gw = gr[j] * w[j];
+                        s1 += gw;
+                        s2 += gw * xh;
+                        dw[j] += gr[j] * xh;
+                        db[j] += gr[j];
+                    }
+                    let (m1, m2) = (s1 / d as f32, s2 / d as f32);
+                    for j in 0..d {
+                        let xh = (xr[j] - mean) * rstd;
+                        dxr[j] = rstd * (gr[j] * w[j] - m1 - xh * m2);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (dw, db) = rest.split_at_mut(d);
+        for (pw, pb) in &partials {
+            for j in 0..d {
+                dw[j] += pw[j];
+                db[j] += pb[j];
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
     }
 }
 
@@ -912,6 +1021,44 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(e < 1e-4, "grad err {e}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_gradients_match_autograd_of_the_composition() {
+        let x = Tensor::randn(0f32, 2f32, (3, 70, 24), &Device::Cpu).unwrap();
+        let w = Tensor::randn(1f32, 0.2f32, 24, &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 0.2f32, 24, &Device::Cpu).unwrap();
+        let up = Tensor::randn(0f32, 1f32, (3, 70, 24), &Device::Cpu).unwrap();
+        let vars = [&x, &w, &b].map(|t| candle_core::Var::from_tensor(t).unwrap());
+        let (xv, wv, bv) = (
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+        );
+        let y1 = layer_norm(xv, wv, bv, 1e-5).unwrap();
+        let y2 = candle_nn::ops::layer_norm_slow(xv, wv, bv, 1e-5).unwrap();
+        let e = (&y1 - &y2)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(e < 1e-5, "forward err {e}");
+        let g1 = (y1 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (y2 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [xv, wv, bv] {
+            let d = (g1.get(v).unwrap() - g2.get(v).unwrap()).unwrap();
+            let e = d
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(e < 1e-4, "layer norm grad err {e}");
         }
     }
 

@@ -33,6 +33,14 @@ enum DTypeArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum BenchTask {
+    /// ViT-B/16 encoder forward
+    Forward,
+    /// ViT-S/16 student + N ViT-B/16 teachers: forward, loss, backward, AdamW
+    Stage1Step,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum DeviceArg {
     Cpu,
     Cuda,
@@ -80,8 +88,14 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
-    /// Time a ViT-B/16-size forward pass (random weights)
+    /// Time a ViT-B/16-size forward pass, or a SAK stage-1 training step (random weights)
     Bench {
+        /// What to time
+        #[arg(long, value_enum, default_value = "forward")]
+        task: BenchTask,
+        /// Teachers for --task stage1-step
+        #[arg(long, default_value_t = 3)]
+        teachers: usize,
         #[arg(long, default_value_t = 8)]
         batch: usize,
         #[arg(long, default_value_t = 224)]
@@ -409,6 +423,31 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Bench {
+            task: BenchTask::Stage1Step,
+            teachers,
+            batch,
+            image,
+            warmup,
+            iters,
+            json,
+            ..
+        } => {
+            let r = distillery::bench::time_stage1_step(teachers, batch, image, warmup, iters)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "SAK stage-1 step, ViT-S/16 student + {teachers} ViT-B/16 teachers, batch {batch}, {image} px: median {:.3} s, min {:.3} s, peak RSS {:.0} MiB",
+                    r.median_s,
+                    r.min_s,
+                    r.peak_rss_mib.unwrap_or(f64::NAN)
+                );
+            }
+            Ok(())
+        }
+        Command::Bench {
+            task: BenchTask::Forward,
+            teachers: _,
             batch,
             image,
             warmup,
@@ -447,16 +486,26 @@ fn run() -> Result<()> {
     }
 }
 
-/// Keep freed memory mapped: tensors of the same sizes are freed and allocated again at every
-/// layer, and returning their pages to the OS makes each reuse pay page faults.
+/// Keep freed memory mapped for a while: tensors of the same sizes are freed and allocated again
+/// at every layer, and returning their pages to the OS at once makes each reuse pay page faults.
+/// A bounded delay (not "never") keeps a long training run's resident memory near its working
+/// set. `MIMALLOC_PURGE_DELAY` in the environment takes precedence.
 fn tune_allocator() {
-    // mimalloc v2 option ids (mimalloc.h): 4 = arena_eager_commit, 15 = purge_delay.
+    // mimalloc v2 option ids (mimalloc.h): 4 = arena_eager_commit, 6 = allow_large_os_pages,
+    // 15 = purge_delay.
     const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const LARGE_OS_PAGES: libmimalloc_sys::mi_option_t = 6;
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: setting allocator options is thread-safe and done before heavy allocation.
     unsafe {
         libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 1);
-        libmimalloc_sys::mi_option_set(PURGE_DELAY, -1);
+        // 2 MiB pages where the kernel allows them: far fewer page faults for the large,
+        // short-lived activation buffers of training steps.
+        libmimalloc_sys::mi_option_set(LARGE_OS_PAGES, 1);
+        libmimalloc_sys::mi_option_set(PURGE_DELAY, 1000);
     }
 }
 

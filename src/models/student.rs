@@ -58,12 +58,12 @@ impl StudentSpec {
         image_size: usize,
         teachers: Vec<TeacherSlot>,
     ) -> Result<Self> {
-        if dim % heads != 0 || dim % 4 != 0 {
+        if !dim.is_multiple_of(heads) || !dim.is_multiple_of(4) {
             return Err(Error::Invalid(format!(
                 "student width {dim} must divide by its {heads} heads and by 4"
             )));
         }
-        if patch == 0 || image_size < patch || image_size % patch != 0 {
+        if patch == 0 || image_size < patch || !image_size.is_multiple_of(patch) {
             return Err(Error::Invalid(format!(
                 "student image size {image_size} must be a positive multiple of the patch ({patch})"
             )));

@@ -98,7 +98,11 @@ impl DistillConfig {
         if self.steps == 0 && self.epochs == 0 {
             return bad("set steps or epochs".into());
         }
-        if !(self.lr > 0.0) || self.min_lr < 0.0 || self.weight_decay < 0.0 || self.clip_grad < 0.0
+        if self.lr.is_nan()
+            || self.lr <= 0.0
+            || self.min_lr < 0.0
+            || self.weight_decay < 0.0
+            || self.clip_grad < 0.0
         {
             return bad(
                 "learning rates, weight decay and clip must be non-negative (lr > 0)".into(),
@@ -186,7 +190,9 @@ fn make_batch(
     strict: bool,
 ) -> Result<Batch> {
     let rrc = RandomResizedCrop::default();
-    let items: Vec<Result<Option<(Tensor, Vec<Tensor>)>>> = indices
+    // Per sample: None when the image was unreadable and skipped.
+    type Item = Result<Option<(Tensor, Vec<Tensor>)>>;
+    let items: Vec<Item> = indices
         .par_iter()
         .map(|&i| {
             let img = match data.load(i) {
@@ -591,27 +597,13 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
             .recv()
             .map_err(|_| Error::Invalid("data loader stopped".into()))??;
         let t_data = t0.elapsed().as_secs_f64();
-        let out = student.forward(&batch.student, true)?;
-        let mut total_loss: Option<Tensor> = None;
-        let mut per_teacher = Vec::new();
-        for (k, teacher) in teachers.iter().enumerate() {
-            let feats = teacher.features(&batch.teachers[k])?;
-            let mut tl: Option<Tensor> = None;
-            for (s, t) in out.aligned[k].iter().zip(&feats) {
-                let l = feature_loss(s, t, cfg.loss)?;
-                tl = Some(match tl {
-                    Some(a) => (a + l)?,
-                    None => l,
-                });
-            }
-            let tl = tl.ok_or_else(|| Error::Invalid("teacher without levels".into()))?;
-            per_teacher.push(tl.to_scalar::<f32>()? as f64);
-            total_loss = Some(match total_loss {
-                Some(a) => (a + tl)?,
-                None => tl,
-            });
-        }
-        let loss = total_loss.ok_or_else(|| Error::Invalid("no teachers".into()))?;
+        let (loss, per_teacher) = distill_loss(
+            &student,
+            &teachers,
+            &batch.student,
+            &batch.teachers,
+            cfg.loss,
+        )?;
         let loss_v = loss.to_scalar::<f32>()? as f64;
         if !loss_v.is_finite() {
             return Err(Error::Invalid(format!(
@@ -663,6 +655,49 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         images_per_s: images as f64 / t_run.elapsed().as_secs_f64().max(1e-9),
         skipped_images: skipped,
     })
+}
+
+/// The stage-1 objective for one batch: the student's stem once, every adapter path, every
+/// teacher at its own input; one term per (teacher, level), summed. Returns the total and the
+/// per-teacher sums.
+pub fn distill_loss(
+    student: &Student,
+    teachers: &[Teacher],
+    student_pixels: &Tensor,
+    teacher_pixels: &[Tensor],
+    kind: FeatureLoss,
+) -> Result<(Tensor, Vec<f64>)> {
+    let out = student.forward(student_pixels, true)?;
+    let mut total: Option<Tensor> = None;
+    let mut per_teacher = Vec::with_capacity(teachers.len());
+    for (k, teacher) in teachers.iter().enumerate() {
+        let feats = teacher.features(&teacher_pixels[k])?;
+        let mut tl: Option<Tensor> = None;
+        for (s, t) in out.aligned[k].iter().zip(&feats) {
+            let l = feature_loss(s, t, kind)?;
+            tl = Some(match tl {
+                Some(a) => (a + l)?,
+                None => l,
+            });
+        }
+        let tl = tl.ok_or_else(|| Error::Invalid("teacher without levels".into()))?;
+        per_teacher.push(tl.to_scalar::<f32>()? as f64);
+        total = Some(match total {
+            Some(a) => (a + tl)?,
+            None => tl,
+        });
+    }
+    let total = total.ok_or_else(|| Error::Invalid("no teachers".into()))?;
+    Ok((total, per_teacher))
+}
+
+/// Parameters of a fresh student (seeded initialisation, or a ViT checkpoint for the stem).
+pub fn new_student_params(
+    spec: &StudentSpec,
+    init_from: Option<&str>,
+    seed: u64,
+) -> Result<VarMap> {
+    init_params(spec, init_from, seed)
 }
 
 fn save_checkpoint(

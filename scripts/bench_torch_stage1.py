@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""PyTorch eager counterpart of `distillery bench --task stage1-step`: one SAK stage-1 training
+step of a ViT-S/16 student (timm, final norm unused) with one adapter path per teacher
+(13 Houlsby adapters, LayerNorm + aligner per level) and N ViT-B/16 teachers (transformers
+ViTModel, random weights, no_grad), loss 0.9(1-cos) + 0.1 SmoothL1 per (teacher, level),
+backward and AdamW. Run by hand in the same session as the Rust benchmark.
+
+    .refenv/bin/python scripts/bench_torch_stage1.py [--teachers 3] [--iters 3]
+"""
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers as T
+
+
+class Adapter(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.down, self.up = nn.Linear(d, d // 4), nn.Linear(d // 4, d)
+        self.s = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x + self.s * self.up(F.gelu(self.down(x)))
+
+
+class Student(nn.Module):
+    def __init__(self, n_teachers, t_dim, levels=(2, 5, 8, 11)):
+        super().__init__()
+        self.vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+        d, depth = self.vit.embed_dim, len(self.vit.blocks)
+        self.levels = levels
+        self.paths = nn.ModuleList(nn.ModuleList(Adapter(d) for _ in range(depth + 1)) for _ in range(n_teachers))
+        self.norms = nn.ModuleList(nn.ModuleList(nn.LayerNorm(d) for _ in levels) for _ in range(n_teachers))
+        self.aligners = nn.ModuleList(nn.ModuleList(nn.Linear(d, t_dim) for _ in levels) for _ in range(n_teachers))
+
+    def forward(self, x):
+        v = self.vit
+        h = v.norm_pre(v._pos_embed(v.patch_embed(x)))
+        xs = [h]
+        for blk in v.blocks:
+            h = blk(h)
+            xs.append(h)
+        outs = []
+        for p, norms, aligners in zip(self.paths, self.norms, self.aligners):
+            r = [p[0](xs[0])]
+            for l in range(1, len(xs)):
+                r.append(p[l](r[-1] + xs[l]))
+            outs.append([al(n(r[b + 1][:, 1:])) for b, n, al in zip(self.levels, norms, aligners)])
+        return outs
+
+
+def term(s, t):
+    b = s.shape[0]
+    cos = F.cosine_similarity(s.reshape(b, -1), t.reshape(b, -1), dim=1).mean()
+    return 0.9 * (1 - cos) + 0.1 * F.smooth_l1_loss(s, t, beta=1.0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teachers", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--image", type=int, default=224)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    a = ap.parse_args()
+    cfg = T.ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                      image_size=a.image, patch_size=16)
+    teachers = [T.ViTModel(cfg, add_pooling_layer=False).eval() for _ in range(a.teachers)]
+    student = Student(a.teachers, 768)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.01)
+    x = torch.randn(a.batch, 3, a.image, a.image)
+    times = []
+    for i in range(a.warmup + a.iters):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            feats = [[o.hidden_states[b + 1][:, 1:] for b in (2, 5, 8, 11)]
+                     for o in (t(pixel_values=x, output_hidden_states=True) for t in teachers)]
+        outs = student(x)
+        loss = sum(term(s, t) for so, to in zip(outs, feats) for s, t in zip(so, to))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
+                      "teachers": a.teachers, "batch": a.batch, "image": a.image,
+                      "median_s": statistics.median(times), "min_s": min(times), "peak_rss_mib": peak}))
+
+
+if __name__ == "__main__":
+    main()
