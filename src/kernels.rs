@@ -389,7 +389,8 @@ impl candle_core::CustomOp3 for LinearBias {
         } else {
             g.clone()
         };
-        Ok((Some(g.matmul(w)?), Some(g.t()?.matmul(x)?), Some(g.sum(0)?)))
+        let (dx, dw, db) = linear_grads(x, w, &g)?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
@@ -413,6 +414,98 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Te
     } else {
         gelu_erf(&linear(x, w, Some(b))?)
     }
+}
+
+/// `op(a) @ op(b)` for 2-D contiguous f32 operands, `op` = transpose when flagged, as one
+/// strided product (no transposed copies). Used by backward passes; not differentiable itself.
+struct Gemm2 {
+    ta: bool,
+    tb: bool,
+}
+
+impl candle_core::CustomOp2 for Gemm2 {
+    fn name(&self) -> &'static str {
+        "distillery-gemm2"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = f32_arg(s1, l1, "gemm a")?;
+        let b = f32_arg(s2, l2, "gemm b")?;
+        let (ar, ac) = l1.shape().dims2()?;
+        let (br, bc) = l2.shape().dims2()?;
+        // op(a): [m, k]; op(b): [k, n]
+        let (m, k, a_cs, a_rs) = if self.ta {
+            (ac, ar, ac as isize, 1)
+        } else {
+            (ar, ac, 1, ac as isize)
+        };
+        let (k2, n, b_cs, b_rs) = if self.tb {
+            (bc, br, bc as isize, 1)
+        } else {
+            (br, bc, 1, bc as isize)
+        };
+        if k != k2 {
+            candle_core::bail!("gemm kernel: inner dimensions {k} and {k2} differ")
+        }
+        let mut out = vec![0f32; m * n];
+        // SAFETY: strides describe the stored extents of a and b; out is m x n row-major.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                a_cs,
+                a_rs,
+                b.as_ptr(),
+                b_cs,
+                b_rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// `op(a) @ op(b)` for 2-D tensors (fast path on CPU f32).
+fn gemm2(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> candle_core::Result<Tensor> {
+    if fast_path(a) && fast_path(b) {
+        a.contiguous()?
+            .apply_op2_no_bwd(&b.contiguous()?, &Gemm2 { ta, tb })
+    } else {
+        let a = if ta { a.t()? } else { a.clone() };
+        let b = if tb { b.t()? } else { b.clone() };
+        a.matmul(&b)
+    }
+}
+
+/// Gradients of `y = x w^T (+ b)` for `x: [m, k]`, `w: [n, k]`, upstream `g: [m, n]`:
+/// `dx = g w`, `dw = g^T x`, `db = 1^T g`.
+fn linear_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let dx = gemm2(g, w, false, false)?;
+    let dw = gemm2(g, x, true, false)?;
+    let ones = Tensor::ones((1, g.dim(0)?), g.dtype(), g.device())?;
+    let db = gemm2(&ones, g, false, false)?.squeeze(0)?;
+    Ok((dx, dw, db))
 }
 
 /// `x @ w^T + b` over the last dimension of `x` (any leading dimensions), as `nn.Linear`.
