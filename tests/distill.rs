@@ -125,6 +125,10 @@ fn resume_is_exact_and_student_exports() {
         "same final weights"
     );
 
+    // A loss plot is written (PNG signature).
+    let png = std::fs::read(full.join("loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
     // Refuses to overwrite a run without --resume.
     let o = distill(&images, &full, &[]);
     assert!(!o.status.success());

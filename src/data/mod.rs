@@ -2,9 +2,10 @@
 
 pub mod augment;
 pub mod folder;
+pub mod tar;
 
 pub use augment::{CropBox, RandomResizedCrop};
-pub use folder::ImageFolder;
+pub use folder::ImageSet;
 
 use crate::error::Result;
 use std::path::PathBuf;

@@ -2,5 +2,6 @@
 
 pub mod checkpoint;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
 pub mod stage1;

@@ -7,7 +7,7 @@
 //! ahead of the training step.
 
 use crate::data::augment::{crop_to_tensor, sample_rng, RandomResizedCrop};
-use crate::data::{ImageFolder, ImageSource};
+use crate::data::{ImageSet, ImageSource};
 use crate::error::{Error, Result};
 use crate::losses::{feature_loss, FeatureLoss};
 use crate::models::student::{preset, Student, StudentSpec, TeacherSlot};
@@ -182,7 +182,7 @@ struct Geometry {
 }
 
 fn make_batch(
-    data: &ImageFolder,
+    data: &ImageSet,
     geo: &Geometry,
     seed: u64,
     epoch: u64,
@@ -447,7 +447,7 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         }
         None
     };
-    let data = ImageFolder::open(&cfg.images)?;
+    let data = ImageSet::open(&cfg.images)?;
     let load_opts = LoadOptions::default();
     let mut teachers = Vec::new();
     for (k, id) in cfg.teachers.iter().enumerate() {
@@ -644,6 +644,13 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
     drop(rx);
     let _ = producer.join();
     bar.finish_and_clear();
+    if end > start {
+        crate::train::plot::plot_losses(
+            &paths.metrics(),
+            &paths.dir.join("loss.png"),
+            "SAK stage 1: distillation loss",
+        )?;
+    }
     if end == total {
         export_student(&paths, &spec, &vars)?;
     }
