@@ -248,7 +248,8 @@ pub fn time_stage1_step(
         .clone();
     let mut optim = crate::train::optim::AdamW::new(&vars, 0.01)?;
     let x = Tensor::randn(0f32, 1f32, (batch, 3, image, image), &dev)?;
-    let tx: Vec<Tensor> = (0..n_teachers).map(|_| x.clone()).collect();
+    let tx =
+        crate::train::stage1::TeacherBatch::Pixels((0..n_teachers).map(|_| x.clone()).collect());
     let mut times = Vec::new();
     for i in 0..warmup + iters.max(1) {
         let t0 = Instant::now();

@@ -83,6 +83,33 @@ enum Command {
     },
     /// SAK stage 1: distil frozen teachers into a student on unlabeled images
     Distill(Box<DistillArgs>),
+    /// Run teachers once over a data set and store their distilled levels for training
+    Cache {
+        /// Teacher folder or hub id (repeat); order is kept
+        #[arg(long = "teacher", required = true)]
+        teachers: Vec<String>,
+        /// Images: folder tree, .tar archive or shard pattern
+        #[arg(long)]
+        images: PathBuf,
+        /// Cache folder to create
+        #[arg(long)]
+        out: PathBuf,
+        /// Student input size the cache is for (teachers other than SAM use it)
+        #[arg(long, default_value_t = 384)]
+        image_size: usize,
+        /// Fixed crop/flip variants per image (training epoch e uses variant e mod K)
+        #[arg(long, default_value_t = 1)]
+        variants: u64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Storage type
+        #[arg(long, default_value = "f16", value_parser = ["f16", "bf16", "f32"])]
+        dtype: String,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Show what a model folder or hub id contains
     Info {
         #[command(flatten)]
@@ -152,6 +179,12 @@ struct DistillArgs {
     /// Stop unreadable images from being skipped: fail instead
     #[arg(long)]
     strict_images: bool,
+    /// Teacher-feature cache folder (`distillery cache`): teachers are not run
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Reuse K fixed crop variants per image (epoch e uses variant e mod K); a cache sets it
+    #[arg(long)]
+    crop_variants: Option<u64>,
     /// TOML file with any DistillConfig field; flags override it
     #[arg(long)]
     config: Option<PathBuf>,
@@ -201,8 +234,12 @@ fn distill(a: DistillArgs) -> Result<()> {
         clip_grad,
         loss,
         seed,
-        checkpoint_every
+        checkpoint_every,
+        crop_variants
     );
+    if a.cache.is_some() {
+        cfg.cache = a.cache;
+    }
     if a.strict_images {
         cfg.strict_images = true;
     }
@@ -413,6 +450,47 @@ fn run() -> Result<()> {
             levels,
         } => features(model, image, pixels, out, levels),
         Command::Distill(a) => distill(*a),
+        Command::Cache {
+            teachers,
+            images,
+            out,
+            image_size,
+            variants,
+            seed,
+            dtype,
+            batch_size,
+            quiet,
+        } => {
+            use distillery::train::{cache, stage1::Teacher};
+            let opts = LoadOptions::default();
+            let ts = teachers
+                .iter()
+                .map(|t| Teacher::load(t, image_size, 0, &opts))
+                .collect::<distillery::Result<Vec<_>>>()?;
+            let t0 = std::time::Instant::now();
+            let m = cache::build(
+                &ts,
+                &images,
+                &out,
+                &cache::BuildOptions {
+                    image_size,
+                    variants,
+                    seed,
+                    dtype,
+                    batch_size,
+                    progress: !quiet,
+                },
+            )?;
+            let items = m.n_images as u64 * m.variants;
+            eprintln!(
+                "cached {} teachers x {items} items in {:.1} s ({:.1} items/s) into {}",
+                m.teachers.len(),
+                t0.elapsed().as_secs_f64(),
+                items as f64 / t0.elapsed().as_secs_f64(),
+                out.display()
+            );
+            Ok(())
+        }
         Command::Info { model } => {
             let (name, enc) = load_model(&model)?;
             let info = enc.info();

@@ -142,3 +142,70 @@ fn resume_is_exact_and_student_exports() {
     assert_eq!(out.normed.len(), 2);
     assert_eq!(out.normed[0][3].dims(), &[1, 32, 4, 4]);
 }
+
+fn losses_of(run: &Path) -> Vec<f64> {
+    losses(run).into_iter().map(|x| x.1).collect()
+}
+
+/// Training from the teacher-feature cache gives the same losses as running the teachers online
+/// on the same crops: a float32 cache agrees to float rounding (the cache runs the teachers on
+/// differently composed batches, which can change the last bit of a product), a float16 cache to
+/// half-precision rounding.
+#[test]
+fn cached_teachers_match_online_teachers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    write_images(&images);
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let online = tmp.path().join("online");
+    let o = distill(&images, &online, &["--crop-variants", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (dtype, tol) in [("f32", 1e-6), ("f16", 2e-3)] {
+        let cache = tmp.path().join(format!("cache-{dtype}"));
+        let o = Command::new(env!("CARGO_BIN_EXE_distillery"))
+            .args([
+                "cache",
+                "--teacher",
+                &s(&model_dir("dinov2")),
+                "--teacher",
+                &s(&model_dir("sam")),
+                "--images",
+                &s(&images),
+                "--out",
+                &s(&cache),
+                "--image-size",
+                "32",
+                "--variants",
+                "2",
+                "--dtype",
+                dtype,
+                "--batch-size",
+                "4",
+                "--quiet",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let run = tmp.path().join(format!("cached-{dtype}"));
+        let o = distill(&images, &run, &["--cache", &s(&cache)]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (a, b) = (losses_of(&online), losses_of(&run));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= tol * x.abs(),
+                "{dtype}: online {a:?} vs cached {b:?}"
+            );
+        }
+    }
+    // A cache built with other crops is refused.
+    let cache = tmp.path().join("cache-f32");
+    let run = tmp.path().join("wrong-seed");
+    let o = distill(&images, &run, &["--cache", &s(&cache), "--seed", "5"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("seed"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

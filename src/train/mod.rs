@@ -1,5 +1,6 @@
 //! Training: optimiser, schedule, checkpoints, and the stage runners.
 
+pub mod cache;
 pub mod checkpoint;
 pub mod optim;
 pub mod plot;

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::losses::{feature_loss, FeatureLoss};
 use crate::models::student::{preset, Student, StudentSpec, TeacherSlot};
 use crate::models::{self, Family, FeatureRequest, LoadOptions, VisionEncoder};
+use crate::train::cache::FeatureCache;
 use crate::train::checkpoint;
 use crate::train::optim::AdamW;
 use crate::train::schedule::CosineSchedule;
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Stage-1 configuration; defaults are the reference recipe (SPEC.md section 4).
@@ -56,6 +58,11 @@ pub struct DistillConfig {
     pub checkpoint_every: u64,
     /// unreadable images stop the run instead of being skipped
     pub strict_images: bool,
+    /// 0: fresh crops every epoch; K: epoch e reuses the crops of variant e mod K (what a
+    /// teacher cache with K variants holds)
+    pub crop_variants: u64,
+    /// teacher-feature cache folder (`distillery cache`); teachers are then not run
+    pub cache: Option<PathBuf>,
 }
 
 impl Default for DistillConfig {
@@ -79,6 +86,8 @@ impl Default for DistillConfig {
             seed: 0,
             checkpoint_every: 500,
             strict_images: false,
+            crop_variants: 0,
+            cache: None,
         }
     }
 }
@@ -86,8 +95,8 @@ impl Default for DistillConfig {
 impl DistillConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Invalid(m));
-        if self.teachers.is_empty() {
-            return bad("no teacher given (--teacher)".into());
+        if self.teachers.is_empty() && self.cache.is_none() {
+            return bad("no teacher given (--teacher or --cache)".into());
         }
         if self.batch_size == 0 {
             return bad("batch size must be positive".into());
@@ -159,10 +168,18 @@ impl Teacher {
     }
 }
 
+/// What the teachers contribute to a batch.
+pub enum TeacherBatch {
+    /// per teacher, its input pixels `[B, 3, S_t, S_t]` (teachers run online)
+    Pixels(Vec<Tensor>),
+    /// per teacher and level, features `[B, C, h, w]` read from a cache
+    Features(Vec<Vec<Tensor>>),
+}
+
 /// One prepared batch.
 struct Batch {
     student: Tensor,
-    teachers: Vec<Tensor>,
+    teachers: TeacherBatch,
     skipped: usize,
 }
 
@@ -184,17 +201,27 @@ struct Geometry {
 fn make_batch(
     data: &ImageSet,
     geo: &Geometry,
+    cache: Option<&FeatureCache>,
     seed: u64,
-    epoch: u64,
+    crop_epoch: u64,
     indices: &[usize],
     strict: bool,
 ) -> Result<Batch> {
     let rrc = RandomResizedCrop::default();
-    // Per sample: None when the image was unreadable and skipped.
+    // Per sample: None when the image was unreadable (or invalid in the cache) and skipped.
     type Item = Result<Option<(Tensor, Vec<Tensor>)>>;
     let items: Vec<Item> = indices
         .par_iter()
         .map(|&i| {
+            if cache.is_some_and(|c| !c.is_valid(crop_epoch, i)) {
+                if strict {
+                    return Err(Error::Image {
+                        path: data.name(i).into(),
+                        msg: "unreadable when the cache was built".into(),
+                    });
+                }
+                return Ok(None);
+            }
             let img = match data.load(i) {
                 Ok(img) => img,
                 Err(e) if !strict => {
@@ -203,7 +230,10 @@ fn make_batch(
                 }
                 Err(e) => return Err(e),
             };
-            let crop = rrc.sample(img.dimensions(), &mut sample_rng(seed, epoch, i as u64));
+            let crop = rrc.sample(
+                img.dimensions(),
+                &mut sample_rng(seed, crop_epoch, i as u64),
+            );
             let (m, s) = geo.student_norm;
             let st = crop_to_tensor(&img, &crop, geo.student_size, m, s, &Device::Cpu)?;
             let ts = geo
@@ -215,12 +245,14 @@ fn make_batch(
         })
         .collect();
     let mut student = Vec::new();
+    let mut kept = Vec::new();
     let mut teachers: Vec<Vec<Tensor>> = vec![Vec::new(); geo.teachers.len()];
     let mut skipped = 0;
-    for it in items {
+    for (it, &i) in items.into_iter().zip(indices) {
         match it? {
             Some((s, ts)) => {
                 student.push(s);
+                kept.push((crop_epoch, i));
                 for (k, t) in ts.into_iter().enumerate() {
                     teachers[k].push(t);
                 }
@@ -234,14 +266,73 @@ fn make_batch(
             msg: "no readable image in a whole batch".into(),
         });
     }
+    let teachers = match cache {
+        Some(c) => TeacherBatch::Features(
+            c.manifest
+                .teachers
+                .iter()
+                .enumerate()
+                .map(|(t, ct)| {
+                    (0..ct.levels.len())
+                        .map(|k| c.gather(t, k, &kept))
+                        .collect()
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        None => TeacherBatch::Pixels(
+            teachers
+                .into_iter()
+                .map(|t| Ok(Tensor::stack(&t, 0)?))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+    };
     Ok(Batch {
         student: Tensor::stack(&student, 0)?,
-        teachers: teachers
-            .into_iter()
-            .map(|t| Ok(Tensor::stack(&t, 0)?))
-            .collect::<Result<Vec<_>>>()?,
+        teachers,
         skipped,
     })
+}
+
+/// A cache must describe this data set, seed and crop variants; teachers not given are taken
+/// from it, and `crop_variants` 0 adopts the cache's.
+fn check_cache(
+    c: &FeatureCache,
+    cfg: &mut DistillConfig,
+    data: &ImageSet,
+    dir: &Path,
+) -> Result<()> {
+    let m = &c.manifest;
+    let bad = |msg: String| Error::BadInput {
+        path: dir.join("manifest.json"),
+        msg,
+    };
+    let names: Vec<&str> = m.teachers.iter().map(|t| t.name.as_str()).collect();
+    if cfg.teachers.is_empty() {
+        cfg.teachers = names.iter().map(|s| s.to_string()).collect();
+    } else if cfg.teachers.iter().map(String::as_str).collect::<Vec<_>>() != names {
+        return Err(bad(format!(
+            "cache holds teachers {names:?}, not {:?}",
+            cfg.teachers
+        )));
+    }
+    if m.seed != cfg.seed {
+        return Err(bad(format!(
+            "cache was built with seed {}, the run uses {}",
+            m.seed, cfg.seed
+        )));
+    }
+    if cfg.crop_variants == 0 {
+        cfg.crop_variants = m.variants;
+    } else if cfg.crop_variants != m.variants {
+        return Err(bad(format!(
+            "cache holds {} crop variants, the run asks for {}",
+            m.variants, cfg.crop_variants
+        )));
+    }
+    if m.n_images != data.len() || (0..data.len()).any(|i| m.items[i] != data.name(i)) {
+        return Err(bad("cache was built from a different list of images".into()));
+    }
+    Ok(())
 }
 
 /// Where a run keeps its files.
@@ -449,18 +540,41 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
     };
     let data = ImageSet::open(&cfg.images)?;
     let load_opts = LoadOptions::default();
+    let mut cfg = cfg.clone();
+    let cache = match cfg.cache.clone() {
+        Some(dir) => {
+            let c = FeatureCache::open(&dir)?;
+            check_cache(&c, &mut cfg, &data, &dir)?;
+            Some(Arc::new(c))
+        }
+        None => None,
+    };
+    let cfg = &cfg;
     let mut teachers = Vec::new();
-    for (k, id) in cfg.teachers.iter().enumerate() {
-        let size = cfg.teacher_sizes.get(k).copied().unwrap_or(0);
-        teachers.push(Teacher::load(id, cfg.image_size, size, &load_opts)?);
-    }
-    let slots = teachers
-        .iter()
-        .map(|t| TeacherSlot {
-            name: t.name.clone(),
-            dim: t.encoder.info().width,
-        })
-        .collect();
+    let slots: Vec<TeacherSlot> = match &cache {
+        Some(c) => c
+            .manifest
+            .teachers
+            .iter()
+            .map(|t| TeacherSlot {
+                name: t.name.clone(),
+                dim: t.dim,
+            })
+            .collect(),
+        None => {
+            for (k, id) in cfg.teachers.iter().enumerate() {
+                let size = cfg.teacher_sizes.get(k).copied().unwrap_or(0);
+                teachers.push(Teacher::load(id, cfg.image_size, size, &load_opts)?);
+            }
+            teachers
+                .iter()
+                .map(|t| TeacherSlot {
+                    name: t.name.clone(),
+                    dim: t.encoder.info().width,
+                })
+                .collect()
+        }
+    };
     let (student_dims, patch, init_from) = match preset(&cfg.student) {
         Some(d) => (d, 16, None),
         None => {
@@ -473,7 +587,7 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
             )
         }
     };
-    let spec = StudentSpec::new(student_dims, patch, cfg.image_size, slots)?;
+    let spec = StudentSpec::new(student_dims, patch, cfg.image_size, slots.clone())?;
     let b = cfg.batch_size;
     let steps_per_epoch = (data.len() / b).max(1) as u64;
     let total = if cfg.steps > 0 {
@@ -549,7 +663,9 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
     let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
     let seed = cfg.seed;
     let strict = cfg.strict_images;
+    let variants = cfg.crop_variants;
     let n = data.len();
+    let producer_cache = cache.clone();
     let producer = std::thread::spawn(move || {
         let mut order_epoch = u64::MAX;
         let mut order = Vec::new();
@@ -561,7 +677,20 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
             }
             let pos = (step % steps_per_epoch) as usize;
             let idx: Vec<usize> = (0..b).map(|j| order[(pos * b + j) % n]).collect();
-            let batch = make_batch(&data, &geo, seed, epoch, &idx, strict);
+            let crop_epoch = if variants > 0 {
+                epoch % variants
+            } else {
+                epoch
+            };
+            let batch = make_batch(
+                &data,
+                &geo,
+                producer_cache.as_deref(),
+                seed,
+                crop_epoch,
+                &idx,
+                strict,
+            );
             let failed = batch.is_err();
             if tx.send(batch).is_err() || failed {
                 break;
@@ -629,7 +758,7 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
             "data_wait_s": t_data,
             "skipped_images": batch.skipped,
         });
-        for (t, l) in teachers.iter().zip(&per_teacher) {
+        for (t, l) in slots.iter().zip(&per_teacher) {
             rec[format!("loss/{}", t.name)] = serde_json::json!(l);
         }
         writeln!(metrics, "{rec}").map_err(|e| Error::io(paths.metrics(), e))?;
@@ -671,14 +800,17 @@ pub fn distill_loss(
     student: &Student,
     teachers: &[Teacher],
     student_pixels: &Tensor,
-    teacher_pixels: &[Tensor],
+    teacher_batch: &TeacherBatch,
     kind: FeatureLoss,
 ) -> Result<(Tensor, Vec<f64>)> {
     let out = student.forward(student_pixels, true)?;
     let mut total: Option<Tensor> = None;
-    let mut per_teacher = Vec::with_capacity(teachers.len());
-    for (k, teacher) in teachers.iter().enumerate() {
-        let feats = teacher.features(&teacher_pixels[k])?;
+    let mut per_teacher = Vec::with_capacity(out.aligned.len());
+    for k in 0..out.aligned.len() {
+        let feats = match teacher_batch {
+            TeacherBatch::Pixels(px) => teachers[k].features(&px[k])?,
+            TeacherBatch::Features(f) => f[k].clone(),
+        };
         let mut tl: Option<Tensor> = None;
         for (s, t) in out.aligned[k].iter().zip(&feats) {
             let l = feature_loss(s, t, kind)?;
