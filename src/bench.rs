@@ -251,6 +251,9 @@ pub fn time_stage1_step(
     let tx =
         crate::train::stage1::TeacherBatch::Pixels((0..n_teachers).map(|_| x.clone()).collect());
     let mut times = Vec::new();
+    // Peak memory of the step itself, not of writing the random teacher checkpoints above
+    // (Linux: "5" resets the peak resident size).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     for i in 0..warmup + iters.max(1) {
         let t0 = Instant::now();
         let (loss, _) = distill_loss(
