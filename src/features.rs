@@ -89,20 +89,7 @@ pub fn output_tensors(out: &EncoderOutput) -> Result<HashMap<String, Tensor>> {
 /// Write tensors as safetensors: to a temporary file beside `path`, then rename, so a reader
 /// never sees a half-written file and a failed write leaves any previous file intact.
 pub fn write_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        return Err(Error::io(dir, "output folder does not exist"));
-    }
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+    let tmp = temp_path_beside(path)?;
     let res = candle_core::safetensors::save(tensors, &tmp)
         .map_err(|e| Error::io(&tmp, crate::weights::clean_candle_msg(&e)))
         .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
@@ -110,6 +97,25 @@ pub fn write_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) 
         let _ = std::fs::remove_file(&tmp);
     }
     res
+}
+
+/// A temporary file name in `path`'s folder (same file system, so a rename is atomic); the
+/// folder must exist.
+pub fn temp_path_beside(path: &Path) -> Result<std::path::PathBuf> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(Error::io(dir, "output folder does not exist"));
+    }
+    Ok(dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        std::process::id()
+    )))
 }
 
 /// One-line description of a loaded model for an input size.

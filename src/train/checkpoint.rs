@@ -11,17 +11,7 @@ pub const STATE_KEY: &str = "distillery_state";
 
 /// Write `tensors` and `state` (JSON) atomically to `path`.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], state: &serde_json::Value) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+    let tmp = crate::features::temp_path_beside(path)?;
     let contiguous = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
