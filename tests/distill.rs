@@ -209,3 +209,66 @@ fn cached_teachers_match_online_teachers() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `kill -9` in the middle of a run leaves a loadable checkpoint, and `--resume` continues.
+#[test]
+fn kill_9_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    write_images(&images);
+    let run = tmp.path().join("run");
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_distillery"))
+        .args([
+            "distill",
+            "--teacher",
+            &s(&model_dir("dinov2")),
+            "--student",
+            &s(&model_dir("timm-vit")),
+            "--images",
+            &s(&images),
+            "--out",
+            &s(&run),
+            "--steps",
+            "100000",
+            "--batch-size",
+            "3",
+            "--image-size",
+            "32",
+            "--checkpoint-every",
+            "1",
+            "--quiet",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for a few checkpoints, then kill without warning (SIGKILL).
+    let ck = run.join("checkpoint.safetensors");
+    let t0 = std::time::Instant::now();
+    while !ck.exists() && t0.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (tensors, state) =
+        distillery::train::checkpoint::load(&ck, &candle_core::Device::Cpu).unwrap();
+    let step = state["step"].as_u64().unwrap();
+    assert!(step >= 1 && !tensors.is_empty());
+    // Resume continues from that step (stop after two more).
+    let o = Command::new(env!("CARGO_BIN_EXE_distillery"))
+        .args([
+            "distill",
+            "--out",
+            &s(&run),
+            "--resume",
+            "--stop-after",
+            "2",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, state) = distillery::train::checkpoint::load(&ck, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(state["step"].as_u64().unwrap(), step + 2);
+}
