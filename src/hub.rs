@@ -149,19 +149,7 @@ fn resolve_with(src: &dyn Source, id: &str, cache_dir: &Path, offline: bool) -> 
     let (weights, display) = if let Some(p) = src.file("model.safetensors")? {
         (vec![p.clone()], p)
     } else if let Some(index) = src.file("model.safetensors.index.json")? {
-        let cfg = crate::config::Cfg::read(&index)?;
-        let mut shards: Vec<String> = cfg
-            .value
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .map(|m| {
-                m.values()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        shards.sort();
-        shards.dedup();
+        let shards = crate::models::shard_names(&index)?;
         let mut paths = Vec::new();
         for s in shards {
             paths.push(src.file(&s)?.ok_or_else(|| missing(&s))?);

@@ -129,3 +129,41 @@ fn sam_non_square() {
     assert_eq!(out.hidden_states[&4].dims(), &[1, 6, 9, 32]);
     assert_eq!(out.last_hidden_state.unwrap().dims(), &[1, 16, 6, 9]);
 }
+
+/// A checkpoint split into shards with a `model.safetensors.index.json` loads like the single
+/// file.
+#[test]
+fn sharded_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = model_dir("vit");
+    std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let all =
+        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (k, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", k + 1);
+        let shard: std::collections::HashMap<String, candle_core::Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), all[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, tmp.path().join(&file)).unwrap();
+        for n in part {
+            map.insert((*n).clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(
+        tmp.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let enc = models::load(&tmp.path().to_string_lossy(), &LoadOptions::default()).unwrap();
+    let r = reference("vit-up");
+    let out = enc
+        .forward_features(&r["pixel_values"], &FeatureRequest::last_only())
+        .unwrap();
+    assert!(rel_err(&out.last_hidden_state.unwrap(), &r["last_hidden_state"]) <= TOL);
+}

@@ -262,7 +262,8 @@ impl ModelFiles {
     }
 }
 
-fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+/// The distinct shard file names a `model.safetensors.index.json` lists, sorted.
+pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
     let cfg = Cfg::read(index)?;
     let map = cfg
         .value
@@ -272,13 +273,18 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
             path: index.to_path_buf(),
             msg: "no weight_map object".into(),
         })?;
-    let dir = index.parent().unwrap_or(Path::new("."));
     let mut files: Vec<String> = map
         .values()
         .filter_map(|v| v.as_str().map(str::to_string))
         .collect();
     files.sort();
     files.dedup();
+    Ok(files)
+}
+
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let files = shard_names(index)?;
     let mut out = Vec::new();
     for f in files {
         let p = dir.join(&f);
