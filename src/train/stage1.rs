@@ -378,12 +378,46 @@ pub struct RunSummary {
     pub skipped_images: usize,
 }
 
-fn init_params(spec: &StudentSpec, init_from: Option<&str>, seed: u64) -> Result<VarMap> {
+/// A ViT checkpoint the student's stem starts from: its files and what it is.
+pub struct StemSource {
+    pub id: String,
+    pub files: models::ModelFiles,
+    pub info: models::ModelInfo,
+}
+
+impl StemSource {
+    /// Resolve and inspect a folder or hub id; only plain ViTs can initialise the stem.
+    pub fn open(id: &str) -> Result<Self> {
+        let files = models::resolve(id)?;
+        let info = models::load_from_files(&files, &LoadOptions::default())?
+            .info()
+            .clone();
+        if !matches!(info.family, Family::Vit | Family::TimmVit) {
+            return Err(Error::Invalid(format!(
+                "{id}: a {} cannot initialise the student (a ViT is needed)",
+                info.family
+            )));
+        }
+        Ok(Self {
+            id: id.to_string(),
+            files,
+            info,
+        })
+    }
+}
+
+/// Parameters of a fresh student: seeded initialisation, with the stem taken from `stem` when
+/// given.
+pub fn new_student_params(
+    spec: &StudentSpec,
+    stem: Option<&StemSource>,
+    seed: u64,
+) -> Result<VarMap> {
     let vm = VarMap::new();
     let dev = Device::Cpu;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut init = std::collections::HashMap::new();
-    if let Some(src) = init_from {
+    if let Some(src) = stem {
         init = pretrained_stem(src, spec)?;
     }
     {
@@ -405,22 +439,17 @@ fn init_params(spec: &StudentSpec, init_from: Option<&str>, seed: u64) -> Result
 /// Stem weights from a ViT checkpoint (timm or transformers naming), with the position table
 /// resampled to the student's grid.
 fn pretrained_stem(
-    src: &str,
+    src: &StemSource,
     spec: &StudentSpec,
 ) -> Result<std::collections::HashMap<String, Tensor>> {
-    let enc = models::load(src, &LoadOptions::default())?;
-    let info = enc.info().clone();
-    if !matches!(info.family, Family::Vit | Family::TimmVit)
-        || info.width != spec.dim
-        || info.depth != spec.depth
-        || info.patch != spec.patch
-    {
+    let info = &src.info;
+    if info.width != spec.dim || info.depth != spec.depth || info.patch != spec.patch {
         return Err(Error::Invalid(format!(
-            "{src}: a {} with width {}, depth {}, patch {} cannot initialise the student",
-            info.family, info.width, info.depth, info.patch
+            "{}: width {}, depth {}, patch {} do not match the student",
+            src.id, info.width, info.depth, info.patch
         )));
     }
-    let files = models::resolve(src)?;
+    let files = &src.files;
     let w = Weights::open(
         &files.weights,
         &files.weights_display,
@@ -442,7 +471,7 @@ fn pretrained_stem(
         Ok(Tensor::cat(&[&t.narrow(0, 0, 1)?, &grid], 0)?.unsqueeze(0)?)
     };
     if info.family == Family::TimmVit {
-        let w = models::find_prefix(&w, "patch_embed.proj.weight", &files)?;
+        let w = models::find_prefix(&w, "patch_embed.proj.weight", files)?;
         for (name, _, _) in spec.parameters() {
             if let Some(rest) = name.strip_prefix("stem.") {
                 let t = w.get_any(rest)?;
@@ -457,7 +486,7 @@ fn pretrained_stem(
             }
         }
     } else {
-        let w = models::find_prefix(&w, "embeddings.patch_embeddings.projection.weight", &files)?;
+        let w = models::find_prefix(&w, "embeddings.patch_embeddings.projection.weight", files)?;
         let e = w.pp("embeddings");
         out.insert(
             "stem.patch_embed.proj.weight".into(),
@@ -575,16 +604,12 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
                 .collect()
         }
     };
-    let (student_dims, patch, init_from) = match preset(&cfg.student) {
+    let (student_dims, patch, stem) = match preset(&cfg.student) {
         Some(d) => (d, 16, None),
         None => {
-            let enc = models::load(&cfg.student, &load_opts)?;
-            let i = enc.info();
-            (
-                (i.width, i.depth, i.num_heads),
-                i.patch,
-                Some(cfg.student.as_str()),
-            )
+            let src = StemSource::open(&cfg.student)?;
+            let i = &src.info;
+            ((i.width, i.depth, i.num_heads), i.patch, Some(src))
         }
     };
     let spec = StudentSpec::new(student_dims, patch, cfg.image_size, slots.clone())?;
@@ -603,7 +628,9 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         total,
     };
 
-    let varmap = init_params(&spec, init_from, cfg.seed)?;
+    // A resumed run takes every parameter from the checkpoint: skip reading the stem source.
+    let stem = if resume_state.is_some() { None } else { stem };
+    let varmap = new_student_params(&spec, stem.as_ref(), cfg.seed)?;
     let vars = vars_of(&varmap)?;
     let mut optim = AdamW::new(&vars, cfg.weight_decay)?;
     let mut start = 0u64;
@@ -828,15 +855,6 @@ pub fn distill_loss(
     }
     let total = total.ok_or_else(|| Error::Invalid("no teachers".into()))?;
     Ok((total, per_teacher))
-}
-
-/// Parameters of a fresh student (seeded initialisation, or a ViT checkpoint for the stem).
-pub fn new_student_params(
-    spec: &StudentSpec,
-    init_from: Option<&str>,
-    seed: u64,
-) -> Result<VarMap> {
-    init_params(spec, init_from, seed)
 }
 
 fn save_checkpoint(
