@@ -32,6 +32,16 @@ enum DTypeArg {
     Bf16,
 }
 
+impl DTypeArg {
+    fn dtype(self) -> DType {
+        match self {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum BenchTask {
     /// ViT-B/16 encoder forward
@@ -272,11 +282,7 @@ fn device(d: DeviceArg) -> Result<Device> {
 }
 
 fn load_model(m: &ModelArgs) -> Result<(String, Box<dyn distillery::VisionEncoder>)> {
-    let dtype = match m.dtype {
-        DTypeArg::F32 => DType::F32,
-        DTypeArg::F16 => DType::F16,
-        DTypeArg::Bf16 => DType::BF16,
-    };
+    let dtype = m.dtype.dtype();
     let opts = LoadOptions {
         dtype,
         device: device(m.device)?,
@@ -416,11 +422,7 @@ fn features(
             read_images(&[sample], &info, &dev)?
         }
     };
-    let dtype = match model.dtype {
-        DTypeArg::F32 => DType::F32,
-        DTypeArg::F16 => DType::F16,
-        DTypeArg::Bf16 => DType::BF16,
-    };
+    let dtype = model.dtype.dtype();
     let x = x.to_dtype(dtype)?;
     let (b, _, h, w) = x.dims4()?;
     eprintln!("model: {name}");
