@@ -261,25 +261,13 @@ fn gemm_xwt(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: u
     };
     // SAFETY: the pointers cover m*k, n*k and m*n elements with the strides given.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
+        sgemm_with(
+            (m, n, k),
+            (out.as_mut_ptr(), 1, n as isize),
+            (x.as_ptr(), 1, k as isize),
+            (w.as_ptr(), k as isize, 1),
+            1.0,
             bias.is_some(),
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
             gemm::Parallelism::Rayon(rayon::current_num_threads()),
         );
     }
@@ -456,24 +444,12 @@ impl candle_core::CustomOp2 for Gemm2 {
         let mut out = vec![0f32; m * n];
         // SAFETY: strides describe the stored extents of a and b; out is m x n row-major.
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                a.as_ptr(),
-                a_cs,
-                a_rs,
-                b.as_ptr(),
-                b_cs,
-                b_rs,
-                0.0,
+            sgemm_with(
+                (m, n, k),
+                (out.as_mut_ptr(), 1, n as isize),
+                (a.as_ptr(), a_cs, a_rs),
+                (b.as_ptr(), b_cs, b_rs),
                 1.0,
-                false,
-                false,
                 false,
                 gemm::Parallelism::Rayon(rayon::current_num_threads()),
             );
@@ -565,26 +541,12 @@ impl candle_core::CustomOp2 for BatchedMatmulBt {
             let bi = &b[i * n * k..(i + 1) * n * k];
             // SAFETY: slices cover the strided extents.
             unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    o.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    ai.as_ptr(),
-                    1,
-                    k as isize,
-                    bi.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
+                sgemm(
+                    (m, n, k),
+                    (o.as_mut_ptr(), 1, n as isize),
+                    (ai.as_ptr(), 1, k as isize),
+                    (bi.as_ptr(), k as isize, 1),
                     1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
         });
@@ -682,26 +644,12 @@ impl CustomOp1 for FusedAttention {
                 // columns hi*hd..(hi+1)*hd of batch item bi belong to this task alone.
                 unsafe {
                     // scores[i, j] = scale * sum_d q[i, d] k[j, d]
-                    gemm::gemm(
-                        n,
-                        n,
-                        hd,
-                        scores.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        q.as_ptr(),
-                        1,
-                        c3 as isize,
-                        k.as_ptr(),
-                        c3 as isize,
-                        1,
-                        0.0,
+                    sgemm(
+                        (n, n, hd),
+                        (scores.as_mut_ptr(), 1, n as isize),
+                        (q.as_ptr(), 1, c3 as isize),
+                        (k.as_ptr(), c3 as isize, 1),
                         scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
                 for row in scores.chunks_exact_mut(n) {
@@ -709,26 +657,12 @@ impl CustomOp1 for FusedAttention {
                 }
                 unsafe {
                     let o = ptr.get().add(bi * n * c + hi * hd);
-                    gemm::gemm(
-                        n,
-                        hd,
-                        n,
-                        o,
-                        1,
-                        c as isize,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        n as isize,
-                        v.as_ptr(),
-                        1,
-                        c3 as isize,
-                        0.0,
+                    sgemm(
+                        (n, hd, n),
+                        (o, 1, c as isize),
+                        (scores.as_ptr(), 1, n as isize),
+                        (v.as_ptr(), 1, c3 as isize),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             },
@@ -757,36 +691,35 @@ impl CustomOp1 for FusedAttention {
 /// operands given as (pointer, column stride, row stride), single-threaded.
 ///
 /// # Safety
-/// The pointers with the given strides must address `m x k`, `k x n` and `m x n` valid
-/// elements, and `dst` must not overlap the operands.
-#[allow(clippy::too_many_arguments)]
+/// As [`sgemm_with`].
 unsafe fn sgemm(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: (*mut f32, isize, isize),
     lhs: (*const f32, isize, isize),
     rhs: (*const f32, isize, isize),
     beta: f32,
 ) {
+    sgemm_with(dims, dst, lhs, rhs, beta, false, gemm::Parallelism::None);
+}
+
+/// `dst = beta * lhs @ rhs`, or `dst += beta * lhs @ rhs` when `accumulate`, for an `m x k`
+/// lhs and a `k x n` rhs given as (pointer, column stride, row stride).
+///
+/// # Safety
+/// The pointers with the given strides must address `m x k`, `k x n` and `m x n` valid
+/// elements, and `dst` must not overlap the operands.
+unsafe fn sgemm_with(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, isize, isize),
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+    beta: f32,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
     gemm::gemm(
-        m,
-        n,
-        k,
-        dst.0,
-        dst.1,
-        dst.2,
-        false,
-        lhs.0,
-        lhs.1,
-        lhs.2,
-        rhs.0,
-        rhs.1,
-        rhs.2,
-        0.0,
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
+        m, n, k, dst.0, dst.1, dst.2, accumulate, lhs.0, lhs.1, lhs.2, rhs.0, rhs.1, rhs.2, 1.0,
+        beta, false, false, false, par,
     );
 }
 
