@@ -1021,6 +1021,17 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn exp_matches_std() {
         for i in -8000..8000 {
@@ -1060,14 +1071,7 @@ mod tests {
             .unwrap();
         let a = gelu_erf(&x).unwrap();
         let b = x.gelu_erf().unwrap();
-        let e = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let e = max_abs_diff(&a, &b);
         assert!(e < 3e-6, "gelu err {e}");
         // Softmax against a float64 computation of the same rows.
         let got = softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap();
@@ -1092,14 +1096,7 @@ mod tests {
         let qkv = Tensor::randn(0f32, 1f32, (2, 7, 3 * 12), &Device::Cpu).unwrap();
         let a = attention(&qkv, 3, 0.2).unwrap();
         let b = attention_reference(&qkv, 3, 0.2).unwrap();
-        let e = (a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let e = max_abs_diff(&a, &b);
         assert!(e < 1e-5, "attention err {e}");
         let w = Tensor::randn(0f32, 1f32, (2, 7, 12), &Device::Cpu).unwrap();
         let v = candle_core::Var::from_tensor(&qkv).unwrap();
@@ -1168,14 +1165,7 @@ mod tests {
             .unwrap()
             .gelu_erf()
             .unwrap();
-        let e = (fused - plain)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let e = max_abs_diff(&fused, &plain);
         assert!(e < 1e-5, "fused linear+gelu err {e}");
         let (xv, wv, bv) = (
             candle_core::Var::from_tensor(&x).unwrap(),
@@ -1230,14 +1220,7 @@ mod tests {
         );
         let y1 = layer_norm(xv, wv, bv, 1e-5).unwrap();
         let y2 = candle_nn::ops::layer_norm_slow(xv, wv, bv, 1e-5).unwrap();
-        let e = (&y1 - &y2)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let e = max_abs_diff(&y1, &y2);
         assert!(e < 1e-5, "forward err {e}");
         let g1 = (y1 * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (y2 * &up).unwrap().sum_all().unwrap().backward().unwrap();
