@@ -15,6 +15,8 @@ pub mod hub;
 pub mod interp;
 pub mod kernels;
 pub mod losses;
+pub mod mat;
+pub mod metrics;
 pub mod models;
 pub mod preprocess;
 pub mod train;
