@@ -133,7 +133,10 @@ impl MatFile {
             msg: format!("not a readable MATLAB .mat file: {msg}"),
         };
         if bytes.len() < 128 {
-            return Err(bad(format!("{} bytes, shorter than the header", bytes.len())));
+            return Err(bad(format!(
+                "{} bytes, shorter than the header",
+                bytes.len()
+            )));
         }
         if bytes.starts_with(b"MATLAB 7.3") || bytes[128..].starts_with(b"\x89HDF") {
             return Err(bad(
@@ -328,7 +331,9 @@ fn parse_matrix(data: &[u8]) -> PResult<(String, MatValue)> {
         }
         MX_STRUCT => {
             let (ty, len) = r.element()?;
-            let field_len = *numbers(ty, len)?.first().ok_or("missing field name length")? as usize;
+            let field_len = *numbers(ty, len)?
+                .first()
+                .ok_or("missing field name length")? as usize;
             let (_, names) = r.element()?;
             if field_len == 0 {
                 return Err("zero struct field name length".into());

@@ -38,10 +38,28 @@ fn bsds_bench_png_matches_matlab() {
         res.ap,
     ];
     eprintln!("got  {got:?}\nwant {want:?}");
-    for thr in read_table(root.join("test_2/eval_bdry_thr.txt")).iter().zip(&res.per_threshold) {
+    for thr in read_table(root.join("test_2/eval_bdry_thr.txt"))
+        .iter()
+        .zip(&res.per_threshold)
+    {
         eprintln!("thr {:?} vs {:?}", thr.0, thr.1);
     }
-    assert!((res.ods_f - want[3]).abs() < 0.002, "ODS F {} vs MATLAB {}", res.ods_f, want[3]);
-    assert!((res.ois_f - want[6]).abs() < 0.002, "OIS F {} vs MATLAB {}", res.ois_f, want[6]);
-    assert!((res.ap - want[7]).abs() < 0.002, "AP {} vs MATLAB {}", res.ap, want[7]);
+    assert!(
+        (res.ods_f - want[3]).abs() < 0.002,
+        "ODS F {} vs MATLAB {}",
+        res.ods_f,
+        want[3]
+    );
+    assert!(
+        (res.ois_f - want[6]).abs() < 0.002,
+        "OIS F {} vs MATLAB {}",
+        res.ois_f,
+        want[6]
+    );
+    assert!(
+        (res.ap - want[7]).abs() < 0.002,
+        "AP {} vs MATLAB {}",
+        res.ap,
+        want[7]
+    );
 }

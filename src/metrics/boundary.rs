@@ -50,7 +50,11 @@ pub fn thin(map: &mut BinaryMap) {
             deletions.clear();
             let d = &map.data;
             let at = |r: isize, c: isize| -> bool {
-                r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w && d[r as usize * w + c as usize]
+                r >= 0
+                    && c >= 0
+                    && (r as usize) < h
+                    && (c as usize) < w
+                    && d[r as usize * w + c as usize]
             };
             for r in 0..h as isize {
                 for c in 0..w as isize {
@@ -644,9 +648,11 @@ pub fn read_edge_png(path: &Path) -> Result<EdgeMap> {
     })?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let data = match img {
-        image::DynamicImage::ImageLuma16(g) => {
-            g.into_raw().into_iter().map(|v| v as f32 / 65535.0).collect()
-        }
+        image::DynamicImage::ImageLuma16(g) => g
+            .into_raw()
+            .into_iter()
+            .map(|v| v as f32 / 65535.0)
+            .collect(),
         other => other
             .into_luma8()
             .into_raw()

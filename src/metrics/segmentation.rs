@@ -1,0 +1,63 @@
+//! Mean intersection-over-union for semantic segmentation and human parts, accumulated over a
+//! data set: per-class TP/FP/FN pooled over every pixel, IoU averaged over all classes
+//! (background included; a class whose union is empty counts 0, as the reference does).
+
+/// Confusion counts over a data set.
+#[derive(Clone, Debug)]
+pub struct MeanIou {
+    classes: usize,
+    ignore: u32,
+    tp: Vec<u64>,
+    fp: Vec<u64>,
+    fn_: Vec<u64>,
+}
+
+impl MeanIou {
+    pub fn new(classes: usize, ignore: u32) -> Self {
+        MeanIou {
+            classes,
+            ignore,
+            tp: vec![0; classes],
+            fp: vec![0; classes],
+            fn_: vec![0; classes],
+        }
+    }
+
+    /// Add one image: predicted class per pixel and ground truth (`ignore` pixels skipped;
+    /// ground-truth values >= `classes` are treated as ignore too).
+    pub fn update(&mut self, pred: &[u32], gt: &[u32]) {
+        for (&p, &g) in pred.iter().zip(gt) {
+            if g == self.ignore || g as usize >= self.classes {
+                continue;
+            }
+            let (p, g) = (p as usize, g as usize);
+            if p == g {
+                self.tp[g] += 1;
+            } else {
+                self.fn_[g] += 1;
+                if p < self.classes {
+                    self.fp[p] += 1;
+                }
+            }
+        }
+    }
+
+    /// IoU of every class (0 where the union is empty).
+    pub fn per_class(&self) -> Vec<f64> {
+        (0..self.classes)
+            .map(|c| {
+                let u = self.tp[c] + self.fp[c] + self.fn_[c];
+                if u == 0 {
+                    0.0
+                } else {
+                    self.tp[c] as f64 / u as f64
+                }
+            })
+            .collect()
+    }
+
+    /// mIoU in percent.
+    pub fn miou(&self) -> f64 {
+        100.0 * self.per_class().iter().sum::<f64>() / self.classes as f64
+    }
+}
