@@ -1,7 +1,10 @@
 //! Data: unlabeled image sources and the stage-1 augmentation.
 
 pub mod augment;
+pub mod dense;
+pub mod dense_aug;
 pub mod folder;
+pub mod npy;
 pub mod tar;
 
 pub use augment::{CropBox, RandomResizedCrop};

@@ -89,6 +89,7 @@ pub fn thin(map: &mut BinaryMap) {
 /// Deletion tables of the two subiterations, indexed by the 8-neighbour code (bit i = x_{i+1}).
 fn thin_luts() -> [[bool; 256]; 2] {
     let mut luts = [[false; 256]; 2];
+    #[allow(clippy::needless_range_loop)] // n is the neighbourhood code, not just an index
     for n in 0..256usize {
         let x = |i: usize| n >> ((i - 1) % 8) & 1 == 1; // x(1..=9), x9 = x1
         let xh = (0..4)
