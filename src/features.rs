@@ -99,6 +99,18 @@ pub fn write_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) 
     res
 }
 
+/// Write bytes to a temporary file beside `path`, then rename (see [`write_safetensors_atomic`]).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path_beside(path)?;
+    let res = std::fs::write(&tmp, bytes)
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
 /// A temporary file name in `path`'s folder (same file system, so a rename is atomic); the
 /// folder must exist.
 pub fn temp_path_beside(path: &Path) -> Result<std::path::PathBuf> {

@@ -18,6 +18,7 @@ pub mod losses;
 pub mod mat;
 pub mod metrics;
 pub mod models;
+pub mod predict;
 pub mod preprocess;
 pub mod train;
 pub mod weights;

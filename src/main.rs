@@ -120,6 +120,48 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// SAK stage 2: multi-task dense prediction (+ distillation) from a TOML recipe
+    Train {
+        /// TOML file with any TrainConfig field (out, dataset, data_root, init, tasks, ...)
+        #[arg(long)]
+        config: PathBuf,
+        /// Run folder (overrides `out` in the config)
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Total steps (overrides the config; with --resume a larger value extends the run)
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Continue from the run folder's last checkpoint
+        #[arg(long)]
+        resume: bool,
+        /// Stop after this many steps in this invocation (with a checkpoint)
+        #[arg(long)]
+        stop_after: Option<u64>,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Evaluate a stage-2 run on a split: every task's metrics and Delta_m
+    Eval {
+        /// Stage-2 run folder
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long, default_value = "val")]
+        split: String,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Predict every image of a folder with a stage-2 run: PNGs per task + index.html
+    Predict {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        images: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Boundary benchmark (BSDS500 boundaryBench without MATLAB): ODS F, OIS F, AP
     EvalEdges(EvalEdgesArgs),
     /// Show what a model folder or hub id contains
@@ -175,6 +217,90 @@ struct EvalEdgesArgs {
     /// Print one JSON object (ods_f, ois_f, ap, ...) instead of text
     #[arg(long)]
     json: bool,
+}
+
+fn train(
+    config: PathBuf,
+    out: Option<PathBuf>,
+    steps: Option<u64>,
+    resume: bool,
+    stop_after: Option<u64>,
+    quiet: bool,
+) -> Result<()> {
+    use distillery::train::stage2::{self, RunOptions, TrainConfig};
+    let mut cfg = TrainConfig::from_file(&config)?;
+    if let Some(o) = out {
+        cfg.out = o;
+    }
+    if let Some(s) = steps {
+        cfg.steps = s;
+    }
+    let s = stage2::run(
+        &cfg,
+        &RunOptions {
+            resume,
+            stop_after,
+            progress: !quiet,
+        },
+    )?;
+    eprintln!(
+        "steps {}..{} of {}; last loss {:.5}; {:.2} images/s",
+        s.start_step, s.end_step, s.total_steps, s.last_loss, s.images_per_s
+    );
+    if let Some(e) = s.eval {
+        println!("{e}");
+    }
+    Ok(())
+}
+
+fn eval_run(run: PathBuf, split: String, json: bool, quiet: bool) -> Result<()> {
+    use distillery::data::dense::open_dataset;
+    use distillery::data::dense_aug::Normalize;
+    use distillery::train::stage2;
+    let (model, info, cfg) = stage2::load_run(&run)?;
+    let tasks: Vec<_> = model.spec.tasks.iter().map(|(t, _)| *t).collect();
+    let ds = open_dataset(&info.dataset, &cfg.data_root, &split, &tasks)?;
+    let norm = Normalize {
+        mean: model.spec.student.mean,
+        std: model.spec.student.std,
+    };
+    let t0 = std::time::Instant::now();
+    let r = stage2::evaluate(
+        &model,
+        ds.as_ref(),
+        info.input_hw,
+        norm,
+        &cfg,
+        !quiet && !json,
+    )?;
+    let secs = t0.elapsed().as_secs_f64();
+    let p = run.join(format!("eval-{split}.json"));
+    distillery::features::write_atomic(&p, r.to_string().as_bytes())?;
+    if json {
+        println!("{r}");
+    } else {
+        for t in &tasks {
+            let v = &r[t.name()];
+            let parts: Vec<String> = v
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .filter_map(|(k, x)| x.as_f64().map(|f| format!("{k} {f:.4}")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!("{:9} {}", t.name(), parts.join("  "));
+        }
+        if let Some(d) = r["delta_m"].as_f64() {
+            println!("delta_m   {d:+.2}%");
+        }
+        eprintln!(
+            "{} images in {secs:.1} s; written to {}",
+            ds.len(),
+            p.display()
+        );
+    }
+    Ok(())
 }
 
 fn eval_edges(a: EvalEdgesArgs) -> Result<()> {
@@ -520,6 +646,31 @@ fn run() -> Result<()> {
         } => features(model, image, pixels, out, levels),
         Command::Distill(a) => distill(*a),
         Command::EvalEdges(a) => eval_edges(a),
+        Command::Train {
+            config,
+            out,
+            steps,
+            resume,
+            stop_after,
+            quiet,
+        } => train(config, out, steps, resume, stop_after, quiet),
+        Command::Eval {
+            run,
+            split,
+            json,
+            quiet,
+        } => eval_run(run, split, json, quiet),
+        Command::Predict { run, images, out } => {
+            let (model, info, _) = distillery::train::stage2::load_run(&run)?;
+            let t0 = std::time::Instant::now();
+            let n = distillery::predict::predict_folder(&model, info.input_hw, &images, &out)?;
+            eprintln!(
+                "{n} images in {:.1} s; open {}",
+                t0.elapsed().as_secs_f64(),
+                out.join("index.html").display()
+            );
+            Ok(())
+        }
         Command::Cache {
             teachers,
             images,

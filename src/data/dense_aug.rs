@@ -23,7 +23,7 @@ pub struct Prepared {
 }
 
 /// Augmentation parameters (defaults: the reference recipe).
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DenseAugment {
     pub scale: (f64, f64),

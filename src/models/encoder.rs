@@ -36,10 +36,33 @@ impl PositionEmbedding {
                 "position table has {patches} patch positions, not a square grid"
             )));
         }
+        Self::with_grid(&table, prefix, kernel, (side, side))
+    }
+
+    /// Wrap a `[P + h0*w0, D]` table whose patch grid is `grid_hw` (rows, columns), for
+    /// non-square tables.
+    pub fn with_grid(
+        table: &Tensor,
+        prefix: usize,
+        kernel: Kernel,
+        grid_hw: (usize, usize),
+    ) -> Result<Self> {
+        let table = if table.rank() == 3 {
+            table.squeeze(0)?
+        } else {
+            table.clone()
+        };
+        let (n, _) = table.dims2()?;
+        if n != prefix + grid_hw.0 * grid_hw.1 {
+            return Err(crate::Error::Invalid(format!(
+                "position table has {n} positions, not {prefix} + {}x{}",
+                grid_hw.0, grid_hw.1
+            )));
+        }
         Ok(Self {
             table,
             prefix,
-            grid_hw: (side, side),
+            grid_hw,
             kernel,
             cache: Mutex::new(HashMap::new()),
         })

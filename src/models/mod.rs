@@ -8,6 +8,7 @@ pub mod clip;
 pub mod dinov2;
 pub mod encoder;
 pub mod layers;
+pub mod multitask;
 pub mod sam;
 pub mod siglip;
 pub mod student;

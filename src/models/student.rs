@@ -33,6 +33,10 @@ pub struct StudentSpec {
     pub patch: usize,
     /// training resolution: the position table's grid is `image_size / patch`
     pub image_size: usize,
+    /// non-square training resolution (height, width) overriding `image_size` (stage 2 on
+    /// NYUD: 448x576); the position table then has that grid
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_hw: Option<(usize, usize)>,
     pub teachers: Vec<TeacherSlot>,
     /// 0-based stem blocks whose adapter outputs are distilled
     pub levels: Vec<usize>,
@@ -77,6 +81,7 @@ impl StudentSpec {
             heads,
             patch,
             image_size,
+            image_hw: None,
             teachers,
             levels: evenly_spaced_blocks(depth, 4),
             mean: IMAGENET_MEAN,
@@ -88,6 +93,17 @@ impl StudentSpec {
         self.image_size / self.patch
     }
 
+    /// Training input (height, width).
+    pub fn hw(&self) -> (usize, usize) {
+        self.image_hw.unwrap_or((self.image_size, self.image_size))
+    }
+
+    /// Position-table grid (rows, columns).
+    pub fn grid_hw(&self) -> (usize, usize) {
+        let (h, w) = self.hw();
+        (h / self.patch, w / self.patch)
+    }
+
     fn dims(&self) -> Dims {
         Dims {
             dim: self.dim,
@@ -96,7 +112,7 @@ impl StudentSpec {
             mlp_hidden: 4 * self.dim,
             eps: 1e-6,
             act: Activation::Gelu,
-            image_size: (self.image_size, self.image_size),
+            image_size: self.hw(),
             patch: self.patch,
             channels: 3,
             qkv_bias: true,
@@ -106,7 +122,7 @@ impl StudentSpec {
     /// Every parameter: name, shape, initialiser.
     pub fn parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
         let d = self.dim;
-        let n = self.grid() * self.grid() + 1;
+        let n = self.grid_hw().0 * self.grid_hw().1 + 1;
         let mut p: Vec<(String, Vec<usize>, Init)> = vec![
             (
                 "stem.patch_embed.proj.weight".into(),
@@ -278,12 +294,12 @@ impl Student {
             width: spec.dim,
             num_heads: spec.heads,
             patch: spec.patch,
-            image_size: (spec.image_size, spec.image_size),
+            image_size: spec.hw(),
             prefix_tokens: 1,
             out_channels: spec.dim,
             default_levels: spec.levels.clone(),
             preprocess: PreprocessConfig::exact(
-                (spec.image_size, spec.image_size),
+                spec.hw(),
                 crate::preprocess::Resample::Bicubic,
                 spec.mean,
                 spec.std,

@@ -231,10 +231,11 @@ pub(crate) fn timm_encoder(
         patch_embed: PatchEmbed::load(&w.pp("patch_embed.proj"), 3, d.dim, d.patch, true)?,
         cls: Some(w.get((1, 1, d.dim), "cls_token")?),
         registers: None,
-        pos: PositionEmbedding::new(
+        pos: PositionEmbedding::with_grid(
             &w.get((1, gh * gw + 1, d.dim), "pos_embed")?,
             1,
             Kernel::BicubicAntialias,
+            (gh, gw),
         )?,
         pre_norm: None,
         blocks: load_blocks(

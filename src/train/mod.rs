@@ -6,3 +6,4 @@ pub mod optim;
 pub mod plot;
 pub mod schedule;
 pub mod stage1;
+pub mod stage2;

@@ -184,7 +184,7 @@ struct Batch {
 }
 
 /// Data order: a permutation of the data set per epoch, from (seed, epoch).
-fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+pub(crate) fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     let mut v: Vec<usize> = (0..n).collect();
     let mut rng =
         rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
@@ -534,7 +534,7 @@ fn pretrained_stem(
     Ok(out)
 }
 
-fn vars_of(vm: &VarMap) -> Result<std::collections::HashMap<String, Var>> {
+pub(crate) fn vars_of(vm: &VarMap) -> Result<std::collections::HashMap<String, Var>> {
     Ok(vm
         .data()
         .lock()
@@ -878,7 +878,7 @@ fn save_checkpoint(
 }
 
 /// Drop metric lines past `step` (written after the checkpoint a resumed run restarts from).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+pub(crate) fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };

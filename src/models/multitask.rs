@@ -1,0 +1,383 @@
+//! SAK stage-2 model (SPEC.md section 2): the distilled student (stem + adapter paths), one
+//! Mixture-of-Representations router per (level, task) and one dense head per task.
+//!
+//! Router: per-token MLP `Linear(D -> D/2) -> LayerNorm -> GELU -> Linear(D/2 -> 2(N+1))` on the
+//! stem's patch tokens, mean over tokens, split into clean and noise logits; training gates
+//! `clean + eps * (softplus(noise) + 0.01)`, eps ~ N(0, 1); evaluation gates `clean`; dense
+//! softmax over the N+1 experts (F_0 = raw stem features, F_1..N = the LayerNorm-ed adapter
+//! features). `RouterKind::None` sums the experts instead (the paper's ablation).
+//!
+//! Head: per level `Linear(D -> D/4)`, bilinear resize to H/4 x W/4, concatenation (D channels),
+//! `Conv3x3(D -> D)`, BatchNorm, GELU, `Conv1x1(D -> C)`, logits bilinearly upsampled to H x W.
+//!
+//! Parameter names: the student's (`stem.*`, `tsap.*`), `routers.{level}.{task}.{fc1,norm,fc2}.*`,
+//! `heads.{task}.proj.{level}.*`, `heads.{task}.conv.weight`, `heads.{task}.bn.{weight,bias}`,
+//! `heads.{task}.cls.{weight,bias}`; BatchNorm running statistics are buffers
+//! `heads.{task}.bn.running_{mean,var}`.
+
+use super::layers::{LayerNorm, Linear};
+use super::student::{Init, Student, StudentSpec};
+use crate::data::dense::Task;
+use crate::error::{Error, Result};
+use crate::interp::resize_bilinear;
+use crate::weights::Weights;
+use candle_core::{DType, Tensor, D};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
+
+/// How router outputs combine the experts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterKind {
+    /// Mixture-of-Representations: noisy softmax gates per (level, task)
+    #[default]
+    Mor,
+    /// plain sum of stem and adapter features (ablation)
+    None,
+}
+
+/// Everything needed to rebuild a stage-2 model (`model.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MultiTaskSpec {
+    pub student: StudentSpec,
+    /// tasks and their head output channels
+    pub tasks: Vec<(Task, usize)>,
+    pub router: RouterKind,
+}
+
+impl MultiTaskSpec {
+    fn experts(&self) -> usize {
+        self.student.teachers.len() + 1
+    }
+
+    /// Parameters beyond the student's: name, shape, initialiser.
+    pub fn task_parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
+        let d = self.student.dim;
+        let levels = self.student.levels.len();
+        let mut p = Vec::new();
+        let lin = |p: &mut Vec<(String, Vec<usize>, Init)>, n: String, o: usize, i: usize| {
+            p.push((format!("{n}.weight"), vec![o, i], Init::TruncNormal(0.02)));
+            p.push((format!("{n}.bias"), vec![o], Init::Zeros));
+        };
+        for (task, ch) in &self.tasks {
+            let t = task.name();
+            if self.router == RouterKind::Mor {
+                for k in 0..levels {
+                    let r = format!("routers.{k}.{t}");
+                    lin(&mut p, format!("{r}.fc1"), d / 2, d);
+                    p.push((format!("{r}.norm.weight"), vec![d / 2], Init::Ones));
+                    p.push((format!("{r}.norm.bias"), vec![d / 2], Init::Zeros));
+                    lin(&mut p, format!("{r}.fc2"), 2 * self.experts(), d / 2);
+                }
+            }
+            let h = format!("heads.{t}");
+            for k in 0..levels {
+                lin(&mut p, format!("{h}.proj.{k}"), d / 4, d);
+            }
+            // Kaiming-normal (fan-out, ReLU gain) for the convolutions, as torchvision does.
+            p.push((
+                format!("{h}.conv.weight"),
+                vec![d, levels * (d / 4), 3, 3],
+                Init::Normal((2.0 / (d * 9) as f64).sqrt()),
+            ));
+            p.push((format!("{h}.bn.weight"), vec![d], Init::Ones));
+            p.push((format!("{h}.bn.bias"), vec![d], Init::Zeros));
+            p.push((
+                format!("{h}.cls.weight"),
+                vec![*ch, d, 1, 1],
+                Init::TruncNormal(0.02),
+            ));
+            p.push((format!("{h}.cls.bias"), vec![*ch], Init::Zeros));
+        }
+        p
+    }
+
+    /// BatchNorm buffers: name, shape, initial value.
+    pub fn buffers(&self) -> Vec<(String, usize, f32)> {
+        let d = self.student.dim;
+        self.tasks
+            .iter()
+            .flat_map(|(t, _)| {
+                let h = format!("heads.{}.bn", t.name());
+                [
+                    (format!("{h}.running_mean"), d, 0.0),
+                    (format!("{h}.running_var"), d, 1.0),
+                ]
+            })
+            .collect()
+    }
+}
+
+struct Router {
+    fc1: Linear,
+    norm: LayerNorm,
+    fc2: Linear,
+}
+
+struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Mutex<Tensor>,
+    running_var: Mutex<Tensor>,
+}
+
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+impl BatchNorm {
+    /// `[B, C, H, W]`: batch statistics (and a running-average update) when training, running
+    /// statistics otherwise.
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let lock = |m: &Mutex<Tensor>| -> Result<Tensor> {
+            Ok(m.lock()
+                .map_err(|_| Error::Invalid("batch-norm state poisoned".into()))?
+                .clone())
+        };
+        let (mean, var) = if train {
+            let flat = x.transpose(0, 1)?.reshape((c, b * h * w))?;
+            let mean = flat.mean_keepdim(1)?; // [C, 1]
+            let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+            let n = (b * h * w) as f64;
+            let unbiased = (var.detach() * (n / (n - 1.0).max(1.0)))?.flatten_all()?;
+            let m_new = ((lock(&self.running_mean)? * (1.0 - BN_MOMENTUM))?
+                + (mean.detach().flatten_all()? * BN_MOMENTUM)?)?;
+            let v_new =
+                ((lock(&self.running_var)? * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
+            *self
+                .running_mean
+                .lock()
+                .map_err(|_| Error::Invalid("batch-norm state poisoned".into()))? = m_new;
+            *self
+                .running_var
+                .lock()
+                .map_err(|_| Error::Invalid("batch-norm state poisoned".into()))? = v_new;
+            (mean.reshape((1, c, 1, 1))?, var.reshape((1, c, 1, 1))?)
+        } else {
+            (
+                lock(&self.running_mean)?.reshape((1, c, 1, 1))?,
+                lock(&self.running_var)?.reshape((1, c, 1, 1))?,
+            )
+        };
+        let y = x
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
+        Ok(y.broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?)
+    }
+}
+
+struct Head {
+    proj: Vec<Linear>,
+    conv: Tensor,
+    bn: BatchNorm,
+    cls_w: Tensor,
+    cls_b: Tensor,
+}
+
+/// Model outputs for one batch.
+pub struct MultiTaskOutput {
+    /// per task, logits `[B, C, H, W]` at input resolution
+    pub logits: Vec<(Task, Tensor)>,
+    /// `[teacher][level]` aligned adapter maps (for the distillation loss), when requested
+    pub aligned: Vec<Vec<Tensor>>,
+    /// per (level, task) the gate probabilities `[B, N+1]` (empty for `RouterKind::None`)
+    pub gates: Vec<Vec<Tensor>>,
+}
+
+pub struct MultiTaskModel {
+    pub spec: MultiTaskSpec,
+    pub student: Student,
+    routers: Vec<Vec<Router>>, // [level][task]
+    heads: Vec<Head>,
+}
+
+impl MultiTaskModel {
+    /// Build from parameters (student + task parameters) and buffers (running statistics).
+    pub fn build(spec: &MultiTaskSpec, w: &Weights, buffers: &Weights) -> Result<Self> {
+        let student = Student::build(&spec.student, w)?;
+        let d = spec.student.dim;
+        let levels = spec.student.levels.len();
+        let lin = |w: &Weights, i: usize, o: usize| super::layers::linear(w, i, o, true);
+        let mut routers = Vec::new();
+        if spec.router == RouterKind::Mor {
+            for k in 0..levels {
+                let mut per = Vec::new();
+                for (t, _) in &spec.tasks {
+                    let r = w.pp(format!("routers.{k}.{}", t.name()));
+                    per.push(Router {
+                        fc1: lin(&r.pp("fc1"), d, d / 2)?,
+                        norm: LayerNorm::load(&r.pp("norm"), d / 2, 1e-5)?,
+                        fc2: lin(&r.pp("fc2"), d / 2, 2 * spec.experts())?,
+                    });
+                }
+                routers.push(per);
+            }
+        }
+        let mut heads = Vec::new();
+        for (t, ch) in &spec.tasks {
+            let h = w.pp(format!("heads.{}", t.name()));
+            let hb = buffers.pp(format!("heads.{}", t.name()));
+            heads.push(Head {
+                proj: (0..levels)
+                    .map(|k| lin(&h.pp(format!("proj.{k}")), d, d / 4))
+                    .collect::<Result<_>>()?,
+                conv: h.get((d, levels * (d / 4), 3, 3), "conv.weight")?,
+                bn: BatchNorm {
+                    weight: h.get(d, "bn.weight")?,
+                    bias: h.get(d, "bn.bias")?,
+                    running_mean: Mutex::new(hb.get(d, "bn.running_mean")?),
+                    running_var: Mutex::new(hb.get(d, "bn.running_var")?),
+                },
+                cls_w: h.get((*ch, d, 1, 1), "cls.weight")?,
+                cls_b: h.get(*ch, "cls.bias")?,
+            });
+        }
+        Ok(Self {
+            spec: spec.clone(),
+            student,
+            routers,
+            heads,
+        })
+    }
+
+    /// Current BatchNorm running statistics, by buffer name.
+    pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for ((t, _), h) in self.spec.tasks.iter().zip(&self.heads) {
+            let p = format!("heads.{}.bn", t.name());
+            for (n, m) in [
+                ("running_mean", &h.bn.running_mean),
+                ("running_var", &h.bn.running_var),
+            ] {
+                let v = m
+                    .lock()
+                    .map_err(|_| Error::Invalid("batch-norm state poisoned".into()))?
+                    .clone();
+                out.push((format!("{p}.{n}"), v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forward pass. `noise` draws the router noise (training); `None` = clean gates.
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        train: bool,
+        aligned: bool,
+        noise: Option<&mut dyn rand::RngCore>,
+    ) -> Result<MultiTaskOutput> {
+        let (b, _, ih, iw) = pixels.dims4()?;
+        let out = self.student.forward(pixels, aligned)?;
+        let (gh, gw) = out.grid;
+        let d = self.spec.student.dim;
+        let levels = self.spec.student.levels.len();
+        let n_exp = self.spec.experts();
+        let mut noise = noise;
+        // Stem maps per level: drop the cls token.
+        let stem_tokens: Vec<Tensor> = out
+            .stem
+            .iter()
+            .map(|t| Ok(t.narrow(1, 1, t.dim(1)? - 1)?.contiguous()?))
+            .collect::<Result<_>>()?;
+        let stem_maps: Vec<Tensor> = stem_tokens
+            .iter()
+            .map(|t| Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, d, gh, gw))?))
+            .collect::<Result<_>>()?;
+        let mut gates = Vec::new();
+        // mixed[task][level]: [B, D, gh, gw]
+        let mut mixed: Vec<Vec<Tensor>> = vec![Vec::new(); self.spec.tasks.len()];
+        for k in 0..levels {
+            let mut experts = vec![stem_maps[k].clone()];
+            for path in &out.normed {
+                experts.push(path[k].clone());
+            }
+            let stacked = Tensor::stack(&experts, 1)?; // [B, E, D, gh, gw]
+            let mut gk = Vec::new();
+            for (ti, _) in self.spec.tasks.iter().enumerate() {
+                let m = match self.spec.router {
+                    RouterKind::None => stacked.sum(1)?,
+                    RouterKind::Mor => {
+                        let r = &self.routers[k][ti];
+                        let h = r.fc1.forward(&stem_tokens[k])?;
+                        let h = crate::kernels::gelu_erf(&r.norm.forward(&h)?)?;
+                        let logits = r.fc2.forward(&h)?.mean(1)?; // [B, 2E]
+                        let clean = logits.narrow(1, 0, n_exp)?;
+                        let g = match noise.as_deref_mut() {
+                            Some(rng) if train => {
+                                let raw = logits.narrow(1, n_exp, n_exp)?;
+                                // softplus(x) = max(x, 0) + log(1 + exp(-|x|))
+                                let sp =
+                                    (raw.relu()? + (raw.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+                                let eps: Vec<f32> = (0..b * n_exp)
+                                    .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
+                                    .collect();
+                                let eps = Tensor::from_vec(eps, (b, n_exp), pixels.device())?;
+                                (clean + (eps * (sp + 0.01)?)?)?
+                            }
+                            _ => clean,
+                        };
+                        let p = candle_nn::ops::softmax(&g, D::Minus1)?; // [B, E]
+                        gk.push(p.clone());
+                        stacked
+                            .broadcast_mul(&p.reshape((b, n_exp, 1, 1, 1))?)?
+                            .sum(1)?
+                    }
+                };
+                mixed[ti].push(m);
+            }
+            gates.push(gk);
+        }
+        let (qh, qw) = (ih.div_ceil(4), iw.div_ceil(4));
+        let mut logits = Vec::new();
+        for (ti, (task, _)) in self.spec.tasks.iter().enumerate() {
+            let head = &self.heads[ti];
+            let mut parts = Vec::new();
+            for (m, proj) in mixed[ti].iter().zip(&head.proj) {
+                let tok = m.reshape((b, d, gh * gw))?.transpose(1, 2)?.contiguous()?;
+                let p = proj.forward(&tok)?; // [B, hw, D/4]
+                let map = p
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((b, d / 4, gh, gw))?;
+                parts.push(resize_bilinear(&map, (qh, qw))?);
+            }
+            let x = Tensor::cat(&parts, 1)?;
+            let x = x.conv2d(&head.conv, 1, 1, 1, 1)?;
+            let x = head.bn.forward(&x, train)?;
+            let x = crate::kernels::gelu_erf(&x)?;
+            let x = x
+                .conv2d(&head.cls_w, 0, 1, 1, 1)?
+                .broadcast_add(&head.cls_b.reshape((1, (), 1, 1))?)?;
+            logits.push((*task, resize_bilinear(&x, (ih, iw))?));
+        }
+        Ok(MultiTaskOutput {
+            logits,
+            aligned: out.aligned,
+            gates,
+        })
+    }
+}
+
+/// Convert task logits to predictions on the host: per pixel class (semseg, parts), foreground
+/// probability (saliency), unit normal (normals), boundary probability (edge), depth >= 0.
+pub fn predictions(task: Task, logits: &Tensor) -> Result<Tensor> {
+    Ok(match task {
+        Task::Semseg | Task::Parts => logits.argmax(1)?.to_dtype(DType::F32)?,
+        Task::Saliency => candle_nn::ops::softmax(logits, 1)?
+            .narrow(1, 1, 1)?
+            .squeeze(1)?,
+        Task::Edge => candle_nn::ops::sigmoid(logits)?.squeeze(1)?,
+        Task::Depth => logits.relu()?.squeeze(1)?,
+        Task::Normals => {
+            let n = logits
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+                .clamp(1e-12, f64::INFINITY)?;
+            logits.broadcast_div(&n)?
+        }
+    })
+}

@@ -1,0 +1,187 @@
+//! Predictions of a stage-2 model on a folder of images, written as pictures a person can look
+//! at: coloured segmentation and parts maps, saliency and boundary probabilities as grey levels,
+//! normals as RGB, depth through the viridis colour map, and an HTML contact sheet.
+
+use crate::data::dense::{DenseSample, Task};
+use crate::data::dense_aug::{prepare_eval, resize_bilinear, Normalize};
+use crate::data::{ImageSet, ImageSource};
+use crate::error::{Error, Result};
+use crate::interp;
+use crate::models::multitask::{predictions, MultiTaskModel};
+use candle_core::{Device, Tensor};
+use image::{Rgb, RgbImage};
+use plotters::style::colors::colormaps::{ColorMap, ViridisRGB};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The PASCAL VOC colour of class `c` (bits of the index spread over the three channels).
+pub fn class_colour(c: u32) -> [u8; 3] {
+    let (mut r, mut g, mut b) = (0u8, 0u8, 0u8);
+    let mut c = c;
+    for j in 0..8 {
+        r |= ((c & 1) as u8) << (7 - j);
+        g |= (((c >> 1) & 1) as u8) << (7 - j);
+        b |= (((c >> 2) & 1) as u8) << (7 - j);
+        c >>= 3;
+    }
+    [r, g, b]
+}
+
+/// Render one task's prediction (`[H, W]`, or `[3, H, W]` for normals) as an RGB picture.
+pub fn render(task: Task, pred: &Tensor) -> Result<RgbImage> {
+    let dims = pred.dims().to_vec();
+    let (h, w) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let v = pred.flatten_all()?.to_vec1::<f32>()?;
+    let grey = |x: f32| {
+        let g = (x.clamp(0.0, 1.0) * 255.0).round() as u8;
+        [g, g, g]
+    };
+    let mut img = RgbImage::new(w as u32, h as u32);
+    let hw = h * w;
+    let (lo, hi) = if task == Task::Depth {
+        v.iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            })
+    } else {
+        (0.0, 1.0)
+    };
+    for i in 0..hw {
+        let px = match task {
+            Task::Semseg | Task::Parts => class_colour(v[i] as u32),
+            Task::Saliency | Task::Edge => grey(v[i]),
+            Task::Normals => {
+                let f = |k: usize| {
+                    ((v[k * hw + i] + 1.0) / 2.0 * 255.0)
+                        .round()
+                        .clamp(0.0, 255.0) as u8
+                };
+                [f(0), f(1), f(2)]
+            }
+            Task::Depth => {
+                let t = if hi > lo {
+                    (v[i] - lo) / (hi - lo)
+                } else {
+                    0.0
+                };
+                let c = ViridisRGB.get_color(t);
+                [c.0, c.1, c.2]
+            }
+        };
+        img.put_pixel((i % w) as u32, (i / w) as u32, Rgb(px));
+    }
+    Ok(img)
+}
+
+/// Predict every image under `images` and write `<stem>_<task>.png` files plus `index.html`.
+/// Returns the number of images.
+pub fn predict_folder(
+    model: &MultiTaskModel,
+    input_hw: (usize, usize),
+    images: &Path,
+    out: &Path,
+) -> Result<usize> {
+    let set = ImageSet::open(images)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let norm = Normalize {
+        mean: model.spec.student.mean,
+        std: model.spec.student.std,
+    };
+    let tasks: Vec<Task> = model.spec.tasks.iter().map(|(t, _)| *t).collect();
+    let mut rows = Vec::new();
+    for i in 0..set.len() {
+        let name = set.name(i);
+        let img = set.load(i)?;
+        let (oh, ow) = (img.height() as usize, img.width() as usize);
+        // Fit into the model's input (downscale only), centre-padded.
+        let s = (input_hw.0 as f64 / oh as f64)
+            .min(input_hw.1 as f64 / ow as f64)
+            .min(1.0);
+        let (fh, fw) = (
+            ((oh as f64 * s).floor() as usize).max(1),
+            ((ow as f64 * s).floor() as usize).max(1),
+        );
+        let fitted = if (fh, fw) == (oh, ow) {
+            img.clone()
+        } else {
+            resize_bilinear(&img, fh, fw)
+        };
+        let sample = DenseSample {
+            id: name.clone(),
+            image: fitted,
+            labels: BTreeMap::new(),
+        };
+        let p = prepare_eval(&sample, input_hw, norm)?;
+        let x = Tensor::from_vec(p.image, (1, 3, input_hw.0, input_hw.1), &Device::Cpu)?;
+        let outp = model.forward(&x, false, false, None)?;
+        let (top, left, vh, vw) = p.valid;
+        let stem = safe_stem(&name, i);
+        let img_file = format!("{stem}_image.png");
+        img.save(out.join(&img_file))
+            .map_err(|e| Error::io(out.join(&img_file), e))?;
+        let mut files = vec![img_file];
+        for (task, logits) in &outp.logits {
+            let l = logits.narrow(2, top, vh)?.narrow(3, left, vw)?;
+            let l = interp::resize_bilinear(&l.contiguous()?, (oh, ow))?;
+            let pred = predictions(*task, &l)?.squeeze(0)?;
+            let f = format!("{stem}_{}.png", task.name());
+            let path = out.join(&f);
+            render(*task, &pred)?
+                .save(&path)
+                .map_err(|e| Error::io(&path, e))?;
+            files.push(f);
+        }
+        rows.push((name, files));
+    }
+    write_contact_sheet(out, &tasks, &rows)?;
+    Ok(rows.len())
+}
+
+fn safe_stem(name: &str, i: usize) -> String {
+    let stem: String = Path::new(name)
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{i:05}_{stem}")
+}
+
+fn write_contact_sheet(out: &Path, tasks: &[Task], rows: &[(String, Vec<String>)]) -> Result<()> {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    let mut html = String::from(
+        "<!doctype html>\n<meta charset=\"utf-8\">\n<title>distillery predictions</title>\n\
+         <style>body{font-family:sans-serif}td{padding:2px;text-align:center}img{max-width:240px}</style>\n\
+         <table>\n<tr><th>image</th>",
+    );
+    for t in tasks {
+        html.push_str(&format!("<th>{}</th>", t.name()));
+    }
+    html.push_str("</tr>\n");
+    for (name, files) in rows {
+        html.push_str("<tr>");
+        for f in files {
+            html.push_str(&format!(
+                "<td><img src=\"{}\" title=\"{}\"></td>",
+                esc(f),
+                esc(name)
+            ));
+        }
+        html.push_str("</tr>\n");
+    }
+    html.push_str("</table>\n");
+    let p: PathBuf = out.join("index.html");
+    crate::features::write_atomic(&p, html.as_bytes())
+}

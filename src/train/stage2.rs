@@ -1,0 +1,964 @@
+//! SAK stage 2: multi-task dense prediction on PASCAL-Context / NYUD-v2 with the distillation
+//! loss kept (SPEC.md sections 2-4): `sum_t w_t L_t + gamma * L_distill`, AdamW (lr 2e-5,
+//! wd 1e-6), poly 0.9 per iteration, gradient clipping 10; stem and adapters initialised from a
+//! stage-1 run folder. Same run-folder behaviour as stage 1: progress bar, `metrics.jsonl`,
+//! `loss.png`, atomic `checkpoint.safetensors`, exact `--resume`; at the end `model.safetensors`
+//! + `model.json` and an evaluation on the validation split (`eval-val.json`).
+
+use crate::data::augment::sample_rng;
+use crate::data::dense::{self, DenseDataset, Task, IGNORE};
+use crate::data::dense_aug::{prepare_eval, DenseAugment, Normalize, Prepared};
+use crate::error::{Error, Result};
+use crate::losses::tasks::{default_weight, task_loss, Target};
+use crate::losses::{feature_loss, FeatureLoss};
+use crate::metrics::boundary::{self, BinaryMap, BoundaryOptions, Counts, EdgeMap};
+use crate::metrics::geometry::{DepthError, NormalsError};
+use crate::metrics::saliency::{PooledMaxF, SodMetrics};
+use crate::metrics::segmentation::MeanIou;
+use crate::models::multitask::{predictions, MultiTaskModel, MultiTaskSpec, RouterKind};
+use crate::models::student::{preset, StudentSpec, TeacherSlot};
+use crate::models::{Family, LoadOptions};
+use crate::train::checkpoint;
+use crate::train::optim::AdamW;
+use crate::train::schedule::PolySchedule;
+use crate::train::stage1::{epoch_order, truncate_metrics, vars_of, Teacher};
+use crate::weights::Weights;
+use candle_core::{Device, Tensor, Var};
+use candle_nn::VarMap;
+use rand::SeedableRng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+/// Stage-2 configuration (`distillery train --config FILE.toml`); defaults are the reference
+/// recipe (SPEC.md section 4).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// run folder (checkpoint, metrics, exported model)
+    pub out: PathBuf,
+    /// `pascal-context` or `nyud-v2`
+    pub dataset: String,
+    /// data set root in the MTI-Net/ATRC layout
+    pub data_root: PathBuf,
+    pub train_split: String,
+    pub val_split: String,
+    /// tasks to train (default: all the data set has)
+    pub tasks: Vec<Task>,
+    /// stage-1 run folder to start from, or a student preset (`vit-s16`, ...) with `teachers`
+    pub init: String,
+    /// teachers for the distillation term (default: the stage-1 run's)
+    pub teachers: Vec<String>,
+    /// gamma: weight of the distillation loss (0 = no teachers are run)
+    pub distill_weight: f64,
+    pub distill_loss: FeatureLoss,
+    pub router: RouterKind,
+    /// input (height, width); (0, 0) = the data set's (PASCAL 512x512, NYUD 448x576)
+    pub input_size: (usize, usize),
+    pub batch_size: usize,
+    pub steps: u64,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub poly_power: f64,
+    /// max global gradient norm (0 = off)
+    pub clip_grad: f64,
+    /// task weight overrides by task name (defaults: SPEC.md section 3)
+    pub task_weights: BTreeMap<String, f64>,
+    /// single-task baselines for Delta_m, by task name (its main metric's value)
+    pub baselines: BTreeMap<String, f64>,
+    pub augment: DenseAugment,
+    pub seed: u64,
+    pub checkpoint_every: u64,
+    /// boundary matching tolerance; 0 = the data set's (PASCAL 0.0075, NYUD 0.011)
+    pub edge_max_dist: f64,
+    /// thresholds of the boundary evaluation (the reference: 99)
+    pub edge_thresholds: usize,
+    /// evaluate on the validation split at the end of training
+    pub eval_at_end: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            out: PathBuf::new(),
+            dataset: "pascal-context".into(),
+            data_root: PathBuf::new(),
+            train_split: "train".into(),
+            val_split: "val".into(),
+            tasks: Vec::new(),
+            init: String::new(),
+            teachers: Vec::new(),
+            distill_weight: 1.0,
+            distill_loss: FeatureLoss::CosSmoothL1,
+            router: RouterKind::Mor,
+            input_size: (0, 0),
+            batch_size: 4,
+            steps: 40_000,
+            lr: 2e-5,
+            weight_decay: 1e-6,
+            poly_power: 0.9,
+            clip_grad: 10.0,
+            task_weights: BTreeMap::new(),
+            baselines: BTreeMap::new(),
+            augment: DenseAugment::default(),
+            seed: 0,
+            checkpoint_every: 1000,
+            edge_max_dist: 0.0,
+            edge_thresholds: 99,
+            eval_at_end: true,
+        }
+    }
+}
+
+fn is_nyud(dataset: &str) -> bool {
+    dataset.to_ascii_lowercase().starts_with("nyud")
+}
+
+impl TrainConfig {
+    /// Read a TOML file (errors name the file).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.message().to_string(),
+        })
+    }
+
+    pub fn tasks(&self) -> Vec<Task> {
+        if !self.tasks.is_empty() {
+            return self.tasks.clone();
+        }
+        if is_nyud(&self.dataset) {
+            vec![Task::Semseg, Task::Depth, Task::Normals, Task::Edge]
+        } else {
+            vec![
+                Task::Semseg,
+                Task::Parts,
+                Task::Saliency,
+                Task::Normals,
+                Task::Edge,
+            ]
+        }
+    }
+
+    pub fn input_hw(&self) -> (usize, usize) {
+        match self.input_size {
+            (0, 0) if is_nyud(&self.dataset) => (448, 576),
+            (0, 0) => (512, 512),
+            s => s,
+        }
+    }
+
+    pub fn edge_options(&self) -> BoundaryOptions {
+        BoundaryOptions {
+            max_dist: if self.edge_max_dist > 0.0 {
+                self.edge_max_dist
+            } else if is_nyud(&self.dataset) {
+                0.011
+            } else {
+                0.0075
+            },
+            thresholds: self.edge_thresholds.max(1),
+            thin: true,
+            nms: true,
+        }
+    }
+
+    pub fn weight(&self, t: Task) -> f64 {
+        self.task_weights
+            .get(t.name())
+            .copied()
+            .unwrap_or_else(|| default_weight(t))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if self.out.as_os_str().is_empty() {
+            return bad("no run folder (out = \"...\" or --out)".into());
+        }
+        if self.data_root.as_os_str().is_empty() {
+            return bad("no data set root (data_root)".into());
+        }
+        if self.init.is_empty() {
+            return bad("no init: a stage-1 run folder or a student preset".into());
+        }
+        if self.batch_size == 0 || self.steps == 0 {
+            return bad("batch_size and steps must be positive".into());
+        }
+        if self.lr.is_nan() || self.lr <= 0.0 || self.weight_decay < 0.0 || self.clip_grad < 0.0 {
+            return bad("lr must be positive; weight decay and clip non-negative".into());
+        }
+        for k in self.task_weights.keys().chain(self.baselines.keys()) {
+            if Task::from_name(k).is_none() {
+                return bad(format!("unknown task {k:?} in task_weights/baselines"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Files of a stage-2 run folder.
+pub struct Stage2Paths {
+    pub dir: PathBuf,
+}
+
+impl Stage2Paths {
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint.safetensors")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+    pub fn model_weights(&self) -> PathBuf {
+        self.dir.join("model.safetensors")
+    }
+    pub fn model_spec(&self) -> PathBuf {
+        self.dir.join("model.json")
+    }
+}
+
+/// `model.json`: the model spec plus what evaluation and prediction need.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunModelInfo {
+    pub spec: MultiTaskSpec,
+    pub dataset: String,
+    pub input_hw: (usize, usize),
+}
+
+/// The stage-1 student a stage-2 run starts from: its spec and parameters (aligners included
+/// when the run's checkpoint has them).
+fn stage1_init(dir: &Path) -> Result<(StudentSpec, HashMap<String, Tensor>, Vec<String>)> {
+    let spec_p = dir.join("student.json");
+    let text = std::fs::read_to_string(&spec_p).map_err(|e| Error::io(&spec_p, e))?;
+    let spec: StudentSpec = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: spec_p.clone(),
+        msg: e.to_string(),
+    })?;
+    let ck = dir.join("checkpoint.safetensors");
+    let mut params = HashMap::new();
+    if ck.is_file() {
+        let (t, _) = checkpoint::load(&ck, &Device::Cpu)?;
+        for (k, v) in t {
+            if let Some(n) = k.strip_prefix("model.") {
+                params.insert(n.to_string(), v);
+            }
+        }
+    } else {
+        let wp = dir.join("student.safetensors");
+        let w = Weights::open(
+            std::slice::from_ref(&wp),
+            &wp,
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?;
+        for n in w.names().map(str::to_string).collect::<Vec<_>>() {
+            params.insert(n.clone(), w.get_any(&n)?);
+        }
+    }
+    // The stage-1 recipe names its teachers.
+    let teachers = std::fs::read_to_string(dir.join("config.toml"))
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Value>(&t).ok())
+        .and_then(|v| {
+            v.get("teachers")?.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .unwrap_or_default();
+    Ok((spec, params, teachers))
+}
+
+/// Resample a `[1, 1 + gh*gw, D]` position table to a new grid (cls kept apart).
+fn resample_pos(t: &Tensor, from: (usize, usize), to: (usize, usize)) -> Result<Tensor> {
+    let t = t.squeeze(0)?;
+    let n = t.dim(0)? - 1;
+    let grid = crate::interp::resample_grid_tokens(
+        &t.narrow(0, 1, n)?,
+        from,
+        to,
+        crate::interp::Kernel::Bicubic,
+    )?;
+    Ok(Tensor::cat(&[&t.narrow(0, 0, 1)?, &grid], 0)?.unsqueeze(0)?)
+}
+
+/// Teacher input from the student's normalised batch: re-normalised, resized (SAM: longest side
+/// to its size, zero-padded bottom/right to a square), other teachers at the student's size.
+fn teacher_pixels(x: &Tensor, from: Normalize, t: &Teacher) -> Result<Tensor> {
+    let info = t.encoder.info();
+    let (m, s) = (info.preprocess.mean, info.preprocess.std);
+    let dev = x.device();
+    // y = ((x * std_s + mean_s) - mean_t) / std_t, per channel
+    let a: Vec<f32> = (0..3).map(|c| from.std[c] / s[c]).collect();
+    let b: Vec<f32> = (0..3).map(|c| (from.mean[c] - m[c]) / s[c]).collect();
+    let a = Tensor::from_vec(a, (1, 3, 1, 1), dev)?;
+    let b = Tensor::from_vec(b, (1, 3, 1, 1), dev)?;
+    let y = x.broadcast_mul(&a)?.broadcast_add(&b)?;
+    if info.family != Family::Sam {
+        return Ok(y);
+    }
+    let (_, _, h, w) = y.dims4()?;
+    let side = t.size;
+    let sc = side as f64 / h.max(w) as f64;
+    let (nh, nw) = (
+        ((h as f64 * sc).round() as usize).min(side),
+        ((w as f64 * sc).round() as usize).min(side),
+    );
+    let y = crate::interp::resize_bilinear(&y, (nh, nw))?;
+    Ok(y.pad_with_zeros(2, 0, side - nh)?
+        .pad_with_zeros(3, 0, side - nw)?)
+}
+
+/// A training batch on the host.
+struct Batch {
+    pixels: Tensor,
+    targets: Vec<Target>,
+}
+
+/// Stack prepared samples into the network input and per-task targets.
+fn collate(items: &[Prepared], tasks: &[Task]) -> Result<Batch> {
+    let (h, w) = (items[0].h, items[0].w);
+    let b = items.len();
+    let mut px = Vec::with_capacity(b * 3 * h * w);
+    for p in items {
+        px.extend_from_slice(&p.image);
+    }
+    let pixels = Tensor::from_vec(px, (b, 3, h, w), &Device::Cpu)?;
+    let mut targets = Vec::new();
+    for &t in tasks {
+        let c = t.label_channels();
+        let mut data = Vec::with_capacity(b * c * h * w);
+        for p in items {
+            let m = &p.labels[&t];
+            // interleaved HWC -> CHW
+            for ch in 0..c {
+                data.extend(m.data.iter().skip(ch).step_by(c).copied());
+            }
+        }
+        targets.push(Target {
+            task: t,
+            b,
+            c,
+            h,
+            w,
+            data,
+        });
+    }
+    Ok(Batch { pixels, targets })
+}
+
+/// Options of one invocation.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    pub resume: bool,
+    pub stop_after: Option<u64>,
+    pub progress: bool,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    pub start_step: u64,
+    pub end_step: u64,
+    pub total_steps: u64,
+    pub last_loss: f64,
+    pub images_per_s: f64,
+    pub eval: Option<serde_json::Value>,
+}
+
+/// Fresh parameters: the stage-1 student's where available, everything else seeded.
+fn build_params(
+    spec: &MultiTaskSpec,
+    init: &HashMap<String, Tensor>,
+    init_grid: (usize, usize),
+    seed: u64,
+) -> Result<(VarMap, VarMap)> {
+    let vm = VarMap::new();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5A4B_2000);
+    {
+        let mut data = vm
+            .data()
+            .lock()
+            .map_err(|_| Error::Invalid("parameter store lock poisoned".into()))?;
+        let all = spec
+            .student
+            .parameters()
+            .into_iter()
+            .chain(spec.task_parameters());
+        for (name, shape, how) in all {
+            let t = match init.get(&name) {
+                Some(t) if name == "stem.pos_embed" && t.dims() != shape.as_slice() => {
+                    resample_pos(t, init_grid, spec.student.grid_hw())?
+                }
+                Some(t) if t.dims() == shape.as_slice() => t.clone(),
+                Some(t) => {
+                    return Err(Error::Invalid(format!(
+                        "init parameter {name} has shape {:?}, expected {shape:?}",
+                        t.dims()
+                    )))
+                }
+                None => how.tensor(&shape, &mut rng, &Device::Cpu)?,
+            };
+            data.insert(name, Var::from_tensor(&t)?);
+        }
+    }
+    let bm = VarMap::new();
+    {
+        let mut data = bm
+            .data()
+            .lock()
+            .map_err(|_| Error::Invalid("buffer store lock poisoned".into()))?;
+        for (name, n, v) in spec.buffers() {
+            let t = (Tensor::ones(n, candle_core::DType::F32, &Device::Cpu)? * v as f64)?;
+            data.insert(name, Var::from_tensor(&t)?);
+        }
+    }
+    Ok((vm, bm))
+}
+
+/// Run (or resume) stage 2.
+pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
+    cfg.validate()?;
+    let paths = Stage2Paths {
+        dir: cfg.out.clone(),
+    };
+    std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io(&paths.dir, e))?;
+    let resume_state = if opts.resume {
+        let p = paths.checkpoint();
+        if !p.is_file() {
+            return Err(Error::BadInput {
+                path: p,
+                msg: "no checkpoint to resume from".into(),
+            });
+        }
+        Some(checkpoint::load(&p, &Device::Cpu)?)
+    } else {
+        if paths.checkpoint().exists() {
+            return Err(Error::BadInput {
+                path: paths.checkpoint(),
+                msg: "run folder already has a checkpoint; pass --resume to continue it or choose a new out".into(),
+            });
+        }
+        None
+    };
+    let tasks = cfg.tasks();
+    let train = dense::open_dataset(&cfg.dataset, &cfg.data_root, &cfg.train_split, &tasks)?;
+    let hw = cfg.input_hw();
+
+    // Student: a stage-1 run folder, or a preset with teachers.
+    let init_dir = PathBuf::from(&cfg.init);
+    let (stage1, run_teachers) = if init_dir.join("student.json").is_file() {
+        let (spec, params, t) = stage1_init(&init_dir)?;
+        (Some((spec, params)), t)
+    } else if preset(&cfg.init).is_some() {
+        (None, Vec::new())
+    } else {
+        return Err(Error::BadInput {
+            path: init_dir.join("student.json"),
+            msg: "init is neither a stage-1 run folder nor a student preset".into(),
+        });
+    };
+    let teacher_ids = if cfg.teachers.is_empty() {
+        run_teachers
+    } else {
+        cfg.teachers.clone()
+    };
+    let mut teachers = Vec::new();
+    if cfg.distill_weight > 0.0 {
+        if teacher_ids.is_empty() {
+            return Err(Error::Invalid(
+                "distill_weight > 0 but no teachers are known (set teachers)".into(),
+            ));
+        }
+        for id in &teacher_ids {
+            teachers.push(Teacher::load(
+                id,
+                hw.0.max(hw.1),
+                0,
+                &LoadOptions::default(),
+            )?);
+        }
+    }
+    let (mut sspec, init_params) = match stage1 {
+        Some((spec, params)) => {
+            if !teachers.is_empty() && teachers.len() != spec.teachers.len() {
+                return Err(Error::Invalid(format!(
+                    "the stage-1 student has {} adapter paths, {} teachers given",
+                    spec.teachers.len(),
+                    teachers.len()
+                )));
+            }
+            (spec, params)
+        }
+        None => {
+            let slots = teachers
+                .iter()
+                .map(|t| TeacherSlot {
+                    name: t.name.clone(),
+                    dim: t.encoder.info().width,
+                })
+                .collect();
+            let dims = preset(&cfg.init).expect("checked above");
+            (StudentSpec::new(dims, 16, hw.0, slots)?, HashMap::new())
+        }
+    };
+    if !hw.0.is_multiple_of(sspec.patch) || !hw.1.is_multiple_of(sspec.patch) {
+        return Err(Error::Invalid(format!(
+            "input size {}x{} must be a multiple of the student's patch ({})",
+            hw.0, hw.1, sspec.patch
+        )));
+    }
+    let init_grid = sspec.grid_hw();
+    sspec.image_hw = Some(hw);
+    let spec = MultiTaskSpec {
+        student: sspec,
+        tasks: tasks
+            .iter()
+            .map(|&t| (t, dense::head_channels(train.as_ref(), t)))
+            .collect(),
+        router: cfg.router,
+    };
+    let norm = Normalize {
+        mean: spec.student.mean,
+        std: spec.student.std,
+    };
+    let (varmap, bufmap) = build_params(&spec, &init_params, init_grid, cfg.seed)?;
+    let vars = vars_of(&varmap)?;
+    let mut optim = AdamW::new(&vars, cfg.weight_decay)?;
+    let mut start = 0;
+    if let Some((tensors, state)) = &resume_state {
+        let saved: TrainConfig =
+            serde_json::from_value(state["config"].clone()).map_err(|e| Error::BadInput {
+                path: paths.checkpoint(),
+                msg: format!("checkpoint config unreadable: {e}"),
+            })?;
+        if saved.init != cfg.init
+            || saved.tasks() != tasks
+            || saved.batch_size != cfg.batch_size
+            || saved.seed != cfg.seed
+            || saved.input_hw() != hw
+            || saved.router != cfg.router
+        {
+            return Err(Error::BadInput {
+                path: paths.checkpoint(),
+                msg:
+                    "checkpoint was made with another init/tasks/batch size/seed/input size/router"
+                        .into(),
+            });
+        }
+        let missing = |n: &str| Error::BadInput {
+            path: paths.checkpoint(),
+            msg: format!("missing tensor {n}"),
+        };
+        for (name, var) in &vars {
+            let k = format!("model.{name}");
+            var.set(tensors.get(&k).ok_or_else(|| missing(&k))?)?;
+        }
+        for (name, var) in vars_of(&bufmap)? {
+            let k = format!("buffer.{name}");
+            var.set(tensors.get(&k).ok_or_else(|| missing(&k))?)?;
+        }
+        start = state["step"].as_u64().unwrap_or(0);
+        optim.load_state(tensors, start)?;
+        truncate_metrics(&paths.metrics(), start)?;
+    } else {
+        std::fs::write(paths.config(), toml::to_string(cfg).unwrap_or_default())
+            .map_err(|e| Error::io(paths.config(), e))?;
+        let _ = std::fs::remove_file(paths.metrics());
+    }
+    let model = MultiTaskModel::build(
+        &spec,
+        &Weights::from_vars(&varmap, &paths.checkpoint())?,
+        &Weights::from_vars(&bufmap, &paths.checkpoint())?,
+    )?;
+    let total = cfg.steps;
+    let end = opts.stop_after.map_or(total, |n| (start + n).min(total));
+    let schedule = PolySchedule {
+        lr: cfg.lr,
+        power: cfg.poly_power,
+        total,
+    };
+
+    // Producer: augmented batches ahead of the step.
+    let b = cfg.batch_size;
+    let n = train.len();
+    let steps_per_epoch = (n / b).max(1) as u64;
+    let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
+    let aug = cfg.augment.clone();
+    let seed = cfg.seed;
+    let ptasks = tasks.clone();
+    let producer = std::thread::spawn(move || {
+        let mut order = Vec::new();
+        let mut order_epoch = u64::MAX;
+        for step in start..end {
+            let epoch = step / steps_per_epoch;
+            if epoch != order_epoch {
+                order = epoch_order(seed, epoch, n);
+                order_epoch = epoch;
+            }
+            let pos = (step % steps_per_epoch) as usize;
+            let idx: Vec<usize> = (0..b).map(|j| order[(pos * b + j) % n]).collect();
+            let items: Result<Vec<Prepared>> = idx
+                .par_iter()
+                .map(|&i| {
+                    let s = train.load(i)?;
+                    let mut rng = sample_rng(seed, epoch, i as u64);
+                    Ok(aug.apply(&s, hw, norm, &mut rng))
+                })
+                .collect();
+            let batch = items.and_then(|it| collate(&it, &ptasks));
+            let failed = batch.is_err();
+            if tx.send(batch).is_err() || failed {
+                break;
+            }
+        }
+    });
+
+    let bar = progress_bar(total, start, opts.progress);
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.metrics())
+        .map_err(|e| Error::io(paths.metrics(), e))?;
+    let t_run = Instant::now();
+    let mut images = 0usize;
+    let mut last_loss = f64::NAN;
+    for step in start..end {
+        let t0 = Instant::now();
+        let batch = rx
+            .recv()
+            .map_err(|_| Error::Invalid("data loader stopped".into()))??;
+        let mut noise = rand_chacha::ChaCha8Rng::seed_from_u64(
+            seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x2A,
+        );
+        let out = model.forward(&batch.pixels, true, !teachers.is_empty(), Some(&mut noise))?;
+        let mut total_loss: Option<Tensor> = None;
+        let mut rec = serde_json::json!({ "step": step + 1 });
+        let mut add = |l: Tensor, w: f64| -> Result<()> {
+            let l = (l * w)?;
+            total_loss = Some(match total_loss.take() {
+                Some(a) => (a + l)?,
+                None => l,
+            });
+            Ok(())
+        };
+        for ((task, logits), target) in out.logits.iter().zip(&batch.targets) {
+            let l = task_loss(logits, target)?;
+            rec[format!("loss/{}", task.name())] = (l.to_scalar::<f32>()? as f64).into();
+            add(l, cfg.weight(*task))?;
+        }
+        if !teachers.is_empty() {
+            let mut dl: Option<Tensor> = None;
+            for (k, t) in teachers.iter().enumerate() {
+                let feats = t.features(&teacher_pixels(&batch.pixels, norm, t)?)?;
+                for (s, f) in out.aligned[k].iter().zip(&feats) {
+                    let l = feature_loss(s, f, cfg.distill_loss)?;
+                    dl = Some(match dl {
+                        Some(a) => (a + l)?,
+                        None => l,
+                    });
+                }
+            }
+            if let Some(dl) = dl {
+                rec["loss/distill"] = (dl.to_scalar::<f32>()? as f64).into();
+                add(dl, cfg.distill_weight)?;
+            }
+        }
+        let loss = total_loss.ok_or_else(|| Error::Invalid("no task to train".into()))?;
+        let loss_v = loss.to_scalar::<f32>()? as f64;
+        if !loss_v.is_finite() {
+            return Err(Error::Invalid(format!(
+                "loss became {loss_v} at step {step}"
+            )));
+        }
+        let mut grads = loss.backward()?;
+        let grad_norm = optim.clip_grad_norm(&mut grads, cfg.clip_grad)?;
+        let lr = schedule.at(step);
+        optim.step(&grads, lr)?;
+        let bsz = batch.pixels.dim(0)?;
+        images += bsz;
+        last_loss = loss_v;
+        let secs = t0.elapsed().as_secs_f64();
+        rec["loss"] = loss_v.into();
+        rec["lr"] = lr.into();
+        rec["grad_norm"] = grad_norm.into();
+        rec["images_per_s"] = (bsz as f64 / secs).into();
+        writeln!(metrics, "{rec}").map_err(|e| Error::io(paths.metrics(), e))?;
+        bar.set_message(format!("loss {loss_v:.4} {:.2} img/s", bsz as f64 / secs));
+        bar.inc(1);
+        let done = step + 1;
+        if done % cfg.checkpoint_every.max(1) == 0 || done == end {
+            metrics.flush().map_err(|e| Error::io(paths.metrics(), e))?;
+            let mut tensors: Vec<(String, Tensor)> = vars
+                .iter()
+                .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
+                .collect();
+            for (n, t) in model.buffers()? {
+                tensors.push((format!("buffer.{n}"), t));
+            }
+            tensors.extend(optim.state());
+            let state = serde_json::json!({
+                "step": done,
+                "config": cfg,
+                "format": "distillery-stage2-v1",
+            });
+            checkpoint::save(&paths.checkpoint(), &tensors, &state)?;
+        }
+    }
+    drop(rx);
+    let _ = producer.join();
+    bar.finish_and_clear();
+    if end > start {
+        crate::train::plot::plot_losses(
+            &paths.metrics(),
+            &paths.dir.join("loss.png"),
+            "SAK stage 2: multi-task loss",
+        )?;
+    }
+    let mut eval = None;
+    if end == total {
+        // Export: parameters without aligners, plus BatchNorm statistics.
+        let mut tensors: HashMap<String, Tensor> = vars
+            .iter()
+            .filter(|(n, _)| !n.contains(".aligners."))
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        tensors.extend(model.buffers()?);
+        crate::features::write_safetensors_atomic(&tensors, &paths.model_weights())?;
+        let info = RunModelInfo {
+            spec: spec.clone(),
+            dataset: cfg.dataset.clone(),
+            input_hw: hw,
+        };
+        let json =
+            serde_json::to_string_pretty(&info).map_err(|e| Error::Invalid(e.to_string()))?;
+        crate::features::write_atomic(&paths.model_spec(), json.as_bytes())?;
+        if cfg.eval_at_end {
+            let val = dense::open_dataset(&cfg.dataset, &cfg.data_root, &cfg.val_split, &tasks)?;
+            let r = evaluate(&model, val.as_ref(), hw, norm, cfg, opts.progress)?;
+            let p = paths.dir.join(format!("eval-{}.json", cfg.val_split));
+            crate::features::write_atomic(&p, r.to_string().as_bytes())?;
+            eval = Some(r);
+        }
+    }
+    Ok(RunSummary {
+        start_step: start,
+        end_step: end,
+        total_steps: total,
+        last_loss,
+        images_per_s: images as f64 / t_run.elapsed().as_secs_f64().max(1e-9),
+        eval,
+    })
+}
+
+fn progress_bar(total: u64, start: u64, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb.set_position(start);
+    pb
+}
+
+/// Load a finished (or, failing that, checkpointed) stage-2 run's model.
+pub fn load_run(dir: &Path) -> Result<(MultiTaskModel, RunModelInfo, TrainConfig)> {
+    let paths = Stage2Paths {
+        dir: dir.to_path_buf(),
+    };
+    let cfg = TrainConfig::from_file(&paths.config())?;
+    let sp = paths.model_spec();
+    let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+    let info: RunModelInfo = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: sp.clone(),
+        msg: e.to_string(),
+    })?;
+    let wp = paths.model_weights();
+    let w = Weights::open(
+        std::slice::from_ref(&wp),
+        &wp,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )?;
+    let model = MultiTaskModel::build(&info.spec, &w, &w)?;
+    Ok((model, info, cfg))
+}
+
+/// Main metric of a task and whether lower is better.
+fn main_metric(t: Task) -> (&'static str, bool) {
+    match t {
+        Task::Semseg | Task::Parts => ("miou", false),
+        Task::Saliency => ("maxf", false),
+        Task::Normals => ("mean_angle", true),
+        Task::Edge => ("ods_f", false),
+        Task::Depth => ("rmse", true),
+    }
+}
+
+/// Evaluate on a data set: every task's metrics accumulated over the set, and Delta_m against
+/// the configured baselines. Inputs are normalised and centre-padded; padding is ignored.
+pub fn evaluate(
+    model: &MultiTaskModel,
+    ds: &dyn DenseDataset,
+    hw: (usize, usize),
+    norm: Normalize,
+    cfg: &TrainConfig,
+    progress: bool,
+) -> Result<serde_json::Value> {
+    let tasks: Vec<Task> = model.spec.tasks.iter().map(|(t, _)| *t).collect();
+    let classes = |t: Task| {
+        model
+            .spec
+            .tasks
+            .iter()
+            .find(|x| x.0 == t)
+            .map_or(0, |x| x.1)
+    };
+    let mut seg = MeanIou::new(classes(Task::Semseg).max(1), IGNORE as u32);
+    let mut parts = MeanIou::new(classes(Task::Parts).max(1), IGNORE as u32);
+    let mut sal = PooledMaxF::default();
+    let mut sod = SodMetrics::default();
+    let mut normals = NormalsError::default();
+    let mut depth = DepthError::new(80.0);
+    let edge_opts = cfg.edge_options();
+    let mut edge_counts: Vec<Vec<Counts>> = Vec::new();
+    let bar = progress_bar(ds.len() as u64, 0, progress);
+    for i in 0..ds.len() {
+        let s = ds.load(i)?;
+        let p = prepare_eval(&s, hw, norm).map_err(|e| Error::BadInput {
+            path: ds.root().to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        let x = Tensor::from_vec(p.image.clone(), (1, 3, hw.0, hw.1), &Device::Cpu)?;
+        let out = model.forward(&x, false, false, None)?;
+        let (top, left, vh, vw) = p.valid;
+        for (task, logits) in &out.logits {
+            let pred = predictions(*task, logits)?
+                .squeeze(0)?
+                .narrow(row_axis(*task), top, vh)?
+                .narrow(row_axis(*task) + 1, left, vw)?;
+            let gt = &s.labels[task];
+            match task {
+                Task::Semseg | Task::Parts => {
+                    let pv: Vec<u32> = pred
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                        .iter()
+                        .map(|&v| v as u32)
+                        .collect();
+                    let gv: Vec<u32> = gt.data.iter().map(|&v| v as u32).collect();
+                    if *task == Task::Semseg {
+                        seg.update(&pv, &gv);
+                    } else {
+                        parts.update(&pv, &gv);
+                    }
+                }
+                Task::Saliency => {
+                    // The reference saves probabilities as 8-bit PNGs before scoring.
+                    let pv: Vec<f32> = pred
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                        .iter()
+                        .map(|&v| (v * 255.0).round() / 255.0)
+                        .collect();
+                    let gv: Vec<u8> = gt.data.iter().map(|&v| v as u8).collect();
+                    sal.update(&pv, &gv, IGNORE as u8);
+                    let p8: Vec<u8> = pv.iter().map(|&v| (v * 255.0) as u8).collect();
+                    let g8: Vec<u8> = gv.iter().map(|&v| if v == 1 { 255 } else { 0 }).collect();
+                    sod.update(&p8, &g8, vh, vw);
+                }
+                Task::Normals => {
+                    let pv = pred.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?;
+                    let valid: Vec<bool> = gt
+                        .data
+                        .chunks(3)
+                        .map(|g| g.iter().any(|&v| v != 0.0))
+                        .collect();
+                    normals.update(&pv, &gt.data, &valid);
+                }
+                Task::Depth => {
+                    depth.update(&pred.flatten_all()?.to_vec1::<f32>()?, &gt.data);
+                }
+                Task::Edge => {
+                    let pv: Vec<f32> = pred
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                        .iter()
+                        .map(|&v| (v * 255.0).round() / 255.0)
+                        .collect();
+                    let gt_map = BinaryMap {
+                        h: vh,
+                        w: vw,
+                        data: gt.data.iter().map(|&v| v == 1.0).collect(),
+                    };
+                    let pb = EdgeMap {
+                        h: vh,
+                        w: vw,
+                        data: pv,
+                    };
+                    edge_counts.push(boundary::evaluate_image(&pb, &[gt_map], &edge_opts));
+                }
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let mut r = serde_json::json!({ "images": ds.len() });
+    let mut mains = Vec::new();
+    for &t in &tasks {
+        let v = match t {
+            Task::Semseg => {
+                serde_json::json!({ "miou": seg.miou(), "per_class_iou": seg.per_class() })
+            }
+            Task::Parts => {
+                serde_json::json!({ "miou": parts.miou(), "per_class_iou": parts.per_class() })
+            }
+            Task::Saliency => {
+                let s = sod.summary();
+                serde_json::json!({ "maxf": sal.max_f(), "per_image": s })
+            }
+            Task::Normals => {
+                let (mean, median, a, b, c) = normals.summary();
+                serde_json::json!({ "mean_angle": mean, "median_angle": median,
+                    "within_11_25": a, "within_22_5": b, "within_30": c })
+            }
+            Task::Depth => {
+                let (rmse, abs_rel, d1) = depth.summary();
+                serde_json::json!({ "rmse": rmse, "abs_rel": abs_rel, "delta_1_25": d1 })
+            }
+            Task::Edge => {
+                let res = boundary::collect(&edge_opts.threshold_values(), &edge_counts);
+                serde_json::json!({ "ods_f": 100.0 * res.ods_f, "ois_f": 100.0 * res.ois_f, "ap": 100.0 * res.ap,
+                    "max_dist": edge_opts.max_dist })
+            }
+        };
+        let (key, lower) = main_metric(t);
+        if let (Some(m), Some(&base)) = (v[key].as_f64(), cfg.baselines.get(t.name())) {
+            mains.push((m, base, lower));
+        }
+        r[t.name()] = v;
+    }
+    if !mains.is_empty() {
+        r["delta_m"] = crate::metrics::delta_m(&mains).into();
+    }
+    Ok(r)
+}
+
+/// Row axis of a task's prediction once the batch is squeezed: class and scalar maps are
+/// [H, W] (rows at 0), normals [3, H, W] (rows at 1).
+fn row_axis(t: Task) -> usize {
+    usize::from(t == Task::Normals)
+}
