@@ -4,7 +4,7 @@
 Run by hand (never by CI):
 
     python -m venv .refenv && .refenv/bin/pip install numpy scipy scikit-image \
-        opencv-python-headless pillow
+        opencv-python-headless pillow torch
     .refenv/bin/python scripts/gen_dense_fixtures.py
 
 Writes under tests/fixtures/dense/:
@@ -18,7 +18,8 @@ Writes under tests/fixtures/dense/:
             ../shared/fixtures, with semseg (palette PNG), human_parts .mat (PASCAL-Part
             `anno` structs), LabelMap .mat, sal_distill, normals_distill, json class lists,
             and expected.json: the parts map class histogram per image as MTI-Net computes it;
-  nyud/     a 2-image NYUD_MT folder with the real NYU sample (depth .npy in metres).
+  nyud/     a 2-image NYUD_MT folder with the real NYU sample (depth .npy in metres);
+  losses.json  the stage-2 task losses computed with torch on small random inputs.
 """
 import json
 import os
@@ -199,11 +200,70 @@ def gen_nyud():
         f.write(ids[0] + "\n")
 
 
-if __name__ == "__main__":
+def main():
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(OUT)
     gen_thin()
     gen_labelmaps()
     gen_pascal()
     gen_nyud()
+    gen_losses()
     print("wrote", OUT)
+
+
+def gen_losses():
+    """Task losses as the reference implementations compute them (torch), on small random
+    logits/labels: tests/fixtures/dense/losses.json."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    B, H, W = 2, 5, 7
+    out = {}
+
+    def put(name, logits, labels, loss):
+        out[name] = {"shape": list(logits.shape), "logits": logits.flatten().tolist(),
+                     "labels": labels.flatten().tolist(), "loss": float(loss)}
+
+    # semseg: CE with ignore 255, summed / valid pixels (= mean over valid).
+    x = torch.randn(B, 6, H, W, generator=g)
+    y = torch.randint(0, 6, (B, H, W), generator=g)
+    y[0, 0, :] = 255
+    put("semseg", x, y.float(), F.cross_entropy(x, y, ignore_index=255, reduction="sum") / (y != 255).sum())
+    # saliency: 2-class CE, class weights (1 - p, p), p = share of negatives among valid pixels.
+    x = torch.randn(B, 2, H, W, generator=g)
+    y = (torch.rand(B, H, W, generator=g) > 0.7).long()
+    y[1, 2, :] = 255
+    valid = y != 255
+    p = ((y == 0) & valid).sum().float() / valid.sum()
+    wts = torch.stack([1 - p, p])
+    put("saliency", x, y.float(), F.cross_entropy(x, y, weight=wts, ignore_index=255, reduction="sum") / valid.sum())
+    # edge: BCE, positives 0.95, negatives 0.05, mean over valid pixels.
+    x = torch.randn(B, 1, H, W, generator=g) * 3
+    y = (torch.rand(B, H, W, generator=g) > 0.8).float()
+    y[0, :, 0] = 255
+    valid = y != 255
+    yy = y.clone(); yy[~valid] = 0
+    w = torch.where(yy > 0.5, torch.tensor(0.95), torch.tensor(0.05)) * valid
+    bce = F.binary_cross_entropy_with_logits(x[:, 0], yy, weight=w, reduction="sum") / valid.sum()
+    put("edge", x, y, bce)
+    # normals: L2-normalised prediction, L1 over channels, / valid pixels (zero GT = ignore).
+    x = torch.randn(B, 3, H, W, generator=g)
+    n = torch.randn(B, 3, H, W, generator=g)
+    n = n / n.norm(dim=1, keepdim=True)
+    n[:, :, 1, :] = 0
+    mask = (n.norm(dim=1, keepdim=True) > 0).float()
+    pn = x / x.norm(dim=1, keepdim=True)
+    put("normals", x, n, ((pn - n).abs() * mask).sum() / mask.sum())
+    # depth: L1 over pixels with GT > 0.
+    x = torch.randn(B, 1, H, W, generator=g) + 2
+    d = torch.rand(B, 1, H, W, generator=g) * 5
+    d[:, :, :, 3] = 0
+    mask = (d > 0).float()
+    put("depth", x, d, ((x - d).abs() * mask).sum() / mask.sum())
+    with open(os.path.join(OUT, "losses.json"), "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+//! SAK stage 2 end to end on the tiny PASCAL-Context folder: a stage-1 run initialises the
+//! student; training with distillation, exact resume, evaluation and predictions through the
+//! CLI; task losses against torch.
+
+mod common;
+
+use common::model_dir;
+use distillery::data::dense::Task;
+use distillery::losses::tasks::{task_loss, Target};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fx() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dense")
+}
+
+fn bin(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_distillery"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &std::process::Output) {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn task_losses_match_torch() {
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx().join("losses.json")).unwrap()).unwrap();
+    for task in [
+        Task::Semseg,
+        Task::Saliency,
+        Task::Edge,
+        Task::Normals,
+        Task::Depth,
+    ] {
+        let r = &refs[task.name()];
+        let shape: Vec<usize> = r["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        let f = |k: &str| -> Vec<f32> {
+            r[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect()
+        };
+        let logits =
+            candle_core::Tensor::from_vec(f("logits"), shape.as_slice(), &candle_core::Device::Cpu)
+                .unwrap();
+        let labels = f("labels");
+        let c = task.label_channels();
+        let t = Target {
+            task,
+            b: shape[0],
+            c,
+            h: shape[2],
+            w: shape[3],
+            data: labels,
+        };
+        let got = task_loss(&logits, &t).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let want = r["loss"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-5 * want.abs().max(1.0),
+            "{task:?}: {got} vs torch {want}"
+        );
+    }
+}
+
+fn write_config(path: &Path, out: &Path, init: &Path, steps: u64) {
+    let text = format!(
+        r#"out = "{}"
+dataset = "pascal-context"
+data_root = "{}"
+init = "{}"
+input_size = [64, 96]
+batch_size = 2
+steps = {steps}
+checkpoint_every = 2
+edge_thresholds = 9
+seed = 5
+
+[baselines]
+semseg = 5.0
+normals = 50.0
+"#,
+        out.display(),
+        fx().join("pascal").display(),
+        init.display()
+    );
+    std::fs::write(path, text).unwrap();
+}
+
+fn metric_lines(run: &Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            // everything but the timing
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("images_per_s");
+            v.to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn train_resume_eval_predict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    // Stage 1: a DINOv2 teacher, a timm ViT student (patch 8), the data set's photos.
+    let s1 = t.join("s1");
+    ok(&bin(&[
+        "distill",
+        "--teacher",
+        &s(&model_dir("dinov2")),
+        "--student",
+        &s(&model_dir("timm-vit")),
+        "--images",
+        &s(&fx().join("pascal/JPEGImages")),
+        "--out",
+        &s(&s1),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "32",
+        "--quiet",
+    ]));
+
+    // Uninterrupted run.
+    let full = t.join("full");
+    let cfg_full = t.join("full.toml");
+    write_config(&cfg_full, &full, &s1, 5);
+    let o = bin(&["train", "--config", &s(&cfg_full), "--quiet"]);
+    ok(&o);
+    let lines = metric_lines(&full);
+    assert_eq!(lines.len(), 5);
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    for k in [
+        "loss",
+        "loss/semseg",
+        "loss/parts",
+        "loss/saliency",
+        "loss/normals",
+        "loss/edge",
+        "loss/distill",
+        "lr",
+        "grad_norm",
+    ] {
+        assert!(
+            first[k].as_f64().is_some_and(f64::is_finite),
+            "{k} in {first}"
+        );
+    }
+    for f in [
+        "model.safetensors",
+        "model.json",
+        "loss.png",
+        "eval-val.json",
+        "checkpoint.safetensors",
+    ] {
+        assert!(full.join(f).is_file(), "{f}");
+    }
+
+    // Interrupted after 2 steps, then resumed: same metrics and same final weights.
+    let part = t.join("part");
+    let cfg_part = t.join("part.toml");
+    write_config(&cfg_part, &part, &s1, 5);
+    ok(&bin(&[
+        "train",
+        "--config",
+        &s(&cfg_part),
+        "--quiet",
+        "--stop-after",
+        "2",
+    ]));
+    assert!(!part.join("model.safetensors").exists());
+    // Starting again without --resume must refuse to clobber the run.
+    let o = bin(&["train", "--config", &s(&cfg_part), "--quiet"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    ok(&bin(&[
+        "train",
+        "--config",
+        &s(&cfg_part),
+        "--quiet",
+        "--resume",
+    ]));
+    assert_eq!(metric_lines(&part), lines);
+    assert_eq!(
+        std::fs::read(part.join("model.safetensors")).unwrap(),
+        std::fs::read(full.join("model.safetensors")).unwrap(),
+        "resumed run ended with other weights"
+    );
+
+    // Evaluation through the CLI: every task, Delta_m against the configured baselines.
+    let o = bin(&["eval", "--run", &s(&full), "--split", "val", "--json"]);
+    ok(&o);
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["images"], 2);
+    let miou = r["semseg"]["miou"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&miou));
+    assert!(r["parts"]["miou"].as_f64().is_some());
+    assert!((0.0..=100.0).contains(&r["saliency"]["maxf"].as_f64().unwrap()));
+    let angle = r["normals"]["mean_angle"].as_f64().unwrap();
+    assert!((0.0..=180.0).contains(&angle));
+    assert!((0.0..=100.0).contains(&r["edge"]["ods_f"].as_f64().unwrap()));
+    let dm = r["delta_m"].as_f64().unwrap();
+    let want = 100.0 * ((miou - 5.0) / 5.0 - (angle - 50.0) / 50.0) / 2.0;
+    assert!((dm - want).abs() < 1e-6, "{dm} vs {want}");
+    // The same numbers the training run wrote at its end.
+    let at_end: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("eval-val.json")).unwrap())
+            .unwrap();
+    assert_eq!(at_end["semseg"], r["semseg"]);
+
+    // Predictions: one PNG per task per image at the image's size, and a contact sheet.
+    let pred = t.join("pred");
+    ok(&bin(&[
+        "predict",
+        "--run",
+        &s(&full),
+        "--images",
+        &s(&fx().join("pascal/JPEGImages")),
+        "--out",
+        &s(&pred),
+    ]));
+    let html = std::fs::read_to_string(pred.join("index.html")).unwrap();
+    for task in ["semseg", "parts", "saliency", "normals", "edge"] {
+        let p = pred.join(format!("00000_2008_000001_{task}.png"));
+        let img = image::open(&p).unwrap();
+        assert_eq!((img.width(), img.height()), (96, 64), "{task}");
+        assert!(html.contains(&format!("00000_2008_000001_{task}.png")));
+    }
+}
+
+#[test]
+fn bad_train_config_and_eval_edges_inputs_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(&cfg, "out = \"x\"\nlearning_rate = 1.0\n").unwrap();
+    let o = bin(&["train", "--config", &cfg.to_string_lossy()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("bad.toml") && e.contains("learning_rate"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+
+    // eval-edges: a prediction without ground truth, then a corrupt ground-truth file.
+    let pred = tmp.path().join("pred");
+    let gt = tmp.path().join("gt");
+    std::fs::create_dir_all(&pred).unwrap();
+    std::fs::create_dir_all(&gt).unwrap();
+    image::GrayImage::new(20, 10)
+        .save(pred.join("a.png"))
+        .unwrap();
+    let run = || {
+        bin(&[
+            "eval-edges",
+            "--pred",
+            &pred.to_string_lossy(),
+            "--gt",
+            &gt.to_string_lossy(),
+        ])
+    };
+    let o = run();
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("a.png") && e.contains("no ground truth"), "{e}");
+    std::fs::write(gt.join("a.mat"), b"MATLAB 5.0 MAT-file, short").unwrap();
+    let o = run();
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("a.mat"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+}
