@@ -4,7 +4,7 @@
 Run by hand (never by CI):
 
     python -m venv .refenv && .refenv/bin/pip install numpy scipy scikit-image \
-        opencv-python-headless pillow torch
+        opencv-python-headless pillow torch safetensors
     .refenv/bin/python scripts/gen_dense_fixtures.py
 
 Writes under tests/fixtures/dense/:
@@ -19,7 +19,8 @@ Writes under tests/fixtures/dense/:
             `anno` structs), LabelMap .mat, sal_distill, normals_distill, json class lists,
             and expected.json: the parts map class histogram per image as MTI-Net computes it;
   nyud/     a 2-image NYUD_MT folder with the real NYU sample (depth .npy in metres);
-  losses.json  the stage-2 task losses computed with torch on small random inputs.
+  losses.json  the stage-2 task losses computed with torch on small random inputs;
+  decoder.safetensors  MoR routers + heads in torch: weights, inputs, eval/train logits.
 """
 import json
 import os
@@ -200,6 +201,110 @@ def gen_nyud():
         f.write(ids[0] + "\n")
 
 
+def gen_decoder():
+    """Routers + heads written from SPEC.md section 2 in torch (an independent implementation),
+    with random weights named as distillery names them; inputs (stem tokens, normed adapter
+    maps) and logits in eval mode (clean gates, running statistics) and train mode (batch
+    statistics, clean gates), plus the running statistics after the train-mode pass:
+    tests/fixtures/dense/decoder.safetensors."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    torch.manual_seed(11)
+    B, D, L, T, gh, gw, H, W = 2, 16, 4, 2, 3, 5, 22, 38  # H, W not multiples of 4 on purpose
+    tasks = [("semseg", 5), ("normals", 3)]
+    E = T + 1
+
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(D, D // 2)
+            self.norm = nn.LayerNorm(D // 2)
+            self.fc2 = nn.Linear(D // 2, 2 * E)
+
+        def forward(self, tok):
+            logits = self.fc2(F.gelu(self.norm(self.fc1(tok)))).mean(1)
+            return F.softmax(logits[:, :E], -1)  # clean gates
+
+    class Head(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.proj = nn.ModuleList([nn.Linear(D, D // 4) for _ in range(L)])
+            self.conv = nn.Conv2d(L * (D // 4), D, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(D)
+            self.cls = nn.Conv2d(D, c, 1)
+
+        def forward(self, maps):
+            q = (-(-H // 4), -(-W // 4))
+            parts = []
+            for k, m in enumerate(maps):
+                t = self.proj[k](m.flatten(2).transpose(1, 2))
+                t = t.transpose(1, 2).reshape(B, D // 4, gh, gw)
+                parts.append(F.interpolate(t, size=q, mode="bilinear", align_corners=False))
+            x = self.cls(F.gelu(self.bn(self.conv(torch.cat(parts, 1)))))
+            return F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+
+    routers = nn.ModuleDict({f"{k}_{t}": Router() for k in range(L) for t, _ in tasks})
+    heads = nn.ModuleDict({t: Head(c) for t, c in tasks})
+    with torch.no_grad():
+        for p in list(routers.parameters()) + list(heads.parameters()):
+            p.copy_(torch.randn(p.shape) * 0.3)
+        for t, _ in tasks:
+            heads[t].bn.running_mean.copy_(torch.randn(D) * 0.2)
+            heads[t].bn.running_var.copy_(torch.rand(D) + 0.5)
+    stem = [torch.randn(B, 1 + gh * gw, D) for _ in range(L)]
+    normed = [[torch.randn(B, D, gh, gw) for _ in range(L)] for _ in range(T)]
+    w = {}
+    for k in range(L):
+        for t, _ in tasks:
+            r = routers[f"{k}_{t}"]
+            for n in ("fc1", "norm", "fc2"):
+                w[f"routers.{k}.{t}.{n}.weight"] = getattr(r, n).weight
+                w[f"routers.{k}.{t}.{n}.bias"] = getattr(r, n).bias
+    for t, _ in tasks:
+        h = heads[t]
+        for k in range(L):
+            w[f"heads.{t}.proj.{k}.weight"] = h.proj[k].weight
+            w[f"heads.{t}.proj.{k}.bias"] = h.proj[k].bias
+        w[f"heads.{t}.conv.weight"] = h.conv.weight
+        w[f"heads.{t}.bn.weight"] = h.bn.weight
+        w[f"heads.{t}.bn.bias"] = h.bn.bias
+        w[f"heads.{t}.bn.running_mean"] = h.bn.running_mean
+        w[f"heads.{t}.bn.running_var"] = h.bn.running_var
+        w[f"heads.{t}.cls.weight"] = h.cls.weight
+        w[f"heads.{t}.cls.bias"] = h.cls.bias
+    out = {k: v.detach().clone().contiguous() for k, v in w.items()}
+    for k in range(L):
+        out[f"in.stem.{k}"] = stem[k]
+        for i in range(T):
+            out[f"in.normed.{i}.{k}"] = normed[i][k]
+
+    def run(train):
+        heads.train(train)
+        res = {}
+        for t, _ in tasks:
+            maps = []
+            for k in range(L):
+                tok = stem[k][:, 1:]
+                experts = [tok.transpose(1, 2).reshape(B, D, gh, gw)] + [normed[i][k] for i in range(T)]
+                p = routers[f"{k}_{t}"](tok)
+                maps.append(sum(p[:, e, None, None, None] * experts[e] for e in range(E)))
+            res[t] = heads[t](maps)
+        return res
+
+    with torch.no_grad():
+        for t, x in run(False).items():
+            out[f"out.eval.{t}"] = x.contiguous()
+        for t, x in run(True).items():
+            out[f"out.train.{t}"] = x.contiguous()
+        for t, _ in tasks:
+            out[f"after.{t}.running_mean"] = heads[t].bn.running_mean.clone()
+            out[f"after.{t}.running_var"] = heads[t].bn.running_var.clone()
+    save_file(out, os.path.join(OUT, "decoder.safetensors"))
+
+
 def main():
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(OUT)
@@ -208,6 +313,7 @@ def main():
     gen_pascal()
     gen_nyud()
     gen_losses()
+    gen_decoder()
     print("wrote", OUT)
 
 

@@ -286,3 +286,68 @@ fn bad_train_config_and_eval_edges_inputs_are_named() {
     assert!(e.contains("a.mat"), "{e}");
     assert_eq!(e.lines().count(), 1, "{e}");
 }
+
+#[test]
+fn routers_and_heads_match_torch() {
+    use distillery::models::multitask::{Decoder, MultiTaskSpec, RouterKind};
+    use distillery::models::student::{StudentOutput, StudentSpec, TeacherSlot};
+    use distillery::weights::Weights;
+    let p = fx().join("decoder.safetensors");
+    let w = Weights::open(
+        std::slice::from_ref(&p),
+        &p,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let slot = |n: &str| TeacherSlot {
+        name: n.into(),
+        dim: 16,
+    };
+    let student = StudentSpec::new((16, 4, 2), 8, 32, vec![slot("a"), slot("b")]).unwrap();
+    assert_eq!(student.levels.len(), 4);
+    let spec = MultiTaskSpec {
+        student,
+        tasks: vec![(Task::Semseg, 5), (Task::Normals, 3)],
+        router: RouterKind::Mor,
+    };
+    let get = |n: &str| w.get_any(n).unwrap();
+    let inputs = || StudentOutput {
+        stem: (0..4).map(|k| get(&format!("in.stem.{k}"))).collect(),
+        normed: (0..2)
+            .map(|i| (0..4).map(|k| get(&format!("in.normed.{i}.{k}"))).collect())
+            .collect(),
+        aligned: vec![],
+        grid: (3, 5),
+    };
+    let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    for (mode, train) in [("eval", false), ("train", true)] {
+        let dec = Decoder::build(&spec, &w, &w).unwrap();
+        let out = dec.forward(inputs(), (22, 38), train, None).unwrap();
+        for (task, logits) in &out.logits {
+            let want = get(&format!("out.{mode}.{}", task.name()));
+            let d = max_diff(logits, &want);
+            assert!(d < 1e-4, "{mode} {task:?}: max diff {d}");
+        }
+        if train {
+            for (name, t) in dec.buffers().unwrap() {
+                // heads.{task}.bn.running_x -> after.{task}.running_x
+                let key = name.replace("heads.", "after.").replace(".bn.", ".");
+                let d = max_diff(&t, &get(&key));
+                assert!(d < 1e-5, "{name}: {d}");
+            }
+        }
+    }
+}

@@ -16,7 +16,7 @@
 //! `heads.{task}.bn.running_{mean,var}`.
 
 use super::layers::{LayerNorm, Linear};
-use super::student::{Init, Student, StudentSpec};
+use super::student::{Init, Student, StudentOutput, StudentSpec};
 use crate::data::dense::Task;
 use crate::error::{Error, Result};
 use crate::interp::resize_bilinear;
@@ -189,6 +189,12 @@ pub struct MultiTaskOutput {
 pub struct MultiTaskModel {
     pub spec: MultiTaskSpec,
     pub student: Student,
+    pub decoder: Decoder,
+}
+
+/// Routers and heads: everything after the student.
+pub struct Decoder {
+    spec: MultiTaskSpec,
     routers: Vec<Vec<Router>>, // [level][task]
     heads: Vec<Head>,
 }
@@ -196,7 +202,35 @@ pub struct MultiTaskModel {
 impl MultiTaskModel {
     /// Build from parameters (student + task parameters) and buffers (running statistics).
     pub fn build(spec: &MultiTaskSpec, w: &Weights, buffers: &Weights) -> Result<Self> {
-        let student = Student::build(&spec.student, w)?;
+        Ok(Self {
+            spec: spec.clone(),
+            student: Student::build(&spec.student, w)?,
+            decoder: Decoder::build(spec, w, buffers)?,
+        })
+    }
+
+    /// Current BatchNorm running statistics, by buffer name.
+    pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        self.decoder.buffers()
+    }
+
+    /// Forward pass. `noise` draws the router noise (training); `None` = clean gates.
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        train: bool,
+        aligned: bool,
+        noise: Option<&mut dyn rand::RngCore>,
+    ) -> Result<MultiTaskOutput> {
+        let (_, _, ih, iw) = pixels.dims4()?;
+        let out = self.student.forward(pixels, aligned)?;
+        self.decoder.forward(out, (ih, iw), train, noise)
+    }
+}
+
+impl Decoder {
+    /// Build the task parameters (`routers.*`, `heads.*`) and buffers.
+    pub fn build(spec: &MultiTaskSpec, w: &Weights, buffers: &Weights) -> Result<Self> {
         let d = spec.student.dim;
         let levels = spec.student.levels.len();
         let lin = |w: &Weights, i: usize, o: usize| super::layers::linear(w, i, o, true);
@@ -236,7 +270,6 @@ impl MultiTaskModel {
         }
         Ok(Self {
             spec: spec.clone(),
-            student,
             routers,
             heads,
         })
@@ -261,16 +294,16 @@ impl MultiTaskModel {
         Ok(out)
     }
 
-    /// Forward pass. `noise` draws the router noise (training); `None` = clean gates.
+    /// Routers and heads on the student's outputs, logits at (ih, iw). `train` selects
+    /// BatchNorm batch statistics and, with `noise`, noisy gates.
     pub fn forward(
         &self,
-        pixels: &Tensor,
+        out: StudentOutput,
+        (ih, iw): (usize, usize),
         train: bool,
-        aligned: bool,
         noise: Option<&mut dyn rand::RngCore>,
     ) -> Result<MultiTaskOutput> {
-        let (b, _, ih, iw) = pixels.dims4()?;
-        let out = self.student.forward(pixels, aligned)?;
+        let b = out.stem[0].dim(0)?;
         let (gh, gw) = out.grid;
         let d = self.spec.student.dim;
         let levels = self.spec.student.levels.len();
@@ -314,7 +347,7 @@ impl MultiTaskModel {
                                 let eps: Vec<f32> = (0..b * n_exp)
                                     .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
                                     .collect();
-                                let eps = Tensor::from_vec(eps, (b, n_exp), pixels.device())?;
+                                let eps = Tensor::from_vec(eps, (b, n_exp), logits.device())?;
                                 (clean + (eps * (sp + 0.01)?)?)?
                             }
                             _ => clean,
