@@ -94,13 +94,18 @@ enum Command {
     /// SAK stage 1: distil frozen teachers into a student on unlabeled images
     Distill(Box<DistillArgs>),
     /// Run teachers once over a data set and store their distilled levels for training
+    /// (stage 1: --teacher + --images; stage 2: --config with the training recipe)
     Cache {
         /// Teacher folder or hub id (repeat); order is kept
-        #[arg(long = "teacher", required = true)]
+        #[arg(long = "teacher", required_unless_present = "config")]
         teachers: Vec<String>,
         /// Images: folder tree, .tar archive or shard pattern
-        #[arg(long)]
-        images: PathBuf,
+        #[arg(long, required_unless_present = "config")]
+        images: Option<PathBuf>,
+        /// Stage-2 recipe (`distillery train --config`): cache its teachers on K augmented
+        /// variants of its training split
+        #[arg(long, conflicts_with_all = ["teachers", "images"])]
+        config: Option<PathBuf>,
         /// Cache folder to create
         #[arg(long)]
         out: PathBuf,
@@ -674,6 +679,7 @@ fn run() -> Result<()> {
         Command::Cache {
             teachers,
             images,
+            config,
             out,
             image_size,
             variants,
@@ -682,26 +688,30 @@ fn run() -> Result<()> {
             batch_size,
             quiet,
         } => {
-            use distillery::train::{cache, stage1::Teacher};
-            let opts = LoadOptions::default();
-            let ts = teachers
-                .iter()
-                .map(|t| Teacher::load(t, image_size, 0, &opts))
-                .collect::<distillery::Result<Vec<_>>>()?;
+            use distillery::train::{cache, stage1::Teacher, stage2};
+            let bo = cache::BuildOptions {
+                image_size,
+                variants,
+                seed,
+                dtype,
+                batch_size,
+                progress: !quiet,
+            };
             let t0 = std::time::Instant::now();
-            let m = cache::build(
-                &ts,
-                &images,
-                &out,
-                &cache::BuildOptions {
-                    image_size,
-                    variants,
-                    seed,
-                    dtype,
-                    batch_size,
-                    progress: !quiet,
-                },
-            )?;
+            let m = match (config, images) {
+                (Some(c), _) => {
+                    stage2::build_cache(&stage2::TrainConfig::from_file(&c)?, &out, &bo)?
+                }
+                (None, Some(images)) => {
+                    let opts = LoadOptions::default();
+                    let ts = teachers
+                        .iter()
+                        .map(|t| Teacher::load(t, image_size, 0, &opts))
+                        .collect::<distillery::Result<Vec<_>>>()?;
+                    cache::build(&ts, &images, &out, &bo)?
+                }
+                (None, None) => bail!("give --images (stage 1) or --config (stage 2)"),
+            };
             let items = m.n_images as u64 * m.variants;
             eprintln!(
                 "cached {} teachers x {items} items in {:.1} s ({:.1} items/s) into {}",

@@ -78,6 +78,10 @@ fn task_losses_match_torch() {
 }
 
 fn write_config(path: &Path, out: &Path, init: &Path, steps: u64) {
+    write_config_extra(path, out, init, steps, "");
+}
+
+fn write_config_extra(path: &Path, out: &Path, init: &Path, steps: u64, extra: &str) {
     let text = format!(
         r#"out = "{}"
 dataset = "pascal-context"
@@ -89,6 +93,7 @@ steps = {steps}
 checkpoint_every = 2
 edge_thresholds = 9
 seed = 5
+{extra}
 
 [baselines]
 semseg = 5.0
@@ -99,6 +104,122 @@ normals = 50.0
         init.display()
     );
     std::fs::write(path, text).unwrap();
+}
+
+/// A one-step stage-1 run with the given tiny teachers and a timm ViT student (patch 8).
+fn stage1(t: &Path, teachers: &[&str]) -> PathBuf {
+    let s1 = t.join("s1");
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let mut args = vec!["distill".to_string()];
+    for name in teachers {
+        args.push("--teacher".into());
+        args.push(s(&model_dir(name)));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&bin(&[
+        args.as_slice(),
+        &[
+            "--student",
+            &s(&model_dir("timm-vit")),
+            "--images",
+            &s(&fx().join("pascal/JPEGImages")),
+            "--out",
+            &s(&s1),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--image-size",
+            "32",
+            "--quiet",
+        ],
+    ]
+    .concat()));
+    s1
+}
+
+#[test]
+fn cached_teachers_give_the_online_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let s1 = stage1(t, &["dinov2", "sam"]);
+    // Online teachers (DINOv2 at the input size, SAM at 1024 px) replaying 2 augmentation
+    // variants, and the same recipe reading an f32 cache of those variants.
+    let online = t.join("online");
+    let cfg_on = t.join("online.toml");
+    write_config_extra(
+        &cfg_on,
+        &online,
+        &s1,
+        4,
+        "crop_variants = 2\neval_at_end = false",
+    );
+    ok(&bin(&["train", "--config", &s(&cfg_on), "--quiet"]));
+    let cache = t.join("cache");
+    ok(&bin(&[
+        "cache",
+        "--config",
+        &s(&cfg_on),
+        "--variants",
+        "2",
+        "--dtype",
+        "f32",
+        "--out",
+        &s(&cache),
+        "--quiet",
+    ]));
+    let cached = t.join("cached");
+    let cfg_c = t.join("cached.toml");
+    write_config_extra(
+        &cfg_c,
+        &cached,
+        &s1,
+        4,
+        &format!(
+            "crop_variants = 2\neval_at_end = false\ncache = \"{}\"",
+            cache.display()
+        ),
+    );
+    ok(&bin(&["train", "--config", &s(&cfg_c), "--quiet"]));
+    let read = |run: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (a, b) = (read(&online), read(&cached));
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        for k in ["loss", "loss/distill", "loss/semseg"] {
+            let (u, v) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+            assert!(
+                (u - v).abs() <= 1e-4 * u.abs().max(1.0),
+                "step {}: {k} {u} vs {v}",
+                x["step"]
+            );
+        }
+    }
+    // A cache of another recipe is refused by name.
+    let cfg_bad = t.join("bad.toml");
+    write_config_extra(
+        &cfg_bad,
+        &t.join("bad"),
+        &s1,
+        4,
+        &format!(
+            "crop_variants = 2\ncache = \"{}\"\n[augment]\nflip_p = 0.0",
+            cache.display()
+        ),
+    );
+    let o = bin(&["train", "--config", &s(&cfg_bad), "--quiet"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("manifest.json") && e.contains("augmentation"),
+        "{e}"
+    );
 }
 
 fn metric_lines(run: &Path) -> Vec<String> {
@@ -120,25 +241,7 @@ fn train_resume_eval_predict() {
     let t = tmp.path();
     let s = |p: &Path| p.to_string_lossy().to_string();
     // Stage 1: a DINOv2 teacher, a timm ViT student (patch 8), the data set's photos.
-    let s1 = t.join("s1");
-    ok(&bin(&[
-        "distill",
-        "--teacher",
-        &s(&model_dir("dinov2")),
-        "--student",
-        &s(&model_dir("timm-vit")),
-        "--images",
-        &s(&fx().join("pascal/JPEGImages")),
-        "--out",
-        &s(&s1),
-        "--steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--image-size",
-        "32",
-        "--quiet",
-    ]));
+    let s1 = stage1(t, &["dinov2"]);
 
     // Uninterrupted run.
     let full = t.join("full");

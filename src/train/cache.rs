@@ -42,6 +42,61 @@ pub struct Manifest {
     pub dtype: String,
     /// names of the data set's items, in order (checked when training)
     pub items: Vec<String>,
+    /// what produced the teacher inputs besides seed and variant (stage 2: data set, split,
+    /// input size and augmentation, as JSON); empty for stage-1 crops
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub recipe: String,
+}
+
+/// What a cache is built over: named items and, for each (variant, item), every teacher's input.
+pub trait CacheItems: Sync {
+    fn len(&self) -> usize;
+    fn name(&self, i: usize) -> String;
+    /// where the items come from (recorded in the manifest)
+    fn root(&self) -> PathBuf;
+    /// input (h, w) the teacher is fed
+    fn input_hw(&self, teacher: &Teacher) -> (usize, usize);
+    /// per teacher its input `[3, h, w]` for item i of variant v; None = unreadable (stored as
+    /// zeros and marked invalid)
+    fn inputs(&self, teachers: &[Teacher], v: u64, i: usize) -> Option<Vec<Tensor>>;
+    /// see [`Manifest::recipe`]
+    fn recipe(&self) -> String {
+        String::new()
+    }
+}
+
+/// Stage-1 items: an image folder/archive with RandomResizedCrop + flip from (seed, v, i).
+struct CropItems {
+    data: ImageSet,
+    seed: u64,
+}
+
+impl CacheItems for CropItems {
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+    fn name(&self, i: usize) -> String {
+        self.data.name(i)
+    }
+    fn root(&self) -> PathBuf {
+        self.data.root()
+    }
+    fn input_hw(&self, t: &Teacher) -> (usize, usize) {
+        (t.size, t.size)
+    }
+    fn inputs(&self, teachers: &[Teacher], v: u64, i: usize) -> Option<Vec<Tensor>> {
+        let img = self.data.load(i).ok()?;
+        let crop = RandomResizedCrop::default()
+            .sample(img.dimensions(), &mut sample_rng(self.seed, v, i as u64));
+        teachers
+            .iter()
+            .map(|t| {
+                let p = &t.encoder.info().preprocess;
+                crop_to_tensor(&img, &crop, t.size, p.mean, p.std, &Device::Cpu)
+            })
+            .collect::<Result<Vec<_>>>()
+            .ok()
+    }
 }
 
 fn dtype_of(s: &str) -> Result<DType> {
@@ -62,6 +117,7 @@ fn data_file(dir: &Path, t: usize, k: usize) -> PathBuf {
 }
 
 /// Options for building a cache.
+#[derive(Clone, Debug)]
 pub struct BuildOptions {
     pub image_size: usize,
     pub variants: u64,
@@ -71,10 +127,25 @@ pub struct BuildOptions {
     pub progress: bool,
 }
 
-/// Run `teachers` over every image x variant of `images` and write the cache into `out`.
+/// Run `teachers` over every image x variant of `images` (stage-1 crops) and write the cache
+/// into `out`.
 pub fn build(
     teachers: &[Teacher],
     images: &Path,
+    out: &Path,
+    o: &BuildOptions,
+) -> Result<Manifest> {
+    let items = CropItems {
+        data: ImageSet::open(images)?,
+        seed: o.seed,
+    };
+    build_from(teachers, &items, out, o)
+}
+
+/// Run `teachers` over every item x variant of `data` and write the cache into `out`.
+pub fn build_from(
+    teachers: &[Teacher],
+    data: &dyn CacheItems,
     out: &Path,
     o: &BuildOptions,
 ) -> Result<Manifest> {
@@ -84,7 +155,6 @@ pub fn build(
             "variants and batch size must be positive".into(),
         ));
     }
-    let data = ImageSet::open(images)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let manifest_path = out.join("manifest.json");
     if manifest_path.exists() {
@@ -99,7 +169,7 @@ pub fn build(
     let mut cached = Vec::new();
     for (t, teacher) in teachers.iter().enumerate() {
         let info = teacher.encoder.info();
-        let (gh, gw) = info.grid((teacher.size, teacher.size));
+        let (gh, gw) = info.grid(data.input_hw(teacher));
         cached.push(CachedTeacher {
             name: teacher.name.clone(),
             size: teacher.size,
@@ -122,24 +192,12 @@ pub fn build(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let rrc = RandomResizedCrop::default();
     for v in 0..o.variants {
         for chunk in (0..n).collect::<Vec<_>>().chunks(o.batch_size) {
             // Decode + crop in parallel; an unreadable image stores zeros and valid = 0.
             let inputs: Vec<Option<Vec<Tensor>>> = chunk
                 .par_iter()
-                .map(|&i| {
-                    let img = data.load(i).ok()?;
-                    let crop = rrc.sample(img.dimensions(), &mut sample_rng(o.seed, v, i as u64));
-                    teachers
-                        .iter()
-                        .map(|t| {
-                            let p = &t.encoder.info().preprocess;
-                            crop_to_tensor(&img, &crop, t.size, p.mean, p.std, &Device::Cpu)
-                        })
-                        .collect::<Result<Vec<_>>>()
-                        .ok()
-                })
+                .map(|&i| data.inputs(teachers, v, i))
                 .collect();
             for (j, inp) in inputs.iter().enumerate() {
                 valid.push(inp.is_some() as u8);
@@ -187,12 +245,13 @@ pub fn build(
     let manifest = Manifest {
         format: "distillery-teacher-cache-v1".into(),
         teachers: cached,
-        images: images.to_path_buf(),
+        images: data.root(),
         n_images: n,
         variants: o.variants,
         seed: o.seed,
         dtype: o.dtype.clone(),
         items: (0..n).map(|i| data.name(i)).collect(),
+        recipe: data.recipe(),
     };
     let text = serde_json::to_string(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
     let tmp = out.join("manifest.json.tmp");

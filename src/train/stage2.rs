@@ -18,6 +18,7 @@ use crate::metrics::segmentation::MeanIou;
 use crate::models::multitask::{predictions, MultiTaskModel, MultiTaskSpec, RouterKind};
 use crate::models::student::{preset, StudentSpec, TeacherSlot};
 use crate::models::{Family, LoadOptions};
+use crate::train::cache::FeatureCache;
 use crate::train::checkpoint;
 use crate::train::optim::AdamW;
 use crate::train::schedule::PolySchedule;
@@ -32,6 +33,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Stage-2 configuration (`distillery train --config FILE.toml`); defaults are the reference
@@ -79,6 +81,11 @@ pub struct TrainConfig {
     pub edge_thresholds: usize,
     /// evaluate on the validation split at the end of training
     pub eval_at_end: bool,
+    /// teacher-feature cache (`distillery cache --config`): teachers are not run
+    pub cache: Option<PathBuf>,
+    /// 0: fresh augmentation every epoch; K: epoch e replays the augmentation of variant
+    /// e mod K (what a cache with K variants holds; a cache sets it)
+    pub crop_variants: u64,
 }
 
 impl Default for TrainConfig {
@@ -110,6 +117,8 @@ impl Default for TrainConfig {
             edge_max_dist: 0.0,
             edge_thresholds: 99,
             eval_at_end: true,
+            cache: None,
+            crop_variants: 0,
         }
     }
 }
@@ -232,15 +241,31 @@ pub struct RunModelInfo {
     pub input_hw: (usize, usize),
 }
 
-/// The stage-1 student a stage-2 run starts from: its spec and parameters (aligners included
-/// when the run's checkpoint has them).
-fn stage1_init(dir: &Path) -> Result<(StudentSpec, HashMap<String, Tensor>, Vec<String>)> {
+/// A stage-1 run's student spec and the teachers its recipe names.
+fn stage1_spec(dir: &Path) -> Result<(StudentSpec, Vec<String>)> {
     let spec_p = dir.join("student.json");
     let text = std::fs::read_to_string(&spec_p).map_err(|e| Error::io(&spec_p, e))?;
     let spec: StudentSpec = serde_json::from_str(&text).map_err(|e| Error::Config {
         path: spec_p.clone(),
         msg: e.to_string(),
     })?;
+    let teachers = std::fs::read_to_string(dir.join("config.toml"))
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Value>(&t).ok())
+        .and_then(|v| {
+            v.get("teachers")?.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .unwrap_or_default();
+    Ok((spec, teachers))
+}
+
+/// A stage-1 run's parameters: from its checkpoint (aligners included) when present, else the
+/// exported student.
+fn stage1_params(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let ck = dir.join("checkpoint.safetensors");
     let mut params = HashMap::new();
     if ck.is_file() {
@@ -262,19 +287,137 @@ fn stage1_init(dir: &Path) -> Result<(StudentSpec, HashMap<String, Tensor>, Vec<
             params.insert(n.clone(), w.get_any(&n)?);
         }
     }
-    // The stage-1 recipe names its teachers.
-    let teachers = std::fs::read_to_string(dir.join("config.toml"))
-        .ok()
-        .and_then(|t| toml::from_str::<toml::Value>(&t).ok())
-        .and_then(|v| {
-            v.get("teachers")?.as_array().map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect::<Vec<_>>()
-            })
+    Ok(params)
+}
+
+fn is_stage1_run(init: &str) -> bool {
+    Path::new(init).join("student.json").is_file()
+}
+
+/// The teachers of the distillation term: the config's, else the stage-1 run's.
+pub fn teacher_ids(cfg: &TrainConfig) -> Result<Vec<String>> {
+    if !cfg.teachers.is_empty() {
+        return Ok(cfg.teachers.clone());
+    }
+    if is_stage1_run(&cfg.init) {
+        return Ok(stage1_spec(Path::new(&cfg.init))?.1);
+    }
+    Ok(Vec::new())
+}
+
+/// Stage-2 cache items: the training split, augmented as training augments it (from
+/// (seed, variant, index)), each teacher fed the augmented input at its own geometry.
+pub struct DenseItems {
+    ds: Box<dyn DenseDataset>,
+    aug: DenseAugment,
+    hw: (usize, usize),
+    norm: Normalize,
+    seed: u64,
+    recipe: String,
+}
+
+impl DenseItems {
+    pub fn new(cfg: &TrainConfig, norm: Normalize) -> Result<Self> {
+        let ds = dense::open_dataset(&cfg.dataset, &cfg.data_root, &cfg.train_split, &cfg.tasks())?;
+        let recipe = cache_recipe(cfg, norm);
+        Ok(Self {
+            ds,
+            aug: cfg.augment.clone(),
+            hw: cfg.input_hw(),
+            norm,
+            seed: cfg.seed,
+            recipe,
         })
-        .unwrap_or_default();
-    Ok((spec, params, teachers))
+    }
+}
+
+/// What, besides seed and variant, decides the teachers' inputs of a stage-2 cache.
+fn cache_recipe(cfg: &TrainConfig, norm: Normalize) -> String {
+    serde_json::json!({
+        "dataset": cfg.dataset,
+        "split": cfg.train_split,
+        "input_hw": cfg.input_hw(),
+        "augment": cfg.augment,
+        "mean": norm.mean,
+        "std": norm.std,
+    })
+    .to_string()
+}
+
+impl crate::train::cache::CacheItems for DenseItems {
+    fn len(&self) -> usize {
+        self.ds.len()
+    }
+    fn name(&self, i: usize) -> String {
+        self.ds.id(i).to_string()
+    }
+    fn root(&self) -> PathBuf {
+        self.ds.root().to_path_buf()
+    }
+    fn input_hw(&self, t: &Teacher) -> (usize, usize) {
+        if t.encoder.info().family == Family::Sam {
+            (t.size, t.size)
+        } else {
+            self.hw
+        }
+    }
+    fn inputs(&self, teachers: &[Teacher], v: u64, i: usize) -> Option<Vec<Tensor>> {
+        let s = self.ds.load(i).ok()?;
+        let p = self.aug.apply(
+            &s,
+            self.hw,
+            self.norm,
+            &mut sample_rng(self.seed, v, i as u64),
+        );
+        let x = Tensor::from_vec(p.image, (1, 3, self.hw.0, self.hw.1), &Device::Cpu).ok()?;
+        teachers
+            .iter()
+            .map(|t| {
+                teacher_pixels(&x, self.norm, t)?
+                    .squeeze(0)
+                    .map_err(Error::from)
+            })
+            .collect::<Result<Vec<_>>>()
+            .ok()
+    }
+    fn recipe(&self) -> String {
+        self.recipe.clone()
+    }
+}
+
+/// Build a teacher cache for a stage-2 recipe (K augmentation variants of the training split).
+pub fn build_cache(
+    cfg: &TrainConfig,
+    out: &Path,
+    opts: &crate::train::cache::BuildOptions,
+) -> Result<crate::train::cache::Manifest> {
+    let ids = teacher_ids(cfg)?;
+    if ids.is_empty() {
+        return Err(Error::Invalid(
+            "no teachers to cache (set teachers or init)".into(),
+        ));
+    }
+    let hw = cfg.input_hw();
+    let teachers = ids
+        .iter()
+        .map(|id| Teacher::load(id, hw.0.max(hw.1), 0, &LoadOptions::default()))
+        .collect::<Result<Vec<_>>>()?;
+    let norm = student_norm(cfg)?;
+    let mut o = opts.clone();
+    o.seed = cfg.seed;
+    crate::train::cache::build_from(&teachers, &DenseItems::new(cfg, norm)?, out, &o)
+}
+
+/// The student's input normalisation for a recipe (the stage-1 run's, else ImageNet's).
+fn student_norm(cfg: &TrainConfig) -> Result<Normalize> {
+    if is_stage1_run(&cfg.init) {
+        let s = stage1_spec(Path::new(&cfg.init))?.0;
+        return Ok(Normalize {
+            mean: s.mean,
+            std: s.std,
+        });
+    }
+    Ok(Normalize::IMAGENET)
 }
 
 /// Resample a `[1, 1 + gh*gw, D]` position table to a new grid (cls kept apart).
@@ -321,6 +464,8 @@ fn teacher_pixels(x: &Tensor, from: Normalize, t: &Teacher) -> Result<Tensor> {
 struct Batch {
     pixels: Tensor,
     targets: Vec<Target>,
+    /// [teacher][level] features read from a cache
+    teacher_feats: Option<Vec<Vec<Tensor>>>,
 }
 
 /// Stack prepared samples into the network input and per-task targets.
@@ -352,7 +497,11 @@ fn collate(items: &[Prepared], tasks: &[Task]) -> Result<Batch> {
             data,
         });
     }
-    Ok(Batch { pixels, targets })
+    Ok(Batch {
+        pixels,
+        targets,
+        teacher_feats: None,
+    })
 }
 
 /// Options of one invocation.
@@ -372,6 +521,51 @@ pub struct RunSummary {
     pub last_loss: f64,
     pub images_per_s: f64,
     pub eval: Option<serde_json::Value>,
+}
+
+/// A cache must hold this recipe's teachers, seed, items and augmentation.
+fn check_cache(
+    c: &FeatureCache,
+    dir: &Path,
+    cfg: &TrainConfig,
+    teacher_ids: &[String],
+    train: &dyn DenseDataset,
+    norm: Normalize,
+) -> Result<()> {
+    let m = &c.manifest;
+    let bad = |msg: String| Error::BadInput {
+        path: dir.join("manifest.json"),
+        msg,
+    };
+    let names: Vec<&str> = m.teachers.iter().map(|t| t.name.as_str()).collect();
+    if !teacher_ids.is_empty()
+        && teacher_ids.iter().map(String::as_str).collect::<Vec<_>>() != names
+    {
+        return Err(bad(format!(
+            "cache holds teachers {names:?}, not {teacher_ids:?}"
+        )));
+    }
+    if m.seed != cfg.seed {
+        return Err(bad(format!(
+            "cache was built with seed {}, the run uses {}",
+            m.seed, cfg.seed
+        )));
+    }
+    if cfg.crop_variants != 0 && cfg.crop_variants != m.variants {
+        return Err(bad(format!(
+            "cache holds {} variants, the run asks for {}",
+            m.variants, cfg.crop_variants
+        )));
+    }
+    if m.n_images != train.len() || (0..train.len()).any(|i| m.items[i] != train.id(i)) {
+        return Err(bad("cache was built from a different list of images".into()));
+    }
+    if m.recipe != cache_recipe(cfg, norm) {
+        return Err(bad(
+            "cache was built for another data set, input size or augmentation".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Fresh parameters: the stage-1 student's where available, everything else seeded.
@@ -454,25 +648,28 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let hw = cfg.input_hw();
 
     // Student: a stage-1 run folder, or a preset with teachers.
-    let init_dir = PathBuf::from(&cfg.init);
-    let (stage1, run_teachers) = if init_dir.join("student.json").is_file() {
-        let (spec, params, t) = stage1_init(&init_dir)?;
-        (Some((spec, params)), t)
-    } else if preset(&cfg.init).is_some() {
-        (None, Vec::new())
-    } else {
+    if !is_stage1_run(&cfg.init) && preset(&cfg.init).is_none() {
         return Err(Error::BadInput {
-            path: init_dir.join("student.json"),
+            path: Path::new(&cfg.init).join("student.json"),
             msg: "init is neither a stage-1 run folder nor a student preset".into(),
         });
+    }
+    let teacher_ids = teacher_ids(cfg)?;
+    let norm0 = student_norm(cfg)?;
+    // Teacher features come from a cache, or teachers run online.
+    let cache = match &cfg.cache {
+        Some(dir) if cfg.distill_weight > 0.0 => {
+            let c = FeatureCache::open(dir)?;
+            check_cache(&c, dir, cfg, &teacher_ids, train.as_ref(), norm0)?;
+            Some(Arc::new(c))
+        }
+        _ => None,
     };
-    let teacher_ids = if cfg.teachers.is_empty() {
-        run_teachers
-    } else {
-        cfg.teachers.clone()
-    };
+    let variants = cache
+        .as_ref()
+        .map_or(cfg.crop_variants, |c| c.manifest.variants);
     let mut teachers = Vec::new();
-    if cfg.distill_weight > 0.0 {
+    if cfg.distill_weight > 0.0 && cache.is_none() {
         if teacher_ids.is_empty() {
             return Err(Error::Invalid(
                 "distill_weight > 0 but no teachers are known (set teachers)".into(),
@@ -487,28 +684,45 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             )?);
         }
     }
-    let (mut sspec, init_params) = match stage1 {
-        Some((spec, params)) => {
-            if !teachers.is_empty() && teachers.len() != spec.teachers.len() {
-                return Err(Error::Invalid(format!(
-                    "the stage-1 student has {} adapter paths, {} teachers given",
-                    spec.teachers.len(),
-                    teachers.len()
-                )));
-            }
-            (spec, params)
+    let slots: Vec<TeacherSlot> = match &cache {
+        Some(c) => c
+            .manifest
+            .teachers
+            .iter()
+            .map(|t| TeacherSlot {
+                name: t.name.clone(),
+                dim: t.dim,
+            })
+            .collect(),
+        None => teachers
+            .iter()
+            .map(|t| TeacherSlot {
+                name: t.name.clone(),
+                dim: t.encoder.info().width,
+            })
+            .collect(),
+    };
+    let distilling = !slots.is_empty();
+    let (mut sspec, init_params) = if is_stage1_run(&cfg.init) {
+        let dir = Path::new(&cfg.init);
+        let spec = stage1_spec(dir)?.0;
+        if distilling && slots.len() != spec.teachers.len() {
+            return Err(Error::Invalid(format!(
+                "the stage-1 student has {} adapter paths, {} teachers given",
+                spec.teachers.len(),
+                slots.len()
+            )));
         }
-        None => {
-            let slots = teachers
-                .iter()
-                .map(|t| TeacherSlot {
-                    name: t.name.clone(),
-                    dim: t.encoder.info().width,
-                })
-                .collect();
-            let dims = preset(&cfg.init).expect("checked above");
-            (StudentSpec::new(dims, 16, hw.0, slots)?, HashMap::new())
-        }
+        // A resumed run takes every parameter from its own checkpoint.
+        let params = if resume_state.is_some() {
+            HashMap::new()
+        } else {
+            stage1_params(dir)?
+        };
+        (spec, params)
+    } else {
+        let dims = preset(&cfg.init).expect("checked above");
+        (StudentSpec::new(dims, 16, hw.0, slots)?, HashMap::new())
     };
     if !hw.0.is_multiple_of(sspec.patch) || !hw.1.is_multiple_of(sspec.patch) {
         return Err(Error::Invalid(format!(
@@ -595,6 +809,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let aug = cfg.augment.clone();
     let seed = cfg.seed;
     let ptasks = tasks.clone();
+    let pcache = cache.clone();
     let producer = std::thread::spawn(move || {
         let mut order = Vec::new();
         let mut order_epoch = u64::MAX;
@@ -606,15 +821,35 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             }
             let pos = (step % steps_per_epoch) as usize;
             let idx: Vec<usize> = (0..b).map(|j| order[(pos * b + j) % n]).collect();
+            let variant = if variants > 0 {
+                epoch % variants
+            } else {
+                epoch
+            };
             let items: Result<Vec<Prepared>> = idx
                 .par_iter()
                 .map(|&i| {
                     let s = train.load(i)?;
-                    let mut rng = sample_rng(seed, epoch, i as u64);
+                    let mut rng = sample_rng(seed, variant, i as u64);
                     Ok(aug.apply(&s, hw, norm, &mut rng))
                 })
                 .collect();
-            let batch = items.and_then(|it| collate(&it, &ptasks));
+            let batch = items.and_then(|it| {
+                let mut batch = collate(&it, &ptasks)?;
+                if let Some(c) = &pcache {
+                    let keys: Vec<(u64, usize)> = idx.iter().map(|&i| (variant, i)).collect();
+                    batch.teacher_feats = Some(
+                        (0..c.manifest.teachers.len())
+                            .map(|t| {
+                                (0..c.manifest.teachers[t].levels.len())
+                                    .map(|k| c.gather(t, k, &keys))
+                                    .collect::<Result<Vec<_>>>()
+                            })
+                            .collect::<Result<Vec<_>>>()?,
+                    );
+                }
+                Ok(batch)
+            });
             let failed = batch.is_err();
             if tx.send(batch).is_err() || failed {
                 break;
@@ -639,7 +874,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         let mut noise = rand_chacha::ChaCha8Rng::seed_from_u64(
             seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x2A,
         );
-        let out = model.forward(&batch.pixels, true, !teachers.is_empty(), Some(&mut noise))?;
+        let out = model.forward(&batch.pixels, true, distilling, Some(&mut noise))?;
         let mut total_loss: Option<Tensor> = None;
         let mut rec = serde_json::json!({ "step": step + 1 });
         let mut add = |l: Tensor, w: f64| -> Result<()> {
@@ -655,10 +890,15 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             rec[format!("loss/{}", task.name())] = (l.to_scalar::<f32>()? as f64).into();
             add(l, cfg.weight(*task))?;
         }
-        if !teachers.is_empty() {
+        if distilling {
             let mut dl: Option<Tensor> = None;
-            for (k, t) in teachers.iter().enumerate() {
-                let feats = t.features(&teacher_pixels(&batch.pixels, norm, t)?)?;
+            for k in 0..out.aligned.len() {
+                let feats = match &batch.teacher_feats {
+                    Some(f) => f[k].clone(),
+                    None => {
+                        teachers[k].features(&teacher_pixels(&batch.pixels, norm, &teachers[k])?)?
+                    }
+                };
                 for (s, f) in out.aligned[k].iter().zip(&feats) {
                     let l = feature_loss(s, f, cfg.distill_loss)?;
                     dl = Some(match dl {
