@@ -51,6 +51,9 @@ pub struct Manifest {
 /// What a cache is built over: named items and, for each (variant, item), every teacher's input.
 pub trait CacheItems: Sync {
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     fn name(&self, i: usize) -> String;
     /// where the items come from (recorded in the manifest)
     fn root(&self) -> PathBuf;
