@@ -110,64 +110,99 @@ fn thin_luts() -> [[bool; 256]; 2] {
 /// of the image diagonal): returns (which `pred` pixels are matched, number of `gt` pixels
 /// matched). The matching has maximum cardinality.
 pub fn correspond(pred: &BinaryMap, gt: &BinaryMap, max_dist: f64) -> (Vec<bool>, u64) {
-    let (h, w) = (pred.h, pred.w);
+    let p = set_pixels(pred);
+    let (m, n) = correspond_lists(&p, &set_pixels(gt), pred.h, pred.w, max_dist);
+    let mut matched = vec![false; pred.h * pred.w];
+    for (&i, &ok) in p.iter().zip(&m) {
+        matched[i as usize] = ok;
+    }
+    (matched, n)
+}
+
+/// Row-major indices of the set pixels.
+pub fn set_pixels(m: &BinaryMap) -> Vec<u32> {
+    m.data
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b)
+        .map(|(i, _)| i as u32)
+        .collect()
+}
+
+/// [`correspond`] on lists of set-pixel indices of an (h, w) image: per `pred` entry whether it
+/// is matched, and the number of matched `gt` pixels.
+pub fn correspond_lists(
+    pred: &[u32],
+    gt: &[u32],
+    h: usize,
+    w: usize,
+    max_dist: f64,
+) -> (Vec<bool>, u64) {
     let radius = max_dist * ((h * h + w * w) as f64).sqrt();
-    let r = radius.ceil() as isize;
-    // Offsets within the radius, nearest first.
-    let mut offsets: Vec<(isize, isize, isize)> = Vec::new();
-    for dy in -r..=r {
-        for dx in -r..=r {
+    let r = radius.ceil() as usize;
+    // gt pixel index in a buffer padded by r on every side, so neighbours need no bounds checks;
+    // offsets within the radius as linear deltas, nearest first.
+    let pw = w + 2 * r;
+    let mut offsets: Vec<(isize, isize)> = Vec::new();
+    let ri = r as isize;
+    for dy in -ri..=ri {
+        for dx in -ri..=ri {
             let d2 = dx * dx + dy * dy;
             if (d2 as f64) <= radius * radius {
-                offsets.push((d2, dy, dx));
+                offsets.push((d2, dy * pw as isize + dx));
             }
         }
     }
     offsets.sort();
-    // Index the gt pixels.
-    let mut gt_index = vec![u32::MAX; h * w];
-    let mut n_gt = 0u32;
-    for (i, &b) in gt.data.iter().enumerate() {
-        if b {
-            gt_index[i] = n_gt;
-            n_gt += 1;
+    let deltas: Vec<isize> = offsets.iter().map(|o| o.1).collect();
+    let at = |i: u32| (i as usize / w + r) * pw + i as usize % w + r;
+    SCRATCH.with(|cell| {
+        let mut gt_index = cell.borrow_mut();
+        let need = (h + 2 * r) * pw;
+        if gt_index.len() < need {
+            gt_index.resize(need, u32::MAX);
         }
-    }
-    // Left side: pred pixels with at least one gt pixel in range; CSR adjacency.
-    let mut left_pixel = Vec::new();
-    let mut adj_start = vec![0u32];
-    let mut adj = Vec::new();
-    for (i, &b) in pred.data.iter().enumerate() {
-        if !b {
-            continue;
+        for (k, &i) in gt.iter().enumerate() {
+            gt_index[at(i)] = k as u32;
         }
-        let (y, x) = ((i / w) as isize, (i % w) as isize);
-        let before = adj.len();
-        for &(_, dy, dx) in &offsets {
-            let (yy, xx) = (y + dy, x + dx);
-            if yy < 0 || xx < 0 || yy >= h as isize || xx >= w as isize {
-                continue;
+        // Left side: pred pixels with at least one gt pixel in range; CSR adjacency.
+        let mut left = Vec::new();
+        let mut adj_start = vec![0u32];
+        let mut adj = Vec::new();
+        for (k, &i) in pred.iter().enumerate() {
+            let c = at(i) as isize;
+            let before = adj.len();
+            for &d in &deltas {
+                let g = gt_index[(c + d) as usize];
+                if g != u32::MAX {
+                    adj.push(g);
+                }
             }
-            let g = gt_index[yy as usize * w + xx as usize];
-            if g != u32::MAX {
-                adj.push(g);
+            if adj.len() > before {
+                left.push(k);
+                adj_start.push(adj.len() as u32);
             }
         }
-        if adj.len() > before {
-            left_pixel.push(i);
-            adj_start.push(adj.len() as u32);
+        // Leave the scratch buffer all-empty for the next call.
+        for &i in gt {
+            gt_index[at(i)] = u32::MAX;
         }
-    }
-    let m = hopcroft_karp(left_pixel.len(), n_gt as usize, &adj_start, &adj);
-    let mut matched_pred = vec![false; h * w];
-    let mut n_matched = 0;
-    for (l, &p) in left_pixel.iter().enumerate() {
-        if m[l] != u32::MAX {
-            matched_pred[p] = true;
-            n_matched += 1;
+        let m = hopcroft_karp(left.len(), gt.len(), &adj_start, &adj);
+        let mut matched = vec![false; pred.len()];
+        let mut n = 0;
+        for (l, &k) in left.iter().enumerate() {
+            if m[l] != u32::MAX {
+                matched[k] = true;
+                n += 1;
+            }
         }
-    }
-    (matched_pred, n_matched)
+        (matched, n)
+    })
+}
+
+thread_local! {
+    /// Per-thread padded gt-index buffer of [`correspond`], kept all `u32::MAX` between calls.
+    static SCRATCH: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Maximum bipartite matching; returns the right partner of each left node (u32::MAX = none).
@@ -495,6 +530,7 @@ pub fn evaluate_image(pb: &EdgeMap, gts: &[BinaryMap], opts: &BoundaryOptions) -
         pb.data.clone()
     };
     let sum_r: u64 = gts.iter().map(|g| g.count()).sum();
+    let gt_lists: Vec<Vec<u32>> = gts.iter().map(set_pixels).collect();
     opts.threshold_values()
         .par_iter()
         .map(|&t| {
@@ -506,10 +542,11 @@ pub fn evaluate_image(pb: &EdgeMap, gts: &[BinaryMap], opts: &BoundaryOptions) -
             if opts.thin {
                 thin(&mut bmap);
             }
-            let mut matched_any = vec![false; pb.h * pb.w];
+            let p = set_pixels(&bmap);
+            let mut matched_any = vec![false; p.len()];
             let mut cnt_r = 0;
-            for g in gts {
-                let (m1, n2) = correspond(&bmap, g, opts.max_dist);
+            for g in &gt_lists {
+                let (m1, n2) = correspond_lists(&p, g, pb.h, pb.w, opts.max_dist);
                 cnt_r += n2;
                 for (a, b) in matched_any.iter_mut().zip(m1) {
                     *a |= b;
@@ -519,7 +556,7 @@ pub fn evaluate_image(pb: &EdgeMap, gts: &[BinaryMap], opts: &BoundaryOptions) -
                 cnt_r,
                 sum_r,
                 cnt_p: matched_any.iter().filter(|&&b| b).count() as u64,
-                sum_p: bmap.count(),
+                sum_p: p.len() as u64,
             }
         })
         .collect()
