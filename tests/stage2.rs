@@ -454,3 +454,51 @@ fn routers_and_heads_match_torch() {
         }
     }
 }
+
+#[test]
+fn nyud_without_distillation_trains_and_evaluates_depth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let s1 = stage1(t, &["dinov2"]);
+    let run = t.join("nyud");
+    let cfg = t.join("nyud.toml");
+    let text = format!(
+        r#"out = "{}"
+dataset = "nyud-v2"
+data_root = "{}"
+init = "{}"
+input_size = [128, 160]
+batch_size = 2
+steps = 2
+distill_weight = 0.0
+router = "none"
+edge_thresholds = 5
+"#,
+        run.display(),
+        fx().join("nyud").display(),
+        s1.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let o = bin(&["train", "--config", &s(&cfg), "--quiet"]);
+    ok(&o);
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    for k in ["loss/semseg", "loss/depth", "loss/normals", "loss/edge"] {
+        assert!(first[k].as_f64().is_some(), "{k} in {first}");
+    }
+    assert!(first.get("loss/distill").is_none());
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval-val.json")).unwrap()).unwrap();
+    assert_eq!(r["images"], 1);
+    let rmse = r["depth"]["rmse"].as_f64().unwrap();
+    assert!(rmse.is_finite() && rmse > 0.0, "{r}");
+    assert_eq!(r["edge"]["max_dist"], 0.011);
+    assert!(r["semseg"]["per_class_iou"].as_array().unwrap().len() == 40);
+}
