@@ -356,6 +356,13 @@ impl RunPaths {
     pub fn student_spec(&self) -> PathBuf {
         self.dir.join("student.json")
     }
+    /// stage 2: the exported multi-task model
+    pub fn model_weights(&self) -> PathBuf {
+        self.dir.join("model.safetensors")
+    }
+    pub fn model_spec(&self) -> PathBuf {
+        self.dir.join("model.json")
+    }
 }
 
 /// Options of one invocation that are not part of the recipe.

@@ -22,7 +22,7 @@ use crate::train::cache::FeatureCache;
 use crate::train::checkpoint;
 use crate::train::optim::AdamW;
 use crate::train::schedule::PolySchedule;
-use crate::train::stage1::{epoch_order, truncate_metrics, vars_of, Teacher};
+use crate::train::stage1::{epoch_order, truncate_metrics, vars_of, RunPaths, Teacher};
 use crate::weights::Weights;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -207,29 +207,6 @@ impl TrainConfig {
             }
         }
         Ok(())
-    }
-}
-
-/// Files of a stage-2 run folder.
-pub struct Stage2Paths {
-    pub dir: PathBuf,
-}
-
-impl Stage2Paths {
-    pub fn checkpoint(&self) -> PathBuf {
-        self.dir.join("checkpoint.safetensors")
-    }
-    pub fn metrics(&self) -> PathBuf {
-        self.dir.join("metrics.jsonl")
-    }
-    pub fn config(&self) -> PathBuf {
-        self.dir.join("config.toml")
-    }
-    pub fn model_weights(&self) -> PathBuf {
-        self.dir.join("model.safetensors")
-    }
-    pub fn model_spec(&self) -> PathBuf {
-        self.dir.join("model.json")
     }
 }
 
@@ -621,7 +598,7 @@ fn build_params(
 /// Run (or resume) stage 2.
 pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     cfg.validate()?;
-    let paths = Stage2Paths {
+    let paths = RunPaths {
         dir: cfg.out.clone(),
     };
     std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io(&paths.dir, e))?;
@@ -1016,7 +993,7 @@ fn progress_bar(total: u64, start: u64, show: bool) -> indicatif::ProgressBar {
 
 /// Load a finished (or, failing that, checkpointed) stage-2 run's model.
 pub fn load_run(dir: &Path) -> Result<(MultiTaskModel, RunModelInfo, TrainConfig)> {
-    let paths = Stage2Paths {
+    let paths = RunPaths {
         dir: dir.to_path_buf(),
     };
     let cfg = TrainConfig::from_file(&paths.config())?;
@@ -1107,13 +1084,7 @@ pub fn evaluate(
                     }
                 }
                 Task::Saliency => {
-                    // The reference saves probabilities as 8-bit PNGs before scoring.
-                    let pv: Vec<f32> = pred
-                        .flatten_all()?
-                        .to_vec1::<f32>()?
-                        .iter()
-                        .map(|&v| (v * 255.0).round() / 255.0)
-                        .collect();
+                    let pv = quantized(&pred)?;
                     let gv: Vec<u8> = gt.data.iter().map(|&v| v as u8).collect();
                     sal.update(&pv, &gv, IGNORE as u8);
                     let p8: Vec<u8> = pv.iter().map(|&v| (v * 255.0) as u8).collect();
@@ -1133,12 +1104,7 @@ pub fn evaluate(
                     depth.update(&pred.flatten_all()?.to_vec1::<f32>()?, &gt.data);
                 }
                 Task::Edge => {
-                    let pv: Vec<f32> = pred
-                        .flatten_all()?
-                        .to_vec1::<f32>()?
-                        .iter()
-                        .map(|&v| (v * 255.0).round() / 255.0)
-                        .collect();
+                    let pv = quantized(&pred)?;
                     let gt_map = BinaryMap {
                         h: vh,
                         w: vw,
@@ -1195,6 +1161,16 @@ pub fn evaluate(
         r["delta_m"] = crate::metrics::delta_m(&mains).into();
     }
     Ok(r)
+}
+
+/// Probabilities rounded to 8 bits: the reference saves saliency and edge maps as PNGs and
+/// scores those.
+fn quantized(p: &Tensor) -> Result<Vec<f32>> {
+    Ok(p.flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|&v| (v * 255.0).round() / 255.0)
+        .collect())
 }
 
 /// Row axis of a task's prediction once the batch is squeezed: class and scalar maps are
