@@ -82,6 +82,11 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            // A leaf's gradient can still carry its backward graph (candle's conv2d kernel
+            // gradient does); the moments must not, or every step's activations stay alive
+            // through the chain m_t -> m_{t-1}.
+            let g = g.detach();
+            let g = &g;
             let mut w = p.var.as_tensor().detach();
             if p.decay && self.weight_decay > 0.0 {
                 w = (w * (1.0 - lr * self.weight_decay))?;
@@ -151,6 +156,35 @@ mod tests {
             for (a, b) in got.iter().zip(want) {
                 assert!((a - b).abs() < 1e-5, "{got:?} vs {want:?}");
             }
+        }
+    }
+
+    #[test]
+    fn moments_do_not_keep_the_backward_graph() {
+        // candle returns conv2d kernel gradients that still track the ops that made them; the
+        // optimizer state must be detached from them (otherwise memory grows every step).
+        let dev = Device::Cpu;
+        let w =
+            Var::from_tensor(&Tensor::ones((2, 1, 3, 3), candle_core::DType::F32, &dev).unwrap())
+                .unwrap();
+        let x =
+            Var::from_tensor(&Tensor::ones((1, 1, 5, 5), candle_core::DType::F32, &dev).unwrap())
+                .unwrap();
+        let h = (x.as_tensor() * 2.0).unwrap();
+        let loss = h
+            .conv2d(w.as_tensor(), 1, 1, 1, 1)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let mut vars = HashMap::new();
+        vars.insert("w".to_string(), w.clone());
+        let mut opt = AdamW::new(&vars, 0.01).unwrap();
+        opt.step(&grads, 0.1).unwrap();
+        for (name, t) in opt.state() {
+            assert!(!t.track_op(), "{name} keeps a backward graph");
         }
     }
 }
