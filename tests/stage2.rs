@@ -502,3 +502,28 @@ edge_thresholds = 5
     assert_eq!(r["edge"]["max_dist"], 0.011);
     assert!(r["semseg"]["per_class_iou"].as_array().unwrap().len() == 40);
 }
+
+#[test]
+fn images_larger_than_the_input_are_evaluated_on_a_larger_canvas() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let s1 = stage1(t, &["dinov2"]);
+    let run = t.join("square");
+    let cfg = t.join("square.toml");
+    // 96x64 images, 64x64 training input: evaluation pads to 64x96 instead of failing.
+    write_config_extra(&cfg, &run, &s1, 1, "distill_weight = 0.0");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("input_size = [64, 96]", "input_size = [64, 64]");
+    std::fs::write(&cfg, text).unwrap();
+    ok(&bin(&[
+        "train",
+        "--config",
+        &cfg.to_string_lossy(),
+        "--quiet",
+    ]));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval-val.json")).unwrap()).unwrap();
+    assert_eq!(r["images"], 2);
+    assert!(r["semseg"]["miou"].as_f64().is_some());
+}

@@ -1055,11 +1055,16 @@ pub fn evaluate(
     let bar = progress_bar(ds.len() as u64, 0, progress);
     for i in 0..ds.len() {
         let s = ds.load(i)?;
-        let p = prepare_eval(&s, hw, norm).map_err(|e| Error::BadInput {
-            path: ds.root().to_path_buf(),
-            msg: e.to_string(),
-        })?;
-        let x = Tensor::from_vec(p.image.clone(), (1, 3, hw.0, hw.1), &Device::Cpu)?;
+        // Images larger than the input (e.g. portrait photos for a landscape input) are padded
+        // to a larger canvas, a multiple of the patch; the position table is resampled to it.
+        let patch = model.spec.student.patch;
+        let (ih, iw) = (s.image.height() as usize, s.image.width() as usize);
+        let ehw = (
+            hw.0.max(ih.div_ceil(patch) * patch),
+            hw.1.max(iw.div_ceil(patch) * patch),
+        );
+        let p = prepare_eval(&s, ehw, norm)?;
+        let x = Tensor::from_vec(p.image.clone(), (1, 3, ehw.0, ehw.1), &Device::Cpu)?;
         let out = model.forward(&x, false, false, None)?;
         let (top, left, vh, vw) = p.valid;
         for (task, logits) in &out.logits {
