@@ -527,3 +527,77 @@ fn images_larger_than_the_input_are_evaluated_on_a_larger_canvas() {
     assert_eq!(r["images"], 2);
     assert!(r["semseg"]["miou"].as_f64().is_some());
 }
+
+#[test]
+fn parameter_counts_match_the_reference() {
+    // SPEC.md section 2: 3 teachers; B/PASCAL 133.5M (TAS 86.4M, TSAP 11.5M, routers 6.0M,
+    // heads 29.5M); L/PASCAL 406.7M; L/NYUD 394.1M. Counted from the declared shapes.
+    use distillery::models::multitask::{MultiTaskSpec, RouterKind};
+    use distillery::models::student::{preset, StudentSpec, TeacherSlot};
+    let count = |preset_name: &str, hw: (usize, usize), tasks: Vec<(Task, usize)>| {
+        let slots = (0..3)
+            .map(|i| TeacherSlot {
+                name: format!("t{i}"),
+                dim: 1024,
+            })
+            .collect();
+        let mut student = StudentSpec::new(preset(preset_name).unwrap(), 16, hw.0, slots).unwrap();
+        student.image_hw = Some(hw);
+        let spec = MultiTaskSpec {
+            student,
+            tasks,
+            router: RouterKind::Mor,
+        };
+        let mut by = std::collections::BTreeMap::new();
+        for (name, shape, _) in spec
+            .student
+            .parameters()
+            .into_iter()
+            .chain(spec.task_parameters())
+        {
+            if name.contains(".aligners.") {
+                continue; // training-only
+            }
+            // The reference counts the per-level LayerNorms outside the adapter paths.
+            let group = if name.contains(".norms.") {
+                "norms".to_string()
+            } else {
+                name.split('.').next().unwrap().to_string()
+            };
+            *by.entry(group).or_insert(0usize) += shape.iter().product::<usize>();
+        }
+        let m = |k: &str| by[k] as f64 / 1e6;
+        (m("stem"), m("tsap"), m("routers"), m("heads"), m("norms"))
+    };
+    let pascal = || {
+        vec![
+            (Task::Semseg, 21),
+            (Task::Parts, 7),
+            (Task::Saliency, 2),
+            (Task::Normals, 3),
+            (Task::Edge, 1),
+        ]
+    };
+    let near = |got: f64, want: f64, what: &str| {
+        assert!(
+            (got - want).abs() <= 0.05 + 1e-9,
+            "{what}: {got:.3}M vs {want}M"
+        );
+    };
+    let (tas, tsap, routers, heads, norms) = count("vit-b16", (512, 512), pascal());
+    near(tas, 86.4, "B TAS");
+    near(tsap, 11.5, "B TSAP");
+    near(routers, 6.0, "B routers");
+    near(heads, 29.5, "B heads");
+    near(tas + tsap + routers + heads + norms, 133.5, "B/PASCAL");
+    let (a, b, c, d, e) = count("vit-l16", (512, 512), pascal());
+    near(a + b + c + d + e, 406.7, "L/PASCAL");
+    let nyud = vec![
+        (Task::Semseg, 40),
+        (Task::Normals, 3),
+        (Task::Edge, 1),
+        (Task::Depth, 1),
+    ];
+    let (a, b, c, d, e) = count("vit-l16", (448, 576), nyud);
+    near(a + b + c + d + e, 394.1, "L/NYUD");
+}
