@@ -337,22 +337,16 @@ impl Decoder {
                         let h = r.fc1.forward(&stem_tokens[k])?;
                         let h = crate::kernels::gelu_erf(&r.norm.forward(&h)?)?;
                         let logits = r.fc2.forward(&h)?.mean(1)?; // [B, 2E]
-                        let clean = logits.narrow(1, 0, n_exp)?;
-                        let g = match noise.as_deref_mut() {
+                        let eps = match noise.as_deref_mut() {
                             Some(rng) if train => {
-                                let raw = logits.narrow(1, n_exp, n_exp)?;
-                                // softplus(x) = max(x, 0) + log(1 + exp(-|x|))
-                                let sp =
-                                    (raw.relu()? + (raw.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
                                 let eps: Vec<f32> = (0..b * n_exp)
                                     .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
                                     .collect();
-                                let eps = Tensor::from_vec(eps, (b, n_exp), logits.device())?;
-                                (clean + (eps * (sp + 0.01)?)?)?
+                                Some(Tensor::from_vec(eps, (b, n_exp), logits.device())?)
                             }
-                            _ => clean,
+                            _ => None,
                         };
-                        let p = candle_nn::ops::softmax(&g, D::Minus1)?; // [B, E]
+                        let p = gate_probs(&logits, eps.as_ref())?; // [B, E]
                         gk.push(p.clone());
                         stacked
                             .broadcast_mul(&p.reshape((b, n_exp, 1, 1, 1))?)?
@@ -394,6 +388,24 @@ impl Decoder {
     }
 }
 
+/// Router gate probabilities from the token-averaged router output `[B, 2E]` (clean logits, then
+/// noise logits): `softmax(clean + eps * (softplus(noise) + 0.01))` with `eps ~ N(0, 1)` given
+/// (training), `softmax(clean)` without.
+pub fn gate_probs(logits: &Tensor, eps: Option<&Tensor>) -> Result<Tensor> {
+    let e = logits.dim(1)? / 2;
+    let clean = logits.narrow(1, 0, e)?;
+    let g = match eps {
+        Some(eps) => {
+            let raw = logits.narrow(1, e, e)?;
+            // softplus(x) = max(x, 0) + log(1 + exp(-|x|))
+            let sp = (raw.relu()? + (raw.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+            (clean + (eps * (sp + 0.01)?)?)?
+        }
+        None => clean,
+    };
+    Ok(candle_nn::ops::softmax(&g, D::Minus1)?)
+}
+
 /// Convert task logits to predictions on the host: per pixel class (semseg, parts), foreground
 /// probability (saliency), unit normal (normals), boundary probability (edge), depth >= 0.
 pub fn predictions(task: Task, logits: &Tensor) -> Result<Tensor> {
@@ -413,4 +425,36 @@ pub fn predictions(task: Task, logits: &Tensor) -> Result<Tensor> {
             logits.broadcast_div(&n)?
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn noisy_and_clean_gates_hand_case() {
+        // clean (0, 1), noise logits (0, ln(e - 1)) -> softplus (ln 2, 1); eps (1, -1).
+        let l = Tensor::new(
+            &[[0f32, 1.0, 0.0, (std::f32::consts::E - 1.0).ln()]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let eps = Tensor::new(&[[1f32, -1.0]], &Device::Cpu).unwrap();
+        let g0 = 2f32.ln() + 0.01;
+        let g1: f32 = 1.0 - (1.0 + 0.01);
+        let z = g0.exp() + g1.exp();
+        let want = [g0.exp() / z, g1.exp() / z];
+        let got = gate_probs(&l, Some(&eps))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for k in 0..2 {
+            assert!((got[0][k] - want[k]).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+        // Evaluation: softmax of the clean logits only.
+        let got = gate_probs(&l, None).unwrap().to_vec2::<f32>().unwrap();
+        let z = 1.0 + 1f32.exp();
+        assert!((got[0][0] - 1.0 / z).abs() < 1e-6 && (got[0][1] - 1f32.exp() / z).abs() < 1e-6);
+    }
 }
