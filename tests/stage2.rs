@@ -361,6 +361,17 @@ fn bad_train_config_and_eval_edges_inputs_are_named() {
     assert!(e.contains("bad.toml") && e.contains("learning_rate"), "{e}");
     assert_eq!(e.lines().count(), 1, "{e}");
 
+    // Ranges are checked where the config is read (no panic inside the data loader).
+    std::fs::write(
+        &cfg,
+        "out = \"x\"\ndata_root = \"d\"\ninit = \"vit-s16\"\n[augment]\nscale = [1.0, 0.5]\n",
+    )
+    .unwrap();
+    let o = bin(&["train", "--config", &cfg.to_string_lossy()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("augment: scale"), "{e}");
+
     // eval-edges: a prediction without ground truth, then a corrupt ground-truth file.
     let pred = tmp.path().join("pred");
     let gt = tmp.path().join("gt");

@@ -152,7 +152,32 @@ fn max_class_share(m: &LabelMap) -> (f64, usize) {
     (max as f64 / total.max(1) as f64, counts.len())
 }
 
+/// U[lo, hi), or `lo` when the range is empty (a fixed value in the config).
+fn uniform(rng: &mut (impl Rng + ?Sized), lo: f64, hi: f64) -> f64 {
+    if hi > lo {
+        rng.random_range(lo..hi)
+    } else {
+        lo
+    }
+}
+
 impl DenseAugment {
+    /// Check the ranges once, where the config is read.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Invalid(format!("augment: {m}")));
+        if !(self.scale.0 > 0.0 && self.scale.1 >= self.scale.0) {
+            return bad("scale must be (lo, hi) with 0 < lo <= hi");
+        }
+        if !(0.0..=1.0).contains(&self.flip_p) || !(0.0..=1.0).contains(&self.cat_max_ratio) {
+            return bad("flip_p and cat_max_ratio must be in [0, 1]");
+        }
+        if self.brightness < 0.0 || self.hue < 0 || self.contrast.0 < 0.0 || self.saturation.0 < 0.0
+        {
+            return bad("brightness, hue and the contrast/saturation factors must be non-negative");
+        }
+        Ok(())
+    }
+
     /// Augment one sample for training at input size (h, w).
     pub fn apply(
         &self,
@@ -162,7 +187,7 @@ impl DenseAugment {
         rng: &mut impl Rng,
     ) -> Prepared {
         // 1. Random scale.
-        let sc = rng.random_range(self.scale.0..self.scale.1);
+        let sc = uniform(rng, self.scale.0, self.scale.1);
         let (ih, iw) = (s.image.height() as usize, s.image.width() as usize);
         let (nh, nw) = (
             ((ih as f64 * sc).round() as usize).max(1),
@@ -232,13 +257,13 @@ impl DenseAugment {
             }
         };
         if rng.random_bool(0.5) {
-            let b = rng.random_range(-self.brightness..self.brightness) as f32;
+            let b = uniform(rng, -self.brightness, self.brightness) as f32;
             convert(img, 1.0, b);
         }
         let contrast_first = rng.random_bool(0.5);
         let contrast = |img: &mut RgbImage, rng: &mut dyn rand::RngCore| {
             if rng.random_bool(0.5) {
-                let a = rng.random_range(self.contrast.0..self.contrast.1) as f32;
+                let a = uniform(rng, self.contrast.0, self.contrast.1) as f32;
                 convert(img, a, 0.0);
             }
         };
@@ -246,7 +271,7 @@ impl DenseAugment {
             contrast(img, rng);
         }
         if rng.random_bool(0.5) {
-            let a = rng.random_range(self.saturation.0..self.saturation.1) as f32;
+            let a = uniform(rng, self.saturation.0, self.saturation.1) as f32;
             for px in img.pixels_mut() {
                 let (hh, s, v) = rgb_to_hsv(px.0);
                 let s = (s as f32 * a).clamp(0.0, 255.0) as u8;
@@ -254,7 +279,11 @@ impl DenseAugment {
             }
         }
         if rng.random_bool(0.5) {
-            let d = rng.random_range(-self.hue..self.hue);
+            let d = if self.hue > 0 {
+                rng.random_range(-self.hue..self.hue)
+            } else {
+                0
+            };
             for px in img.pixels_mut() {
                 let (hh, s, v) = rgb_to_hsv(px.0);
                 let hh = (hh as i32 + d).rem_euclid(180) as u8;

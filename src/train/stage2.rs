@@ -201,6 +201,7 @@ impl TrainConfig {
         if self.lr.is_nan() || self.lr <= 0.0 || self.weight_decay < 0.0 || self.clip_grad < 0.0 {
             return bad("lr must be positive; weight decay and clip non-negative".into());
         }
+        self.augment.validate()?;
         for k in self.task_weights.keys().chain(self.baselines.keys()) {
             if Task::from_name(k).is_none() {
                 return bad(format!("unknown task {k:?} in task_weights/baselines"));
