@@ -185,3 +185,32 @@ fn write_contact_sheet(out: &Path, tasks: &[Task], rows: &[(String, Vec<String>)
     let p: PathBuf = out.join("index.html");
     crate::features::write_atomic(&p, html.as_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn voc_palette_and_renderings() {
+        // The published PASCAL VOC colours.
+        assert_eq!(class_colour(0), [0, 0, 0]);
+        assert_eq!(class_colour(1), [128, 0, 0]);
+        assert_eq!(class_colour(2), [0, 128, 0]);
+        assert_eq!(class_colour(15), [192, 128, 128]);
+        assert_eq!(class_colour(20), [0, 64, 128]);
+        let dev = Device::Cpu;
+        // Depth: min and max map to the ends of viridis.
+        let d = Tensor::new(&[[1f32, 3.0], [2.0, 3.0]], &dev).unwrap();
+        let img = render(Task::Depth, &d).unwrap();
+        let lo = ViridisRGB.get_color(0.0f32);
+        let hi = ViridisRGB.get_color(1.0f32);
+        assert_eq!(img.get_pixel(0, 0).0, [lo.0, lo.1, lo.2]);
+        assert_eq!(img.get_pixel(1, 0).0, [hi.0, hi.1, hi.2]);
+        // Normals: (n + 1) / 2 * 255 per channel; [3, 1, 1] map.
+        let n = Tensor::new(&[[[0f32]], [[1.0]], [[-1.0]]], &dev).unwrap();
+        assert_eq!(
+            render(Task::Normals, &n).unwrap().get_pixel(0, 0).0,
+            [128, 255, 0]
+        );
+    }
+}
