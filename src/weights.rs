@@ -31,6 +31,11 @@ pub struct Weights {
 }
 
 impl Weights {
+    /// Open one safetensors file as f32 on the CPU (run folders' own files).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        Self::open(&[path.to_path_buf()], path, DType::F32, &Device::Cpu)
+    }
+
     /// Open safetensors files. `display_path` is named in errors about missing tensors (the
     /// checkpoint file, or the shard index).
     pub fn open(

@@ -356,6 +356,33 @@ impl RunPaths {
     pub fn student_spec(&self) -> PathBuf {
         self.dir.join("student.json")
     }
+    /// Create the run folder; when resuming, load its checkpoint (which must exist); a fresh
+    /// run refuses to start over an existing checkpoint.
+    #[allow(clippy::type_complexity)]
+    pub fn prepare(
+        &self,
+        resume: bool,
+    ) -> Result<Option<(std::collections::HashMap<String, Tensor>, serde_json::Value)>> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let p = self.checkpoint();
+        if resume {
+            if !p.is_file() {
+                return Err(Error::BadInput {
+                    path: p,
+                    msg: "no checkpoint to resume from".into(),
+                });
+            }
+            return Ok(Some(checkpoint::load(&p, &Device::Cpu)?));
+        }
+        if p.exists() {
+            return Err(Error::BadInput {
+                path: p,
+                msg: "run folder already has a checkpoint; pass --resume to continue it or choose another run folder".into(),
+            });
+        }
+        Ok(None)
+    }
+
     /// stage 2: the exported multi-task model
     pub fn model_weights(&self) -> PathBuf {
         self.dir.join("model.safetensors")
@@ -555,25 +582,7 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
     let paths = RunPaths {
         dir: out.to_path_buf(),
     };
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let resume_state = if opts.resume {
-        let p = paths.checkpoint();
-        if !p.is_file() {
-            return Err(Error::BadInput {
-                path: p,
-                msg: "no checkpoint to resume from".into(),
-            });
-        }
-        Some(checkpoint::load(&p, &Device::Cpu)?)
-    } else {
-        if paths.checkpoint().exists() {
-            return Err(Error::BadInput {
-                path: paths.checkpoint(),
-                msg: "run folder already has a checkpoint; pass --resume to continue it or choose a new --out".into(),
-            });
-        }
-        None
-    };
+    let resume_state = paths.prepare(opts.resume)?;
     let data = ImageSet::open(&cfg.images)?;
     let load_opts = LoadOptions::default();
     let mut cfg = cfg.clone();
@@ -732,19 +741,7 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         }
     });
 
-    let bar = if opts.progress {
-        let pb = indicatif::ProgressBar::new(total);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        pb.set_position(start);
-        pb
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::train::progress_bar(total, start, opts.progress);
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -932,11 +929,6 @@ pub fn load_student(dir: &Path) -> Result<Student> {
         path: paths.student_spec(),
         msg: e.to_string(),
     })?;
-    let w = Weights::open(
-        &[paths.student_weights()],
-        &paths.student_weights(),
-        candle_core::DType::F32,
-        &Device::Cpu,
-    )?;
+    let w = Weights::open_file(&paths.student_weights())?;
     Student::build(&spec, &w)
 }

@@ -254,13 +254,7 @@ fn stage1_params(dir: &Path) -> Result<HashMap<String, Tensor>> {
             }
         }
     } else {
-        let wp = dir.join("student.safetensors");
-        let w = Weights::open(
-            std::slice::from_ref(&wp),
-            &wp,
-            candle_core::DType::F32,
-            &Device::Cpu,
-        )?;
+        let w = Weights::open_file(&dir.join("student.safetensors"))?;
         for n in w.names().map(str::to_string).collect::<Vec<_>>() {
             params.insert(n.clone(), w.get_any(&n)?);
         }
@@ -602,25 +596,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let paths = RunPaths {
         dir: cfg.out.clone(),
     };
-    std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io(&paths.dir, e))?;
-    let resume_state = if opts.resume {
-        let p = paths.checkpoint();
-        if !p.is_file() {
-            return Err(Error::BadInput {
-                path: p,
-                msg: "no checkpoint to resume from".into(),
-            });
-        }
-        Some(checkpoint::load(&p, &Device::Cpu)?)
-    } else {
-        if paths.checkpoint().exists() {
-            return Err(Error::BadInput {
-                path: paths.checkpoint(),
-                msg: "run folder already has a checkpoint; pass --resume to continue it or choose a new out".into(),
-            });
-        }
-        None
-    };
+    let resume_state = paths.prepare(opts.resume)?;
     let tasks = cfg.tasks();
     let train = dense::open_dataset(&cfg.dataset, &cfg.data_root, &cfg.train_split, &tasks)?;
     let hw = cfg.input_hw();
@@ -835,7 +811,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         }
     });
 
-    let bar = progress_bar(total, start, opts.progress);
+    let bar = crate::train::progress_bar(total, start, opts.progress);
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -977,21 +953,6 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     })
 }
 
-fn progress_bar(total: u64, start: u64, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    pb.set_position(start);
-    pb
-}
-
 /// Load a finished (or, failing that, checkpointed) stage-2 run's model.
 pub fn load_run(dir: &Path) -> Result<(MultiTaskModel, RunModelInfo, TrainConfig)> {
     let paths = RunPaths {
@@ -1004,13 +965,7 @@ pub fn load_run(dir: &Path) -> Result<(MultiTaskModel, RunModelInfo, TrainConfig
         path: sp.clone(),
         msg: e.to_string(),
     })?;
-    let wp = paths.model_weights();
-    let w = Weights::open(
-        std::slice::from_ref(&wp),
-        &wp,
-        candle_core::DType::F32,
-        &Device::Cpu,
-    )?;
+    let w = Weights::open_file(&paths.model_weights())?;
     let model = MultiTaskModel::build(&info.spec, &w, &w)?;
     Ok((model, info, cfg))
 }
@@ -1053,7 +1008,7 @@ pub fn evaluate(
     let mut depth = DepthError::new(80.0);
     let edge_opts = cfg.edge_options();
     let mut edge_counts: Vec<Vec<Counts>> = Vec::new();
-    let bar = progress_bar(ds.len() as u64, 0, progress);
+    let bar = crate::train::progress_bar(ds.len() as u64, 0, progress);
     for i in 0..ds.len() {
         let s = ds.load(i)?;
         // Images larger than the input (e.g. portrait photos for a landscape input) are padded
