@@ -191,6 +191,16 @@ fn missing_and_malformed_files_are_named() {
     std::fs::write(&mat, &bytes[..bytes.len() / 2]).unwrap();
     let e = ds.load(1).unwrap_err().to_string();
     assert!(e.contains("2008_000002.mat"), "{e}");
+    // Releases that ship `semseg/pascal-context` instead of `semseg/VOC12` load the same way.
+    std::fs::rename(
+        root.join("semseg/VOC12"),
+        root.join("semseg/pascal-context"),
+    )
+    .unwrap();
+    let s = ds.load(2).unwrap();
+    assert!(s.labels[&Task::Semseg].data[3 * 96..]
+        .iter()
+        .all(|&v| v < 21.0));
     let e = dense::open_dataset("pascal", &root, "nosuchsplit", &[Task::Semseg])
         .err()
         .unwrap()
