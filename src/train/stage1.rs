@@ -798,7 +798,15 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         let done = step + 1;
         if done % cfg.checkpoint_every.max(1) == 0 || done == end {
             metrics.flush().map_err(|e| Error::io(paths.metrics(), e))?;
-            save_checkpoint(&paths, &vars, &optim, cfg, done)?;
+            save_checkpoint(
+                &paths,
+                &vars,
+                Vec::new(),
+                &optim,
+                cfg,
+                "distillery-stage1-v1",
+                done,
+            )?;
         }
     }
     drop(rx);
@@ -861,22 +869,27 @@ pub fn distill_loss(
     Ok((total, per_teacher))
 }
 
-fn save_checkpoint(
+/// Write a run's checkpoint atomically: parameters (`model.*`), extra tensors such as buffers,
+/// optimizer moments, and the step / config / format state.
+pub(crate) fn save_checkpoint(
     paths: &RunPaths,
     vars: &std::collections::HashMap<String, Var>,
+    extra: Vec<(String, Tensor)>,
     optim: &AdamW,
-    cfg: &DistillConfig,
+    cfg: &impl Serialize,
+    format: &str,
     step: u64,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = vars
         .iter()
         .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
         .collect();
+    tensors.extend(extra);
     tensors.extend(optim.state());
     let state = serde_json::json!({
         "step": step,
         "config": cfg,
-        "format": "distillery-stage1-v1",
+        "format": format,
     });
     checkpoint::save(&paths.checkpoint(), &tensors, &state)
 }

@@ -22,7 +22,9 @@ use crate::train::cache::FeatureCache;
 use crate::train::checkpoint;
 use crate::train::optim::AdamW;
 use crate::train::schedule::PolySchedule;
-use crate::train::stage1::{epoch_order, truncate_metrics, vars_of, RunPaths, Teacher};
+use crate::train::stage1::{
+    epoch_order, save_checkpoint, truncate_metrics, vars_of, RunPaths, Teacher,
+};
 use crate::weights::Weights;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -266,15 +268,38 @@ fn is_stage1_run(init: &str) -> bool {
     Path::new(init).join("student.json").is_file()
 }
 
-/// The teachers of the distillation term: the config's, else the stage-1 run's.
-pub fn teacher_ids(cfg: &TrainConfig) -> Result<Vec<String>> {
-    if !cfg.teachers.is_empty() {
-        return Ok(cfg.teachers.clone());
+/// What a recipe starts from: the stage-1 run's student spec (None for a preset), the teachers
+/// of the distillation term (the config's, else the stage-1 run's) and the student's input
+/// normalisation (the stage-1 run's, else ImageNet's). Reads the run folder once.
+struct InitSource {
+    stage1: Option<StudentSpec>,
+    teachers: Vec<String>,
+    norm: Normalize,
+}
+
+impl InitSource {
+    fn of(cfg: &TrainConfig) -> Result<Self> {
+        let (stage1, run_teachers) = if is_stage1_run(&cfg.init) {
+            let (spec, t) = stage1_spec(Path::new(&cfg.init))?;
+            (Some(spec), t)
+        } else {
+            (None, Vec::new())
+        };
+        let norm = stage1.as_ref().map_or(Normalize::IMAGENET, |s| Normalize {
+            mean: s.mean,
+            std: s.std,
+        });
+        let teachers = if cfg.teachers.is_empty() {
+            run_teachers
+        } else {
+            cfg.teachers.clone()
+        };
+        Ok(Self {
+            stage1,
+            teachers,
+            norm,
+        })
     }
-    if is_stage1_run(&cfg.init) {
-        return Ok(stage1_spec(Path::new(&cfg.init))?.1);
-    }
-    Ok(Vec::new())
 }
 
 /// Stage-2 cache items: the training split, augmented as training augments it (from
@@ -363,7 +388,8 @@ pub fn build_cache(
     out: &Path,
     opts: &crate::train::cache::BuildOptions,
 ) -> Result<crate::train::cache::Manifest> {
-    let ids = teacher_ids(cfg)?;
+    let init = InitSource::of(cfg)?;
+    let ids = &init.teachers;
     if ids.is_empty() {
         return Err(Error::Invalid(
             "no teachers to cache (set teachers or init)".into(),
@@ -374,22 +400,9 @@ pub fn build_cache(
         .iter()
         .map(|id| Teacher::load(id, hw.0.max(hw.1), 0, &LoadOptions::default()))
         .collect::<Result<Vec<_>>>()?;
-    let norm = student_norm(cfg)?;
     let mut o = opts.clone();
     o.seed = cfg.seed;
-    crate::train::cache::build_from(&teachers, &DenseItems::new(cfg, norm)?, out, &o)
-}
-
-/// The student's input normalisation for a recipe (the stage-1 run's, else ImageNet's).
-fn student_norm(cfg: &TrainConfig) -> Result<Normalize> {
-    if is_stage1_run(&cfg.init) {
-        let s = stage1_spec(Path::new(&cfg.init))?.0;
-        return Ok(Normalize {
-            mean: s.mean,
-            std: s.std,
-        });
-    }
-    Ok(Normalize::IMAGENET)
+    crate::train::cache::build_from(&teachers, &DenseItems::new(cfg, init.norm)?, out, &o)
 }
 
 /// Resample a `[1, 1 + gh*gw, D]` position table to a new grid (cls kept apart).
@@ -608,13 +621,13 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             msg: "init is neither a stage-1 run folder nor a student preset".into(),
         });
     }
-    let teacher_ids = teacher_ids(cfg)?;
-    let norm0 = student_norm(cfg)?;
+    let init = InitSource::of(cfg)?;
+    let teacher_ids = &init.teachers;
     // Teacher features come from a cache, or teachers run online.
     let cache = match &cfg.cache {
         Some(dir) if cfg.distill_weight > 0.0 => {
             let c = FeatureCache::open(dir)?;
-            check_cache(&c, dir, cfg, &teacher_ids, train.as_ref(), norm0)?;
+            check_cache(&c, dir, cfg, teacher_ids, train.as_ref(), init.norm)?;
             Some(Arc::new(c))
         }
         _ => None,
@@ -629,7 +642,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
                 "distill_weight > 0 but no teachers are known (set teachers)".into(),
             ));
         }
-        for id in &teacher_ids {
+        for id in teacher_ids {
             teachers.push(Teacher::load(
                 id,
                 hw.0.max(hw.1),
@@ -657,9 +670,8 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             .collect(),
     };
     let distilling = !slots.is_empty();
-    let (mut sspec, init_params) = if is_stage1_run(&cfg.init) {
+    let (mut sspec, init_params) = if let Some(spec) = init.stage1 {
         let dir = Path::new(&cfg.init);
-        let spec = stage1_spec(dir)?.0;
         if distilling && slots.len() != spec.teachers.len() {
             return Err(Error::Invalid(format!(
                 "the stage-1 student has {} adapter paths, {} teachers given",
@@ -891,20 +903,20 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         let done = step + 1;
         if done % cfg.checkpoint_every.max(1) == 0 || done == end {
             metrics.flush().map_err(|e| Error::io(paths.metrics(), e))?;
-            let mut tensors: Vec<(String, Tensor)> = vars
-                .iter()
-                .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
+            let buffers = model
+                .buffers()?
+                .into_iter()
+                .map(|(n, t)| (format!("buffer.{n}"), t))
                 .collect();
-            for (n, t) in model.buffers()? {
-                tensors.push((format!("buffer.{n}"), t));
-            }
-            tensors.extend(optim.state());
-            let state = serde_json::json!({
-                "step": done,
-                "config": cfg,
-                "format": "distillery-stage2-v1",
-            });
-            checkpoint::save(&paths.checkpoint(), &tensors, &state)?;
+            save_checkpoint(
+                &paths,
+                &vars,
+                buffers,
+                &optim,
+                cfg,
+                "distillery-stage2-v1",
+                done,
+            )?;
         }
     }
     drop(rx);
