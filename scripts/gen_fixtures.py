@@ -150,6 +150,7 @@ def main():
     sam_ref(sd, svcfg, "up", 80, pixels(1, 80, 80, 73))
 
     timm_vit()
+    student_sources()
     demo_assets()
     full_size_manifests()
 
@@ -194,6 +195,39 @@ def timm_vit():
                 hs.append(h)
             last = m.norm(h)
         save_ref("timm-vit", case, x, hs, last)
+
+
+def student_sources():
+    """ViT checkpoints whose MLP width is not 4x the width, to initialise students from:
+    transformers naming (44 wide, MLP 96, no qkv bias) and timm naming (MLP ratio 3, no qkv bias,
+    layer scale, 2 register tokens, position table without prefix rows). References at the
+    native input: every block's output, against which the student's stem is compared."""
+    import timm
+    from timm.models import _hub
+
+    vit = T.ViTModel(T.ViTConfig(hidden_size=44, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                                 image_size=32, patch_size=8, qkv_bias=False, layer_norm_eps=1e-6),
+                     add_pooling_layer=False)
+    token_family("vit-mlp96", vit, 10, {"native": pixels(2, 32, 32, 101)})
+
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=3.0, qkv_bias=False,
+                init_values=0.5, reg_tokens=2, class_token=True, no_embed_class=True, num_classes=0)
+    m = timm.create_model("vit_base_patch16_224", pretrained=False, dynamic_img_size=True, **args)
+    randomize(m, 11)
+    m.eval()
+    d = fresh("timm-vit-reg")
+    _hub.save_for_hf(m, d, model_args=args, safe_serialization=True)
+    for case, x in {"native": pixels(2, 32, 32, 111), "up": pixels(1, 40, 56, 112)}.items():
+        with torch.no_grad():
+            h = m.patch_embed(x)
+            h = m._pos_embed(h)
+            h = m.norm_pre(h)
+            hs = [h]
+            for blk in m.blocks:
+                h = blk(h)
+                hs.append(h)
+            last = m.norm(h)
+        save_ref("timm-vit-reg", case, x, hs, last)
 
 
 def full_size_manifests():
@@ -280,4 +314,10 @@ def demo_assets():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `gen_fixtures.py student_sources` regenerates one section only.
+    if len(sys.argv) > 1:
+        torch.manual_seed(0)
+        for name in sys.argv[1:]:
+            globals()[name]()
+    else:
+        sys.exit(main())

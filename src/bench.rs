@@ -235,7 +235,7 @@ pub fn time_stage1_step(
         })
         .collect();
     let dims = preset("vit-s16").ok_or_else(|| Error::Invalid("preset".into()))?;
-    let spec = StudentSpec::new(dims, 16, image, slots)?;
+    let spec = StudentSpec::new(dims, image, slots)?;
     let vm = new_student_params(&spec, None, 0)?;
     let student = Student::build(
         &spec,

@@ -581,7 +581,7 @@ fn student_features(
     };
     eprintln!(
         "student: width={} depth={} patch={} trained at {} px, levels {:?}",
-        spec.dim, spec.depth, spec.patch, spec.image_size, spec.levels
+        spec.arch.dim, spec.arch.depth, spec.arch.patch, spec.image_size, spec.levels
     );
     for (t, slot) in spec.teachers.iter().enumerate() {
         eprintln!("teacher.{t} = {} (width {})", slot.name, slot.dim);
@@ -704,10 +704,7 @@ fn run() -> Result<()> {
                 }
                 (None, Some(images)) => {
                     let opts = LoadOptions::default();
-                    let ts = teachers
-                        .iter()
-                        .map(|t| Teacher::load(t, image_size, 0, &opts))
-                        .collect::<distillery::Result<Vec<_>>>()?;
+                    let ts = Teacher::load_all(&teachers, image_size, &[], &opts)?;
                     cache::build(&ts, &images, &out, &bo)?
                 }
                 (None, None) => bail!("give --images (stage 1) or --config (stage 2)"),

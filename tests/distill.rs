@@ -94,15 +94,20 @@ fn resume_is_exact_and_student_exports() {
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(
-        first
-            .as_object()
-            .unwrap()
-            .keys()
-            .filter(|k| k.starts_with("loss/"))
-            .count(),
-        2
-    );
+    // Per-teacher keys use short names (the tiny fixtures' widths are no known size, so the
+    // folder name), not the full paths.
+    let mut keys: Vec<&String> = first
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with("loss/"))
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["loss/dinov2", "loss/sam"]);
+    let spec = std::fs::read_to_string(full.join("student.json")).unwrap();
+    assert!(spec.contains("\"name\": \"dinov2\""), "{spec}");
+    let config = std::fs::read_to_string(full.join("config.toml")).unwrap();
+    assert!(config.contains("\"sam="), "{config}");
 
     // Interrupted after 3 steps (checkpoint at 2 and at the stop), resumed to the end.
     let split = tmp.path().join("split");
@@ -141,6 +146,47 @@ fn resume_is_exact_and_student_exports() {
     let out = student.forward(&x, false).unwrap();
     assert_eq!(out.normed.len(), 2);
     assert_eq!(out.normed[0][3].dims(), &[1, 32, 4, 4]);
+}
+
+/// `--teacher NAME=PATH` names a teacher; two teachers that would share a name are told apart.
+#[test]
+fn teacher_names_are_short_explicit_and_unique() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    write_images(&images);
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let run = tmp.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_distillery"))
+        .args([
+            "distill",
+            "--teacher",
+            &format!("big={}", s(&model_dir("dinov2"))),
+            "--teacher",
+            &s(&model_dir("dinov2")),
+            "--teacher",
+            &s(&model_dir("dinov2")),
+            "--student",
+            "vit-t16",
+            "--images",
+            &s(&images),
+            "--out",
+            &s(&run),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--image-size",
+            "32",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    for k in ["loss/big", "loss/dinov2", "loss/dinov2-2"] {
+        assert!(v.get(k).is_some(), "{k} missing in {v}");
+    }
 }
 
 fn losses_of(run: &Path) -> Vec<f64> {

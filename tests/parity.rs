@@ -47,6 +47,17 @@ fn timm_vit() {
 }
 
 #[test]
+fn timm_vit_with_registers_layer_scale_and_mlp_ratio_3() {
+    check("timm-vit-reg", "native");
+    check("timm-vit-reg", "up");
+}
+
+#[test]
+fn vit_with_mlp_96_and_no_qkv_bias() {
+    check("vit-mlp96", "native");
+}
+
+#[test]
 fn dinov2() {
     check("dinov2", "up");
     check("dinov2", "down");

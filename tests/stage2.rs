@@ -418,7 +418,12 @@ fn routers_and_heads_match_torch() {
         name: n.into(),
         dim: 16,
     };
-    let student = StudentSpec::new((16, 4, 2), 8, 32, vec![slot("a"), slot("b")]).unwrap();
+    let student = StudentSpec::new(
+        distillery::models::encoder::VitArch::standard(16, 4, 2, 8),
+        32,
+        vec![slot("a"), slot("b")],
+    )
+    .unwrap();
     assert_eq!(student.levels.len(), 4);
     let spec = MultiTaskSpec {
         student,
@@ -427,7 +432,13 @@ fn routers_and_heads_match_torch() {
     };
     let get = |n: &str| w.get_any(n).unwrap();
     let inputs = || StudentOutput {
-        stem: (0..4).map(|k| get(&format!("in.stem.{k}"))).collect(),
+        // the fixture's stem tokens carry the cls token; the student hands over patch tokens
+        stem: (0..4)
+            .map(|k| {
+                let t = get(&format!("in.stem.{k}"));
+                t.narrow(1, 1, t.dim(1).unwrap() - 1).unwrap()
+            })
+            .collect(),
         normed: (0..2)
             .map(|i| (0..4).map(|k| get(&format!("in.normed.{i}.{k}"))).collect())
             .collect(),
@@ -552,7 +563,7 @@ fn parameter_counts_match_the_reference() {
                 dim: 1024,
             })
             .collect();
-        let mut student = StudentSpec::new(preset(preset_name).unwrap(), 16, hw.0, slots).unwrap();
+        let mut student = StudentSpec::new(preset(preset_name).unwrap(), hw.0, slots).unwrap();
         student.image_hw = Some(hw);
         let spec = MultiTaskSpec {
             student,

@@ -68,6 +68,11 @@ impl PositionEmbedding {
         })
     }
 
+    /// Number of prefix rows in the table.
+    pub fn prefix_len(&self) -> usize {
+        self.prefix
+    }
+
     /// Prefix positions `[1, P, D]`, if any.
     pub fn prefix(&self) -> Result<Option<Tensor>> {
         if self.prefix == 0 {
@@ -117,40 +122,188 @@ pub struct TokenEncoder {
 }
 
 impl TokenEncoder {
-    /// Tokens after patch + position embedding (and registers), before any block.
+    /// Tokens after patch + position embedding (and registers), before any block. Token order
+    /// is cls, registers, patches; the position table's prefix rows go to the first prefix
+    /// tokens (timm: cls and registers or none; transformers DINOv2: cls only).
     pub fn embed(&self, pixels: &Tensor) -> Result<(Tensor, (usize, usize))> {
         let (patches, grid) = self.patch_embed.forward(pixels)?;
-        let b = patches.dim(0)?;
-        let pos = self.pos.for_grid(grid)?;
-        let mut x = match &self.cls {
-            Some(cls) => {
-                let d = cls.dim(2)?;
-                let cls = cls.broadcast_as((b, 1, d))?;
-                let x = Tensor::cat(&[&cls, &patches], 1)?;
-                let pos = match self.pos.prefix()? {
-                    Some(p) => Tensor::cat(&[&p, &pos], 1)?,
-                    None => pos,
-                };
-                x.broadcast_add(&pos)?
-            }
-            None => patches.broadcast_add(&pos)?,
-        };
-        if let Some(reg) = &self.registers {
-            let (_, r, d) = reg.dims3()?;
-            let n = x.dim(1)?;
-            let reg = reg.broadcast_as((b, r, d))?;
-            x = Tensor::cat(&[&x.narrow(1, 0, 1)?, &reg, &x.narrow(1, 1, n - 1)?], 1)?;
+        let (b, _, d) = patches.dims3()?;
+        let patches = patches.broadcast_add(&self.pos.for_grid(grid)?)?;
+        let mut prefix = Vec::new();
+        if let Some(cls) = &self.cls {
+            prefix.push(cls.broadcast_as((b, 1, d))?);
         }
+        if let Some(reg) = &self.registers {
+            prefix.push(reg.broadcast_as((b, reg.dim(1)?, d))?);
+        }
+        let mut x = if prefix.is_empty() {
+            patches
+        } else {
+            let mut pre = Tensor::cat(&prefix, 1)?;
+            if let Some(p) = self.pos.prefix()? {
+                let k = p.dim(1)?;
+                let n = pre.dim(1)?;
+                let with_pos = pre.narrow(1, 0, k)?.broadcast_add(&p)?;
+                pre = if k == n {
+                    with_pos
+                } else {
+                    Tensor::cat(&[&with_pos, &pre.narrow(1, k, n - k)?], 1)?
+                };
+            }
+            Tensor::cat(&[&pre, &patches], 1)?
+        };
         if let Some(norm) = &self.pre_norm {
             x = norm.forward(&x)?;
         }
         Ok((x, grid))
+    }
+
+    /// The architecture of this encoder as a student stem records it; only plain ViTs (no
+    /// pre-norm, fc1-act-fc2 MLP, patch bias) qualify.
+    pub fn vit_arch(&self) -> std::result::Result<VitArch, String> {
+        if self.pre_norm.is_some() {
+            return Err("it normalises tokens before the first block (CLIP pre-norm)".into());
+        }
+        let first = self.blocks.first().ok_or("it has no blocks")?;
+        let (mlp_hidden, act) = first.plain_mlp().ok_or("its MLP is SwiGLU")?;
+        if !self.patch_embed.has_bias() {
+            return Err("its patch embedding has no bias".into());
+        }
+        let prefix = usize::from(self.cls.is_some())
+            + self.registers.as_ref().map_or(0, |r| r.dim(1).unwrap_or(0));
+        if self.pos.prefix_len() > prefix {
+            return Err("its position table has more prefix rows than prefix tokens".into());
+        }
+        Ok(VitArch {
+            dim: self.info.width,
+            depth: self.blocks.len(),
+            heads: self.info.num_heads,
+            mlp_hidden,
+            patch: self.info.patch,
+            qkv_bias: first.qkv_bias(),
+            eps: first.eps(),
+            act,
+            class_token: self.cls.is_some(),
+            registers: prefix - usize::from(self.cls.is_some()),
+            pos_prefix: self.pos.prefix_len(),
+            layer_scale: first.has_layer_scale(),
+        })
+    }
+
+    /// Every parameter in timm `VisionTransformer` naming (`patch_embed.proj.*`, `cls_token`,
+    /// `reg_token`, `pos_embed` `[1, P + h*w, D]`, `blocks.{i}.*`), whatever naming the
+    /// checkpoint used: how a pretrained ViT becomes a student stem.
+    pub fn timm_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = self.patch_embed.named_tensors("patch_embed.proj");
+        if let Some(c) = &self.cls {
+            out.push(("cls_token".into(), c.clone()));
+        }
+        if let Some(r) = &self.registers {
+            out.push(("reg_token".into(), r.clone()));
+        }
+        out.push(("pos_embed".into(), self.pos.table.unsqueeze(0)?));
+        for (i, b) in self.blocks.iter().enumerate() {
+            out.extend(b.timm_tensors(&format!("blocks.{i}")));
+        }
+        Ok(out)
+    }
+}
+
+/// The architecture of a plain ViT: what a student stem is rebuilt from (`student.json`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VitArch {
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    /// hidden width of the MLP (fc1 output)
+    pub mlp_hidden: usize,
+    pub patch: usize,
+    pub qkv_bias: bool,
+    /// LayerNorm epsilon of the blocks
+    pub eps: f64,
+    /// MLP activation
+    pub act: super::layers::Activation,
+    pub class_token: bool,
+    /// register tokens after the class token
+    pub registers: usize,
+    /// prefix tokens (class, then registers) that have a row in the position table
+    pub pos_prefix: usize,
+    /// per-channel layer scale after attention and MLP (`ls1.gamma`, `ls2.gamma`)
+    pub layer_scale: bool,
+}
+
+impl VitArch {
+    /// A timm-style ViT: class token with a position, qkv bias, MLP 4x, LayerNorm eps 1e-6.
+    pub fn standard(dim: usize, depth: usize, heads: usize, patch: usize) -> Self {
+        Self {
+            dim,
+            depth,
+            heads,
+            mlp_hidden: 4 * dim,
+            patch,
+            qkv_bias: true,
+            eps: 1e-6,
+            act: super::layers::Activation::Gelu,
+            class_token: true,
+            registers: 0,
+            pos_prefix: 1,
+            layer_scale: false,
+        }
+    }
+
+    /// Tokens in front of the patch tokens.
+    pub fn prefix_tokens(&self) -> usize {
+        usize::from(self.class_token) + self.registers
+    }
+
+    /// The block hyper-parameters at an input size.
+    pub fn dims(&self, image_size: (usize, usize)) -> Dims {
+        Dims {
+            dim: self.dim,
+            depth: self.depth,
+            heads: self.heads,
+            mlp_hidden: self.mlp_hidden,
+            eps: self.eps,
+            act: self.act,
+            image_size,
+            patch: self.patch,
+            channels: 3,
+            qkv_bias: self.qkv_bias,
+        }
+    }
+
+    /// Check the numbers fit together (a hand-edited `student.json` may not).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.dim == 0 || self.depth == 0 || self.heads == 0 || self.patch == 0 {
+            return Err("dim, depth, heads and patch must be positive".into());
+        }
+        if !self.dim.is_multiple_of(self.heads) {
+            return Err(format!(
+                "width {} is not divisible by {} heads",
+                self.dim, self.heads
+            ));
+        }
+        if self.mlp_hidden == 0 {
+            return Err("mlp_hidden must be positive".into());
+        }
+        if self.pos_prefix > self.prefix_tokens() {
+            return Err(format!(
+                "pos_prefix {} exceeds the {} prefix tokens",
+                self.pos_prefix,
+                self.prefix_tokens()
+            ));
+        }
+        Ok(())
     }
 }
 
 impl VisionEncoder for TokenEncoder {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    fn token_encoder(&self) -> Option<&TokenEncoder> {
+        Some(self)
     }
 
     fn forward_features(&self, pixels: &Tensor, req: &FeatureRequest) -> Result<EncoderOutput> {
@@ -268,6 +421,25 @@ impl Dims {
             self.image_size.1 / self.patch,
         )
     }
+}
+
+/// Resample a `[1, P + h*w, D]` position table to a new grid, its P prefix rows kept apart.
+pub fn resample_pos_table(
+    table: &Tensor,
+    prefix: usize,
+    from: (usize, usize),
+    to: (usize, usize),
+    kernel: Kernel,
+) -> Result<Tensor> {
+    let t = table.squeeze(0)?;
+    let n = t.dim(0)?.saturating_sub(prefix);
+    let grid = resample_grid_tokens(&t.narrow(0, prefix, n)?, from, to, kernel)?;
+    let t = if prefix > 0 {
+        Tensor::cat(&[&t.narrow(0, 0, prefix)?, &grid], 0)?
+    } else {
+        grid
+    };
+    Ok(t.unsqueeze(0)?)
 }
 
 /// Load `depth` blocks found at `layers.{i}`.

@@ -21,6 +21,15 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(crate::kernels::linear(x, &self.weight, self.bias.as_ref())?)
     }
+
+    /// `{name}.weight` and, when present, `{name}.bias`.
+    pub fn named_tensors(&self, name: &str) -> Vec<(String, Tensor)> {
+        let mut v = vec![(format!("{name}.weight"), self.weight.clone())];
+        if let Some(b) = &self.bias {
+            v.push((format!("{name}.bias"), b.clone()));
+        }
+        v
+    }
 }
 
 /// Load `name.weight` [out, in] and optionally `name.bias` [out].
@@ -64,7 +73,7 @@ pub fn fused_linear(
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
-    eps: f32,
+    eps: f64,
 }
 
 impl LayerNorm {
@@ -72,8 +81,20 @@ impl LayerNorm {
         Ok(Self {
             weight: w.get(dim, "weight")?,
             bias: w.get(dim, "bias")?,
-            eps: eps as f32,
+            eps,
         })
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// `{name}.weight` and `{name}.bias`.
+    pub fn named_tensors(&self, name: &str) -> Vec<(String, Tensor)> {
+        vec![
+            (format!("{name}.weight"), self.weight.clone()),
+            (format!("{name}.bias"), self.bias.clone()),
+        ]
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -86,13 +107,15 @@ impl LayerNorm {
             &x,
             &self.weight,
             &self.bias,
-            self.eps,
+            self.eps as f32,
         )?)
     }
 }
 
-/// Activation functions used by the supported families.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Activation functions used by the supported families (serialised as `gelu`, `gelu_tanh`,
+/// `quick_gelu`, `relu`, `silu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Activation {
     /// exact GELU (erf)
     Gelu,
@@ -285,6 +308,47 @@ impl Block {
         })
     }
 
+    /// MLP width and activation of an fc1-act-fc2 MLP (None for SwiGLU).
+    pub fn plain_mlp(&self) -> Option<(usize, Activation)> {
+        match &self.mlp {
+            Mlp::Plain { fc1, act, .. } => Some((fc1.weight.dim(0).ok()?, *act)),
+            Mlp::SwiGlu { .. } => None,
+        }
+    }
+
+    pub fn qkv_bias(&self) -> bool {
+        self.attn.qkv.bias.is_some()
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.norm1.eps()
+    }
+
+    pub fn has_layer_scale(&self) -> bool {
+        self.ls1.is_some()
+    }
+
+    /// Parameters in timm naming under `prefix` (a SwiGLU MLP keeps timm's `mlp.fc1`/`fc2`
+    /// names for its two projections).
+    pub fn timm_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        let mut v = self.norm1.named_tensors(&format!("{prefix}.norm1"));
+        v.extend(self.attn.qkv.named_tensors(&format!("{prefix}.attn.qkv")));
+        v.extend(self.attn.proj.named_tensors(&format!("{prefix}.attn.proj")));
+        v.extend(self.norm2.named_tensors(&format!("{prefix}.norm2")));
+        let (a, b) = match &self.mlp {
+            Mlp::Plain { fc1, fc2, .. } => (fc1, fc2),
+            Mlp::SwiGlu { w_in, w_out } => (w_in, w_out),
+        };
+        v.extend(a.named_tensors(&format!("{prefix}.mlp.fc1")));
+        v.extend(b.named_tensors(&format!("{prefix}.mlp.fc2")));
+        for (name, ls) in [("ls1", &self.ls1), ("ls2", &self.ls2)] {
+            if let Some(g) = ls {
+                v.push((format!("{prefix}.{name}.gamma"), g.clone()));
+            }
+        }
+        v
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let scale = |y: Tensor, ls: &Option<Tensor>| -> Result<Tensor> {
             Ok(match ls {
@@ -326,6 +390,15 @@ impl PatchEmbed {
 
     pub fn patch(&self) -> usize {
         self.patch
+    }
+
+    pub fn has_bias(&self) -> bool {
+        self.bias.is_some()
+    }
+
+    /// `{name}.weight` `[D, C, p, p]` and the bias.
+    pub fn named_tensors(&self, name: &str) -> Vec<(String, Tensor)> {
+        Linear::new(self.weight.clone(), self.bias.clone()).named_tensors(name)
     }
 
     /// [B, C, H, W] -> ([B, h*w, D], (h, w)); trailing pixels that do not fill a patch are

@@ -193,6 +193,11 @@ pub trait VisionEncoder: Send + Sync {
 
     /// Run the encoder on normalised pixels `[B, 3, H, W]`, computing only what `req` asks for.
     fn forward_features(&self, pixels: &Tensor, req: &FeatureRequest) -> Result<EncoderOutput>;
+
+    /// The plain token encoder behind this model, when it is one (ViT-like families).
+    fn token_encoder(&self) -> Option<&encoder::TokenEncoder> {
+        None
+    }
 }
 
 /// Check the pixel tensor before a forward pass.

@@ -53,7 +53,7 @@ impl MultiTaskSpec {
 
     /// Parameters beyond the student's: name, shape, initialiser.
     pub fn task_parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
-        let d = self.student.dim;
+        let d = self.student.arch.dim;
         let levels = self.student.levels.len();
         let mut p = Vec::new();
         let lin = |p: &mut Vec<(String, Vec<usize>, Init)>, n: String, o: usize, i: usize| {
@@ -95,7 +95,7 @@ impl MultiTaskSpec {
 
     /// BatchNorm buffers: name, shape, initial value.
     pub fn buffers(&self) -> Vec<(String, usize, f32)> {
-        let d = self.student.dim;
+        let d = self.student.arch.dim;
         self.tasks
             .iter()
             .flat_map(|(t, _)| {
@@ -231,7 +231,7 @@ impl MultiTaskModel {
 impl Decoder {
     /// Build the task parameters (`routers.*`, `heads.*`) and buffers.
     pub fn build(spec: &MultiTaskSpec, w: &Weights, buffers: &Weights) -> Result<Self> {
-        let d = spec.student.dim;
+        let d = spec.student.arch.dim;
         let levels = spec.student.levels.len();
         let lin = |w: &Weights, i: usize, o: usize| super::layers::linear(w, i, o, true);
         let mut routers = Vec::new();
@@ -305,17 +305,12 @@ impl Decoder {
     ) -> Result<MultiTaskOutput> {
         let b = out.stem[0].dim(0)?;
         let (gh, gw) = out.grid;
-        let d = self.spec.student.dim;
+        let d = self.spec.student.arch.dim;
         let levels = self.spec.student.levels.len();
         let n_exp = self.spec.experts();
         let mut noise = noise;
-        // Stem maps per level: drop the cls token.
-        let stem_tokens: Vec<Tensor> = out
+        let stem_maps: Vec<Tensor> = out
             .stem
-            .iter()
-            .map(|t| Ok(t.narrow(1, 1, t.dim(1)? - 1)?.contiguous()?))
-            .collect::<Result<_>>()?;
-        let stem_maps: Vec<Tensor> = stem_tokens
             .iter()
             .map(|t| Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, d, gh, gw))?))
             .collect::<Result<_>>()?;
@@ -334,7 +329,7 @@ impl Decoder {
                     RouterKind::None => stacked.sum(1)?,
                     RouterKind::Mor => {
                         let r = &self.routers[k][ti];
-                        let h = r.fc1.forward(&stem_tokens[k])?;
+                        let h = r.fc1.forward(&out.stem[k])?;
                         let h = crate::kernels::gelu_erf(&r.norm.forward(&h)?)?;
                         let logits = r.fc2.forward(&h)?.mean(1)?; // [B, 2E]
                         let eps = match noise.as_deref_mut() {

@@ -8,8 +8,8 @@
 //! `tsap.{t}.adapters.{l}.scale`, `tsap.{t}.norms.{k}.{weight,bias}`,
 //! `tsap.{t}.aligners.{k}.{weight,bias}` (dropped at export).
 
-use super::encoder::{Dims, TokenEncoder};
-use super::layers::{Activation, LayerNorm, Linear};
+use super::encoder::{TokenEncoder, VitArch};
+use super::layers::{LayerNorm, Linear};
 use super::{evenly_spaced_blocks, Family, FeatureRequest, ModelInfo, VisionEncoder};
 use crate::error::{Error, Result};
 use crate::preprocess::{PreprocessConfig, IMAGENET_MEAN, IMAGENET_STD};
@@ -27,10 +27,10 @@ pub struct TeacherSlot {
 /// Everything needed to rebuild a student (saved as `student.json` next to its weights).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StudentSpec {
-    pub dim: usize,
-    pub depth: usize,
-    pub heads: usize,
-    pub patch: usize,
+    /// the stem's architecture (width, depth, heads, MLP width, patch, qkv bias, eps,
+    /// activation, class/register tokens, layer scale), stored flat in `student.json`
+    #[serde(flatten)]
+    pub arch: VitArch,
     /// training resolution: the position table's grid is `image_size / patch`
     pub image_size: usize,
     /// non-square training resolution (height, width) overriding `image_size` (stage 2 on
@@ -44,30 +44,29 @@ pub struct StudentSpec {
     pub std: [f32; 3],
 }
 
-/// Student presets: (width, depth, heads), patch 16 (SPEC.md section 2).
-pub fn preset(name: &str) -> Option<(usize, usize, usize)> {
-    Some(match name {
+/// Student presets (SPEC.md section 2): plain ViT/16 stems.
+pub fn preset(name: &str) -> Option<VitArch> {
+    let (dim, depth, heads) = match name {
         "vit-t16" => (192, 12, 3),
         "vit-s16" => (384, 12, 6),
         "vit-b16" => (768, 12, 12),
         "vit-l16" => (1024, 24, 16),
         _ => return None,
-    })
+    };
+    Some(VitArch::standard(dim, depth, heads, 16))
 }
 
 impl StudentSpec {
-    pub fn new(
-        (dim, depth, heads): (usize, usize, usize),
-        patch: usize,
-        image_size: usize,
-        teachers: Vec<TeacherSlot>,
-    ) -> Result<Self> {
-        if !dim.is_multiple_of(heads) || !dim.is_multiple_of(4) {
+    pub fn new(arch: VitArch, image_size: usize, teachers: Vec<TeacherSlot>) -> Result<Self> {
+        arch.validate()
+            .map_err(|m| Error::Invalid(format!("student stem: {m}")))?;
+        let (dim, patch) = (arch.dim, arch.patch);
+        if !dim.is_multiple_of(4) {
             return Err(Error::Invalid(format!(
-                "student width {dim} must divide by its {heads} heads and by 4"
+                "student width {dim} must divide by 4 (adapter bottleneck)"
             )));
         }
-        if patch == 0 || image_size < patch || !image_size.is_multiple_of(patch) {
+        if image_size < patch || !image_size.is_multiple_of(patch) {
             return Err(Error::Invalid(format!(
                 "student image size {image_size} must be a positive multiple of the patch ({patch})"
             )));
@@ -76,21 +75,18 @@ impl StudentSpec {
             return Err(Error::Invalid("at least one teacher is needed".into()));
         }
         Ok(Self {
-            dim,
-            depth,
-            heads,
-            patch,
+            levels: evenly_spaced_blocks(arch.depth, 4),
+            arch,
             image_size,
             image_hw: None,
             teachers,
-            levels: evenly_spaced_blocks(depth, 4),
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
         })
     }
 
     pub fn grid(&self) -> usize {
-        self.image_size / self.patch
+        self.image_size / self.arch.patch
     }
 
     /// Training input (height, width).
@@ -101,74 +97,87 @@ impl StudentSpec {
     /// Position-table grid (rows, columns).
     pub fn grid_hw(&self) -> (usize, usize) {
         let (h, w) = self.hw();
-        (h / self.patch, w / self.patch)
-    }
-
-    fn dims(&self) -> Dims {
-        Dims {
-            dim: self.dim,
-            depth: self.depth,
-            heads: self.heads,
-            mlp_hidden: 4 * self.dim,
-            eps: 1e-6,
-            act: Activation::Gelu,
-            image_size: self.hw(),
-            patch: self.patch,
-            channels: 3,
-            qkv_bias: true,
-        }
+        (h / self.arch.patch, w / self.arch.patch)
     }
 
     /// Every parameter: name, shape, initialiser.
     pub fn parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
-        let d = self.dim;
-        let n = self.grid_hw().0 * self.grid_hw().1 + 1;
+        let a = &self.arch;
+        let d = a.dim;
+        let h = a.mlp_hidden;
+        let n = self.grid_hw().0 * self.grid_hw().1 + a.pos_prefix;
         let mut p: Vec<(String, Vec<usize>, Init)> = vec![
             (
                 "stem.patch_embed.proj.weight".into(),
-                vec![d, 3, self.patch, self.patch],
+                vec![d, 3, a.patch, a.patch],
                 Init::TruncNormal(0.02),
             ),
             ("stem.patch_embed.proj.bias".into(), vec![d], Init::Zeros),
-            ("stem.cls_token".into(), vec![1, 1, d], Init::Normal(1e-6)),
-            (
-                "stem.pos_embed".into(),
-                vec![1, n, d],
-                Init::TruncNormal(0.02),
-            ),
         ];
-        let lin = |p: &mut Vec<(String, Vec<usize>, Init)>, name: String, o: usize, i: usize| {
+        if a.class_token {
+            p.push(("stem.cls_token".into(), vec![1, 1, d], Init::Normal(1e-6)));
+        }
+        if a.registers > 0 {
+            p.push((
+                "stem.reg_token".into(),
+                vec![1, a.registers, d],
+                Init::Normal(1e-6),
+            ));
+        }
+        p.push((
+            "stem.pos_embed".into(),
+            vec![1, n, d],
+            Init::TruncNormal(0.02),
+        ));
+        let lin = |p: &mut Vec<(String, Vec<usize>, Init)>,
+                   name: String,
+                   o: usize,
+                   i: usize,
+                   bias: bool| {
             p.push((
                 format!("{name}.weight"),
                 vec![o, i],
                 Init::TruncNormal(0.02),
             ));
-            p.push((format!("{name}.bias"), vec![o], Init::Zeros));
+            if bias {
+                p.push((format!("{name}.bias"), vec![o], Init::Zeros));
+            }
         };
         let ln = |p: &mut Vec<(String, Vec<usize>, Init)>, name: String, dim: usize| {
             p.push((format!("{name}.weight"), vec![dim], Init::Ones));
             p.push((format!("{name}.bias"), vec![dim], Init::Zeros));
         };
-        for i in 0..self.depth {
+        for i in 0..a.depth {
             let b = format!("stem.blocks.{i}");
             ln(&mut p, format!("{b}.norm1"), d);
-            lin(&mut p, format!("{b}.attn.qkv"), 3 * d, d);
-            lin(&mut p, format!("{b}.attn.proj"), d, d);
+            lin(&mut p, format!("{b}.attn.qkv"), 3 * d, d, a.qkv_bias);
+            lin(&mut p, format!("{b}.attn.proj"), d, d, true);
             ln(&mut p, format!("{b}.norm2"), d);
-            lin(&mut p, format!("{b}.mlp.fc1"), 4 * d, d);
-            lin(&mut p, format!("{b}.mlp.fc2"), d, 4 * d);
+            lin(&mut p, format!("{b}.mlp.fc1"), h, d, true);
+            lin(&mut p, format!("{b}.mlp.fc2"), d, h, true);
+            if a.layer_scale {
+                for ls in ["ls1", "ls2"] {
+                    p.push((format!("{b}.{ls}.gamma"), vec![d], Init::Ones));
+                }
+            }
         }
         for (t, teacher) in self.teachers.iter().enumerate() {
-            for l in 0..=self.depth {
-                let a = format!("tsap.{t}.adapters.{l}");
-                lin(&mut p, format!("{a}.down"), d / 4, d);
-                lin(&mut p, format!("{a}.up"), d, d / 4);
-                p.push((format!("{a}.scale"), vec![1], Init::Ones));
+            for l in 0..=a.depth {
+                let ad = format!("tsap.{t}.adapters.{l}");
+                lin(&mut p, format!("{ad}.down"), d / 4, d, true);
+                lin(&mut p, format!("{ad}.up"), d, d / 4, true);
+                p.push((format!("{ad}.scale"), vec![1], Init::Ones));
             }
             for k in 0..self.levels.len() {
                 ln(&mut p, format!("tsap.{t}.norms.{k}"), d);
                 if teacher.dim != d {
-                    lin(&mut p, format!("tsap.{t}.aligners.{k}"), teacher.dim, d);
+                    lin(
+                        &mut p,
+                        format!("tsap.{t}.aligners.{k}"),
+                        teacher.dim,
+                        d,
+                        true,
+                    );
                 }
             }
         }
@@ -259,7 +268,8 @@ struct Path {
 
 /// Student outputs for one batch.
 pub struct StudentOutput {
-    /// raw stem tokens `[B, N, D]` at each level (input of the task routers in stage 2)
+    /// raw stem patch tokens `[B, h*w, D]` (class and register tokens dropped) at each level
+    /// (input of the task routers in stage 2)
     pub stem: Vec<Tensor>,
     /// `[teacher][level]`: LayerNorm-ed adapter features as `[B, D, h, w]` maps
     pub normed: Vec<Vec<Tensor>>,
@@ -287,16 +297,16 @@ impl Student {
     /// Build from parameters named as in [`StudentSpec::parameters`]. Aligners are optional
     /// (an exported student has none).
     pub fn build(spec: &StudentSpec, w: &Weights) -> Result<Self> {
-        let d = spec.dims();
+        let a = &spec.arch;
         let info = ModelInfo {
             family: Family::TimmVit,
-            depth: spec.depth,
-            width: spec.dim,
-            num_heads: spec.heads,
-            patch: spec.patch,
+            depth: a.depth,
+            width: a.dim,
+            num_heads: a.heads,
+            patch: a.patch,
             image_size: spec.hw(),
-            prefix_tokens: 1,
-            out_channels: spec.dim,
+            prefix_tokens: a.prefix_tokens(),
+            out_channels: a.dim,
             default_levels: spec.levels.clone(),
             preprocess: PreprocessConfig::exact(
                 spec.hw(),
@@ -305,24 +315,20 @@ impl Student {
                 spec.std,
             ),
         };
-        let stem = super::vit::timm_encoder(&w.pp("stem"), &d, info, false)?;
+        let stem = super::vit::timm_encoder(&w.pp("stem"), a, info, false)?;
         let mut paths = Vec::new();
         for (t, teacher) in spec.teachers.iter().enumerate() {
             let pw = w.pp(format!("tsap.{t}"));
-            let adapters = (0..=spec.depth)
-                .map(|l| Adapter::load(&pw.pp(format!("adapters.{l}")), spec.dim))
+            let adapters = (0..=a.depth)
+                .map(|l| Adapter::load(&pw.pp(format!("adapters.{l}")), a.dim))
                 .collect::<Result<Vec<_>>>()?;
             let mut norms = Vec::new();
             let mut aligners = Vec::new();
             for k in 0..spec.levels.len() {
-                norms.push(LayerNorm::load(
-                    &pw.pp(format!("norms.{k}")),
-                    spec.dim,
-                    1e-5,
-                )?);
-                let a = pw.pp(format!("aligners.{k}"));
-                aligners.push(if teacher.dim != spec.dim && a.contains("weight") {
-                    Some(super::layers::linear(&a, spec.dim, teacher.dim, true)?)
+                norms.push(LayerNorm::load(&pw.pp(format!("norms.{k}")), a.dim, 1e-5)?);
+                let al = pw.pp(format!("aligners.{k}"));
+                aligners.push(if teacher.dim != a.dim && al.contains("weight") {
+                    Some(super::layers::linear(&al, a.dim, teacher.dim, true)?)
                 } else {
                     None
                 });
@@ -342,14 +348,22 @@ impl Student {
 
     /// Run the stem once and every adapter path on its outputs.
     pub fn forward(&self, pixels: &Tensor, aligned: bool) -> Result<StudentOutput> {
-        let depth = self.spec.depth;
+        let depth = self.spec.arch.depth;
+        let prefix = self.spec.arch.prefix_tokens();
+        let patches =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, prefix, t.dim(1)? - prefix)?) };
         let req = FeatureRequest {
             hidden_states: (0..=depth).collect(),
             last: false,
         };
         let out = self.stem.forward_features(pixels, &req)?;
         let x: Vec<&Tensor> = (0..=depth).map(|i| &out.hidden_states[&i]).collect();
-        let stem = self.spec.levels.iter().map(|&b| x[b + 1].clone()).collect();
+        let stem = self
+            .spec
+            .levels
+            .iter()
+            .map(|&b| Ok(patches(x[b + 1])?.contiguous()?))
+            .collect::<Result<_>>()?;
         let mut normed = Vec::new();
         let mut al = Vec::new();
         for path in &self.paths {
@@ -363,7 +377,7 @@ impl Student {
             let mut per_level_al = Vec::new();
             for (k, &b) in self.spec.levels.iter().enumerate() {
                 let rl = &r[b + 1];
-                let n = path.norms[k].forward(&rl.narrow(1, 1, rl.dim(1)? - 1)?)?;
+                let n = path.norms[k].forward(&patches(rl)?)?;
                 if aligned {
                     let a = match &path.aligners[k] {
                         Some(lin) => lin.forward(&n)?,

@@ -1,7 +1,7 @@
 //! Plain ViT: transformers `ViTModel` naming and timm `VisionTransformer` naming (the latter is
 //! what ImageNet-21k augreg checkpoints used to initialise SAK's student come in).
 
-use super::encoder::{load_blocks, DimDefaults, Dims, PositionEmbedding, TokenEncoder};
+use super::encoder::{load_blocks, DimDefaults, Dims, PositionEmbedding, TokenEncoder, VitArch};
 use super::layers::{BlockNames, LayerNorm, PatchEmbed, QkvNames};
 use super::{evenly_spaced_blocks, find_prefix, Family, ModelFiles, ModelInfo};
 use crate::config::Cfg;
@@ -193,19 +193,47 @@ pub fn load_timm(
             resample = Resample::Bilinear;
         }
     }
-    let d = Dims {
+    let w = find_prefix(w, "patch_embed.proj.weight", files)?;
+    // Structure that timm configs rarely spell out is read off the checkpoint's tensors.
+    let mlp_hidden = match cfg.sub("model_args").map(|a| a.has("mlp_ratio")) {
+        Some(true) => (dim as f64 * mlp_ratio) as usize,
+        _ => w
+            .shape_of("blocks.0.mlp.fc1.weight")
+            .and_then(|s| s.first().copied())
+            .unwrap_or((dim as f64 * mlp_ratio) as usize),
+    };
+    let registers = w
+        .shape_of("reg_token")
+        .and_then(|s| s.get(1).copied())
+        .unwrap_or(0);
+    let class_token = w.contains("cls_token");
+    let grid = (img / patch) * (img / patch);
+    let pos_rows = w
+        .shape_of("pos_embed")
+        .and_then(|s| s.get(1).copied())
+        .unwrap_or(grid + 1);
+    let prefix = usize::from(class_token) + registers;
+    let pos_prefix = pos_rows.saturating_sub(grid);
+    cfg.ensure(pos_prefix == 0 || pos_prefix == prefix, || {
+        format!(
+            "pos_embed has {pos_rows} rows: not a {0}x{0} grid plus 0 or {prefix} prefix rows",
+            img / patch
+        )
+    })?;
+    let arch = VitArch {
         dim,
         depth,
         heads,
-        mlp_hidden: (dim as f64 * mlp_ratio) as usize,
+        mlp_hidden,
+        patch,
+        qkv_bias: w.contains("blocks.0.attn.qkv.bias"),
         eps: 1e-6,
         act: super::layers::Activation::Gelu,
-        image_size: (img, img),
-        patch,
-        channels: 3,
-        qkv_bias: true,
+        class_token,
+        registers,
+        pos_prefix,
+        layer_scale: w.contains("blocks.0.ls1.gamma"),
     };
-    let w = find_prefix(w, "patch_embed.proj.weight", files)?;
     let mut preprocess = PreprocessConfig::short_edge_crop(
         (data_img as f64 / crop_pct).floor() as usize,
         data_img,
@@ -213,27 +241,36 @@ pub fn load_timm(
         std,
     );
     preprocess.resample = resample;
-    timm_encoder(&w, &d, info(Family::TimmVit, &d, 1, preprocess), true)
+    let d = arch.dims((img, img));
+    let info = info(Family::TimmVit, &d, arch.prefix_tokens(), preprocess);
+    timm_encoder(&w, &arch, info, true)
 }
 
 /// A plain ViT in timm naming under `w` (`patch_embed.proj`, `cls_token`, `pos_embed`,
 /// `blocks.N`, optional `norm`); also the student's stem, which has no final norm.
 pub(crate) fn timm_encoder(
     w: &Weights,
-    d: &Dims,
+    a: &VitArch,
     info: ModelInfo,
     final_norm: bool,
 ) -> Result<TokenEncoder> {
+    let d = a.dims(info.image_size);
     let (gh, gw) = d.native_grid();
-    let layer_scale = w.contains("blocks.0.ls1.gamma");
     Ok(TokenEncoder {
-        info,
         patch_embed: PatchEmbed::load(&w.pp("patch_embed.proj"), 3, d.dim, d.patch, true)?,
-        cls: Some(w.get((1, 1, d.dim), "cls_token")?),
-        registers: None,
+        cls: if a.class_token {
+            Some(w.get((1, 1, d.dim), "cls_token")?)
+        } else {
+            None
+        },
+        registers: if a.registers > 0 {
+            Some(w.get((1, a.registers, d.dim), "reg_token")?)
+        } else {
+            None
+        },
         pos: PositionEmbedding::with_grid(
-            &w.get((1, gh * gw + 1, d.dim), "pos_embed")?,
-            1,
+            &w.get((1, a.pos_prefix + gh * gw, d.dim), "pos_embed")?,
+            a.pos_prefix,
             Kernel::BicubicAntialias,
             (gh, gw),
         )?,
@@ -242,12 +279,13 @@ pub(crate) fn timm_encoder(
             &w.pp("blocks"),
             d.depth,
             &TIMM_NAMES,
-            &d.block_spec(false, layer_scale),
+            &d.block_spec(false, a.layer_scale),
         )?,
         final_norm: if final_norm {
             Some(LayerNorm::load(&w.pp("norm"), d.dim, d.eps)?)
         } else {
             None
         },
+        info,
     })
 }

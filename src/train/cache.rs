@@ -22,7 +22,12 @@ use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CachedTeacher {
+    /// short name (metrics, specs)
     pub name: String,
+    /// folder or hub id the teacher was loaded from (caches written before names existed
+    /// only have `name`, which then held the id)
+    #[serde(default)]
+    pub id: String,
     pub size: usize,
     pub dim: usize,
     /// (h, w) of the stored maps
@@ -46,6 +51,52 @@ pub struct Manifest {
     /// input size and augmentation, as JSON); empty for stage-1 crops
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub recipe: String,
+}
+
+impl CachedTeacher {
+    pub fn source(&self) -> &str {
+        if self.id.is_empty() {
+            &self.name
+        } else {
+            &self.id
+        }
+    }
+}
+
+impl Manifest {
+    /// The teachers as the student sees them.
+    pub fn slots(&self) -> Vec<crate::models::student::TeacherSlot> {
+        self.teachers
+            .iter()
+            .map(|t| crate::models::student::TeacherSlot {
+                name: t.name.clone(),
+                dim: t.dim,
+            })
+            .collect()
+    }
+
+    /// The teachers as a run records them (`NAME=ID`).
+    pub fn teacher_args(&self) -> Vec<String> {
+        self.teachers
+            .iter()
+            .map(|t| format!("{}={}", t.name, t.source()))
+            .collect()
+    }
+
+    /// A run's teacher arguments (`NAME=ID` or ids) must name the cached teachers' sources in
+    /// order; the message says what differs.
+    pub fn check_teachers(&self, args: &[String]) -> std::result::Result<(), String> {
+        let want: Vec<&str> = args
+            .iter()
+            .map(|a| crate::train::stage1::parse_teacher_arg(a).1)
+            .collect();
+        let have: Vec<&str> = self.teachers.iter().map(CachedTeacher::source).collect();
+        if want == have {
+            Ok(())
+        } else {
+            Err(format!("cache holds teachers {have:?}, not {want:?}"))
+        }
+    }
 }
 
 /// What a cache is built over: named items and, for each (variant, item), every teacher's input.
@@ -175,6 +226,7 @@ pub fn build_from(
         let (gh, gw) = info.grid(data.input_hw(teacher));
         cached.push(CachedTeacher {
             name: teacher.name.clone(),
+            id: teacher.id.clone(),
             size: teacher.size,
             dim: info.width,
             grid: (gh, gw),

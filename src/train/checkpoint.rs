@@ -65,6 +65,33 @@ pub fn load(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, se
     Ok((tensors, state))
 }
 
+/// Set every variable from the checkpoint tensor `{prefix}{name}`; a missing tensor or a shape
+/// that does not fit is reported with the checkpoint's path.
+pub fn restore<'a>(
+    vars: impl IntoIterator<Item = (&'a String, &'a candle_core::Var)>,
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    path: &Path,
+) -> Result<()> {
+    for (name, var) in vars {
+        let key = format!("{prefix}{name}");
+        let t = tensors.get(&key).ok_or_else(|| Error::MissingTensor {
+            path: path.to_path_buf(),
+            name: key.clone(),
+        })?;
+        if t.dims() != var.dims() {
+            return Err(Error::ShapeMismatch {
+                path: path.to_path_buf(),
+                name: key,
+                expected: var.dims().to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        var.set(t)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

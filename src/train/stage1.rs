@@ -10,6 +10,7 @@ use crate::data::augment::{crop_to_tensor, sample_rng, RandomResizedCrop};
 use crate::data::{ImageSet, ImageSource};
 use crate::error::{Error, Result};
 use crate::losses::{feature_loss, FeatureLoss};
+use crate::models::encoder::{resample_pos_table, VitArch};
 use crate::models::student::{preset, Student, StudentSpec, TeacherSlot};
 use crate::models::{self, Family, FeatureRequest, LoadOptions, VisionEncoder};
 use crate::train::cache::FeatureCache;
@@ -126,19 +127,95 @@ impl DistillConfig {
 
 /// A frozen teacher with the geometry it is fed.
 pub struct Teacher {
+    /// short name for metrics, plots and specs (`dinov2-b14`, or `--teacher NAME=...`)
     pub name: String,
+    /// the folder or hub id it was loaded from
+    pub id: String,
     pub encoder: Box<dyn VisionEncoder>,
     pub size: usize,
     pub levels: Vec<usize>,
 }
 
+/// Split a teacher argument `NAME=PATH` into its explicit name and source; a plain path or hub
+/// id (or an existing path that contains `=`) has no explicit name.
+pub fn parse_teacher_arg(arg: &str) -> (Option<&str>, &str) {
+    match arg.split_once('=') {
+        Some((name, id))
+            if !name.is_empty() && !name.contains(['/', '\\']) && !Path::new(arg).exists() =>
+        {
+            (Some(name), id)
+        }
+        _ => (None, arg),
+    }
+}
+
+/// The short name of a model: family and size when the width is a known one (`dinov2-b14`,
+/// `clip-l14`, `sam-h16`, `siglip-so400m14`), else the last component of the folder or hub id.
+pub fn short_name(info: &models::ModelInfo, id: &str) -> String {
+    let family = match info.family {
+        Family::Vit | Family::TimmVit => "vit",
+        Family::Dinov2 => "dinov2",
+        Family::Dinov2WithRegisters => "dinov2reg",
+        Family::Clip => "clip",
+        Family::Siglip => "siglip",
+        Family::Sam => "sam",
+    };
+    let size = match info.width {
+        192 => Some("ti"),
+        384 => Some("s"),
+        768 => Some("b"),
+        1024 => Some("l"),
+        1152 if info.family == Family::Siglip => Some("so400m"),
+        1280 => Some("h"),
+        1536 if info.family != Family::Sam => Some("g"),
+        1664 => Some("bigg"),
+        _ => None,
+    };
+    match size {
+        Some(sz) => format!("{family}-{sz}{}", info.patch),
+        None => {
+            let id = id.split('@').next().unwrap_or(id);
+            let last = id
+                .trim_end_matches(['/', '\\'])
+                .rsplit(['/', '\\'])
+                .next()
+                .unwrap_or(id);
+            if last.is_empty() {
+                family.to_string()
+            } else {
+                last.to_string()
+            }
+        }
+    }
+}
+
+/// Make names unique in order: the second `x` becomes `x-2`, and so on.
+pub fn dedup_names(names: &mut [String]) {
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for i in 0..names.len() {
+        let base = names[i].clone();
+        let taken = |n: &str, names: &[String]| names[..i].iter().any(|m| m == n);
+        let mut k = seen.get(&base).copied().unwrap_or(1);
+        let mut candidate = base.clone();
+        while taken(&candidate, names) {
+            k += 1;
+            candidate = format!("{base}-{k}");
+        }
+        seen.insert(base, k);
+        names[i] = candidate;
+    }
+}
+
 impl Teacher {
+    /// Load one teacher (`NAME=PATH` or a folder / hub id) at its geometry: SAM at its own
+    /// square size, others at the student's size, unless `size_override` > 0.
     pub fn load(
-        id: &str,
+        arg: &str,
         student_size: usize,
         size_override: usize,
         opts: &LoadOptions,
     ) -> Result<Self> {
+        let (name, id) = parse_teacher_arg(arg);
         let encoder = models::load(id, opts)?;
         let info = encoder.info();
         let size = if size_override > 0 {
@@ -149,11 +226,45 @@ impl Teacher {
             student_size
         };
         Ok(Self {
-            name: id.to_string(),
+            name: name.map_or_else(|| short_name(info, id), str::to_string),
+            id: id.to_string(),
             levels: info.default_levels.clone(),
             size,
             encoder,
         })
+    }
+
+    /// Load several teachers (sizes: per-teacher overrides, may be empty) with unique names.
+    pub fn load_all(
+        args: &[String],
+        student_size: usize,
+        sizes: &[usize],
+        opts: &LoadOptions,
+    ) -> Result<Vec<Self>> {
+        let mut ts = args
+            .iter()
+            .enumerate()
+            .map(|(k, a)| Self::load(a, student_size, sizes.get(k).copied().unwrap_or(0), opts))
+            .collect::<Result<Vec<_>>>()?;
+        let mut names: Vec<String> = ts.iter().map(|t| t.name.clone()).collect();
+        dedup_names(&mut names);
+        for (t, n) in ts.iter_mut().zip(names) {
+            t.name = n;
+        }
+        Ok(ts)
+    }
+
+    /// `NAME=ID`: how a run records this teacher, so a resumed or later run gets the same name.
+    pub fn arg(&self) -> String {
+        format!("{}={}", self.name, self.id)
+    }
+
+    /// The teacher as the student sees it.
+    pub fn slot(&self) -> TeacherSlot {
+        TeacherSlot {
+            name: self.name.clone(),
+            dim: self.encoder.info().width,
+        }
     }
 
     /// Feature maps `[B, C, h, w]` at the distilled levels.
@@ -306,15 +417,10 @@ fn check_cache(
         path: dir.join("manifest.json"),
         msg,
     };
-    let names: Vec<&str> = m.teachers.iter().map(|t| t.name.as_str()).collect();
-    if cfg.teachers.is_empty() {
-        cfg.teachers = names.iter().map(|s| s.to_string()).collect();
-    } else if cfg.teachers.iter().map(String::as_str).collect::<Vec<_>>() != names {
-        return Err(bad(format!(
-            "cache holds teachers {names:?}, not {:?}",
-            cfg.teachers
-        )));
+    if !cfg.teachers.is_empty() {
+        m.check_teachers(&cfg.teachers).map_err(bad)?;
     }
+    cfg.teachers = m.teacher_args();
     if m.seed != cfg.seed {
         return Err(bad(format!(
             "cache was built with seed {}, the run uses {}",
@@ -412,31 +518,77 @@ pub struct RunSummary {
     pub skipped_images: usize,
 }
 
-/// A ViT checkpoint the student's stem starts from: its files and what it is.
+/// A ViT checkpoint the student's stem starts from: its architecture (everything its config
+/// says: MLP width, tokens, layer scale, ...) and its parameters in the stem's timm naming,
+/// converted from whatever naming the checkpoint uses by the loader that reads it as a teacher.
 pub struct StemSource {
     pub id: String,
-    pub files: models::ModelFiles,
-    pub info: models::ModelInfo,
+    pub arch: VitArch,
+    /// the checkpoint's position grid
+    pub grid: (usize, usize),
+    /// `stem.*` tensors
+    pub tensors: std::collections::HashMap<String, Tensor>,
 }
 
 impl StemSource {
-    /// Resolve and inspect a folder or hub id; only plain ViTs can initialise the stem.
+    /// Resolve and load a folder or hub id; only plain ViTs can initialise the stem.
     pub fn open(id: &str) -> Result<Self> {
-        let files = models::resolve(id)?;
-        let info = models::load_from_files(&files, &LoadOptions::default())?
-            .info()
-            .clone();
-        if !matches!(info.family, Family::Vit | Family::TimmVit) {
-            return Err(Error::Invalid(format!(
-                "{id}: a {} cannot initialise the student (a ViT is needed)",
-                info.family
-            )));
-        }
+        let enc = models::load(id, &LoadOptions::default())?;
+        let bad = |msg: String| Error::BadInput {
+            path: id.into(),
+            msg: format!("cannot initialise the student from this checkpoint: {msg}"),
+        };
+        let tok = enc
+            .token_encoder()
+            .ok_or_else(|| bad(format!("a {} is not a plain ViT", enc.info().family)))?;
+        let arch = tok.vit_arch().map_err(bad)?;
+        let tensors = tok
+            .timm_tensors()?
+            .into_iter()
+            .map(|(n, t)| (format!("stem.{n}"), t))
+            .collect();
         Ok(Self {
             id: id.to_string(),
-            files,
-            info,
+            arch,
+            grid: tok.pos.grid_hw,
+            tensors,
         })
+    }
+
+    /// The stem parameters for `spec`: the position table resampled to its grid, every shape
+    /// checked (an error names the source).
+    fn stem_params(&self, spec: &StudentSpec) -> Result<std::collections::HashMap<String, Tensor>> {
+        let mut out = std::collections::HashMap::new();
+        for (name, shape, _) in spec.parameters() {
+            if !name.starts_with("stem.") {
+                continue;
+            }
+            let t = self.tensors.get(&name).ok_or_else(|| Error::BadInput {
+                path: self.id.clone().into(),
+                msg: format!("no tensor for student parameter {name}"),
+            })?;
+            let t = if name == "stem.pos_embed" {
+                resample_pos_table(
+                    t,
+                    spec.arch.pos_prefix,
+                    self.grid,
+                    spec.grid_hw(),
+                    crate::interp::Kernel::BicubicAntialias,
+                )?
+            } else {
+                t.clone()
+            };
+            if t.dims() != shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    path: self.id.clone().into(),
+                    name,
+                    expected: shape,
+                    got: t.dims().to_vec(),
+                });
+            }
+            out.insert(name, t);
+        }
+        Ok(out)
     }
 }
 
@@ -450,10 +602,10 @@ pub fn new_student_params(
     let vm = VarMap::new();
     let dev = Device::Cpu;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut init = std::collections::HashMap::new();
-    if let Some(src) = stem {
-        init = pretrained_stem(src, spec)?;
-    }
+    let mut init = match stem {
+        Some(src) => src.stem_params(spec)?,
+        None => std::collections::HashMap::new(),
+    };
     {
         let mut data = vm
             .data()
@@ -468,104 +620,6 @@ pub fn new_student_params(
         }
     }
     Ok(vm)
-}
-
-/// Stem weights from a ViT checkpoint (timm or transformers naming), with the position table
-/// resampled to the student's grid.
-fn pretrained_stem(
-    src: &StemSource,
-    spec: &StudentSpec,
-) -> Result<std::collections::HashMap<String, Tensor>> {
-    let info = &src.info;
-    if info.width != spec.dim || info.depth != spec.depth || info.patch != spec.patch {
-        return Err(Error::Invalid(format!(
-            "{}: width {}, depth {}, patch {} do not match the student",
-            src.id, info.width, info.depth, info.patch
-        )));
-    }
-    let files = &src.files;
-    let w = Weights::open(
-        &files.weights,
-        &files.weights_display,
-        candle_core::DType::F32,
-        &Device::Cpu,
-    )?;
-    let mut out = std::collections::HashMap::new();
-    let g = spec.grid();
-    let resample_pos = |t: Tensor| -> Result<Tensor> {
-        let t = t.squeeze(0)?;
-        let n = t.dim(0)? - 1;
-        let side = (n as f64).sqrt().round() as usize;
-        let grid = crate::interp::resample_grid_tokens(
-            &t.narrow(0, 1, n)?,
-            (side, side),
-            (g, g),
-            crate::interp::Kernel::BicubicAntialias,
-        )?;
-        Ok(Tensor::cat(&[&t.narrow(0, 0, 1)?, &grid], 0)?.unsqueeze(0)?)
-    };
-    if info.family == Family::TimmVit {
-        let w = models::find_prefix(&w, "patch_embed.proj.weight", files)?;
-        for (name, _, _) in spec.parameters() {
-            if let Some(rest) = name.strip_prefix("stem.") {
-                let t = w.get_any(rest)?;
-                out.insert(
-                    name.clone(),
-                    if rest == "pos_embed" {
-                        resample_pos(t)?
-                    } else {
-                        t
-                    },
-                );
-            }
-        }
-    } else {
-        let w = models::find_prefix(&w, "embeddings.patch_embeddings.projection.weight", files)?;
-        let e = w.pp("embeddings");
-        out.insert(
-            "stem.patch_embed.proj.weight".into(),
-            e.get_any("patch_embeddings.projection.weight")?,
-        );
-        out.insert(
-            "stem.patch_embed.proj.bias".into(),
-            e.get_any("patch_embeddings.projection.bias")?,
-        );
-        out.insert("stem.cls_token".into(), e.get_any("cls_token")?);
-        out.insert(
-            "stem.pos_embed".into(),
-            resample_pos(e.get_any("position_embeddings")?)?,
-        );
-        for i in 0..spec.depth {
-            let l = w.pp(format!("encoder.layer.{i}"));
-            let s = format!("stem.blocks.{i}");
-            let cat = |kind: &str| -> Result<Tensor> {
-                let parts = ["query", "key", "value"]
-                    .iter()
-                    .map(|q| l.get_any(&format!("attention.attention.{q}.{kind}")))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(Tensor::cat(&parts, 0)?)
-            };
-            out.insert(format!("{s}.attn.qkv.weight"), cat("weight")?);
-            out.insert(format!("{s}.attn.qkv.bias"), cat("bias")?);
-            for (dst, src) in [
-                ("norm1", "layernorm_before"),
-                ("attn.proj", "attention.output.dense"),
-                ("norm2", "layernorm_after"),
-                ("mlp.fc1", "intermediate.dense"),
-                ("mlp.fc2", "output.dense"),
-            ] {
-                out.insert(
-                    format!("{s}.{dst}.weight"),
-                    l.get_any(&format!("{src}.weight"))?,
-                );
-                out.insert(
-                    format!("{s}.{dst}.bias"),
-                    l.get_any(&format!("{src}.bias"))?,
-                );
-            }
-        }
-    }
-    Ok(out)
 }
 
 pub(crate) fn vars_of(vm: &VarMap) -> Result<std::collections::HashMap<String, Var>> {
@@ -594,41 +648,46 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         }
         None => None,
     };
-    let cfg = &cfg;
-    let mut teachers = Vec::new();
+    let teachers = match &cache {
+        Some(_) => Vec::new(),
+        None => Teacher::load_all(
+            &cfg.teachers,
+            cfg.image_size,
+            &cfg.teacher_sizes,
+            &load_opts,
+        )?,
+    };
     let slots: Vec<TeacherSlot> = match &cache {
-        Some(c) => c
-            .manifest
-            .teachers
-            .iter()
-            .map(|t| TeacherSlot {
-                name: t.name.clone(),
-                dim: t.dim,
-            })
-            .collect(),
+        Some(c) => c.manifest.slots(),
         None => {
-            for (k, id) in cfg.teachers.iter().enumerate() {
-                let size = cfg.teacher_sizes.get(k).copied().unwrap_or(0);
-                teachers.push(Teacher::load(id, cfg.image_size, size, &load_opts)?);
-            }
-            teachers
-                .iter()
-                .map(|t| TeacherSlot {
-                    name: t.name.clone(),
-                    dim: t.encoder.info().width,
-                })
-                .collect()
+            // The run records its teachers with their names (config.toml, checkpoint).
+            cfg.teachers = teachers.iter().map(Teacher::arg).collect();
+            teachers.iter().map(Teacher::slot).collect()
         }
     };
-    let (student_dims, patch, stem) = match preset(&cfg.student) {
-        Some(d) => (d, 16, None),
-        None => {
+    let cfg = &cfg;
+    // A resumed run rebuilds the student from the spec in its checkpoint and takes every
+    // parameter from there: the stem source is not read again.
+    let saved_spec = match &resume_state {
+        Some((_, state)) if !state["spec"].is_null() => Some(
+            serde_json::from_value::<StudentSpec>(state["spec"].clone()).map_err(|e| {
+                Error::BadInput {
+                    path: paths.checkpoint(),
+                    msg: format!("student spec unreadable: {e}"),
+                }
+            })?,
+        ),
+        _ => None,
+    };
+    let (spec, stem) = match (saved_spec, preset(&cfg.student)) {
+        (Some(spec), _) => (spec, None),
+        (None, Some(arch)) => (StudentSpec::new(arch, cfg.image_size, slots.clone())?, None),
+        (None, None) => {
             let src = StemSource::open(&cfg.student)?;
-            let i = &src.info;
-            ((i.width, i.depth, i.num_heads), i.patch, Some(src))
+            let spec = StudentSpec::new(src.arch.clone(), cfg.image_size, slots.clone())?;
+            (spec, resume_state.is_none().then_some(src))
         }
     };
-    let spec = StudentSpec::new(student_dims, patch, cfg.image_size, slots.clone())?;
     let b = cfg.batch_size;
     let steps_per_epoch = (data.len() / b).max(1) as u64;
     let total = if cfg.steps > 0 {
@@ -644,8 +703,6 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         total,
     };
 
-    // A resumed run takes every parameter from the checkpoint: skip reading the stem source.
-    let stem = if resume_state.is_some() { None } else { stem };
     let varmap = new_student_params(&spec, stem.as_ref(), cfg.seed)?;
     let vars = vars_of(&varmap)?;
     let mut optim = AdamW::new(&vars, cfg.weight_decay)?;
@@ -668,15 +725,7 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
                     .into(),
             });
         }
-        for (name, var) in &vars {
-            let t = tensors
-                .get(&format!("model.{name}"))
-                .ok_or_else(|| Error::BadInput {
-                    path: paths.checkpoint(),
-                    msg: format!("missing parameter {name}"),
-                })?;
-            var.set(t)?;
-        }
+        checkpoint::restore(&vars, tensors, "model.", &paths.checkpoint())?;
         start = state["step"].as_u64().unwrap_or(0);
         optim.load_state(tensors, start)?;
         truncate_metrics(&paths.metrics(), start)?;
@@ -803,9 +852,12 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
                 &vars,
                 Vec::new(),
                 &optim,
-                cfg,
-                "distillery-stage1-v1",
-                done,
+                &RunState {
+                    format: "distillery-stage1-v1",
+                    step: done,
+                    config: cfg,
+                    spec: &spec,
+                },
             )?;
         }
     }
@@ -869,16 +921,25 @@ pub fn distill_loss(
     Ok((total, per_teacher))
 }
 
+/// What a checkpoint's header records besides tensors: enough to check and rebuild the run.
+#[derive(Serialize)]
+pub(crate) struct RunState<'a, C: Serialize, S: Serialize> {
+    pub format: &'a str,
+    pub step: u64,
+    /// the recipe
+    pub config: &'a C,
+    /// the model's spec (resume rebuilds the model from it)
+    pub spec: &'a S,
+}
+
 /// Write a run's checkpoint atomically: parameters (`model.*`), extra tensors such as buffers,
-/// optimizer moments, and the step / config / format state.
+/// optimizer moments, and the run state.
 pub(crate) fn save_checkpoint(
     paths: &RunPaths,
     vars: &std::collections::HashMap<String, Var>,
     extra: Vec<(String, Tensor)>,
     optim: &AdamW,
-    cfg: &impl Serialize,
-    format: &str,
-    step: u64,
+    state: &RunState<impl Serialize, impl Serialize>,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = vars
         .iter()
@@ -886,11 +947,7 @@ pub(crate) fn save_checkpoint(
         .collect();
     tensors.extend(extra);
     tensors.extend(optim.state());
-    let state = serde_json::json!({
-        "step": step,
-        "config": cfg,
-        "format": format,
-    });
+    let state = serde_json::to_value(state).map_err(|e| Error::Invalid(e.to_string()))?;
     checkpoint::save(&paths.checkpoint(), &tensors, &state)
 }
 
@@ -944,4 +1001,74 @@ pub fn load_student(dir: &Path) -> Result<Student> {
     })?;
     let w = Weights::open_file(&paths.student_weights())?;
     Student::build(&spec, &w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(family: Family, width: usize, patch: usize) -> models::ModelInfo {
+        models::ModelInfo {
+            family,
+            depth: 12,
+            width,
+            num_heads: 12,
+            patch,
+            image_size: (224, 224),
+            prefix_tokens: 1,
+            out_channels: width,
+            default_levels: vec![2, 5, 8, 11],
+            preprocess: crate::preprocess::PreprocessConfig::exact(
+                (224, 224),
+                crate::preprocess::Resample::Bicubic,
+                [0.5; 3],
+                [0.5; 3],
+            ),
+        }
+    }
+
+    #[test]
+    fn short_names() {
+        let hub = "facebook/dinov2-base";
+        assert_eq!(
+            short_name(&info(Family::Dinov2, 768, 14), hub),
+            "dinov2-b14"
+        );
+        assert_eq!(short_name(&info(Family::Clip, 1024, 14), "x"), "clip-l14");
+        assert_eq!(short_name(&info(Family::Sam, 1280, 16), "x"), "sam-h16");
+        assert_eq!(
+            short_name(&info(Family::Siglip, 1152, 14), "x"),
+            "siglip-so400m14"
+        );
+        // unknown widths: the folder's or hub id's last component
+        assert_eq!(
+            short_name(&info(Family::Dinov2, 48, 14), "/work/models/tiny-dino/"),
+            "tiny-dino"
+        );
+        assert_eq!(
+            short_name(&info(Family::Clip, 40, 14), "org/my-clip@main"),
+            "my-clip"
+        );
+    }
+
+    #[test]
+    fn names_are_deduplicated_in_order() {
+        let mut n: Vec<String> = ["a", "b", "a", "a", "a-2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        dedup_names(&mut n);
+        assert_eq!(n, ["a", "b", "a-2", "a-3", "a-2-2"]);
+    }
+
+    #[test]
+    fn teacher_arguments() {
+        assert_eq!(parse_teacher_arg("dino=/m/d"), (Some("dino"), "/m/d"));
+        assert_eq!(parse_teacher_arg("/m/a=b"), (None, "/m/a=b"));
+        assert_eq!(
+            parse_teacher_arg("facebook/dinov2-base"),
+            (None, "facebook/dinov2-base")
+        );
+        assert_eq!(parse_teacher_arg("=x"), (None, "=x"));
+    }
 }

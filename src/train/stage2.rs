@@ -23,7 +23,7 @@ use crate::train::checkpoint;
 use crate::train::optim::AdamW;
 use crate::train::schedule::PolySchedule;
 use crate::train::stage1::{
-    epoch_order, save_checkpoint, truncate_metrics, vars_of, RunPaths, Teacher,
+    epoch_order, save_checkpoint, truncate_metrics, vars_of, RunPaths, RunState, Teacher,
 };
 use crate::weights::Weights;
 use candle_core::{Device, Tensor, Var};
@@ -396,26 +396,10 @@ pub fn build_cache(
         ));
     }
     let hw = cfg.input_hw();
-    let teachers = ids
-        .iter()
-        .map(|id| Teacher::load(id, hw.0.max(hw.1), 0, &LoadOptions::default()))
-        .collect::<Result<Vec<_>>>()?;
+    let teachers = Teacher::load_all(ids, hw.0.max(hw.1), &[], &LoadOptions::default())?;
     let mut o = opts.clone();
     o.seed = cfg.seed;
     crate::train::cache::build_from(&teachers, &DenseItems::new(cfg, init.norm)?, out, &o)
-}
-
-/// Resample a `[1, 1 + gh*gw, D]` position table to a new grid (cls kept apart).
-fn resample_pos(t: &Tensor, from: (usize, usize), to: (usize, usize)) -> Result<Tensor> {
-    let t = t.squeeze(0)?;
-    let n = t.dim(0)? - 1;
-    let grid = crate::interp::resample_grid_tokens(
-        &t.narrow(0, 1, n)?,
-        from,
-        to,
-        crate::interp::Kernel::Bicubic,
-    )?;
-    Ok(Tensor::cat(&[&t.narrow(0, 0, 1)?, &grid], 0)?.unsqueeze(0)?)
 }
 
 /// Teacher input from the student's normalised batch: re-normalised, resized (SAM: longest side
@@ -522,13 +506,8 @@ fn check_cache(
         path: dir.join("manifest.json"),
         msg,
     };
-    let names: Vec<&str> = m.teachers.iter().map(|t| t.name.as_str()).collect();
-    if !teacher_ids.is_empty()
-        && teacher_ids.iter().map(String::as_str).collect::<Vec<_>>() != names
-    {
-        return Err(bad(format!(
-            "cache holds teachers {names:?}, not {teacher_ids:?}"
-        )));
+    if !teacher_ids.is_empty() {
+        m.check_teachers(teacher_ids).map_err(bad)?;
     }
     if m.seed != cfg.seed {
         return Err(bad(format!(
@@ -575,7 +554,13 @@ fn build_params(
         for (name, shape, how) in all {
             let t = match init.get(&name) {
                 Some(t) if name == "stem.pos_embed" && t.dims() != shape.as_slice() => {
-                    resample_pos(t, init_grid, spec.student.grid_hw())?
+                    crate::models::encoder::resample_pos_table(
+                        t,
+                        spec.student.arch.pos_prefix,
+                        init_grid,
+                        spec.student.grid_hw(),
+                        crate::interp::Kernel::Bicubic,
+                    )?
                 }
                 Some(t) if t.dims() == shape.as_slice() => t.clone(),
                 Some(t) => {
@@ -687,13 +672,18 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         };
         (spec, params)
     } else {
-        let dims = preset(&cfg.init).expect("checked above");
-        (StudentSpec::new(dims, 16, hw.0, slots)?, HashMap::new())
+        let arch = preset(&cfg.init).ok_or_else(|| {
+            Error::Invalid(format!(
+                "init {:?} is neither a preset nor a stage-1 run",
+                cfg.init
+            ))
+        })?;
+        (StudentSpec::new(arch, hw.0, slots)?, HashMap::new())
     };
-    if !hw.0.is_multiple_of(sspec.patch) || !hw.1.is_multiple_of(sspec.patch) {
+    if !hw.0.is_multiple_of(sspec.arch.patch) || !hw.1.is_multiple_of(sspec.arch.patch) {
         return Err(Error::Invalid(format!(
             "input size {}x{} must be a multiple of the student's patch ({})",
-            hw.0, hw.1, sspec.patch
+            hw.0, hw.1, sspec.arch.patch
         )));
     }
     let init_grid = sspec.grid_hw();
@@ -734,18 +724,8 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
                         .into(),
             });
         }
-        let missing = |n: &str| Error::BadInput {
-            path: paths.checkpoint(),
-            msg: format!("missing tensor {n}"),
-        };
-        for (name, var) in &vars {
-            let k = format!("model.{name}");
-            var.set(tensors.get(&k).ok_or_else(|| missing(&k))?)?;
-        }
-        for (name, var) in vars_of(&bufmap)? {
-            let k = format!("buffer.{name}");
-            var.set(tensors.get(&k).ok_or_else(|| missing(&k))?)?;
-        }
+        checkpoint::restore(&vars, tensors, "model.", &paths.checkpoint())?;
+        checkpoint::restore(&vars_of(&bufmap)?, tensors, "buffer.", &paths.checkpoint())?;
         start = state["step"].as_u64().unwrap_or(0);
         optim.load_state(tensors, start)?;
         truncate_metrics(&paths.metrics(), start)?;
@@ -913,9 +893,12 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
                 &vars,
                 buffers,
                 &optim,
-                cfg,
-                "distillery-stage2-v1",
-                done,
+                &RunState {
+                    format: "distillery-stage2-v1",
+                    step: done,
+                    config: cfg,
+                    spec: &spec,
+                },
             )?;
         }
     }
@@ -1025,7 +1008,7 @@ pub fn evaluate(
         let s = ds.load(i)?;
         // Images larger than the input (e.g. portrait photos for a landscape input) are padded
         // to a larger canvas, a multiple of the patch; the position table is resampled to it.
-        let patch = model.spec.student.patch;
+        let patch = model.spec.student.arch.patch;
         let (ih, iw) = (s.image.height() as usize, s.image.width() as usize);
         let ehw = (
             hw.0.max(ih.div_ceil(patch) * patch),

@@ -1,0 +1,182 @@
+//! Students initialised from ViT checkpoints whose architecture is not the presets': an MLP
+//! that is not 4x the width (transformers naming: 44 wide, MLP 96, no qkv bias; timm naming:
+//! MLP ratio 3, no qkv bias, layer scale, 2 register tokens, a position table without prefix
+//! rows). The stem must reproduce the reference implementation's block outputs, and a run must
+//! train, resume, export and load back in `features` and stage 2 with every field kept.
+
+mod common;
+
+use common::{fixtures, model_dir, reference, rel_err};
+use distillery::models::student::{Student, StudentSpec, TeacherSlot};
+use distillery::train::stage1::{new_student_params, StemSource};
+use std::path::Path;
+use std::process::Command;
+
+fn bin(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_distillery"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &std::process::Output) {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The stem built from `source` gives the reference's block outputs (patch tokens) at the
+/// distilled levels.
+fn stem_matches_reference(source: &str) {
+    let src = StemSource::open(&model_dir(source).to_string_lossy()).unwrap();
+    let slot = TeacherSlot {
+        name: "t".into(),
+        dim: 16,
+    };
+    let spec = StudentSpec::new(src.arch.clone(), 32, vec![slot]).unwrap();
+    let vm = new_student_params(&spec, Some(&src), 0).unwrap();
+    let student = Student::build(
+        &spec,
+        &distillery::weights::Weights::from_vars(&vm, Path::new("test")).unwrap(),
+    )
+    .unwrap();
+    let r = reference(&format!("{source}-native"));
+    let out = student.forward(&r["pixel_values"], false).unwrap();
+    let prefix = spec.arch.prefix_tokens();
+    for (k, &b) in spec.levels.iter().enumerate() {
+        let want = &r[&format!("hidden_states.{}", b + 1)];
+        let n = want.dim(1).unwrap();
+        let want = want.narrow(1, prefix, n - prefix).unwrap();
+        let e = rel_err(&out.stem[k], &want);
+        assert!(e < 1e-4, "{source}: block {b}: rel err {e}");
+    }
+}
+
+#[test]
+fn transformers_vit_with_mlp_96_is_read_whole() {
+    let src = StemSource::open(&model_dir("vit-mlp96").to_string_lossy()).unwrap();
+    let a = &src.arch;
+    assert_eq!((a.dim, a.depth, a.heads, a.patch), (44, 4, 4, 8));
+    assert_eq!(a.mlp_hidden, 96);
+    assert!(!a.qkv_bias);
+    assert_eq!(a.eps, 1e-6);
+    assert!(a.class_token && a.registers == 0 && a.pos_prefix == 1 && !a.layer_scale);
+    stem_matches_reference("vit-mlp96");
+}
+
+#[test]
+fn timm_vit_with_registers_and_layer_scale_is_read_whole() {
+    let src = StemSource::open(&model_dir("timm-vit-reg").to_string_lossy()).unwrap();
+    let a = &src.arch;
+    assert_eq!((a.dim, a.depth, a.heads, a.patch), (32, 4, 2, 8));
+    assert_eq!(a.mlp_hidden, 96);
+    assert!(!a.qkv_bias);
+    assert!(a.class_token && a.layer_scale);
+    assert_eq!((a.registers, a.pos_prefix), (2, 0));
+    stem_matches_reference("timm-vit-reg");
+}
+
+#[test]
+fn a_non_vit_cannot_be_a_student_and_says_why() {
+    let sam = model_dir("sam");
+    let e = StemSource::open(&sam.to_string_lossy())
+        .err()
+        .expect("SAM is not a plain ViT")
+        .to_string();
+    assert!(e.contains(&*sam.to_string_lossy()), "{e}");
+    assert!(e.contains("not a plain ViT"), "{e}");
+}
+
+/// distill (interrupted and resumed) -> student.json with every field -> features -> stage 2.
+fn run_through(source: &str, mlp_hidden: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let run = tmp.path().join("run");
+    let images = fixtures().join("dense/pascal/JPEGImages");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "distill",
+            "--teacher",
+            &s(&model_dir("dinov2")),
+            "--teacher",
+            &s(&model_dir("clip")),
+            "--student",
+            &s(&model_dir(source)),
+            "--images",
+            &s(&images),
+            "--out",
+            &s(&run),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--image-size",
+            "32",
+            "--quiet",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let a = args(&["--stop-after", "2"]);
+    ok(&bin(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    let a = args(&["--resume"]);
+    ok(&bin(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("student.json")).unwrap()).unwrap();
+    assert_eq!(spec["mlp_hidden"], mlp_hidden, "{spec}");
+    assert_eq!(spec["qkv_bias"], false, "{spec}");
+    for key in [
+        "eps",
+        "act",
+        "class_token",
+        "registers",
+        "pos_prefix",
+        "layer_scale",
+    ] {
+        assert!(spec.get(key).is_some(), "student.json lacks {key}: {spec}");
+    }
+
+    let feats = tmp.path().join("f.safetensors");
+    ok(&bin(&[
+        "features",
+        "--model",
+        &s(&run),
+        "--image",
+        &s(&images.join("2008_000001.jpg")),
+        "--out",
+        &s(&feats),
+    ]));
+    assert!(feats.is_file());
+
+    let cfg = tmp.path().join("s2.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "out = \"{}\"\ndataset = \"pascal-context\"\ndata_root = \"{}\"\ninit = \"{}\"\n\
+             input_size = [32, 48]\nbatch_size = 2\nsteps = 1\nedge_thresholds = 3\n",
+            s(&tmp.path().join("s2")),
+            s(&fixtures().join("dense/pascal")),
+            s(&run)
+        ),
+    )
+    .unwrap();
+    ok(&bin(&["train", "--config", &s(&cfg), "--quiet"]));
+    assert!(tmp.path().join("s2/model.safetensors").is_file());
+}
+
+#[test]
+fn transformers_student_trains_resumes_exports_and_loads_back() {
+    run_through("vit-mlp96", 96);
+}
+
+#[test]
+fn timm_student_trains_resumes_exports_and_loads_back() {
+    run_through("timm-vit-reg", 96);
+}
