@@ -164,3 +164,61 @@ impl Cfg {
         }
     }
 }
+
+/// Read a TOML recipe into `T`. Errors are one line naming the file, the line and the key:
+/// `run.toml: line 3: batch_size: invalid type: string "eight", expected usize`.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_toml(&text).map_err(|msg| Error::Io {
+        path: path.to_path_buf(),
+        msg,
+    })
+}
+
+/// Parse TOML text; the error message starts with the line number and, where the error sits
+/// on a `key = value` line, the key.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
+    toml::from_str(text).map_err(|e| {
+        let msg = e.message().trim().replace('\n', " ");
+        let Some(span) = e.span() else {
+            return msg;
+        };
+        let start = span.start.min(text.len());
+        let line_no = text[..start].matches('\n').count() + 1;
+        let line = text.lines().nth(line_no - 1).unwrap_or("");
+        let key = line
+            .split_once('=')
+            .map(|(k, _)| k.trim().trim_matches('"'))
+            .filter(|k| !k.is_empty() && !k.starts_with('['));
+        match key {
+            Some(k) if !msg.contains(&format!("`{k}`")) => format!("line {line_no}: {k}: {msg}"),
+            _ => format!("line {line_no}: {msg}"),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct R {
+        out: Option<String>,
+        batch_size: Option<usize>,
+    }
+
+    #[test]
+    fn toml_errors_name_line_and_key() {
+        let e = parse_toml::<R>("out = \"a\"\nbatch_size = \"eight\"\n").unwrap_err();
+        assert_eq!(
+            e,
+            "line 2: batch_size: invalid type: string \"eight\", expected usize"
+        );
+        let e = parse_toml::<R>("out = \"a\"\n\nbatch = 3\n").unwrap_err();
+        assert!(e.starts_with("line 3: unknown field `batch`"), "{e}");
+        let e = parse_toml::<R>("out = \n").unwrap_err();
+        assert!(e.starts_with("line 1: "), "{e}");
+    }
+}

@@ -358,9 +358,9 @@ struct DistillArgs {
     /// Folder tree of unlabeled images (jpg, png, webp)
     #[arg(long)]
     images: Option<PathBuf>,
-    /// Run folder (checkpoint, metrics.jsonl, exported student)
+    /// Run folder (checkpoint, metrics.jsonl, exported student); or `out` in --config
     #[arg(long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
     /// Total training steps (default: epochs x steps per epoch)
     #[arg(long)]
     steps: Option<u64>,
@@ -410,20 +410,17 @@ struct DistillArgs {
 fn distill(a: DistillArgs) -> Result<()> {
     use distillery::train::stage1::{self, DistillConfig, RunOptions};
     let mut cfg = match &a.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
-            toml::from_str::<DistillConfig>(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?
-        }
+        Some(p) => distillery::config::read_toml::<DistillConfig>(p)?,
         None => DistillConfig::default(),
+    };
+    let Some(out) = a.out.clone().or_else(|| cfg.out.clone()) else {
+        bail!("give the run folder: --out DIR, or out = \"DIR\" in --config");
     };
     if a.resume && a.config.is_none() && a.teachers.is_empty() {
         // Resuming with only the run folder: take the run's own recipe.
-        let p = a.out.join("config.toml");
-        let text = std::fs::read_to_string(&p).with_context(|| format!("{}", p.display()))?;
-        cfg = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?;
+        cfg = distillery::config::read_toml(&out.join("config.toml"))?;
     }
+    cfg.out = Some(out.clone());
     if !a.teachers.is_empty() {
         cfg.teachers = a.teachers;
     }
@@ -456,7 +453,7 @@ fn distill(a: DistillArgs) -> Result<()> {
         stop_after: a.stop_after,
         progress: !a.quiet,
     };
-    let s = stage1::run(&cfg, &a.out, &opts)?;
+    let s = stage1::run(&cfg, &out, &opts)?;
     eprintln!(
         "steps {}..{} of {}; last loss {:.5}; {:.1} images/s; {} unreadable images skipped",
         s.start_step, s.end_step, s.total_steps, s.last_loss, s.images_per_s, s.skipped_images
@@ -464,7 +461,7 @@ fn distill(a: DistillArgs) -> Result<()> {
     if s.end_step == s.total_steps {
         eprintln!(
             "student exported to {}",
-            a.out.join("student.safetensors").display()
+            out.join("student.safetensors").display()
         );
     }
     Ok(())

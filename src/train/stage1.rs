@@ -34,7 +34,10 @@ use std::time::Instant;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DistillConfig {
-    /// teacher folders or hub ids
+    /// run folder (the `--out` flag overrides it)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out: Option<PathBuf>,
+    /// teacher folders or hub ids, optionally named: `NAME=PATH`
     pub teachers: Vec<String>,
     /// preset (vit-s16, vit-b16, vit-l16) or a ViT folder / hub id to initialise from
     pub student: String,
@@ -69,6 +72,7 @@ pub struct DistillConfig {
 impl Default for DistillConfig {
     fn default() -> Self {
         Self {
+            out: None,
             teachers: Vec::new(),
             student: "vit-s16".into(),
             images: PathBuf::new(),

@@ -132,11 +132,7 @@ fn is_nyud(dataset: &str) -> bool {
 impl TrainConfig {
     /// Read a TOML file (errors name the file).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            msg: e.message().to_string(),
-        })
+        crate::config::read_toml(path)
     }
 
     pub fn tasks(&self) -> Vec<Task> {
