@@ -152,6 +152,7 @@ def main():
     timm_vit()
     student_sources()
     demo_assets()
+    demo_distill_assets()
     full_size_manifests()
 
 
@@ -311,6 +312,55 @@ def demo_assets():
     dr.rectangle([200, 120, 280, 175], fill=(170, 60, 50))
     img.save(os.path.join(assets, "sample.png"))
     print("  demo assets written")
+
+
+# Photographs bundled for `distillery demo`: scikit-image's sample photos that carry a public
+# domain or CC0 dedication (see assets/demo-photos/LICENSE.md for each one's source).
+DEMO_PHOTOS = {
+    "chelsea": "chelsea.png", "coffee": "coffee.png", "astronaut": "astronaut.png", "rocket": "rocket.jpg",
+    "camera": "camera.png", "coins": "coins.png", "clock": "clock_motion.png", "text": "text.png",
+    "hubble": "hubble_deep_field.jpg", "retina": "retina.jpg", "ihc": "ihc.png", "grass": "grass.png",
+    "gravel": "gravel.png", "brick": "brick.png", "cell": "cell.png", "microaneurysms": "microaneurysms.png",
+}
+
+
+def demo_distill_assets():
+    """Two tiny teachers of different families for `distillery demo` (a DINOv2 with registers
+    and a SAM image encoder, both 128 px / patch 8, random weights at realistic scale) and the
+    bundled photos, resized so the short side is 160 px."""
+    from PIL import Image
+    import skimage
+
+    assets = os.path.join(ROOT, "assets")
+    d = os.path.join(assets, "demo-teachers", "dinov2-demo")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    m = T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2, image_size=128, patch_size=8,
+        num_register_tokens=4))
+    randomize(m, 12)
+    m.save_pretrained(d, safe_serialization=True)
+    T.BitImageProcessor(size={"shortest_edge": 146}, crop_size={"height": 128, "width": 128},
+                        do_convert_rgb=True, image_mean=[0.485, 0.456, 0.406],
+                        image_std=[0.229, 0.224, 0.225]).save_pretrained(d)
+    d = os.path.join(assets, "demo-teachers", "sam-demo")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    svcfg = dict(hidden_size=64, output_channels=32, num_hidden_layers=8, num_attention_heads=4, mlp_dim=128,
+                 image_size=128, patch_size=8, window_size=4, global_attn_indexes=[1, 3, 5, 7])
+    sam = T.SamVisionModel(T.SamVisionConfig(**svcfg))
+    randomize(sam, 13)
+    sam.save_pretrained(d, safe_serialization=True)
+
+    src = os.path.join(os.path.dirname(skimage.__file__), "data")
+    out = os.path.join(assets, "demo-photos")
+    os.makedirs(out, exist_ok=True)
+    for name, f in DEMO_PHOTOS.items():
+        im = Image.open(os.path.join(src, f)).convert("RGB")
+        scale = 160 / min(im.size)
+        im = im.resize((max(160, round(im.size[0] * scale)), max(160, round(im.size[1] * scale))), Image.LANCZOS)
+        im.save(os.path.join(out, f"{name}.jpg"), quality=88)
+    print("  demo teachers and", len(DEMO_PHOTOS), "photos written")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-//! The demo checkpoint and sample image compiled into the binary, so `distillery features`
-//! runs with no arguments on a fresh machine. Written once to a cache folder when first used.
+//! The demo assets compiled into the binary, so `distillery demo` and `distillery features` run
+//! with no arguments on a fresh machine: a demo checkpoint and sample image, two tiny teachers
+//! of different families and a set of public-domain photographs. Written once to a folder under
+//! the temporary directory when first used.
 
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 
-const FILES: &[(&str, &[u8])] = &[
+const FILES: Files = &[
     (
         "config.json",
         include_bytes!("../assets/demo-model/config.json"),
@@ -21,11 +23,108 @@ const FILES: &[(&str, &[u8])] = &[
 
 const SAMPLE_PNG: &[u8] = include_bytes!("../assets/sample.png");
 
+/// The two tiny teachers `distillery demo` distils (random weights at realistic scale; 128 px,
+/// patch 8): a DINOv2 with registers and a SAM image encoder.
+/// Named files of one embedded folder.
+type Files = &'static [(&'static str, &'static [u8])];
+
+const DEMO_TEACHERS: &[(&str, Files)] = &[
+    (
+        "dinov2-demo",
+        &[
+            (
+                "config.json",
+                include_bytes!("../assets/demo-teachers/dinov2-demo/config.json"),
+            ),
+            (
+                "model.safetensors",
+                include_bytes!("../assets/demo-teachers/dinov2-demo/model.safetensors"),
+            ),
+            (
+                "preprocessor_config.json",
+                include_bytes!("../assets/demo-teachers/dinov2-demo/preprocessor_config.json"),
+            ),
+        ],
+    ),
+    (
+        "sam-demo",
+        &[
+            (
+                "config.json",
+                include_bytes!("../assets/demo-teachers/sam-demo/config.json"),
+            ),
+            (
+                "model.safetensors",
+                include_bytes!("../assets/demo-teachers/sam-demo/model.safetensors"),
+            ),
+        ],
+    ),
+];
+
+/// Public-domain / CC0 photographs (scikit-image's samples; assets/demo-photos/LICENSE.md).
+const DEMO_PHOTOS: Files = &[
+    (
+        "astronaut.jpg",
+        include_bytes!("../assets/demo-photos/astronaut.jpg"),
+    ),
+    (
+        "brick.jpg",
+        include_bytes!("../assets/demo-photos/brick.jpg"),
+    ),
+    (
+        "camera.jpg",
+        include_bytes!("../assets/demo-photos/camera.jpg"),
+    ),
+    ("cell.jpg", include_bytes!("../assets/demo-photos/cell.jpg")),
+    (
+        "chelsea.jpg",
+        include_bytes!("../assets/demo-photos/chelsea.jpg"),
+    ),
+    (
+        "clock.jpg",
+        include_bytes!("../assets/demo-photos/clock.jpg"),
+    ),
+    (
+        "coffee.jpg",
+        include_bytes!("../assets/demo-photos/coffee.jpg"),
+    ),
+    (
+        "coins.jpg",
+        include_bytes!("../assets/demo-photos/coins.jpg"),
+    ),
+    (
+        "grass.jpg",
+        include_bytes!("../assets/demo-photos/grass.jpg"),
+    ),
+    (
+        "gravel.jpg",
+        include_bytes!("../assets/demo-photos/gravel.jpg"),
+    ),
+    (
+        "hubble.jpg",
+        include_bytes!("../assets/demo-photos/hubble.jpg"),
+    ),
+    ("ihc.jpg", include_bytes!("../assets/demo-photos/ihc.jpg")),
+    (
+        "microaneurysms.jpg",
+        include_bytes!("../assets/demo-photos/microaneurysms.jpg"),
+    ),
+    (
+        "retina.jpg",
+        include_bytes!("../assets/demo-photos/retina.jpg"),
+    ),
+    (
+        "rocket.jpg",
+        include_bytes!("../assets/demo-photos/rocket.jpg"),
+    ),
+    ("text.jpg", include_bytes!("../assets/demo-photos/text.jpg")),
+];
+
 fn root() -> PathBuf {
     std::env::temp_dir().join(format!("distillery-demo-{}", env!("CARGO_PKG_VERSION")))
 }
 
-fn write_if_changed(path: &PathBuf, bytes: &[u8]) -> Result<()> {
+fn write_if_changed(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     if std::fs::read(path).map(|b| b == bytes).unwrap_or(false) {
         return Ok(());
     }
@@ -37,10 +136,35 @@ fn write_if_changed(path: &PathBuf, bytes: &[u8]) -> Result<()> {
 /// Folder holding the embedded demo model (DINOv2 with registers, 224 px, patch 14).
 pub fn demo_model_dir() -> Result<PathBuf> {
     let dir = root().join("demo-model");
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    for (name, bytes) in FILES {
+    write_files(&dir, FILES)?;
+    Ok(dir)
+}
+
+/// Write named files into `dir` (kept when unchanged).
+fn write_files(dir: &std::path::Path, files: Files) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for (name, bytes) in files {
         write_if_changed(&dir.join(name), bytes)?;
     }
+    Ok(())
+}
+
+/// Folders of the demo teachers, in order (DINOv2, SAM).
+pub fn demo_teacher_dirs() -> Result<Vec<PathBuf>> {
+    DEMO_TEACHERS
+        .iter()
+        .map(|(name, files)| {
+            let dir = root().join("demo-teachers").join(name);
+            write_files(&dir, files)?;
+            Ok(dir)
+        })
+        .collect()
+}
+
+/// Folder of the demo photographs.
+pub fn demo_photos_dir() -> Result<PathBuf> {
+    let dir = root().join("demo-photos");
+    write_files(&dir, DEMO_PHOTOS)?;
     Ok(dir)
 }
 

@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod embedded;
 pub mod error;
 pub mod features;
@@ -21,6 +22,7 @@ pub mod models;
 pub mod predict;
 pub mod preprocess;
 pub mod train;
+pub mod viz;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -72,6 +72,18 @@ struct ModelArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Distil two embedded tiny teachers (DINOv2 + SAM) into a small student on embedded
+    /// photos, then draw loss.png and per-teacher PCA pictures of teacher vs student features
+    Demo {
+        /// Run folder (default: runs/demo, or runs/demo-2, ... when that exists)
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Training steps
+        #[arg(long, default_value_t = 150)]
+        steps: u64,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Run an encoder and write every block's output (hidden_states.{i}, last_hidden_state)
     Features {
         #[command(flatten)]
@@ -90,6 +102,10 @@ enum Command {
         /// hidden-state indices (0 = embeddings, i = block i-1)
         #[arg(long, default_value = "all")]
         levels: String,
+        /// Also draw the patch features' first 3 PCA components as RGB per image into this PNG
+        /// (the SAK levels, or the --levels list)
+        #[arg(long)]
+        pca: Option<PathBuf>,
     },
     /// SAK stage 1: distil frozen teachers into a student on unlabeled images
     Distill(Box<DistillArgs>),
@@ -592,39 +608,126 @@ fn student_features(
     Ok(())
 }
 
+fn demo(out: Option<PathBuf>, steps: u64, quiet: bool) -> Result<()> {
+    let out = match out {
+        Some(o) => o,
+        None => (1..)
+            .map(|k| match k {
+                1 => PathBuf::from("runs/demo"),
+                k => PathBuf::from(format!("runs/demo-{k}")),
+            })
+            .find(|p| !p.exists())
+            .unwrap_or_else(|| PathBuf::from("runs/demo")),
+    };
+    eprintln!(
+        "demo: distilling 2 embedded teachers (DINOv2 with registers, SAM; tiny, random weights) \
+         into a vit-n8 student on 16 embedded public-domain photos, {steps} steps, into {}",
+        out.display()
+    );
+    let t0 = std::time::Instant::now();
+    let s = distillery::demo::run(&distillery::demo::DemoOptions {
+        out: out.clone(),
+        steps,
+        progress: !quiet,
+    })?;
+    eprintln!(
+        "trained {} steps in {:.1} s ({:.1} images/s): loss {:.4} -> {:.4}",
+        s.run.end_step,
+        t0.elapsed().as_secs_f64(),
+        s.run.images_per_s,
+        s.first_loss,
+        s.run.last_loss
+    );
+    println!("run folder:      {}", out.display());
+    println!("loss curve:      {}", out.join("loss.png").display());
+    for p in &s.pictures {
+        println!("teacher/student: {}", p.display());
+    }
+    println!(
+        "student:         {}",
+        out.join("student.safetensors").display()
+    );
+    Ok(())
+}
+
+/// `--pca`: pictures of the computed hidden states (patch tokens) of a model.
+fn pca_picture(
+    path: &std::path::Path,
+    images: &[PathBuf],
+    o: &distillery::EncoderOutput,
+    name: &str,
+) -> Result<()> {
+    let imgs = images
+        .iter()
+        .map(|p| Ok(distillery::preprocess::read_image(p)?))
+        .collect::<Result<Vec<_>>>()?;
+    let cols = o
+        .hidden_states
+        .keys()
+        .filter(|&&i| i > 0)
+        .map(|&i| Ok((format!("block {}", i - 1), o.feature_map(i)?)))
+        .collect::<Result<Vec<_>>>()?;
+    if cols.is_empty() {
+        bail!("--pca: no block outputs were computed (check --levels)");
+    }
+    distillery::demo::model_pictures(
+        path,
+        &imgs,
+        cols,
+        &format!("{name}: first 3 PCA components of patch features"),
+    )?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
 fn features(
     model: ModelArgs,
     image: Vec<PathBuf>,
     pixels: Option<PathBuf>,
     out: Option<PathBuf>,
     levels: String,
+    pca: Option<PathBuf>,
 ) -> Result<()> {
     if let Some(m) = &model.model {
         let dir = std::path::Path::new(m);
         if dir.join("student.json").is_file() {
+            if pca.is_some() {
+                bail!("--pca draws a model's features; for a distilled student run `distillery demo` pictures come from its teachers");
+            }
             return student_features(dir, &image, pixels.as_ref(), out.as_ref());
         }
+    }
+    if pca.is_some() && pixels.is_some() {
+        bail!("--pca needs --image (it draws the images next to their features)");
     }
     let (name, enc) = load_model(&model)?;
     let info = enc.info().clone();
     let dev = device(model.device)?;
-    let x = match (&pixels, image.is_empty()) {
-        (Some(p), _) => read_pixels(p, &dev)?,
-        (None, false) => read_images(&image, &info, &dev)?,
-        (None, true) => {
-            let sample = distillery::embedded::sample_image()?;
-            eprintln!("input: embedded sample image {}", sample.display());
-            read_images(&[sample], &info, &dev)?
-        }
+    let image = if pixels.is_none() && image.is_empty() {
+        let sample = distillery::embedded::sample_image()?;
+        eprintln!("input: embedded sample image {}", sample.display());
+        vec![sample]
+    } else {
+        image
+    };
+    let x = match &pixels {
+        Some(p) => read_pixels(p, &dev)?,
+        None => read_images(&image, &info, &dev)?,
     };
     let dtype = model.dtype.dtype();
     let x = x.to_dtype(dtype)?;
     let (b, _, h, w) = x.dims4()?;
     eprintln!("model: {name}");
     eprintln!("loaded: {} batch={b}", describe(&info, (h, w)));
-    let req = parse_levels(&levels, &info)?;
+    let req = match (&pca, levels.as_str()) {
+        (Some(_), "all") => FeatureRequest::blocks(&info.default_levels),
+        _ => parse_levels(&levels, &info)?,
+    };
     let t0 = std::time::Instant::now();
     let o = enc.forward_features(&x, &req)?;
+    if let Some(p) = &pca {
+        pca_picture(p, &image, &o, &name)?;
+    }
     let secs = t0.elapsed().as_secs_f64();
     let tensors = output_tensors(&o)?;
     print_tensors(&tensors)?;
@@ -645,7 +748,9 @@ fn run() -> Result<()> {
             pixels,
             out,
             levels,
-        } => features(model, image, pixels, out, levels),
+            pca,
+        } => features(model, image, pixels, out, levels, pca),
+        Command::Demo { out, steps, quiet } => demo(out, steps, quiet),
         Command::Distill(a) => distill(*a),
         Command::EvalEdges(a) => eval_edges(a),
         Command::Train {

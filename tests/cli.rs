@@ -349,3 +349,55 @@ fn hub_id_not_cached_offline() {
         "{stderr}"
     );
 }
+
+/// `distillery demo`: a real two-teacher distillation on the embedded photos, a normal run
+/// folder, the loss curve and one teacher-vs-student PCA picture per teacher.
+#[test]
+fn demo_runs_and_draws() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let o = bin()
+        .args(["demo", "--out", &s(&out), "--steps", "6", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    for f in [
+        "loss.png",
+        "pca-dinov2-demo.png",
+        "pca-sam-demo.png",
+        "student.safetensors",
+        "student.json",
+        "metrics.jsonl",
+        "config.toml",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert!(stdout.contains("pca-sam-demo.png"), "{stdout}");
+    // 4 photo rows x 5 columns (photo, 2 levels x teacher/student) of 128 px tiles
+    let img = image::open(out.join("pca-dinov2-demo.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(img.dimensions(), (5 * 134 + 6, 58 + 4 * 134 + 6));
+    // the teacher tiles are not flat: the features vary over the photo
+    let tile = image::imageops::crop_imm(&img, 6 + 134, 58 + 6, 128, 128).to_image();
+    let first = tile.get_pixel(0, 0);
+    assert!(tile.pixels().any(|p| p != first));
+    let lines = fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 6);
+    assert!(lines.contains("loss/dinov2-demo") && lines.contains("loss/sam-demo"));
+}
+
+#[test]
+fn features_pca_picture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = tmp.path().join("pca.png");
+    let o = bin()
+        .args(["features", "--pca", &s(&png), "--levels", "2,4"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&png).unwrap().to_rgb8();
+    // one image row, columns: image + 2 levels
+    assert_eq!(img.dimensions(), (3 * 134 + 6, 58 + 134 + 6));
+}

@@ -44,16 +44,18 @@ pub struct StudentSpec {
     pub std: [f32; 3],
 }
 
-/// Student presets (SPEC.md section 2): plain ViT/16 stems.
+/// Student presets: plain ViT/16 stems (SPEC.md section 2), and `vit-n8`, a nano ViT with
+/// patch 8 (96 wide, 6 blocks) for demos and small inputs.
 pub fn preset(name: &str) -> Option<VitArch> {
-    let (dim, depth, heads) = match name {
-        "vit-t16" => (192, 12, 3),
-        "vit-s16" => (384, 12, 6),
-        "vit-b16" => (768, 12, 12),
-        "vit-l16" => (1024, 24, 16),
+    let (dim, depth, heads, patch) = match name {
+        "vit-n8" => (96, 6, 3, 8),
+        "vit-t16" => (192, 12, 3, 16),
+        "vit-s16" => (384, 12, 6, 16),
+        "vit-b16" => (768, 12, 12, 16),
+        "vit-l16" => (1024, 24, 16, 16),
         _ => return None,
     };
-    Some(VitArch::standard(dim, depth, heads, 16))
+    Some(VitArch::standard(dim, depth, heads, patch))
 }
 
 impl StudentSpec {

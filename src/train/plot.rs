@@ -10,7 +10,7 @@ use std::sync::Once;
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSansMono.ttf");
 static REGISTER: Once = Once::new();
 
-fn register_font() {
+pub(crate) fn register_font() {
     REGISTER.call_once(|| {
         // A bundled, valid TTF: registration cannot fail except on a corrupt build.
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
