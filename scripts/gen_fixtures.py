@@ -185,7 +185,12 @@ def timm_vit():
     randomize(m, 8)
     d = fresh("timm-vit")
     _hub.save_for_hf(m, d, model_args=args, safe_serialization=True)
-    for case, x in {"up": pixels(2, 40, 56, 81), "down": pixels(1, 24, 16, 82)}.items():
+    timm_refs(m, "timm-vit", {"up": pixels(2, 40, 56, 81), "down": pixels(1, 24, 16, 82)})
+
+
+def timm_refs(m, name, cases):
+    """Every block's output of a timm VisionTransformer (and the final norm), per input case."""
+    for case, x in cases.items():
         with torch.no_grad():
             h = m.patch_embed(x)
             h = m._pos_embed(h)
@@ -195,7 +200,7 @@ def timm_vit():
                 h = blk(h)
                 hs.append(h)
             last = m.norm(h)
-        save_ref("timm-vit", case, x, hs, last)
+        save_ref(name, case, x, hs, last)
 
 
 def student_sources():
@@ -218,17 +223,7 @@ def student_sources():
     m.eval()
     d = fresh("timm-vit-reg")
     _hub.save_for_hf(m, d, model_args=args, safe_serialization=True)
-    for case, x in {"native": pixels(2, 32, 32, 111), "up": pixels(1, 40, 56, 112)}.items():
-        with torch.no_grad():
-            h = m.patch_embed(x)
-            h = m._pos_embed(h)
-            h = m.norm_pre(h)
-            hs = [h]
-            for blk in m.blocks:
-                h = blk(h)
-                hs.append(h)
-            last = m.norm(h)
-        save_ref("timm-vit-reg", case, x, hs, last)
+    timm_refs(m, "timm-vit-reg", {"native": pixels(2, 32, 32, 111), "up": pixels(1, 40, 56, 112)})
 
 
 def full_size_manifests():

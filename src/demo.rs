@@ -125,24 +125,19 @@ pub fn compare_pictures(
             let s = Tensor::new(&std, &Device::Cpu)?.reshape((3, 1, 1))?;
             Ok(t.broadcast_sub(&m)?.broadcast_div(&s)?)
         };
-    let sx = Tensor::stack(
-        &images
+    let batch = |size: usize, mean: [f32; 3], std: [f32; 3]| -> Result<Tensor> {
+        let items = images
             .iter()
-            .map(|i| crop(i, spec.image_size, spec.mean, spec.std))
-            .collect::<Result<Vec<_>>>()?,
-        0,
-    )?;
+            .map(|i| crop(i, size, mean, std))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&items, 0)?)
+    };
+    let sx = batch(spec.image_size, spec.mean, spec.std)?;
     let sout = student.forward(&sx, true)?;
     let mut written = Vec::new();
     for (k, teacher) in loaded.iter().enumerate() {
         let p = &teacher.encoder.info().preprocess;
-        let tx = Tensor::stack(
-            &images
-                .iter()
-                .map(|i| crop(i, teacher.size, p.mean, p.std))
-                .collect::<Result<Vec<_>>>()?,
-            0,
-        )?;
+        let tx = batch(teacher.size, p.mean, p.std)?;
         let out = teacher
             .encoder
             .forward_features(&tx, &FeatureRequest::blocks(&teacher.levels))?;
