@@ -205,11 +205,15 @@ pub fn time_stage1_step(
     image: usize,
     warmup: usize,
     iters: usize,
+    dev: &Device,
 ) -> Result<StepBench> {
     use crate::models::student::{preset, Student, StudentSpec, TeacherSlot};
-    use crate::train::stage1::{distill_loss, new_student_params, Teacher};
-    let opts = LoadOptions::default();
-    let dev = Device::Cpu;
+    use crate::teacher::Teacher;
+    use crate::train::stage1::{distill_loss, new_student_params};
+    let opts = LoadOptions {
+        device: dev.clone(),
+        ..LoadOptions::default()
+    };
     let mut dirs = Vec::new();
     let mut teachers = Vec::new();
     for _ in 0..n_teachers {
@@ -217,7 +221,7 @@ pub fn time_stage1_step(
             .prefix("distillery-bench-teacher")
             .tempdir()
             .map_err(|e| Error::io(std::env::temp_dir(), e))?;
-        write_random_vit(dir.path(), VitSize::BASE16, &dev)?;
+        write_random_vit(dir.path(), VitSize::BASE16, &Device::Cpu)?;
         teachers.push(Teacher::load(
             &dir.path().to_string_lossy(),
             image,
@@ -236,18 +240,14 @@ pub fn time_stage1_step(
         .collect();
     let dims = preset("vit-s16").ok_or_else(|| Error::Invalid("preset".into()))?;
     let spec = StudentSpec::new(dims, image, slots)?;
-    let vm = new_student_params(&spec, None, 0)?;
+    let vm = new_student_params(&spec, None, 0, dev)?;
     let student = Student::build(
         &spec,
         &crate::weights::Weights::from_vars(&vm, Path::new("bench"))?,
     )?;
-    let vars = vm
-        .data()
-        .lock()
-        .map_err(|_| Error::Invalid("lock".into()))?
-        .clone();
+    let vars = crate::train::engine::vars_of(&vm)?;
     let mut optim = crate::train::optim::AdamW::new(&vars, 0.01)?;
-    let x = Tensor::randn(0f32, 1f32, (batch, 3, image, image), &dev)?;
+    let x = Tensor::randn(0f32, 1f32, (batch, 3, image, image), dev)?;
     let tx =
         crate::train::stage1::TeacherBatch::Pixels((0..n_teachers).map(|_| x.clone()).collect());
     let mut times = Vec::new();

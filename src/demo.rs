@@ -6,7 +6,9 @@
 use crate::error::{Error, Result};
 use crate::models::student::Student;
 use crate::models::{FeatureRequest, LoadOptions};
-use crate::train::stage1::{self, DistillConfig, RunOptions, RunPaths, RunSummary, Teacher};
+use crate::teacher::Teacher;
+use crate::train::engine::{RunOptions, RunPaths, RunSummary};
+use crate::train::stage1::{self, DistillConfig};
 use crate::viz::{map_rows, photo_tile, write_grid, Pca3};
 use crate::weights::Weights;
 use candle_core::{Device, Tensor};
@@ -59,9 +61,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
         &cfg,
         &opts.out,
         &RunOptions {
-            resume: false,
-            stop_after: None,
             progress: opts.progress,
+            ..RunOptions::default()
         },
     )?;
     let first_loss = first_metric(&opts.out.join("metrics.jsonl"))?;
@@ -89,9 +90,7 @@ fn first_metric(path: &Path) -> Result<f64> {
 /// The student as trained: from the run's checkpoint, aligners included, so its outputs live
 /// in each teacher's feature space.
 fn trained_student(run: &Path) -> Result<Student> {
-    let paths = RunPaths {
-        dir: run.to_path_buf(),
-    };
+    let paths = RunPaths::new(run);
     let spec = stage1::load_student(run)?.spec;
     let w = Weights::open_file(&paths.checkpoint())?;
     Student::build(&spec, &w.pp("model"))
@@ -136,8 +135,8 @@ pub fn compare_pictures(
     let sout = student.forward(&sx, true)?;
     let mut written = Vec::new();
     for (k, teacher) in loaded.iter().enumerate() {
-        let p = &teacher.encoder.info().preprocess;
-        let tx = batch(teacher.size, p.mean, p.std)?;
+        let (mean, std) = teacher.norm();
+        let tx = batch(teacher.size(), mean, std)?;
         let out = teacher
             .encoder
             .forward_features(&tx, &FeatureRequest::blocks(&teacher.levels))?;

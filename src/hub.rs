@@ -2,8 +2,8 @@
 //! and downloaded into it when missing, unless `HF_HUB_OFFLINE` is set, in which case only the
 //! cache is used.
 
+use crate::config::Cfg;
 use crate::error::{Error, Result};
-use crate::models::ModelFiles;
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
 
@@ -149,7 +149,7 @@ fn resolve_with(src: &dyn Source, id: &str, cache_dir: &Path, offline: bool) -> 
     let (weights, display) = if let Some(p) = src.file("model.safetensors")? {
         (vec![p.clone()], p)
     } else if let Some(index) = src.file("model.safetensors.index.json")? {
-        let shards = crate::models::shard_names(&index)?;
+        let shards = shard_names(&index)?;
         let mut paths = Vec::new();
         for s in shards {
             paths.push(src.file(&s)?.ok_or_else(|| missing(&s))?);
@@ -183,4 +183,100 @@ mod tests {
         assert_eq!(split_id("a/b@v1"), ("a/b".into(), "v1".into()));
         assert_eq!(split_id("a/b"), ("a/b".into(), "main".into()));
     }
+}
+
+/// Where a model's files live after resolution.
+#[derive(Clone, Debug)]
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+    /// file to name in errors about missing tensors
+    pub weights_display: PathBuf,
+    pub preprocessor: Option<PathBuf>,
+}
+
+impl ModelFiles {
+    /// Resolve the files of a local model folder.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::ModelNotFound {
+                path: dir.to_path_buf(),
+                msg: "no such folder".into(),
+            });
+        }
+        let config = dir.join("config.json");
+        if !config.is_file() {
+            return Err(Error::ModelNotFound {
+                path: dir.to_path_buf(),
+                msg: "folder has no config.json".into(),
+            });
+        }
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let (weights, weights_display) = if single.is_file() {
+            (vec![single.clone()], single)
+        } else if index.is_file() {
+            (shards_from_index(&index)?, index)
+        } else {
+            return Err(Error::ModelNotFound {
+                path: dir.to_path_buf(),
+                msg: "folder has neither model.safetensors nor model.safetensors.index.json".into(),
+            });
+        };
+        let pre = dir.join("preprocessor_config.json");
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            weights,
+            weights_display,
+            preprocessor: pre.is_file().then_some(pre),
+        })
+    }
+}
+
+/// The distinct shard file names a `model.safetensors.index.json` lists, sorted.
+pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let cfg = Cfg::read(index)?;
+    let map = cfg
+        .value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Config {
+            path: index.to_path_buf(),
+            msg: "no weight_map object".into(),
+        })?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let files = shard_names(index)?;
+    let mut out = Vec::new();
+    for f in files {
+        let p = dir.join(&f);
+        if !p.is_file() {
+            return Err(Error::ModelNotFound {
+                path: index.to_path_buf(),
+                msg: format!("shard {f} listed in weight_map is missing"),
+            });
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Resolve a folder or hub id to files.
+pub fn resolve(model: &str) -> Result<ModelFiles> {
+    let p = Path::new(model);
+    if p.exists() || !looks_like_hub_id(model) {
+        return ModelFiles::from_dir(p);
+    }
+    fetch_model(model)
 }

@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
+use distillery::device::DeviceSpec;
 use distillery::features::{
     describe, output_tensors, read_images, read_pixels, write_safetensors_atomic,
 };
@@ -50,12 +51,6 @@ enum BenchTask {
     Stage1Step,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum DeviceArg {
-    Cpu,
-    Cuda,
-}
-
 #[derive(clap::Args)]
 struct ModelArgs {
     /// Model folder (config.json + model.safetensors) or hub id (org/name[@revision]);
@@ -65,9 +60,9 @@ struct ModelArgs {
     /// Compute dtype
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
-    /// Device
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    /// Device: cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 #[derive(Subcommand)]
@@ -138,6 +133,9 @@ enum Command {
         dtype: String,
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
+        /// Device the teachers run on: cpu, cuda or cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
         #[arg(long)]
         quiet: bool,
     },
@@ -158,6 +156,9 @@ enum Command {
         /// Stop after this many steps in this invocation (with a checkpoint)
         #[arg(long)]
         stop_after: Option<u64>,
+        /// Device to train on: cpu, cuda or cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
         #[arg(long)]
         quiet: bool,
     },
@@ -206,8 +207,9 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 5)]
         iters: usize,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: DeviceArg,
+        /// cpu, cuda or cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
         /// Print the result as one JSON object
         #[arg(long)]
         json: bool,
@@ -246,9 +248,11 @@ fn train(
     steps: Option<u64>,
     resume: bool,
     stop_after: Option<u64>,
+    device: DeviceSpec,
     quiet: bool,
 ) -> Result<()> {
-    use distillery::train::stage2::{self, RunOptions, TrainConfig};
+    use distillery::train::engine::RunOptions;
+    use distillery::train::stage2::{self, TrainConfig};
     let mut cfg = TrainConfig::from_file(&config)?;
     if let Some(o) = out {
         cfg.out = o;
@@ -262,6 +266,7 @@ fn train(
             resume,
             stop_after,
             progress: !quiet,
+            device: device.open()?,
         },
     )?;
     eprintln!(
@@ -418,13 +423,17 @@ struct DistillArgs {
     /// Stop after this many steps in this invocation (with a checkpoint), e.g. for preemptible jobs
     #[arg(long)]
     stop_after: Option<u64>,
+    /// Device to train on (the teachers run there too): cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
     /// No progress bar
     #[arg(long)]
     quiet: bool,
 }
 
 fn distill(a: DistillArgs) -> Result<()> {
-    use distillery::train::stage1::{self, DistillConfig, RunOptions};
+    use distillery::train::engine::RunOptions;
+    use distillery::train::stage1::{self, DistillConfig};
     let mut cfg = match &a.config {
         Some(p) => distillery::config::read_toml::<DistillConfig>(p)?,
         None => DistillConfig::default(),
@@ -468,6 +477,7 @@ fn distill(a: DistillArgs) -> Result<()> {
         resume: a.resume,
         stop_after: a.stop_after,
         progress: !a.quiet,
+        device: a.device.open()?,
     };
     let s = stage1::run(&cfg, &out, &opts)?;
     eprintln!(
@@ -483,20 +493,11 @@ fn distill(a: DistillArgs) -> Result<()> {
     Ok(())
 }
 
-fn device(d: DeviceArg) -> Result<Device> {
-    Ok(match d {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => {
-            Device::new_cuda(0).context("CUDA device 0 (build with --features cuda)")?
-        }
-    })
-}
-
 fn load_model(m: &ModelArgs) -> Result<(String, Box<dyn distillery::VisionEncoder>)> {
     let dtype = m.dtype.dtype();
     let opts = LoadOptions {
         dtype,
-        device: device(m.device)?,
+        device: m.device.open()?,
     };
     let name = match &m.model {
         Some(s) => s.clone(),
@@ -702,7 +703,7 @@ fn features(
     }
     let (name, enc) = load_model(&model)?;
     let info = enc.info().clone();
-    let dev = device(model.device)?;
+    let dev = model.device.open()?;
     let image = if pixels.is_none() && image.is_empty() {
         let sample = distillery::embedded::sample_image()?;
         eprintln!("input: embedded sample image {}", sample.display());
@@ -759,8 +760,9 @@ fn run() -> Result<()> {
             steps,
             resume,
             stop_after,
+            device,
             quiet,
-        } => train(config, out, steps, resume, stop_after, quiet),
+        } => train(config, out, steps, resume, stop_after, device, quiet),
         Command::Eval {
             run,
             split,
@@ -788,9 +790,12 @@ fn run() -> Result<()> {
             seed,
             dtype,
             batch_size,
+            device,
             quiet,
         } => {
-            use distillery::train::{cache, stage1::Teacher, stage2};
+            use distillery::teacher::Teacher;
+            use distillery::train::{cache, stage2};
+            let device = device.open()?;
             let bo = cache::BuildOptions {
                 image_size,
                 variants,
@@ -802,10 +807,13 @@ fn run() -> Result<()> {
             let t0 = std::time::Instant::now();
             let m = match (config, images) {
                 (Some(c), _) => {
-                    stage2::build_cache(&stage2::TrainConfig::from_file(&c)?, &out, &bo)?
+                    stage2::build_cache(&stage2::TrainConfig::from_file(&c)?, &out, &bo, &device)?
                 }
                 (None, Some(images)) => {
-                    let opts = LoadOptions::default();
+                    let opts = LoadOptions {
+                        device,
+                        ..LoadOptions::default()
+                    };
                     let ts = Teacher::load_all(&teachers, image_size, &[], &opts)?;
                     cache::build(&ts, &images, &out, &bo)?
                 }
@@ -837,10 +845,17 @@ fn run() -> Result<()> {
             image,
             warmup,
             iters,
+            device: d,
             json,
-            ..
         } => {
-            let r = distillery::bench::time_stage1_step(teachers, batch, image, warmup, iters)?;
+            let r = distillery::bench::time_stage1_step(
+                teachers,
+                batch,
+                image,
+                warmup,
+                iters,
+                &d.open()?,
+            )?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -865,7 +880,7 @@ fn run() -> Result<()> {
         } => {
             let opts = LoadOptions {
                 dtype: DType::F32,
-                device: device(d)?,
+                device: d.open()?,
             };
             let (_dir, enc) =
                 distillery::bench::random_vit(distillery::bench::VitSize::BASE16, &opts)?;

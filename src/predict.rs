@@ -112,7 +112,8 @@ pub fn predict_folder(
             labels: BTreeMap::new(),
         };
         let p = prepare_eval(&sample, input_hw, norm)?;
-        let x = Tensor::from_vec(p.image, (1, 3, input_hw.0, input_hw.1), &Device::Cpu)?;
+        let x = Tensor::from_vec(p.image, (1, 3, input_hw.0, input_hw.1), &Device::Cpu)?
+            .to_device(model.device())?;
         let outp = model.forward(&x, false, false, None)?;
         let (top, left, vh, vw) = p.valid;
         let stem = safe_stem(&name, i);

@@ -227,9 +227,11 @@ fn metric_lines(run: &Path) -> Vec<String> {
         .unwrap()
         .lines()
         .map(|l| {
-            // everything but the timing
+            // everything but the timings
             let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("images_per_s");
+            for timing in ["images_per_s", "data_wait_s"] {
+                v.as_object_mut().unwrap().remove(timing);
+            }
             v.to_string()
         })
         .collect()

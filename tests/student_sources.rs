@@ -37,7 +37,7 @@ fn stem_matches_reference(source: &str) {
         dim: 16,
     };
     let spec = StudentSpec::new(src.arch.clone(), 32, vec![slot]).unwrap();
-    let vm = new_student_params(&spec, Some(&src), 0).unwrap();
+    let vm = new_student_params(&spec, Some(&src), 0, &candle_core::Device::Cpu).unwrap();
     let student = Student::build(
         &spec,
         &distillery::weights::Weights::from_vars(&vm, Path::new("test")).unwrap(),

@@ -16,12 +16,12 @@ pub mod vit;
 
 use crate::config::Cfg;
 use crate::error::{Error, Result};
+pub use crate::hub::{resolve, ModelFiles};
 use crate::preprocess::PreprocessConfig;
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
 
 /// Supported model families.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,93 +218,6 @@ pub(crate) fn check_pixels(info: &ModelInfo, pixels: &Tensor) -> Result<(usize, 
     Ok((h, w))
 }
 
-/// Where a model's files live after resolution.
-#[derive(Clone, Debug)]
-pub struct ModelFiles {
-    pub dir: PathBuf,
-    pub config: PathBuf,
-    pub weights: Vec<PathBuf>,
-    /// file to name in errors about missing tensors
-    pub weights_display: PathBuf,
-    pub preprocessor: Option<PathBuf>,
-}
-
-impl ModelFiles {
-    /// Resolve the files of a local model folder.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::ModelNotFound {
-                path: dir.to_path_buf(),
-                msg: "no such folder".into(),
-            });
-        }
-        let config = dir.join("config.json");
-        if !config.is_file() {
-            return Err(Error::ModelNotFound {
-                path: dir.to_path_buf(),
-                msg: "folder has no config.json".into(),
-            });
-        }
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let (weights, weights_display) = if single.is_file() {
-            (vec![single.clone()], single)
-        } else if index.is_file() {
-            (shards_from_index(&index)?, index)
-        } else {
-            return Err(Error::ModelNotFound {
-                path: dir.to_path_buf(),
-                msg: "folder has neither model.safetensors nor model.safetensors.index.json".into(),
-            });
-        };
-        let pre = dir.join("preprocessor_config.json");
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            config,
-            weights,
-            weights_display,
-            preprocessor: pre.is_file().then_some(pre),
-        })
-    }
-}
-
-/// The distinct shard file names a `model.safetensors.index.json` lists, sorted.
-pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
-    let cfg = Cfg::read(index)?;
-    let map = cfg
-        .value
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::Config {
-            path: index.to_path_buf(),
-            msg: "no weight_map object".into(),
-        })?;
-    let mut files: Vec<String> = map
-        .values()
-        .filter_map(|v| v.as_str().map(str::to_string))
-        .collect();
-    files.sort();
-    files.dedup();
-    Ok(files)
-}
-
-fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
-    let dir = index.parent().unwrap_or(Path::new("."));
-    let files = shard_names(index)?;
-    let mut out = Vec::new();
-    for f in files {
-        let p = dir.join(&f);
-        if !p.is_file() {
-            return Err(Error::ModelNotFound {
-                path: index.to_path_buf(),
-                msg: format!("shard {f} listed in weight_map is missing"),
-            });
-        }
-        out.push(p);
-    }
-    Ok(out)
-}
-
 /// Prefixes under which a vision tower's weights are found in the checkpoints people download
 /// (bare tower, full CLIP/SigLIP/SAM model, task model wrappers).
 const PREFIXES: &[&str] = &[
@@ -427,13 +340,4 @@ pub fn build(files: &ModelFiles, w: &Weights) -> Result<Box<dyn VisionEncoder>> 
 pub fn load(model: &str, opts: &LoadOptions) -> Result<Box<dyn VisionEncoder>> {
     let files = resolve(model)?;
     load_from_files(&files, opts)
-}
-
-/// Resolve a folder or hub id to files.
-pub fn resolve(model: &str) -> Result<ModelFiles> {
-    let p = Path::new(model);
-    if p.exists() || !crate::hub::looks_like_hub_id(model) {
-        return ModelFiles::from_dir(p);
-    }
-    crate::hub::fetch_model(model)
 }

@@ -214,6 +214,11 @@ impl MultiTaskModel {
         self.decoder.buffers()
     }
 
+    /// Where the parameters live.
+    pub fn device(&self) -> &candle_core::Device {
+        self.student.device()
+    }
+
     /// Forward pass. `noise` draws the router noise (training); `None` = clean gates.
     pub fn forward(
         &self,

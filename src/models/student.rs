@@ -195,6 +195,8 @@ pub enum Init {
     Normal(f64),
     /// normal with std, truncated at +-2 std (values beyond are redrawn)
     TruncNormal(f64),
+    /// every element this value (buffers such as running variances)
+    Constant(f64),
 }
 
 impl Init {
@@ -230,6 +232,7 @@ impl Init {
             Init::Ones => Tensor::ones(shape, DType::F32, device)?,
             Init::Normal(s) => Tensor::from_vec(normal(s, None), shape, device)?,
             Init::TruncNormal(s) => Tensor::from_vec(normal(s, Some(2.0)), shape, device)?,
+            Init::Constant(v) => (Tensor::ones(shape, DType::F32, device)? * v)?,
         })
     }
 }
@@ -284,6 +287,7 @@ pub struct Student {
     pub spec: StudentSpec,
     stem: TokenEncoder,
     paths: Vec<Path>,
+    device: Device,
 }
 
 /// Token sequence `[B, P + h*w, D]` -> patch map `[B, D, h, w]`.
@@ -345,7 +349,13 @@ impl Student {
             spec: spec.clone(),
             stem,
             paths,
+            device: w.device().clone(),
         })
+    }
+
+    /// Where the parameters live (inputs must be there too).
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Run the stem once and every adapter path on its outputs.

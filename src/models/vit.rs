@@ -10,6 +10,10 @@ use crate::interp::Kernel;
 use crate::preprocess::{PreprocessConfig, Resample, HALF, IMAGENET_MEAN, IMAGENET_STD};
 use crate::weights::Weights;
 
+/// How timm resamples a position table to another grid (`resample_abs_pos_embed`: bicubic with
+/// antialiasing); the student stem, in timm naming, does the same.
+pub const TIMM_POS_KERNEL: Kernel = Kernel::BicubicAntialias;
+
 const HF_NAMES: BlockNames = BlockNames {
     norm1: "layernorm_before",
     qkv: QkvNames::Separate {
@@ -271,7 +275,7 @@ pub(crate) fn timm_encoder(
         pos: PositionEmbedding::with_grid(
             &w.get((1, a.pos_prefix + gh * gw, d.dim), "pos_embed")?,
             a.pos_prefix,
-            Kernel::BicubicAntialias,
+            TIMM_POS_KERNEL,
             (gh, gw),
         )?,
         pre_norm: None,

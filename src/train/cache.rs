@@ -13,7 +13,7 @@
 use crate::data::augment::{crop_to_tensor, sample_rng, RandomResizedCrop};
 use crate::data::{ImageSet, ImageSource};
 use crate::error::{Error, Result};
-use crate::train::stage1::Teacher;
+use crate::teacher::{parse_teacher_arg, Teacher};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -86,10 +86,7 @@ impl Manifest {
     /// A run's teacher arguments (`NAME=ID` or ids) must name the cached teachers' sources in
     /// order; the message says what differs.
     pub fn check_teachers(&self, args: &[String]) -> std::result::Result<(), String> {
-        let want: Vec<&str> = args
-            .iter()
-            .map(|a| crate::train::stage1::parse_teacher_arg(a).1)
-            .collect();
+        let want: Vec<&str> = args.iter().map(|a| parse_teacher_arg(a).1).collect();
         let have: Vec<&str> = self.teachers.iter().map(CachedTeacher::source).collect();
         if want == have {
             Ok(())
@@ -136,7 +133,7 @@ impl CacheItems for CropItems {
         self.data.root()
     }
     fn input_hw(&self, t: &Teacher) -> (usize, usize) {
-        (t.size, t.size)
+        (t.size(), t.size())
     }
     fn inputs(&self, teachers: &[Teacher], v: u64, i: usize) -> Option<Vec<Tensor>> {
         let img = self.data.load(i).ok()?;
@@ -145,8 +142,8 @@ impl CacheItems for CropItems {
         teachers
             .iter()
             .map(|t| {
-                let p = &t.encoder.info().preprocess;
-                crop_to_tensor(&img, &crop, t.size, p.mean, p.std, &Device::Cpu)
+                let (m, s) = t.norm();
+                crop_to_tensor(&img, &crop, t.size(), m, s, &Device::Cpu)
             })
             .collect::<Result<Vec<_>>>()
             .ok()
@@ -227,7 +224,7 @@ pub fn build_from(
         cached.push(CachedTeacher {
             name: teacher.name.clone(),
             id: teacher.id.clone(),
-            size: teacher.size,
+            size: teacher.size(),
             dim: info.width,
             grid: (gh, gw),
             levels: teacher.levels.clone(),
@@ -418,5 +415,19 @@ impl FeatureCache {
             &Device::Cpu,
         )?;
         Ok(t.to_dtype(DType::F32)?)
+    }
+
+    /// Features of (variant, image) items for every teacher and level: `[teacher][level]`.
+    pub fn gather_all(&self, items: &[(u64, usize)]) -> Result<Vec<Vec<Tensor>>> {
+        self.manifest
+            .teachers
+            .iter()
+            .enumerate()
+            .map(|(t, ct)| {
+                (0..ct.levels.len())
+                    .map(|k| self.gather(t, k, items))
+                    .collect()
+            })
+            .collect()
     }
 }

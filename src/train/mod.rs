@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod checkpoint;
+pub mod engine;
 pub mod optim;
 pub mod plot;
 pub mod schedule;

@@ -15,28 +15,30 @@ use crate::metrics::boundary::{self, BinaryMap, BoundaryOptions, Counts, EdgeMap
 use crate::metrics::geometry::{DepthError, NormalsError};
 use crate::metrics::saliency::{PooledMaxF, SodMetrics};
 use crate::metrics::segmentation::MeanIou;
+use crate::models::encoder::resample_pos_table;
 use crate::models::multitask::{predictions, MultiTaskModel, MultiTaskSpec, RouterKind};
+use crate::models::student::Init;
 use crate::models::student::{preset, StudentSpec, TeacherSlot};
-use crate::models::{Family, LoadOptions};
+use crate::models::vit::TIMM_POS_KERNEL;
+use crate::models::LoadOptions;
+use crate::teacher::Teacher;
 use crate::train::cache::FeatureCache;
 use crate::train::checkpoint;
-use crate::train::optim::AdamW;
-use crate::train::schedule::PolySchedule;
-use crate::train::stage1::{
-    epoch_order, save_checkpoint, truncate_metrics, vars_of, RunPaths, RunState, Teacher,
+use crate::train::engine::{
+    self, DataPlan, LoopConfig, Objective, RunFolder, RunOptions, RunPaths, RunSummary, StepLoss,
+    Trainer,
 };
+use crate::train::schedule::PolySchedule;
+use crate::train::stage1::STUDENT_SPEC;
 use crate::weights::Weights;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Stage-2 configuration (`distillery train --config FILE.toml`); defaults are the reference
 /// recipe (SPEC.md section 4).
@@ -209,6 +211,10 @@ impl TrainConfig {
     }
 }
 
+/// Files a stage-2 run exports.
+pub const MODEL_WEIGHTS: &str = "model.safetensors";
+pub const MODEL_SPEC: &str = "model.json";
+
 /// `model.json`: the model spec plus what evaluation and prediction need.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunModelInfo {
@@ -348,11 +354,7 @@ impl crate::train::cache::CacheItems for DenseItems {
         self.ds.root().to_path_buf()
     }
     fn input_hw(&self, t: &Teacher) -> (usize, usize) {
-        if t.encoder.info().family == Family::Sam {
-            (t.size, t.size)
-        } else {
-            self.hw
-        }
+        t.geometry.input_hw(self.hw)
     }
     fn inputs(&self, teachers: &[Teacher], v: u64, i: usize) -> Option<Vec<Tensor>> {
         let s = self.ds.load(i).ok()?;
@@ -366,7 +368,7 @@ impl crate::train::cache::CacheItems for DenseItems {
         teachers
             .iter()
             .map(|t| {
-                teacher_pixels(&x, self.norm, t)?
+                t.input_from(&x, (self.norm.mean, self.norm.std))?
                     .squeeze(0)
                     .map_err(Error::from)
             })
@@ -383,6 +385,7 @@ pub fn build_cache(
     cfg: &TrainConfig,
     out: &Path,
     opts: &crate::train::cache::BuildOptions,
+    device: &Device,
 ) -> Result<crate::train::cache::Manifest> {
     let init = InitSource::of(cfg)?;
     let ids = &init.teachers;
@@ -392,37 +395,14 @@ pub fn build_cache(
         ));
     }
     let hw = cfg.input_hw();
-    let teachers = Teacher::load_all(ids, hw.0.max(hw.1), &[], &LoadOptions::default())?;
+    let load = LoadOptions {
+        device: device.clone(),
+        ..LoadOptions::default()
+    };
+    let teachers = Teacher::load_all(ids, hw.0.max(hw.1), &[], &load)?;
     let mut o = opts.clone();
     o.seed = cfg.seed;
     crate::train::cache::build_from(&teachers, &DenseItems::new(cfg, init.norm)?, out, &o)
-}
-
-/// Teacher input from the student's normalised batch: re-normalised, resized (SAM: longest side
-/// to its size, zero-padded bottom/right to a square), other teachers at the student's size.
-fn teacher_pixels(x: &Tensor, from: Normalize, t: &Teacher) -> Result<Tensor> {
-    let info = t.encoder.info();
-    let (m, s) = (info.preprocess.mean, info.preprocess.std);
-    let dev = x.device();
-    // y = ((x * std_s + mean_s) - mean_t) / std_t, per channel
-    let a: Vec<f32> = (0..3).map(|c| from.std[c] / s[c]).collect();
-    let b: Vec<f32> = (0..3).map(|c| (from.mean[c] - m[c]) / s[c]).collect();
-    let a = Tensor::from_vec(a, (1, 3, 1, 1), dev)?;
-    let b = Tensor::from_vec(b, (1, 3, 1, 1), dev)?;
-    let y = x.broadcast_mul(&a)?.broadcast_add(&b)?;
-    if info.family != Family::Sam {
-        return Ok(y);
-    }
-    let (_, _, h, w) = y.dims4()?;
-    let side = t.size;
-    let sc = side as f64 / h.max(w) as f64;
-    let (nh, nw) = (
-        ((h as f64 * sc).round() as usize).min(side),
-        ((w as f64 * sc).round() as usize).min(side),
-    );
-    let y = crate::interp::resize_bilinear(&y, (nh, nw))?;
-    Ok(y.pad_with_zeros(2, 0, side - nh)?
-        .pad_with_zeros(3, 0, side - nw)?)
 }
 
 /// A training batch on the host.
@@ -469,25 +449,6 @@ fn collate(items: &[Prepared], tasks: &[Task]) -> Result<Batch> {
     })
 }
 
-/// Options of one invocation.
-#[derive(Clone, Debug, Default)]
-pub struct RunOptions {
-    pub resume: bool,
-    pub stop_after: Option<u64>,
-    pub progress: bool,
-}
-
-/// What a run did.
-#[derive(Clone, Debug, Serialize)]
-pub struct RunSummary {
-    pub start_step: u64,
-    pub end_step: u64,
-    pub total_steps: u64,
-    pub last_loss: f64,
-    pub images_per_s: f64,
-    pub eval: Option<serde_json::Value>,
-}
-
 /// A cache must hold this recipe's teachers, seed, items and augmentation.
 fn check_cache(
     c: &FeatureCache,
@@ -528,77 +489,138 @@ fn check_cache(
     Ok(())
 }
 
-/// Fresh parameters: the stage-1 student's where available, everything else seeded.
+/// Fresh parameters on `device`: the stage-1 student's where available (its position table
+/// resampled from `init_grid` when the input grid differs), everything else seeded; and the
+/// BatchNorm buffers at their initial values.
 fn build_params(
     spec: &MultiTaskSpec,
-    init: &HashMap<String, Tensor>,
+    mut init: HashMap<String, Tensor>,
     init_grid: (usize, usize),
     seed: u64,
+    device: &Device,
+    source: &Path,
 ) -> Result<(VarMap, VarMap)> {
-    let vm = VarMap::new();
+    if let Some(t) = init.get_mut("stem.pos_embed") {
+        if init_grid != spec.student.grid_hw() {
+            *t = resample_pos_table(
+                t,
+                spec.student.arch.pos_prefix,
+                init_grid,
+                spec.student.grid_hw(),
+                TIMM_POS_KERNEL,
+            )?;
+        }
+    }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5A4B_2000);
-    {
-        let mut data = vm
-            .data()
-            .lock()
-            .map_err(|_| Error::Invalid("parameter store lock poisoned".into()))?;
-        let all = spec
-            .student
-            .parameters()
-            .into_iter()
-            .chain(spec.task_parameters());
-        for (name, shape, how) in all {
-            let t = match init.get(&name) {
-                Some(t) if name == "stem.pos_embed" && t.dims() != shape.as_slice() => {
-                    crate::models::encoder::resample_pos_table(
-                        t,
-                        spec.student.arch.pos_prefix,
-                        init_grid,
-                        spec.student.grid_hw(),
-                        crate::interp::Kernel::Bicubic,
-                    )?
-                }
-                Some(t) if t.dims() == shape.as_slice() => t.clone(),
-                Some(t) => {
-                    return Err(Error::Invalid(format!(
-                        "init parameter {name} has shape {:?}, expected {shape:?}",
-                        t.dims()
-                    )))
-                }
-                None => how.tensor(&shape, &mut rng, &Device::Cpu)?,
-            };
-            data.insert(name, Var::from_tensor(&t)?);
-        }
-    }
-    let bm = VarMap::new();
-    {
-        let mut data = bm
-            .data()
-            .lock()
-            .map_err(|_| Error::Invalid("buffer store lock poisoned".into()))?;
-        for (name, n, v) in spec.buffers() {
-            let t = (Tensor::ones(n, candle_core::DType::F32, &Device::Cpu)? * v as f64)?;
-            data.insert(name, Var::from_tensor(&t)?);
-        }
-    }
+    let all = spec
+        .student
+        .parameters()
+        .into_iter()
+        .chain(spec.task_parameters());
+    let vm = engine::init_params(all, init, &mut rng, device, source)?;
+    let buffers = spec
+        .buffers()
+        .into_iter()
+        .map(|(name, n, v)| Ok((name, vec![n], Init::Constant(v as f64))));
+    let bm = engine::init_params(
+        buffers.collect::<Result<Vec<_>>>()?,
+        HashMap::new(),
+        &mut rng,
+        device,
+        source,
+    )?;
     Ok((vm, bm))
+}
+
+/// The stage-2 objective: weighted task losses plus gamma times the distillation loss.
+struct MultiTask<'a> {
+    model: MultiTaskModel,
+    teachers: &'a [Teacher],
+    cfg: &'a TrainConfig,
+    norm: Normalize,
+    distilling: bool,
+    device: Device,
+}
+
+impl Objective for MultiTask<'_> {
+    type Batch = Batch;
+
+    fn loss(&mut self, batch: Batch, step: u64) -> Result<StepLoss> {
+        let cfg = self.cfg;
+        let pixels = batch.pixels.to_device(&self.device)?;
+        let mut noise = rand_chacha::ChaCha8Rng::seed_from_u64(
+            cfg.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x2A,
+        );
+        let out = self
+            .model
+            .forward(&pixels, true, self.distilling, Some(&mut noise))?;
+        let mut total: Option<Tensor> = None;
+        let mut parts = Vec::new();
+        let mut add = |name: &str, l: Tensor, w: f64| -> Result<()> {
+            parts.push((name.to_string(), l.to_scalar::<f32>()? as f64));
+            let l = (l * w)?;
+            total = Some(match total.take() {
+                Some(a) => (a + l)?,
+                None => l,
+            });
+            Ok(())
+        };
+        for ((task, logits), target) in out.logits.iter().zip(&batch.targets) {
+            add(task.name(), task_loss(logits, target)?, cfg.weight(*task))?;
+        }
+        if self.distilling {
+            let mut dl: Option<Tensor> = None;
+            for k in 0..out.aligned.len() {
+                let feats = match &batch.teacher_feats {
+                    Some(f) => f[k]
+                        .iter()
+                        .map(|t| Ok(t.to_device(&self.device)?))
+                        .collect::<Result<Vec<_>>>()?,
+                    None => {
+                        let t = &self.teachers[k];
+                        t.features(&t.input_from(&pixels, (self.norm.mean, self.norm.std))?)?
+                    }
+                };
+                for (s, f) in out.aligned[k].iter().zip(&feats) {
+                    let l = feature_loss(s, f, cfg.distill_loss)?;
+                    dl = Some(match dl {
+                        Some(a) => (a + l)?,
+                        None => l,
+                    });
+                }
+            }
+            if let Some(dl) = dl {
+                add("distill", dl, cfg.distill_weight)?;
+            }
+        }
+        let loss = total.ok_or_else(|| Error::Invalid("no task to train".into()))?;
+        Ok(StepLoss {
+            loss,
+            parts,
+            images: pixels.dim(0)?,
+            skipped: 0,
+        })
+    }
+
+    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        self.model.buffers()
+    }
 }
 
 /// Run (or resume) stage 2.
 pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     cfg.validate()?;
-    let paths = RunPaths {
-        dir: cfg.out.clone(),
-    };
-    let resume_state = paths.prepare(opts.resume)?;
+    let dev = &opts.device;
+    let run = RunFolder::open(&cfg.out, opts.resume, dev)?;
     let tasks = cfg.tasks();
-    let train = dense::open_dataset(&cfg.dataset, &cfg.data_root, &cfg.train_split, &tasks)?;
+    let train: Arc<dyn DenseDataset> =
+        dense::open_dataset(&cfg.dataset, &cfg.data_root, &cfg.train_split, &tasks)?.into();
     let hw = cfg.input_hw();
 
     // Student: a stage-1 run folder, or a preset with teachers.
     if !is_stage1_run(&cfg.init) && preset(&cfg.init).is_none() {
         return Err(Error::BadInput {
-            path: Path::new(&cfg.init).join("student.json"),
+            path: Path::new(&cfg.init).join(STUDENT_SPEC),
             msg: "init is neither a stage-1 run folder nor a student preset".into(),
         });
     }
@@ -623,32 +645,17 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
                 "distill_weight > 0 but no teachers are known (set teachers)".into(),
             ));
         }
+        let load = LoadOptions {
+            device: dev.clone(),
+            ..LoadOptions::default()
+        };
         for id in teacher_ids {
-            teachers.push(Teacher::load(
-                id,
-                hw.0.max(hw.1),
-                0,
-                &LoadOptions::default(),
-            )?);
+            teachers.push(Teacher::load(id, hw.0.max(hw.1), 0, &load)?);
         }
     }
     let slots: Vec<TeacherSlot> = match &cache {
-        Some(c) => c
-            .manifest
-            .teachers
-            .iter()
-            .map(|t| TeacherSlot {
-                name: t.name.clone(),
-                dim: t.dim,
-            })
-            .collect(),
-        None => teachers
-            .iter()
-            .map(|t| TeacherSlot {
-                name: t.name.clone(),
-                dim: t.encoder.info().width,
-            })
-            .collect(),
+        Some(c) => c.manifest.slots(),
+        None => teachers.iter().map(Teacher::slot).collect(),
     };
     let distilling = !slots.is_empty();
     let (mut sspec, init_params) = if let Some(spec) = init.stage1 {
@@ -661,7 +668,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             )));
         }
         // A resumed run takes every parameter from its own checkpoint.
-        let params = if resume_state.is_some() {
+        let params = if run.saved.is_some() {
             HashMap::new()
         } else {
             stage1_params(dir)?
@@ -696,267 +703,125 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         mean: spec.student.mean,
         std: spec.student.std,
     };
-    let (varmap, bufmap) = build_params(&spec, &init_params, init_grid, cfg.seed)?;
-    let vars = vars_of(&varmap)?;
-    let mut optim = AdamW::new(&vars, cfg.weight_decay)?;
-    let mut start = 0;
-    if let Some((tensors, state)) = &resume_state {
-        let saved: TrainConfig =
-            serde_json::from_value(state["config"].clone()).map_err(|e| Error::BadInput {
-                path: paths.checkpoint(),
-                msg: format!("checkpoint config unreadable: {e}"),
-            })?;
-        if saved.init != cfg.init
-            || saved.tasks() != tasks
-            || saved.batch_size != cfg.batch_size
-            || saved.seed != cfg.seed
-            || saved.input_hw() != hw
-            || saved.router != cfg.router
-        {
-            return Err(Error::BadInput {
-                path: paths.checkpoint(),
-                msg:
-                    "checkpoint was made with another init/tasks/batch size/seed/input size/router"
-                        .into(),
-            });
-        }
-        checkpoint::restore(&vars, tensors, "model.", &paths.checkpoint())?;
-        checkpoint::restore(&vars_of(&bufmap)?, tensors, "buffer.", &paths.checkpoint())?;
-        start = state["step"].as_u64().unwrap_or(0);
-        optim.load_state(tensors, start)?;
-        truncate_metrics(&paths.metrics(), start)?;
-    } else {
-        std::fs::write(paths.config(), toml::to_string(cfg).unwrap_or_default())
-            .map_err(|e| Error::io(paths.config(), e))?;
-        let _ = std::fs::remove_file(paths.metrics());
-    }
+    let (varmap, bufmap) = build_params(
+        &spec,
+        init_params,
+        init_grid,
+        cfg.seed,
+        dev,
+        &Path::new(&cfg.init).join("checkpoint.safetensors"),
+    )?;
+    let mut trainer = Trainer::new(
+        &run,
+        &varmap,
+        Some(&bufmap),
+        cfg.weight_decay,
+        cfg,
+        |saved: &TrainConfig| {
+            saved.init == cfg.init
+                && saved.tasks() == tasks
+                && saved.batch_size == cfg.batch_size
+                && saved.seed == cfg.seed
+                && saved.input_hw() == hw
+                && saved.router == cfg.router
+        },
+        "another init/tasks/batch size/seed/input size/router",
+    )?;
+    let ck = run.paths.checkpoint();
     let model = MultiTaskModel::build(
         &spec,
-        &Weights::from_vars(&varmap, &paths.checkpoint())?,
-        &Weights::from_vars(&bufmap, &paths.checkpoint())?,
+        &Weights::from_vars(&varmap, &ck)?,
+        &Weights::from_vars(&bufmap, &ck)?,
     )?;
     let total = cfg.steps;
-    let end = opts.stop_after.map_or(total, |n| (start + n).min(total));
     let schedule = PolySchedule {
         lr: cfg.lr,
         power: cfg.poly_power,
         total,
     };
-
-    // Producer: augmented batches ahead of the step.
-    let b = cfg.batch_size;
-    let n = train.len();
-    let steps_per_epoch = (n / b).max(1) as u64;
-    let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
-    let aug = cfg.augment.clone();
-    let seed = cfg.seed;
-    let ptasks = tasks.clone();
-    let pcache = cache.clone();
-    let producer = std::thread::spawn(move || {
-        let mut order = Vec::new();
-        let mut order_epoch = u64::MAX;
-        for step in start..end {
-            let epoch = step / steps_per_epoch;
-            if epoch != order_epoch {
-                order = epoch_order(seed, epoch, n);
-                order_epoch = epoch;
-            }
-            let pos = (step % steps_per_epoch) as usize;
-            let idx: Vec<usize> = (0..b).map(|j| order[(pos * b + j) % n]).collect();
-            let variant = if variants > 0 {
-                epoch % variants
-            } else {
-                epoch
-            };
-            let items: Result<Vec<Prepared>> = idx
-                .par_iter()
-                .map(|&i| {
-                    let s = train.load(i)?;
-                    let mut rng = sample_rng(seed, variant, i as u64);
-                    Ok(aug.apply(&s, hw, norm, &mut rng))
-                })
-                .collect();
-            let batch = items.and_then(|it| {
-                let mut batch = collate(&it, &ptasks)?;
-                if let Some(c) = &pcache {
-                    let keys: Vec<(u64, usize)> = idx.iter().map(|&i| (variant, i)).collect();
-                    batch.teacher_feats = Some(
-                        (0..c.manifest.teachers.len())
-                            .map(|t| {
-                                (0..c.manifest.teachers[t].levels.len())
-                                    .map(|k| c.gather(t, k, &keys))
-                                    .collect::<Result<Vec<_>>>()
-                            })
-                            .collect::<Result<Vec<_>>>()?,
-                    );
-                }
-                Ok(batch)
-            });
-            let failed = batch.is_err();
-            if tx.send(batch).is_err() || failed {
-                break;
-            }
+    let plan = DataPlan {
+        n: train.len(),
+        batch_size: cfg.batch_size,
+        seed: cfg.seed,
+        variants,
+    };
+    // Producer: augmented batches (and cached teacher features) ahead of the step.
+    let (aug, seed, ptasks, pcache, ptrain) = (
+        cfg.augment.clone(),
+        cfg.seed,
+        tasks.clone(),
+        cache.clone(),
+        train.clone(),
+    );
+    let produce = move |variant: u64, idx: &[usize]| -> Result<Batch> {
+        let items: Vec<Prepared> = idx
+            .par_iter()
+            .map(|&i| {
+                let s = ptrain.load(i)?;
+                let mut rng = sample_rng(seed, variant, i as u64);
+                Ok(aug.apply(&s, hw, norm, &mut rng))
+            })
+            .collect::<Result<_>>()?;
+        let mut batch = collate(&items, &ptasks)?;
+        if let Some(c) = &pcache {
+            let keys: Vec<(u64, usize)> = idx.iter().map(|&i| (variant, i)).collect();
+            batch.teacher_feats = Some(c.gather_all(&keys)?);
         }
-    });
-
-    let bar = crate::train::progress_bar(total, start, opts.progress);
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(paths.metrics())
-        .map_err(|e| Error::io(paths.metrics(), e))?;
-    let t_run = Instant::now();
-    let mut images = 0usize;
-    let mut last_loss = f64::NAN;
-    for step in start..end {
-        let t0 = Instant::now();
-        let batch = rx
-            .recv()
-            .map_err(|_| Error::Invalid("data loader stopped".into()))??;
-        let mut noise = rand_chacha::ChaCha8Rng::seed_from_u64(
-            seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x2A,
-        );
-        let out = model.forward(&batch.pixels, true, distilling, Some(&mut noise))?;
-        let mut total_loss: Option<Tensor> = None;
-        let mut rec = serde_json::json!({ "step": step + 1 });
-        let mut add = |l: Tensor, w: f64| -> Result<()> {
-            let l = (l * w)?;
-            total_loss = Some(match total_loss.take() {
-                Some(a) => (a + l)?,
-                None => l,
-            });
-            Ok(())
-        };
-        for ((task, logits), target) in out.logits.iter().zip(&batch.targets) {
-            let l = task_loss(logits, target)?;
-            rec[format!("loss/{}", task.name())] = (l.to_scalar::<f32>()? as f64).into();
-            add(l, cfg.weight(*task))?;
-        }
-        if distilling {
-            let mut dl: Option<Tensor> = None;
-            for k in 0..out.aligned.len() {
-                let feats = match &batch.teacher_feats {
-                    Some(f) => f[k].clone(),
-                    None => {
-                        teachers[k].features(&teacher_pixels(&batch.pixels, norm, &teachers[k])?)?
-                    }
-                };
-                for (s, f) in out.aligned[k].iter().zip(&feats) {
-                    let l = feature_loss(s, f, cfg.distill_loss)?;
-                    dl = Some(match dl {
-                        Some(a) => (a + l)?,
-                        None => l,
-                    });
-                }
-            }
-            if let Some(dl) = dl {
-                rec["loss/distill"] = (dl.to_scalar::<f32>()? as f64).into();
-                add(dl, cfg.distill_weight)?;
-            }
-        }
-        let loss = total_loss.ok_or_else(|| Error::Invalid("no task to train".into()))?;
-        let loss_v = loss.to_scalar::<f32>()? as f64;
-        if !loss_v.is_finite() {
-            return Err(Error::Invalid(format!(
-                "loss became {loss_v} at step {step}"
-            )));
-        }
-        let mut grads = loss.backward()?;
-        let grad_norm = optim.clip_grad_norm(&mut grads, cfg.clip_grad)?;
-        let lr = schedule.at(step);
-        optim.step(&grads, lr)?;
-        let bsz = batch.pixels.dim(0)?;
-        images += bsz;
-        last_loss = loss_v;
-        let secs = t0.elapsed().as_secs_f64();
-        rec["loss"] = loss_v.into();
-        rec["lr"] = lr.into();
-        rec["grad_norm"] = grad_norm.into();
-        rec["images_per_s"] = (bsz as f64 / secs).into();
-        writeln!(metrics, "{rec}").map_err(|e| Error::io(paths.metrics(), e))?;
-        bar.set_message(format!("loss {loss_v:.4} {:.2} img/s", bsz as f64 / secs));
-        bar.inc(1);
-        let done = step + 1;
-        if done % cfg.checkpoint_every.max(1) == 0 || done == end {
-            metrics.flush().map_err(|e| Error::io(paths.metrics(), e))?;
-            let buffers = model
-                .buffers()?
-                .into_iter()
-                .map(|(n, t)| (format!("buffer.{n}"), t))
-                .collect();
-            save_checkpoint(
-                &paths,
-                &vars,
-                buffers,
-                &optim,
-                &RunState {
-                    format: "distillery-stage2-v1",
-                    step: done,
-                    config: cfg,
-                    spec: &spec,
-                },
-            )?;
-        }
-    }
-    drop(rx);
-    let _ = producer.join();
-    bar.finish_and_clear();
-    if end > start {
-        crate::train::plot::plot_losses(
-            &paths.metrics(),
-            &paths.dir.join("loss.png"),
-            "SAK stage 2: multi-task loss",
-        )?;
-    }
-    let mut eval = None;
-    if end == total {
+        Ok(batch)
+    };
+    let mut objective = MultiTask {
+        model,
+        teachers: &teachers,
+        cfg,
+        norm,
+        distilling,
+        device: dev.clone(),
+    };
+    let mut summary = trainer.run(
+        &mut objective,
+        plan,
+        produce,
+        &LoopConfig {
+            format: "distillery-stage2-v1",
+            title: "SAK stage 2: multi-task loss",
+            total,
+            clip_grad: cfg.clip_grad,
+            checkpoint_every: cfg.checkpoint_every,
+            schedule: &|s| schedule.at(s),
+        },
+        cfg,
+        &spec,
+        opts,
+    )?;
+    if summary.finished() {
         // Export: parameters without aligners, plus BatchNorm statistics.
-        let mut tensors: HashMap<String, Tensor> = vars
-            .iter()
-            .filter(|(n, _)| !n.contains(".aligners."))
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
+        let model = &objective.model;
+        let mut tensors = engine::export_tensors(trainer.vars());
         tensors.extend(model.buffers()?);
-        crate::features::write_safetensors_atomic(&tensors, &paths.model_weights())?;
+        crate::features::write_safetensors_atomic(&tensors, &run.paths.file(MODEL_WEIGHTS))?;
         let info = RunModelInfo {
             spec: spec.clone(),
             dataset: cfg.dataset.clone(),
             input_hw: hw,
         };
-        let json =
-            serde_json::to_string_pretty(&info).map_err(|e| Error::Invalid(e.to_string()))?;
-        crate::features::write_atomic(&paths.model_spec(), json.as_bytes())?;
+        engine::write_json(&run.paths.file(MODEL_SPEC), &info)?;
         if cfg.eval_at_end {
             let val = dense::open_dataset(&cfg.dataset, &cfg.data_root, &cfg.val_split, &tasks)?;
-            let r = evaluate(&model, val.as_ref(), hw, norm, cfg, opts.progress)?;
-            let p = paths.dir.join(format!("eval-{}.json", cfg.val_split));
+            let r = evaluate(model, val.as_ref(), hw, norm, cfg, opts.progress)?;
+            let p = run.paths.file(&format!("eval-{}.json", cfg.val_split));
             crate::features::write_atomic(&p, r.to_string().as_bytes())?;
-            eval = Some(r);
+            summary.eval = Some(r);
         }
     }
-    Ok(RunSummary {
-        start_step: start,
-        end_step: end,
-        total_steps: total,
-        last_loss,
-        images_per_s: images as f64 / t_run.elapsed().as_secs_f64().max(1e-9),
-        eval,
-    })
+    Ok(summary)
 }
 
-/// Load a finished (or, failing that, checkpointed) stage-2 run's model.
+/// Load a finished stage-2 run's model.
 pub fn load_run(dir: &Path) -> Result<(MultiTaskModel, RunModelInfo, TrainConfig)> {
-    let paths = RunPaths {
-        dir: dir.to_path_buf(),
-    };
+    let paths = RunPaths::new(dir);
     let cfg = TrainConfig::from_file(&paths.config())?;
-    let sp = paths.model_spec();
-    let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
-    let info: RunModelInfo = serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: sp.clone(),
-        msg: e.to_string(),
-    })?;
-    let w = Weights::open_file(&paths.model_weights())?;
+    let info: RunModelInfo = engine::read_json(&paths.file(MODEL_SPEC))?;
+    let w = Weights::open_file(&paths.file(MODEL_WEIGHTS))?;
     let model = MultiTaskModel::build(&info.spec, &w, &w)?;
     Ok((model, info, cfg))
 }
@@ -1011,7 +876,8 @@ pub fn evaluate(
             hw.1.max(iw.div_ceil(patch) * patch),
         );
         let p = prepare_eval(&s, ehw, norm)?;
-        let x = Tensor::from_vec(p.image.clone(), (1, 3, ehw.0, ehw.1), &Device::Cpu)?;
+        let x = Tensor::from_vec(p.image.clone(), (1, 3, ehw.0, ehw.1), &Device::Cpu)?
+            .to_device(model.device())?;
         let out = model.forward(&x, false, false, None)?;
         let (top, left, vh, vw) = p.valid;
         for (task, logits) in &out.logits {
