@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod models;
 pub mod predict;
 pub mod preprocess;
+pub mod tasks;
 pub mod teacher;
 pub mod train;
 pub mod viz;

@@ -74,149 +74,22 @@ pub fn feature_loss(student: &Tensor, teacher: &Tensor, kind: FeatureLoss) -> Re
     })
 }
 
-/// Task-loss weights and the head's target layout per task (SPEC.md section 3).
+/// Task losses: each task's spec ([`crate::tasks`]) owns its loss and default weight.
 pub mod tasks {
-    use crate::data::dense::{Task, IGNORE};
-    use crate::error::{Error, Result};
-    use candle_core::{Device, Tensor};
+    use crate::error::Result;
+    pub use crate::tasks::edge::EDGE_POS_WEIGHT;
+    pub use crate::tasks::Target;
+    use crate::tasks::Task;
+    use candle_core::Tensor;
 
-    /// Default task weights: PASCAL semseg 1, parts 2, normals 10, saliency 5, edge 50;
-    /// NYUD semseg 1, normals 10, edge 50, depth 1.
+    /// Default task weight (SPEC.md section 3).
     pub fn default_weight(task: Task) -> f64 {
-        match task {
-            Task::Semseg | Task::Depth => 1.0,
-            Task::Parts => 2.0,
-            Task::Normals => 10.0,
-            Task::Saliency => 5.0,
-            Task::Edge => 50.0,
-        }
-    }
-
-    /// Positive/negative weights of the boundary BCE.
-    pub const EDGE_POS_WEIGHT: f64 = 0.95;
-
-    /// A batch of labels for one task: `[B, H, W]` (class maps, 255 = ignore) or `[B, c, H, W]`
-    /// (normals, depth; zero = ignore), as host data.
-    pub struct Target {
-        pub task: Task,
-        pub b: usize,
-        pub c: usize,
-        pub h: usize,
-        pub w: usize,
-        /// channel-first per image: b x c x h x w
-        pub data: Vec<f32>,
-    }
-
-    fn tensor(v: Vec<f32>, shape: &[usize], dev: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_vec(v, shape, dev)?)
+        task.spec().default_weight()
     }
 
     /// The task's loss on full-resolution logits `[B, C, H, W]`.
     pub fn task_loss(logits: &Tensor, t: &Target) -> Result<Tensor> {
-        let (b, c, h, w) = logits.dims4()?;
-        if (b, h, w) != (t.b, t.h, t.w) {
-            return Err(Error::Invalid(format!(
-                "{}: logits {:?} do not match labels {}x{}x{}",
-                t.task.name(),
-                logits.dims(),
-                t.b,
-                t.h,
-                t.w
-            )));
-        }
-        let dev = logits.device();
-        let hw = h * w;
-        match t.task {
-            Task::Semseg | Task::Parts | Task::Saliency => {
-                // Cross-entropy summed over valid pixels / their number; saliency weights the
-                // classes by (1 - p, p) with p the share of negatives in the batch.
-                let valid = t.data.iter().filter(|&&v| v != IGNORE).count();
-                let weights = if t.task == Task::Saliency {
-                    let neg = t.data.iter().filter(|&&v| v == 0.0).count();
-                    let p = neg as f32 / valid.max(1) as f32;
-                    vec![1.0 - p, p]
-                } else {
-                    vec![1.0; c]
-                };
-                let mut onehot = vec![0f32; b * c * hw];
-                for i in 0..b {
-                    for px in 0..hw {
-                        let v = t.data[i * hw + px];
-                        if v == IGNORE {
-                            continue;
-                        }
-                        let k = v as usize;
-                        if k >= c {
-                            return Err(Error::Invalid(format!(
-                                "{} label {k} outside the head's {c} classes",
-                                t.task.name()
-                            )));
-                        }
-                        onehot[(i * c + k) * hw + px] = weights[k];
-                    }
-                }
-                let onehot = tensor(onehot, &[b, c, h, w], dev)?;
-                let logp = candle_nn::ops::log_softmax(logits, 1)?;
-                Ok(((logp * onehot)?.sum_all()?.neg()? / valid.max(1) as f64)?)
-            }
-            Task::Edge => {
-                let mut mpos = vec![0f32; b * hw];
-                let mut mneg = vec![0f32; b * hw];
-                let mut valid = 0usize;
-                for (i, &v) in t.data.iter().enumerate() {
-                    if v == IGNORE {
-                        continue;
-                    }
-                    valid += 1;
-                    if v > 0.5 {
-                        mpos[i] = EDGE_POS_WEIGHT as f32;
-                    } else {
-                        mneg[i] = (1.0 - EDGE_POS_WEIGHT) as f32;
-                    }
-                }
-                let x = logits.squeeze(1)?;
-                let mpos = tensor(mpos, &[b, h, w], dev)?;
-                let mneg = tensor(mneg, &[b, h, w], dev)?;
-                // softplus(x) = max(x, 0) + log(1 + exp(-|x|)); BCE(y=1) = softplus(-x),
-                // BCE(y=0) = softplus(x).
-                let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-                let sp_pos = (x.neg()?.relu()? + &tail)?;
-                let sp_neg = (x.relu()? + &tail)?;
-                let l = ((sp_pos * mpos)? + (sp_neg * mneg)?)?;
-                Ok((l.sum_all()? / valid.max(1) as f64)?)
-            }
-            Task::Normals => {
-                // L2-normalised prediction, L1 over the three channels, / valid pixels.
-                let mut mask = vec![0f32; b * hw];
-                for i in 0..b {
-                    for px in 0..hw {
-                        let n2: f32 = (0..3).map(|k| t.data[(i * 3 + k) * hw + px].powi(2)).sum();
-                        if n2 > 0.0 {
-                            mask[i * hw + px] = 1.0;
-                        }
-                    }
-                }
-                let valid = mask.iter().filter(|&&m| m > 0.0).count();
-                let mask = tensor(mask, &[b, 1, h, w], dev)?;
-                let g = tensor(t.data.clone(), &[b, 3, h, w], dev)?;
-                let norm = logits
-                    .sqr()?
-                    .sum_keepdim(1)?
-                    .sqrt()?
-                    .clamp(1e-12, f64::INFINITY)?;
-                let p = logits.broadcast_div(&norm)?;
-                let l = (p - g)?.abs()?.broadcast_mul(&mask)?;
-                Ok((l.sum_all()? / valid.max(1) as f64)?)
-            }
-            Task::Depth => {
-                let mask: Vec<f32> = t.data.iter().map(|&v| (v > 0.0) as u8 as f32).collect();
-                let valid = mask.iter().filter(|&&m| m > 0.0).count();
-                let mask = tensor(mask, &[b, 1, h, w], dev)?;
-                let g = tensor(t.data.clone(), &[b, 1, h, w], dev)?;
-                let l = (logits - g)?.abs()?.mul(&mask)?;
-                Ok((l.sum_all()? / valid.max(1) as f64)?)
-            }
-        }
+        t.task.spec().loss(logits, t)
     }
 }
 

@@ -9,68 +9,15 @@ use crate::error::{Error, Result};
 use crate::interp;
 use crate::models::multitask::{predictions, MultiTaskModel};
 use candle_core::{Device, Tensor};
-use image::{Rgb, RgbImage};
-use plotters::style::colors::colormaps::{ColorMap, ViridisRGB};
+use image::RgbImage;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The PASCAL VOC colour of class `c` (bits of the index spread over the three channels).
-pub fn class_colour(c: u32) -> [u8; 3] {
-    let (mut r, mut g, mut b) = (0u8, 0u8, 0u8);
-    let mut c = c;
-    for j in 0..8 {
-        r |= ((c & 1) as u8) << (7 - j);
-        g |= (((c >> 1) & 1) as u8) << (7 - j);
-        b |= (((c >> 2) & 1) as u8) << (7 - j);
-        c >>= 3;
-    }
-    [r, g, b]
-}
+pub use crate::tasks::segmentation::class_colour;
 
 /// Render one task's prediction (`[H, W]`, or `[3, H, W]` for normals) as an RGB picture.
 pub fn render(task: Task, pred: &Tensor) -> Result<RgbImage> {
-    let dims = pred.dims().to_vec();
-    let (h, w) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    let v = pred.flatten_all()?.to_vec1::<f32>()?;
-    let grey = |x: f32| {
-        let g = (x.clamp(0.0, 1.0) * 255.0).round() as u8;
-        [g, g, g]
-    };
-    let mut img = RgbImage::new(w as u32, h as u32);
-    let hw = h * w;
-    let (lo, hi) = if task == Task::Depth {
-        v.iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
-                (a.min(x), b.max(x))
-            })
-    } else {
-        (0.0, 1.0)
-    };
-    for i in 0..hw {
-        let px = match task {
-            Task::Semseg | Task::Parts => class_colour(v[i] as u32),
-            Task::Saliency | Task::Edge => grey(v[i]),
-            Task::Normals => {
-                let f = |k: usize| {
-                    ((v[k * hw + i] + 1.0) / 2.0 * 255.0)
-                        .round()
-                        .clamp(0.0, 255.0) as u8
-                };
-                [f(0), f(1), f(2)]
-            }
-            Task::Depth => {
-                let t = if hi > lo {
-                    (v[i] - lo) / (hi - lo)
-                } else {
-                    0.0
-                };
-                let c = ViridisRGB.get_color(t);
-                [c.0, c.1, c.2]
-            }
-        };
-        img.put_pixel((i % w) as u32, (i / w) as u32, Rgb(px));
-    }
-    Ok(img)
+    task.spec().render(pred)
 }
 
 /// Predict every image under `images` and write `<stem>_<task>.png` files plus `index.html`.
@@ -190,6 +137,7 @@ fn write_contact_sheet(out: &Path, tasks: &[Task], rows: &[(String, Vec<String>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use plotters::style::colors::colormaps::{ColorMap, ViridisRGB};
 
     #[test]
     fn voc_palette_and_renderings() {

@@ -13,103 +13,7 @@ use image::RgbImage;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Label value of unlabelled pixels.
-pub const IGNORE: f32 = 255.0;
-
-/// A dense-prediction task.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Task {
-    Semseg,
-    Parts,
-    Saliency,
-    Normals,
-    Edge,
-    Depth,
-}
-
-impl Task {
-    pub const ALL: [Task; 6] = [
-        Task::Semseg,
-        Task::Parts,
-        Task::Saliency,
-        Task::Normals,
-        Task::Edge,
-        Task::Depth,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Task::Semseg => "semseg",
-            Task::Parts => "parts",
-            Task::Saliency => "saliency",
-            Task::Normals => "normals",
-            Task::Edge => "edge",
-            Task::Depth => "depth",
-        }
-    }
-
-    pub fn from_name(s: &str) -> Option<Task> {
-        Task::ALL.into_iter().find(|t| t.name() == s)
-    }
-
-    /// Channels of the label map.
-    pub fn label_channels(self) -> usize {
-        if self == Task::Normals {
-            3
-        } else {
-            1
-        }
-    }
-
-    /// Whether the label is a class map (nearest-neighbour resampling, 255 = ignore).
-    pub fn is_discrete(self) -> bool {
-        matches!(
-            self,
-            Task::Semseg | Task::Parts | Task::Saliency | Task::Edge
-        )
-    }
-
-    /// Value used for padding and for "no label".
-    pub fn pad_value(self) -> f32 {
-        match self {
-            Task::Normals | Task::Depth => 0.0,
-            _ => IGNORE,
-        }
-    }
-}
-
-/// A label map, row-major, `c` interleaved channels per pixel.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LabelMap {
-    pub h: usize,
-    pub w: usize,
-    pub c: usize,
-    pub data: Vec<f32>,
-}
-
-impl LabelMap {
-    pub fn filled(h: usize, w: usize, c: usize, v: f32) -> Self {
-        LabelMap {
-            h,
-            w,
-            c,
-            data: vec![v; h * w * c],
-        }
-    }
-}
+pub use crate::tasks::{LabelMap, Task, IGNORE};
 
 /// One image with its labels.
 #[derive(Clone, Debug)]
@@ -135,12 +39,7 @@ pub trait DenseDataset: Send + Sync {
 
 /// Output channels of a task head on a data set.
 pub fn head_channels(ds: &dyn DenseDataset, t: Task) -> usize {
-    match t {
-        Task::Semseg | Task::Parts => ds.classes(t),
-        Task::Saliency => 2,
-        Task::Normals => 3,
-        Task::Edge | Task::Depth => 1,
-    }
+    t.spec().head_channels(ds.classes(t))
 }
 
 fn bad(path: &Path, msg: impl Into<String>) -> Error {
@@ -299,7 +198,10 @@ impl PascalContext {
     pub const PART_CLASSES: usize = 7;
 
     pub fn open(root: &Path, split: &str, tasks: &[Task]) -> Result<Self> {
-        if let Some(t) = tasks.iter().find(|t| **t == Task::Depth) {
+        if let Some(t) = tasks
+            .iter()
+            .find(|t| matches!(t, Task::Depth | Task::Classify))
+        {
             return Err(Error::Invalid(format!(
                 "PASCAL-Context has no {} labels",
                 t.name()
@@ -519,7 +421,7 @@ impl DenseDataset for PascalContext {
                         n
                     }
                 }
-                Task::Depth => unreachable!("rejected in open"),
+                Task::Depth | Task::Classify => unreachable!("rejected in open"),
             };
             labels.insert(t, m);
         }
@@ -544,7 +446,7 @@ impl Nyud {
     pub fn open(root: &Path, split: &str, tasks: &[Task]) -> Result<Self> {
         if let Some(t) = tasks
             .iter()
-            .find(|t| matches!(t, Task::Parts | Task::Saliency))
+            .find(|t| matches!(t, Task::Parts | Task::Saliency | Task::Classify))
         {
             return Err(Error::Invalid(format!(
                 "NYUD-v2 has no {} labels",
@@ -633,7 +535,7 @@ impl DenseDataset for Nyud {
                     }
                     LabelMap { h, w, c: 1, data }
                 }
-                Task::Parts | Task::Saliency => unreachable!("rejected in open"),
+                Task::Parts | Task::Saliency | Task::Classify => unreachable!("rejected in open"),
             };
             labels.insert(t, m);
         }

@@ -199,11 +199,7 @@ impl DenseAugment {
             .iter()
             .map(|(&t, m)| {
                 let mut r = resize_nearest(m, nh, nw);
-                if t == Task::Depth {
-                    for v in &mut r.data {
-                        *v /= sc as f32;
-                    }
-                }
+                t.spec().rescale_values(&mut r, sc);
                 (t, r)
             })
             .collect();
@@ -237,7 +233,7 @@ impl DenseAugment {
         if rng.random_bool(self.flip_p) {
             image::imageops::flip_horizontal_in_place(&mut image);
             for (&t, m) in labels.iter_mut() {
-                flip_label(m, t == Task::Normals);
+                flip_label(m, t.spec().flip_negates_x());
             }
         }
         // 4. Photometric distortion.

@@ -17,11 +17,11 @@
 
 use super::layers::{LayerNorm, Linear};
 use super::student::{Init, Student, StudentOutput, StudentSpec};
-use crate::data::dense::Task;
 use crate::error::{Error, Result};
 use crate::interp::resize_bilinear;
+use crate::tasks::Task;
 use crate::weights::Weights;
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
@@ -406,25 +406,9 @@ pub fn gate_probs(logits: &Tensor, eps: Option<&Tensor>) -> Result<Tensor> {
     Ok(candle_nn::ops::softmax(&g, D::Minus1)?)
 }
 
-/// Convert task logits to predictions on the host: per pixel class (semseg, parts), foreground
-/// probability (saliency), unit normal (normals), boundary probability (edge), depth >= 0.
+/// Predictions from a task's logits (see [`crate::tasks::TaskSpec::predict`]).
 pub fn predictions(task: Task, logits: &Tensor) -> Result<Tensor> {
-    Ok(match task {
-        Task::Semseg | Task::Parts => logits.argmax(1)?.to_dtype(DType::F32)?,
-        Task::Saliency => candle_nn::ops::softmax(logits, 1)?
-            .narrow(1, 1, 1)?
-            .squeeze(1)?,
-        Task::Edge => candle_nn::ops::sigmoid(logits)?.squeeze(1)?,
-        Task::Depth => logits.relu()?.squeeze(1)?,
-        Task::Normals => {
-            let n = logits
-                .sqr()?
-                .sum_keepdim(1)?
-                .sqrt()?
-                .clamp(1e-12, f64::INFINITY)?;
-            logits.broadcast_div(&n)?
-        }
-    })
+    task.spec().predict(logits)
 }
 
 #[cfg(test)]

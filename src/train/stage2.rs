@@ -6,21 +6,18 @@
 //! + `model.json` and an evaluation on the validation split (`eval-val.json`).
 
 use crate::data::augment::sample_rng;
-use crate::data::dense::{self, DenseDataset, Task, IGNORE};
+use crate::data::dense::{self, DenseDataset, Task};
 use crate::data::dense_aug::{prepare_eval, DenseAugment, Normalize, Prepared};
 use crate::error::{Error, Result};
-use crate::losses::tasks::{default_weight, task_loss, Target};
 use crate::losses::{feature_loss, FeatureLoss};
-use crate::metrics::boundary::{self, BinaryMap, BoundaryOptions, Counts, EdgeMap};
-use crate::metrics::geometry::{DepthError, NormalsError};
-use crate::metrics::saliency::{PooledMaxF, SodMetrics};
-use crate::metrics::segmentation::MeanIou;
+use crate::metrics::boundary::BoundaryOptions;
 use crate::models::encoder::resample_pos_table;
-use crate::models::multitask::{predictions, MultiTaskModel, MultiTaskSpec, RouterKind};
+use crate::models::multitask::{MultiTaskModel, MultiTaskSpec, RouterKind};
 use crate::models::student::Init;
 use crate::models::student::{preset, StudentSpec, TeacherSlot};
 use crate::models::vit::TIMM_POS_KERNEL;
 use crate::models::LoadOptions;
+use crate::tasks::{MetricContext, Target, TaskMetric};
 use crate::teacher::Teacher;
 use crate::train::cache::FeatureCache;
 use crate::train::checkpoint;
@@ -181,7 +178,7 @@ impl TrainConfig {
         self.task_weights
             .get(t.name())
             .copied()
-            .unwrap_or_else(|| default_weight(t))
+            .unwrap_or_else(|| t.spec().default_weight())
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -566,7 +563,11 @@ impl Objective for MultiTask<'_> {
             Ok(())
         };
         for ((task, logits), target) in out.logits.iter().zip(&batch.targets) {
-            add(task.name(), task_loss(logits, target)?, cfg.weight(*task))?;
+            add(
+                task.name(),
+                task.spec().loss(logits, target)?,
+                cfg.weight(*task),
+            )?;
         }
         if self.distilling {
             let mut dl: Option<Tensor> = None;
@@ -826,19 +827,9 @@ pub fn load_run(dir: &Path) -> Result<(MultiTaskModel, RunModelInfo, TrainConfig
     Ok((model, info, cfg))
 }
 
-/// Main metric of a task and whether lower is better.
-fn main_metric(t: Task) -> (&'static str, bool) {
-    match t {
-        Task::Semseg | Task::Parts => ("miou", false),
-        Task::Saliency => ("maxf", false),
-        Task::Normals => ("mean_angle", true),
-        Task::Edge => ("ods_f", false),
-        Task::Depth => ("rmse", true),
-    }
-}
-
-/// Evaluate on a data set: every task's metrics accumulated over the set, and Delta_m against
-/// the configured baselines. Inputs are normalised and centre-padded; padding is ignored.
+/// Evaluate on a data set: every task's metrics (each task's spec accumulates its own) over
+/// the set, and Delta_m against the configured baselines. Inputs are normalised and
+/// centre-padded; padding is ignored.
 pub fn evaluate(
     model: &MultiTaskModel,
     ds: &dyn DenseDataset,
@@ -847,23 +838,19 @@ pub fn evaluate(
     cfg: &TrainConfig,
     progress: bool,
 ) -> Result<serde_json::Value> {
-    let tasks: Vec<Task> = model.spec.tasks.iter().map(|(t, _)| *t).collect();
-    let classes = |t: Task| {
-        model
-            .spec
-            .tasks
-            .iter()
-            .find(|x| x.0 == t)
-            .map_or(0, |x| x.1)
-    };
-    let mut seg = MeanIou::new(classes(Task::Semseg).max(1), IGNORE as u32);
-    let mut parts = MeanIou::new(classes(Task::Parts).max(1), IGNORE as u32);
-    let mut sal = PooledMaxF::default();
-    let mut sod = SodMetrics::default();
-    let mut normals = NormalsError::default();
-    let mut depth = DepthError::new(80.0);
-    let edge_opts = cfg.edge_options();
-    let mut edge_counts: Vec<Vec<Counts>> = Vec::new();
+    let mut metrics: Vec<(Task, Box<dyn TaskMetric>)> = model
+        .spec
+        .tasks
+        .iter()
+        .map(|&(t, classes)| {
+            let ctx = MetricContext {
+                classes,
+                edge: cfg.edge_options(),
+                max_depth: 80.0,
+            };
+            (t, t.spec().metric(&ctx))
+        })
+        .collect();
     let bar = crate::train::progress_bar(ds.len() as u64, 0, progress);
     for i in 0..ds.len() {
         let s = ds.load(i)?;
@@ -880,96 +867,21 @@ pub fn evaluate(
             .to_device(model.device())?;
         let out = model.forward(&x, false, false, None)?;
         let (top, left, vh, vw) = p.valid;
-        for (task, logits) in &out.logits {
-            let pred = predictions(*task, logits)?
-                .squeeze(0)?
-                .narrow(row_axis(*task), top, vh)?
-                .narrow(row_axis(*task) + 1, left, vw)?;
-            let gt = &s.labels[task];
-            match task {
-                Task::Semseg | Task::Parts => {
-                    let pv: Vec<u32> = pred
-                        .flatten_all()?
-                        .to_vec1::<f32>()?
-                        .iter()
-                        .map(|&v| v as u32)
-                        .collect();
-                    let gv: Vec<u32> = gt.data.iter().map(|&v| v as u32).collect();
-                    if *task == Task::Semseg {
-                        seg.update(&pv, &gv);
-                    } else {
-                        parts.update(&pv, &gv);
-                    }
-                }
-                Task::Saliency => {
-                    let pv = quantized(&pred)?;
-                    let gv: Vec<u8> = gt.data.iter().map(|&v| v as u8).collect();
-                    sal.update(&pv, &gv, IGNORE as u8);
-                    let p8: Vec<u8> = pv.iter().map(|&v| (v * 255.0) as u8).collect();
-                    let g8: Vec<u8> = gv.iter().map(|&v| if v == 1 { 255 } else { 0 }).collect();
-                    sod.update(&p8, &g8, vh, vw);
-                }
-                Task::Normals => {
-                    let pv = pred.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?;
-                    let valid: Vec<bool> = gt
-                        .data
-                        .chunks(3)
-                        .map(|g| g.iter().any(|&v| v != 0.0))
-                        .collect();
-                    normals.update(&pv, &gt.data, &valid);
-                }
-                Task::Depth => {
-                    depth.update(&pred.flatten_all()?.to_vec1::<f32>()?, &gt.data);
-                }
-                Task::Edge => {
-                    let pv = quantized(&pred)?;
-                    let gt_map = BinaryMap {
-                        h: vh,
-                        w: vw,
-                        data: gt.data.iter().map(|&v| v == 1.0).collect(),
-                    };
-                    let pb = EdgeMap {
-                        h: vh,
-                        w: vw,
-                        data: pv,
-                    };
-                    edge_counts.push(boundary::evaluate_image(&pb, &[gt_map], &edge_opts));
-                }
-            }
+        for ((task, logits), (_, acc)) in out.logits.iter().zip(metrics.iter_mut()) {
+            let pred = task.spec().predict(logits)?.squeeze(0)?;
+            // rows and columns are the last two axes ([H, W] or [c, H, W])
+            let r = pred.rank() - 2;
+            let pred = pred.narrow(r, top, vh)?.narrow(r + 1, left, vw)?;
+            acc.update(&pred, &s.labels[task])?;
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
     let mut r = serde_json::json!({ "images": ds.len() });
     let mut mains = Vec::new();
-    for &t in &tasks {
-        let v = match t {
-            Task::Semseg => {
-                serde_json::json!({ "miou": seg.miou(), "per_class_iou": seg.per_class() })
-            }
-            Task::Parts => {
-                serde_json::json!({ "miou": parts.miou(), "per_class_iou": parts.per_class() })
-            }
-            Task::Saliency => {
-                let s = sod.summary();
-                serde_json::json!({ "maxf": sal.max_f(), "per_image": s })
-            }
-            Task::Normals => {
-                let (mean, median, a, b, c) = normals.summary();
-                serde_json::json!({ "mean_angle": mean, "median_angle": median,
-                    "within_11_25": a, "within_22_5": b, "within_30": c })
-            }
-            Task::Depth => {
-                let (rmse, abs_rel, d1) = depth.summary();
-                serde_json::json!({ "rmse": rmse, "abs_rel": abs_rel, "delta_1_25": d1 })
-            }
-            Task::Edge => {
-                let res = boundary::collect(&edge_opts.threshold_values(), &edge_counts);
-                serde_json::json!({ "ods_f": 100.0 * res.ods_f, "ois_f": 100.0 * res.ois_f, "ap": 100.0 * res.ap,
-                    "max_dist": edge_opts.max_dist })
-            }
-        };
-        let (key, lower) = main_metric(t);
+    for (t, acc) in &metrics {
+        let v = acc.summary();
+        let (key, lower) = t.spec().main_metric();
         if let (Some(m), Some(&base)) = (v[key].as_f64(), cfg.baselines.get(t.name())) {
             mains.push((m, base, lower));
         }
@@ -979,20 +891,4 @@ pub fn evaluate(
         r["delta_m"] = crate::metrics::delta_m(&mains).into();
     }
     Ok(r)
-}
-
-/// Probabilities rounded to 8 bits: the reference saves saliency and edge maps as PNGs and
-/// scores those.
-fn quantized(p: &Tensor) -> Result<Vec<f32>> {
-    Ok(p.flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .map(|&v| (v * 255.0).round() / 255.0)
-        .collect())
-}
-
-/// Row axis of a task's prediction once the batch is squeezed: class and scalar maps are
-/// [H, W] (rows at 0), normals [3, H, W] (rows at 1).
-fn row_axis(t: Task) -> usize {
-    usize::from(t == Task::Normals)
 }
