@@ -4,6 +4,7 @@
 //! The family is chosen from `config.json` (`model_type`, or timm's `architecture`), never from
 //! the folder name.
 
+pub mod backbone;
 pub mod clip;
 pub mod dinov2;
 pub mod encoder;

@@ -8,9 +8,10 @@
 //! `tsap.{t}.adapters.{l}.scale`, `tsap.{t}.norms.{k}.{weight,bias}`,
 //! `tsap.{t}.aligners.{k}.{weight,bias}` (dropped at export).
 
+use super::backbone::{Backbone, FeatureInfo, ViTSpec};
 use super::encoder::{TokenEncoder, VitArch};
 use super::layers::{LayerNorm, Linear};
-use super::{evenly_spaced_blocks, Family, FeatureRequest, ModelInfo, VisionEncoder};
+use super::{evenly_spaced_blocks, FeatureRequest, VisionEncoder};
 use crate::error::{Error, Result};
 use crate::preprocess::{PreprocessConfig, IMAGENET_MEAN, IMAGENET_STD};
 use crate::weights::Weights;
@@ -44,18 +45,9 @@ pub struct StudentSpec {
     pub std: [f32; 3],
 }
 
-/// Student presets: plain ViT/16 stems (SPEC.md section 2), and `vit-n8`, a nano ViT with
-/// patch 8 (96 wide, 6 blocks) for demos and small inputs.
+/// Student stem presets (see [`super::backbone::vit_preset`]).
 pub fn preset(name: &str) -> Option<VitArch> {
-    let (dim, depth, heads, patch) = match name {
-        "vit-n8" => (96, 6, 3, 8),
-        "vit-t16" => (192, 12, 3, 16),
-        "vit-s16" => (384, 12, 6, 16),
-        "vit-b16" => (768, 12, 12, 16),
-        "vit-l16" => (1024, 24, 16, 16),
-        _ => return None,
-    };
-    Some(VitArch::standard(dim, depth, heads, patch))
+    super::backbone::vit_preset(name)
 }
 
 impl StudentSpec {
@@ -102,35 +94,22 @@ impl StudentSpec {
         (h / self.arch.patch, w / self.arch.patch)
     }
 
+    /// The stem as a backbone spec (a timm ViT without final norm).
+    pub fn stem_spec(&self) -> ViTSpec {
+        ViTSpec {
+            arch: self.arch.clone(),
+            image_hw: self.hw(),
+            levels: self.levels.clone(),
+            mean: self.mean,
+            std: self.std,
+        }
+    }
+
     /// Every parameter: name, shape, initialiser.
     pub fn parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
         let a = &self.arch;
         let d = a.dim;
-        let h = a.mlp_hidden;
-        let n = self.grid_hw().0 * self.grid_hw().1 + a.pos_prefix;
-        let mut p: Vec<(String, Vec<usize>, Init)> = vec![
-            (
-                "stem.patch_embed.proj.weight".into(),
-                vec![d, 3, a.patch, a.patch],
-                Init::TruncNormal(0.02),
-            ),
-            ("stem.patch_embed.proj.bias".into(), vec![d], Init::Zeros),
-        ];
-        if a.class_token {
-            p.push(("stem.cls_token".into(), vec![1, 1, d], Init::Normal(1e-6)));
-        }
-        if a.registers > 0 {
-            p.push((
-                "stem.reg_token".into(),
-                vec![1, a.registers, d],
-                Init::Normal(1e-6),
-            ));
-        }
-        p.push((
-            "stem.pos_embed".into(),
-            vec![1, n, d],
-            Init::TruncNormal(0.02),
-        ));
+        let mut p = self.stem_spec().parameters_under("stem.");
         let lin = |p: &mut Vec<(String, Vec<usize>, Init)>,
                    name: String,
                    o: usize,
@@ -149,20 +128,6 @@ impl StudentSpec {
             p.push((format!("{name}.weight"), vec![dim], Init::Ones));
             p.push((format!("{name}.bias"), vec![dim], Init::Zeros));
         };
-        for i in 0..a.depth {
-            let b = format!("stem.blocks.{i}");
-            ln(&mut p, format!("{b}.norm1"), d);
-            lin(&mut p, format!("{b}.attn.qkv"), 3 * d, d, a.qkv_bias);
-            lin(&mut p, format!("{b}.attn.proj"), d, d, true);
-            ln(&mut p, format!("{b}.norm2"), d);
-            lin(&mut p, format!("{b}.mlp.fc1"), h, d, true);
-            lin(&mut p, format!("{b}.mlp.fc2"), d, h, true);
-            if a.layer_scale {
-                for ls in ["ls1", "ls2"] {
-                    p.push((format!("{b}.{ls}.gamma"), vec![d], Init::Ones));
-                }
-            }
-        }
         for (t, teacher) in self.teachers.iter().enumerate() {
             for l in 0..=a.depth {
                 let ad = format!("tsap.{t}.adapters.{l}");
@@ -304,24 +269,7 @@ impl Student {
     /// (an exported student has none).
     pub fn build(spec: &StudentSpec, w: &Weights) -> Result<Self> {
         let a = &spec.arch;
-        let info = ModelInfo {
-            family: Family::TimmVit,
-            depth: a.depth,
-            width: a.dim,
-            num_heads: a.heads,
-            patch: a.patch,
-            image_size: spec.hw(),
-            prefix_tokens: a.prefix_tokens(),
-            out_channels: a.dim,
-            default_levels: spec.levels.clone(),
-            preprocess: PreprocessConfig::exact(
-                spec.hw(),
-                crate::preprocess::Resample::Bicubic,
-                spec.mean,
-                spec.std,
-            ),
-        };
-        let stem = super::vit::timm_encoder(&w.pp("stem"), a, info, false)?;
+        let stem = spec.stem_spec().encoder(&w.pp("stem"))?;
         let mut paths = Vec::new();
         for (t, teacher) in spec.teachers.iter().enumerate() {
             let pw = w.pp(format!("tsap.{t}"));
@@ -356,6 +304,11 @@ impl Student {
     /// Where the parameters live (inputs must be there too).
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The student as a [`Backbone`] (the stem's pyramid).
+    pub fn as_backbone(&self) -> &dyn Backbone {
+        self
     }
 
     /// Run the stem once and every adapter path on its outputs.
@@ -408,5 +361,79 @@ impl Student {
             aligned: al,
             grid: out.grid,
         })
+    }
+}
+
+/// The SAK student as a backbone: its pyramid is the shared stem's patch features at the
+/// distilled levels (what the task routers read).
+impl Backbone for Student {
+    fn feature_info(&self) -> Vec<FeatureInfo> {
+        vec![
+            FeatureInfo {
+                channels: self.spec.arch.dim,
+                stride: self.spec.arch.patch,
+            };
+            self.spec.levels.len()
+        ]
+    }
+    fn forward_intermediates(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
+        let out = self
+            .stem
+            .forward_features(pixels, &FeatureRequest::blocks(&self.spec.levels))?;
+        self.spec
+            .levels
+            .iter()
+            .map(|&b| out.feature_map(b + 1))
+            .collect()
+    }
+    fn preprocess(&self) -> &PreprocessConfig {
+        &self.stem.info.preprocess
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::backbone::BackboneSpec;
+    use rand::SeedableRng;
+
+    #[test]
+    fn student_pyramid_is_its_stem_as_a_plain_vit_backbone() {
+        let slots = vec![TeacherSlot {
+            name: "t".into(),
+            dim: 48,
+        }];
+        let spec = StudentSpec::new(preset("vit-n8").unwrap(), 32, slots).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let vm = crate::train::engine::init_params(
+            spec.parameters(),
+            Default::default(),
+            &mut rng,
+            &Device::Cpu,
+            std::path::Path::new("init"),
+        )
+        .unwrap();
+        let w = Weights::from_vars(&vm, std::path::Path::new("init")).unwrap();
+        let student = Student::build(&spec, &w).unwrap();
+        // the same stem parameters, loaded as the registry's plain ViT backbone
+        let plain = spec.stem_spec().build(&w.pp("stem")).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let a = student.as_backbone().forward_intermediates(&x).unwrap();
+        let b = plain.forward_intermediates(&x).unwrap();
+        let out = student.forward(&x, false).unwrap();
+        assert_eq!(student.as_backbone().feature_info(), plain.feature_info());
+        assert_eq!(a.len(), 4);
+        for k in 0..4 {
+            assert_eq!(a[k].dims(), &[2, 96, 4, 4]);
+            let d = (&a[k] - &b[k]).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+            // and the training forward's stem tokens are the same features
+            let tok = tokens_to_map(&out.stem[k], 0, (4, 4)).unwrap();
+            let d = (&a[k] - tok).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        }
     }
 }

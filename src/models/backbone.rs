@@ -1,0 +1,298 @@
+//! The contract every student backbone honours (as timm's models do): a pyramid of NCHW
+//! feature maps (`forward_intermediates`), what each level is (`feature_info`: channels and
+//! stride), pooled image features, and the preprocessing it expects. A registry maps names to
+//! backbone specs; a spec lists its parameters (name, shape, initialiser, in the checkpoint
+//! naming of the family's reference) and builds the backbone from them, so training, export and
+//! loading need nothing family-specific.
+//!
+//! Adding a family: a file with its spec and backbone, and its line in [`registry`].
+
+use super::encoder::{TokenEncoder, VitArch};
+use super::student::Init;
+use super::{evenly_spaced_blocks, Family, FeatureRequest, ModelInfo, VisionEncoder};
+use crate::error::{Error, Result};
+use crate::preprocess::{PreprocessConfig, Resample, IMAGENET_MEAN, IMAGENET_STD};
+use crate::weights::Weights;
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// One level of a backbone's pyramid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureInfo {
+    pub channels: usize,
+    /// input pixels per feature-map cell
+    pub stride: usize,
+}
+
+/// A built backbone.
+pub trait Backbone: Send + Sync {
+    /// The levels [`Backbone::forward_intermediates`] returns, in order.
+    fn feature_info(&self) -> Vec<FeatureInfo>;
+    /// Feature maps `[B, C_k, H / s_k, W / s_k]` of normalised pixels `[B, 3, H, W]`.
+    fn forward_intermediates(&self, pixels: &Tensor) -> Result<Vec<Tensor>>;
+    /// Image features `[B, C]`: the last level averaged over space.
+    fn forward_pooled(&self, pixels: &Tensor) -> Result<Tensor> {
+        let last = self
+            .forward_intermediates(pixels)?
+            .pop()
+            .ok_or_else(|| Error::Invalid("backbone without levels".into()))?;
+        Ok(last.mean(3)?.mean(2)?)
+    }
+    /// How images are turned into its input.
+    fn preprocess(&self) -> &PreprocessConfig;
+    /// Where its parameters live.
+    fn device(&self) -> &Device;
+}
+
+/// Everything needed to create a backbone's parameters and build it.
+pub trait BackboneSpec {
+    /// Every parameter: name, shape, initialiser.
+    fn parameters(&self) -> Vec<(String, Vec<usize>, Init)>;
+    /// Build from parameters named as [`BackboneSpec::parameters`] says.
+    fn build(&self, w: &Weights) -> Result<Box<dyn Backbone>>;
+}
+
+/// A family's resolver: the spec for one of its names at input size (h, w), or None.
+pub type Resolver = fn(&str, (usize, usize)) -> Option<Box<dyn BackboneSpec>>;
+
+/// The registry: every student family, each resolving its own names.
+pub const FAMILIES: &[(&str, Resolver, &[&str])] = &[("vit", vit_spec, VIT_NAMES)];
+
+/// The spec of a named backbone for input size `hw`.
+pub fn spec(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
+    FAMILIES
+        .iter()
+        .find_map(|(_, resolve, _)| resolve(name, hw))
+}
+
+/// Every registered backbone name.
+pub fn names() -> Vec<&'static str> {
+    FAMILIES.iter().flat_map(|f| f.2.iter().copied()).collect()
+}
+
+const VIT_NAMES: &[&str] = &["vit-n8", "vit-t16", "vit-s16", "vit-b16", "vit-l16"];
+
+/// ViT presets: plain ViT/16 stems (SPEC.md section 2), and `vit-n8`, a nano ViT with patch 8
+/// (96 wide, 6 blocks) for demos and small inputs.
+pub fn vit_preset(name: &str) -> Option<VitArch> {
+    let (dim, depth, heads, patch) = match name {
+        "vit-n8" => (96, 6, 3, 8),
+        "vit-t16" => (192, 12, 3, 16),
+        "vit-s16" => (384, 12, 6, 16),
+        "vit-b16" => (768, 12, 12, 16),
+        "vit-l16" => (1024, 24, 16, 16),
+        _ => return None,
+    };
+    Some(VitArch::standard(dim, depth, heads, patch))
+}
+
+fn vit_spec(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
+    vit_preset(name).map(|a| Box::new(ViTSpec::new(a, hw)) as Box<dyn BackboneSpec>)
+}
+
+/// A plain ViT in timm naming, without final norm (the SAK stem), its pyramid at four evenly
+/// spaced blocks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ViTSpec {
+    #[serde(flatten)]
+    pub arch: VitArch,
+    /// training input (height, width): the position table's grid is this / patch
+    pub image_hw: (usize, usize),
+    /// 0-based blocks whose outputs form the pyramid
+    pub levels: Vec<usize>,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl ViTSpec {
+    pub fn new(arch: VitArch, image_hw: (usize, usize)) -> Self {
+        Self {
+            levels: evenly_spaced_blocks(arch.depth, 4),
+            arch,
+            image_hw,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        }
+    }
+
+    pub fn grid_hw(&self) -> (usize, usize) {
+        (
+            self.image_hw.0 / self.arch.patch,
+            self.image_hw.1 / self.arch.patch,
+        )
+    }
+
+    /// The stem's parameters under `prefix` (`stem.` in the SAK student, empty alone).
+    pub fn parameters_under(&self, prefix: &str) -> Vec<(String, Vec<usize>, Init)> {
+        let a = &self.arch;
+        let d = a.dim;
+        let h = a.mlp_hidden;
+        let (gh, gw) = self.grid_hw();
+        let n = gh * gw + a.pos_prefix;
+        let mut p: Vec<(String, Vec<usize>, Init)> = Vec::new();
+        let mut add = |name: String, shape: Vec<usize>, init: Init| {
+            p.push((format!("{prefix}{name}"), shape, init));
+        };
+        add(
+            "patch_embed.proj.weight".into(),
+            vec![d, 3, a.patch, a.patch],
+            Init::TruncNormal(0.02),
+        );
+        add("patch_embed.proj.bias".into(), vec![d], Init::Zeros);
+        if a.class_token {
+            add("cls_token".into(), vec![1, 1, d], Init::Normal(1e-6));
+        }
+        if a.registers > 0 {
+            add(
+                "reg_token".into(),
+                vec![1, a.registers, d],
+                Init::Normal(1e-6),
+            );
+        }
+        add("pos_embed".into(), vec![1, n, d], Init::TruncNormal(0.02));
+        for i in 0..a.depth {
+            let b = format!("blocks.{i}");
+            for (name, o, inp, bias) in [
+                ("attn.qkv", 3 * d, d, a.qkv_bias),
+                ("attn.proj", d, d, true),
+                ("mlp.fc1", h, d, true),
+                ("mlp.fc2", d, h, true),
+            ] {
+                add(
+                    format!("{b}.{name}.weight"),
+                    vec![o, inp],
+                    Init::TruncNormal(0.02),
+                );
+                if bias {
+                    add(format!("{b}.{name}.bias"), vec![o], Init::Zeros);
+                }
+            }
+            for norm in ["norm1", "norm2"] {
+                add(format!("{b}.{norm}.weight"), vec![d], Init::Ones);
+                add(format!("{b}.{norm}.bias"), vec![d], Init::Zeros);
+            }
+            if a.layer_scale {
+                for ls in ["ls1", "ls2"] {
+                    add(format!("{b}.{ls}.gamma"), vec![d], Init::Ones);
+                }
+            }
+        }
+        p
+    }
+
+    /// The encoder (blocks only, no final norm) from parameters in timm naming under `w`.
+    pub fn encoder(&self, w: &Weights) -> Result<TokenEncoder> {
+        let a = &self.arch;
+        let info = ModelInfo {
+            family: Family::TimmVit,
+            depth: a.depth,
+            width: a.dim,
+            num_heads: a.heads,
+            patch: a.patch,
+            image_size: self.image_hw,
+            prefix_tokens: a.prefix_tokens(),
+            out_channels: a.dim,
+            default_levels: self.levels.clone(),
+            preprocess: PreprocessConfig::exact(
+                self.image_hw,
+                Resample::Bicubic,
+                self.mean,
+                self.std,
+            ),
+        };
+        super::vit::timm_encoder(w, a, info, false)
+    }
+}
+
+/// A ViT backbone: its pyramid is the patch tokens of the spec's levels as maps.
+pub struct ViTBackbone {
+    encoder: TokenEncoder,
+    levels: Vec<usize>,
+    device: Device,
+}
+
+impl Backbone for ViTBackbone {
+    fn feature_info(&self) -> Vec<FeatureInfo> {
+        let i = &self.encoder.info;
+        vec![
+            FeatureInfo {
+                channels: i.width,
+                stride: i.patch,
+            };
+            self.levels.len()
+        ]
+    }
+    fn forward_intermediates(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
+        let out = self
+            .encoder
+            .forward_features(pixels, &FeatureRequest::blocks(&self.levels))?;
+        self.levels
+            .iter()
+            .map(|&b| out.feature_map(b + 1))
+            .collect()
+    }
+    fn preprocess(&self) -> &PreprocessConfig {
+        &self.encoder.info.preprocess
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+impl BackboneSpec for ViTSpec {
+    fn parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
+        self.parameters_under("")
+    }
+    fn build(&self, w: &Weights) -> Result<Box<dyn Backbone>> {
+        Ok(Box::new(ViTBackbone {
+            encoder: self.encoder(w)?,
+            levels: self.levels.clone(),
+            device: w.device().clone(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn registered_vit_builds_from_its_parameters_and_gives_its_pyramid() {
+        let s = spec("vit-n8", (32, 48)).unwrap();
+        assert!(spec("no-such-net", (32, 32)).is_none());
+        assert!(names().iter().all(|n| spec(n, (64, 64)).is_some()));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let vm = crate::train::engine::init_params(
+            s.parameters(),
+            Default::default(),
+            &mut rng,
+            &Device::Cpu,
+            std::path::Path::new("init"),
+        )
+        .unwrap();
+        let w = Weights::from_vars(&vm, std::path::Path::new("init")).unwrap();
+        let b = s.build(&w).unwrap();
+        let info = b.feature_info();
+        assert_eq!(info.len(), 4);
+        assert!(info.iter().all(|f| f.channels == 96 && f.stride == 8));
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 48), &Device::Cpu).unwrap();
+        let maps = b.forward_intermediates(&x).unwrap();
+        for m in &maps {
+            assert_eq!(m.dims(), &[2, 96, 4, 6]);
+        }
+        // pooled = last map's spatial mean
+        let pooled = b.forward_pooled(&x).unwrap();
+        let want = maps[3].mean(3).unwrap().mean(2).unwrap();
+        let d = (pooled - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6);
+        assert_eq!(b.preprocess().mean, IMAGENET_MEAN);
+    }
+}
