@@ -433,19 +433,12 @@ struct DistillArgs {
 
 fn distill(a: DistillArgs) -> Result<()> {
     use distillery::train::engine::RunOptions;
-    use distillery::train::stage1::{self, DistillConfig};
-    let mut cfg = match &a.config {
-        Some(p) => distillery::config::read_toml::<DistillConfig>(p)?,
-        None => DistillConfig::default(),
-    };
-    let Some(out) = a.out.clone().or_else(|| cfg.out.clone()) else {
-        bail!("give the run folder: --out DIR, or out = \"DIR\" in --config");
-    };
-    if a.resume && a.config.is_none() && a.teachers.is_empty() {
-        // Resuming with only the run folder: take the run's own recipe.
-        cfg = distillery::config::read_toml(&out.join("config.toml"))?;
-    }
-    cfg.out = Some(out.clone());
+    use distillery::train::stage1;
+    let (mut cfg, out) = stage1::recipe(
+        a.config.as_deref(),
+        a.out.as_deref(),
+        a.resume && a.teachers.is_empty(),
+    )?;
     if !a.teachers.is_empty() {
         cfg.teachers = a.teachers;
     }

@@ -211,25 +211,34 @@ pub struct ViTBackbone {
     device: Device,
 }
 
+/// A ViT's pyramid levels: its width at its patch stride, once per level.
+pub(crate) fn vit_feature_info(encoder: &TokenEncoder, levels: &[usize]) -> Vec<FeatureInfo> {
+    let i = &encoder.info;
+    vec![
+        FeatureInfo {
+            channels: i.width,
+            stride: i.patch,
+        };
+        levels.len()
+    ]
+}
+
+/// A ViT's pyramid: the patch tokens after each of `levels` (0-based blocks) as NCHW maps.
+pub(crate) fn vit_pyramid(
+    encoder: &TokenEncoder,
+    levels: &[usize],
+    pixels: &Tensor,
+) -> Result<Vec<Tensor>> {
+    let out = encoder.forward_features(pixels, &FeatureRequest::blocks(levels))?;
+    levels.iter().map(|&b| out.feature_map(b + 1)).collect()
+}
+
 impl Backbone for ViTBackbone {
     fn feature_info(&self) -> Vec<FeatureInfo> {
-        let i = &self.encoder.info;
-        vec![
-            FeatureInfo {
-                channels: i.width,
-                stride: i.patch,
-            };
-            self.levels.len()
-        ]
+        vit_feature_info(&self.encoder, &self.levels)
     }
     fn forward_intermediates(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
-        let out = self
-            .encoder
-            .forward_features(pixels, &FeatureRequest::blocks(&self.levels))?;
-        self.levels
-            .iter()
-            .map(|&b| out.feature_map(b + 1))
-            .collect()
+        vit_pyramid(&self.encoder, &self.levels, pixels)
     }
     fn preprocess(&self) -> &PreprocessConfig {
         &self.encoder.info.preprocess

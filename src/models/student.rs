@@ -368,23 +368,10 @@ impl Student {
 /// distilled levels (what the task routers read).
 impl Backbone for Student {
     fn feature_info(&self) -> Vec<FeatureInfo> {
-        vec![
-            FeatureInfo {
-                channels: self.spec.arch.dim,
-                stride: self.spec.arch.patch,
-            };
-            self.spec.levels.len()
-        ]
+        super::backbone::vit_feature_info(&self.stem, &self.spec.levels)
     }
     fn forward_intermediates(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
-        let out = self
-            .stem
-            .forward_features(pixels, &FeatureRequest::blocks(&self.spec.levels))?;
-        self.spec
-            .levels
-            .iter()
-            .map(|&b| out.feature_map(b + 1))
-            .collect()
+        super::backbone::vit_pyramid(&self.stem, &self.spec.levels, pixels)
     }
     fn preprocess(&self) -> &PreprocessConfig {
         &self.stem.info.preprocess

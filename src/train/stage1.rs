@@ -160,6 +160,33 @@ impl TeacherBatch {
     }
 }
 
+/// The recipe and run folder of an invocation: the `config` file's recipe (or the defaults),
+/// the run folder from `out` or else the recipe's `out`; when resuming without a config file
+/// and without new teachers (`resume_own`), the run's own `config.toml`.
+pub fn recipe(
+    config: Option<&Path>,
+    out: Option<&Path>,
+    resume_own: bool,
+) -> Result<(DistillConfig, PathBuf)> {
+    let mut cfg = match config {
+        Some(p) => crate::config::read_toml::<DistillConfig>(p)?,
+        None => DistillConfig::default(),
+    };
+    let out = match out.map(Path::to_path_buf).or_else(|| cfg.out.clone()) {
+        Some(o) => o,
+        None => {
+            return Err(Error::Invalid(
+                "give the run folder: --out DIR, or out = \"DIR\" in --config".into(),
+            ))
+        }
+    };
+    if resume_own && config.is_none() {
+        cfg = crate::config::read_toml(&RunPaths::new(&out).config())?;
+    }
+    cfg.out = Some(out.clone());
+    Ok((cfg, out))
+}
+
 /// Input geometry of a batch: the student's square size and normalisation, and per teacher its
 /// square size and normalisation.
 struct Geometry {
