@@ -4,7 +4,7 @@
 //! 1024, zero-padded to 1024 x 1024) is fed at that canvas; every other teacher runs at any
 //! resolution and is fed what the student sees.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::models::student::TeacherSlot;
 use crate::models::{self, Family, FeatureRequest, LoadOptions, ModelInfo, VisionEncoder};
 use candle_core::{DType, Tensor};
@@ -239,14 +239,6 @@ impl Teacher {
         Ok(y.pad_with_zeros(2, 0, side - nh)?
             .pad_with_zeros(3, 0, side - nw)?)
     }
-}
-
-/// A teacher list must not be empty where one is required.
-pub fn require(teachers: &[String], what: &str) -> Result<()> {
-    if teachers.is_empty() {
-        return Err(Error::Invalid(format!("no teacher given ({what})")));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

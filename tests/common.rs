@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::process::{Command, Output};
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -42,4 +43,24 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .max(1e-12);
     diff / scale
+}
+
+/// Run the CLI (hub offline) and collect its output.
+pub fn bin<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_distillery"))
+        .env("HF_HUB_OFFLINE", "1")
+        .args(args)
+        .output()
+        .expect("run distillery")
+}
+
+/// Expect success; otherwise show the exit code and both streams.
+pub fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

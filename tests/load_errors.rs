@@ -4,24 +4,16 @@
 //! recipe errors name the line and the key.
 
 mod common;
+use common::bin as run;
 
 use candle_core::{Device, Tensor};
 use common::{fixtures, model_dir};
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn s(p: &Path) -> String {
     p.to_string_lossy().to_string()
-}
-
-fn run(args: &[String]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_distillery"))
-        .env("HF_HUB_OFFLINE", "1")
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// Expect failure with one `error:` line; return it.

@@ -3,31 +3,15 @@
 //! CLI; task losses against torch.
 
 mod common;
+use common::{bin, ok};
 
 use common::model_dir;
 use distillery::data::dense::Task;
 use distillery::losses::tasks::{task_loss, Target};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn fx() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dense")
-}
-
-fn bin(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_distillery"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &std::process::Output) {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 #[test]

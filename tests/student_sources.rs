@@ -5,28 +5,12 @@
 //! train, resume, export and load back in `features` and stage 2 with every field kept.
 
 mod common;
+use common::{bin, ok};
 
 use common::{fixtures, model_dir, reference, rel_err};
 use distillery::models::student::{Student, StudentSpec, TeacherSlot};
 use distillery::train::stage1::{new_student_params, StemSource};
 use std::path::Path;
-use std::process::Command;
-
-fn bin(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_distillery"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &std::process::Output) {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 /// The stem built from `source` gives the reference's block outputs (patch tokens) at the
 /// distilled levels.

@@ -264,23 +264,13 @@ impl BackboneSpec for ViTSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     #[test]
     fn registered_vit_builds_from_its_parameters_and_gives_its_pyramid() {
         let s = spec("vit-n8", (32, 48)).unwrap();
         assert!(spec("no-such-net", (32, 32)).is_none());
         assert!(names().iter().all(|n| spec(n, (64, 64)).is_some()));
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-        let vm = crate::train::engine::init_params(
-            s.parameters(),
-            Default::default(),
-            &mut rng,
-            &Device::Cpu,
-            std::path::Path::new("init"),
-        )
-        .unwrap();
-        let w = Weights::from_vars(&vm, std::path::Path::new("init")).unwrap();
+        let (_vm, w) = crate::train::engine::seeded_weights(s.parameters(), 0);
         let b = s.build(&w).unwrap();
         let info = b.feature_info();
         assert_eq!(info.len(), 4);

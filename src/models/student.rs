@@ -385,7 +385,6 @@ impl Backbone for Student {
 mod tests {
     use super::*;
     use crate::models::backbone::BackboneSpec;
-    use rand::SeedableRng;
 
     #[test]
     fn student_pyramid_is_its_stem_as_a_plain_vit_backbone() {
@@ -394,16 +393,7 @@ mod tests {
             dim: 48,
         }];
         let spec = StudentSpec::new(preset("vit-n8").unwrap(), 32, slots).unwrap();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let vm = crate::train::engine::init_params(
-            spec.parameters(),
-            Default::default(),
-            &mut rng,
-            &Device::Cpu,
-            std::path::Path::new("init"),
-        )
-        .unwrap();
-        let w = Weights::from_vars(&vm, std::path::Path::new("init")).unwrap();
+        let (_vm, w) = crate::train::engine::seeded_weights(spec.parameters(), 3);
         let student = Student::build(&spec, &w).unwrap();
         // the same stem parameters, loaded as the registry's plain ViT backbone
         let plain = spec.stem_spec().build(&w.pp("stem")).unwrap();

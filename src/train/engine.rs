@@ -208,6 +208,25 @@ pub fn init_params(
     Ok(vm)
 }
 
+/// Seeded parameters for `list` on the CPU, as a store and as weights (tests).
+#[cfg(test)]
+pub(crate) fn seeded_weights(
+    list: Vec<(String, Vec<usize>, Init)>,
+    seed: u64,
+) -> (VarMap, crate::weights::Weights) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let vm = init_params(
+        list,
+        HashMap::new(),
+        &mut rng,
+        &Device::Cpu,
+        Path::new("init"),
+    )
+    .expect("seeded parameters");
+    let w = crate::weights::Weights::from_vars(&vm, Path::new("init")).expect("weights");
+    (vm, w)
+}
+
 /// The variables of a store, by name.
 pub fn vars_of(vm: &VarMap) -> Result<HashMap<String, Var>> {
     Ok(vm

@@ -518,14 +518,8 @@ fn build_params(
     let buffers = spec
         .buffers()
         .into_iter()
-        .map(|(name, n, v)| Ok((name, vec![n], Init::Constant(v as f64))));
-    let bm = engine::init_params(
-        buffers.collect::<Result<Vec<_>>>()?,
-        HashMap::new(),
-        &mut rng,
-        device,
-        source,
-    )?;
+        .map(|(name, n, v)| (name, vec![n], Init::Constant(v as f64)));
+    let bm = engine::init_params(buffers, HashMap::new(), &mut rng, device, source)?;
     Ok((vm, bm))
 }
 
