@@ -98,7 +98,7 @@ pub fn write_random_vit(dir: &Path, s: VitSize, device: &Device) -> Result<()> {
         "layernorm.bias".into(),
         Tensor::zeros(d, DType::F32, device)?,
     );
-    crate::features::write_safetensors_atomic(&t, &dir.join("model.safetensors"))
+    crate::atomic::write_safetensors(&t, &dir.join("model.safetensors"))
 }
 
 /// Timing result.
@@ -113,6 +113,18 @@ pub struct BenchResult {
     pub images_per_s: f64,
 }
 
+/// Time the forward pass of a random ViT-B/16-size encoder (see [`time_forward`]).
+pub fn time_vit_base_forward(
+    batch: usize,
+    image: usize,
+    warmup: usize,
+    iters: usize,
+    opts: &LoadOptions,
+) -> Result<BenchResult> {
+    let (_dir, enc) = random_vit(VitSize::BASE16, opts)?;
+    time_forward(enc.as_ref(), batch, image, warmup, iters, opts)
+}
+
 /// Time `iters` forward passes (after `warmup`) of `enc` on random pixels.
 pub fn time_forward(
     enc: &dyn VisionEncoder,
@@ -120,9 +132,10 @@ pub fn time_forward(
     image: usize,
     warmup: usize,
     iters: usize,
-    device: &Device,
+    opts: &LoadOptions,
 ) -> Result<BenchResult> {
-    let x = Tensor::randn(0f32, 1f32, (batch, 3, image, image), device)?;
+    let x =
+        Tensor::randn(0f32, 1f32, (batch, 3, image, image), &opts.device)?.to_dtype(opts.dtype)?;
     let req = FeatureRequest::last_only();
     let sync = |t: &Tensor| -> Result<()> {
         // Reading one value forces asynchronous devices to finish.
@@ -188,6 +201,7 @@ pub fn peak_rss_mib() -> Option<f64> {
 /// Timing of one SAK stage-1 training step.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct StepBench {
+    pub precision: String,
     pub teachers: usize,
     pub batch: usize,
     pub image: usize,
@@ -206,13 +220,15 @@ pub fn time_stage1_step(
     warmup: usize,
     iters: usize,
     dev: &Device,
+    precision: crate::device::Precision,
 ) -> Result<StepBench> {
     use crate::models::student::{preset, Student, StudentSpec, TeacherSlot};
     use crate::teacher::Teacher;
+    use crate::train::engine::StepModel;
     use crate::train::stage1::{distill_loss, new_student_params};
     let opts = LoadOptions {
         device: dev.clone(),
-        ..LoadOptions::default()
+        dtype: precision.dtype(),
     };
     let mut dirs = Vec::new();
     let mut teachers = Vec::new();
@@ -241,10 +257,10 @@ pub fn time_stage1_step(
     let dims = preset("vit-s16").ok_or_else(|| Error::Invalid("preset".into()))?;
     let spec = StudentSpec::new(dims, image, slots)?;
     let vm = new_student_params(&spec, None, 0, dev)?;
-    let student = Student::build(
-        &spec,
-        &crate::weights::Weights::from_vars(&vm, Path::new("bench"))?,
-    )?;
+    let build_spec = spec.clone();
+    let mut student = StepModel::new(&vm, None, precision, Path::new("bench"), move |w, _| {
+        Student::build(&build_spec, w)
+    })?;
     let vars = crate::train::engine::vars_of(&vm)?;
     let mut optim = crate::train::optim::AdamW::new(&vars, 0.01)?;
     let x = Tensor::randn(0f32, 1f32, (batch, 3, image, image), dev)?;
@@ -256,10 +272,11 @@ pub fn time_stage1_step(
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     for i in 0..warmup + iters.max(1) {
         let t0 = Instant::now();
+        let xs = x.to_dtype(student.dtype())?;
         let (loss, _) = distill_loss(
-            &student,
+            student.step()?,
             &teachers,
-            &x,
+            &xs,
             &tx,
             crate::losses::FeatureLoss::CosSmoothL1,
         )?;
@@ -271,6 +288,7 @@ pub fn time_stage1_step(
     }
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(StepBench {
+        precision: format!("{precision:?}").to_lowercase(),
         teachers: n_teachers,
         batch,
         image,

@@ -54,6 +54,17 @@ pub fn demo_config(out: &Path, steps: u64) -> Result<DistillConfig> {
     })
 }
 
+/// Where a demo goes when no folder is named: `runs/demo`, or `runs/demo-2`, ... when taken.
+pub fn default_out() -> PathBuf {
+    (1..)
+        .map(|k| match k {
+            1 => PathBuf::from("runs/demo"),
+            k => PathBuf::from(format!("runs/demo-{k}")),
+        })
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| PathBuf::from("runs/demo"))
+}
+
 /// Run the demo into `opts.out` (which must not hold a run yet).
 pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     let cfg = demo_config(&opts.out, opts.steps)?;

@@ -86,50 +86,6 @@ pub fn output_tensors(out: &EncoderOutput) -> Result<HashMap<String, Tensor>> {
     Ok(m)
 }
 
-/// Write tensors as safetensors: to a temporary file beside `path`, then rename, so a reader
-/// never sees a half-written file and a failed write leaves any previous file intact.
-pub fn write_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = temp_path_beside(path)?;
-    let res = candle_core::safetensors::save(tensors, &tmp)
-        .map_err(|e| Error::io(&tmp, crate::weights::clean_candle_msg(&e)))
-        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
-}
-
-/// Write bytes to a temporary file beside `path`, then rename (see [`write_safetensors_atomic`]).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path_beside(path)?;
-    let res = std::fs::write(&tmp, bytes)
-        .map_err(|e| Error::io(&tmp, e))
-        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
-}
-
-/// A temporary file name in `path`'s folder (same file system, so a rename is atomic); the
-/// folder must exist.
-pub fn temp_path_beside(path: &Path) -> Result<std::path::PathBuf> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        return Err(Error::io(dir, "output folder does not exist"));
-    }
-    Ok(dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default(),
-        std::process::id()
-    )))
-}
-
 /// One-line description of a loaded model for an input size.
 pub fn describe(info: &ModelInfo, input_hw: (usize, usize)) -> String {
     let (gh, gw) = info.grid(input_hw);
@@ -168,4 +124,33 @@ pub fn student_tensors(
         }
     }
     Ok(m)
+}
+
+/// The input of an exported SAK student: a `pixel_values` file as is, or image files resized to
+/// the student's training size and normalised with its mean/std.
+pub fn student_pixels(
+    spec: &crate::models::student::StudentSpec,
+    images: &[PathBuf],
+    pixels: Option<&Path>,
+    device: &Device,
+) -> Result<Tensor> {
+    if let Some(p) = pixels {
+        return read_pixels(p, device);
+    }
+    if images.is_empty() {
+        return Err(Error::Invalid(
+            "give --image or --pixels for a student".into(),
+        ));
+    }
+    let pre = crate::preprocess::PreprocessConfig::exact(
+        (spec.image_size, spec.image_size),
+        crate::preprocess::Resample::Bicubic,
+        spec.mean,
+        spec.std,
+    );
+    let items = images
+        .iter()
+        .map(|p| pre.apply(&read_image(p)?, device))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&items, 0)?)
 }

@@ -840,7 +840,7 @@ pub fn attention_reference(qkv: &Tensor, heads: usize, scale: f64) -> candle_cor
     let q = (qkv.get(0)? * scale)?.contiguous()?;
     let k = qkv.get(1)?.contiguous()?;
     let v = qkv.get(2)?.contiguous()?;
-    let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+    let attn = softmax_last_dim(&q.matmul(&k.t()?)?)?;
     attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))
 }
 
@@ -982,10 +982,16 @@ impl candle_core::CustomOp3 for LayerNormBwd {
 
 /// LayerNorm over the last dimension, differentiable (fast fused forward on CPU when no
 /// gradient is being tracked through it).
+///
+/// Half-precision inputs are normalised in f32 and returned in their dtype (mixed precision
+/// keeps normalisation statistics in f32).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    if is_half(x) {
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        return layer_norm(&f(x)?, &f(w)?, &f(b)?, eps)?.to_dtype(x.dtype());
+    }
     let x = x.contiguous()?;
-    let tracked = x.is_variable() || w.is_variable() || b.is_variable() || x.track_op();
-    if !tracked {
+    if !(tracked(&x) || tracked(w) || tracked(b)) {
         candle_nn::ops::layer_norm(&x, w, b, eps)
     } else if fast_path(&x) {
         x.apply_op3(w, b, LayerNormOp { eps })
@@ -998,6 +1004,15 @@ fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
+fn is_half(x: &Tensor) -> bool {
+    matches!(x.dtype(), DType::BF16 | DType::F16)
+}
+
+/// Whether a gradient will be asked of `x` (candle's fused ops have no backward).
+fn tracked(x: &Tensor) -> bool {
+    x.is_variable() || x.track_op()
+}
+
 /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`.
 pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(x) {
@@ -1008,9 +1023,14 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Softmax over the last dimension.
+/// Half-precision inputs are computed in f32 and returned in their dtype.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if fast_path(x) {
+    if is_half(x) {
+        softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+    } else if fast_path(x) {
         x.contiguous()?.apply_op1(Softmax)
+    } else if tracked(x) {
+        candle_nn::ops::softmax(x, candle_core::D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(x)
     }

@@ -5,6 +5,7 @@
 //! encoder, loaded from Hugging Face folders or hub ids with the checkpoints' own weight names,
 //! runnable at any input resolution, with every block's output available.
 
+pub mod atomic;
 pub mod bench;
 pub mod config;
 pub mod data;

@@ -131,7 +131,7 @@ fn write_contact_sheet(out: &Path, tasks: &[Task], rows: &[(String, Vec<String>)
     }
     html.push_str("</table>\n");
     let p: PathBuf = out.join("index.html");
-    crate::features::write_atomic(&p, html.as_bytes())
+    crate::atomic::write_bytes(&p, html.as_bytes())
 }
 
 #[cfg(test)]

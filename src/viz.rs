@@ -264,7 +264,7 @@ pub fn write_grid(
             image::ImageFormat::Png,
         )
         .map_err(|e| Error::io(path, e))?;
-    crate::features::write_atomic(path, &bytes)
+    crate::atomic::write_bytes(path, &bytes)
 }
 
 #[cfg(test)]

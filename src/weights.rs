@@ -101,6 +101,18 @@ impl Weights {
     /// Trainable parameters: every lookup returns the variable's own tensor, so models built
     /// from this view are trained by updating the variables.
     pub fn from_vars(vars: &candle_nn::VarMap, display_path: &Path) -> Result<Self> {
+        Self::from_vars_as(vars, display_path, None)
+    }
+
+    /// Trainable parameters seen in another dtype (mixed precision): every lookup is the
+    /// variable cast to `dtype`, a differentiable op, so gradients reach the (f32) variables.
+    /// The casts are taken when the model is built: build the model again after an update.
+    /// `None` keeps the variables' own dtype (exactly [`Weights::from_vars`]).
+    pub fn from_vars_as(
+        vars: &candle_nn::VarMap,
+        display_path: &Path,
+        dtype: Option<DType>,
+    ) -> Result<Self> {
         let data = vars
             .data()
             .lock()
@@ -109,8 +121,8 @@ impl Weights {
         let (device, dtype) = data
             .values()
             .next()
-            .map(|v| (v.device().clone(), v.dtype()))
-            .unwrap_or((Device::Cpu, DType::F32));
+            .map(|v| (v.device().clone(), dtype.unwrap_or(v.dtype())))
+            .unwrap_or((Device::Cpu, dtype.unwrap_or(DType::F32)));
         Ok(Self {
             inner: Arc::new(Inner {
                 files: Vec::new(),
@@ -195,7 +207,7 @@ impl Weights {
             });
         };
         if let Some(v) = &self.inner.vars {
-            return Ok(v[&full].as_tensor().clone());
+            return Ok(v[&full].as_tensor().to_dtype(self.dtype)?);
         }
         if let Some(m) = &self.inner.manifest {
             return Ok(Tensor::zeros(
@@ -234,6 +246,30 @@ impl Weights {
             }
         }
         self.get_any(name)
+    }
+}
+
+impl Weights {
+    /// Model state that a forward pass updates in place (BatchNorm running statistics), kept in
+    /// f32 whatever the compute dtype. Over a parameter store it is the store's own variable
+    /// (updates land in the store and its checkpoints); over files it is a fresh variable
+    /// holding the stored value.
+    pub fn state(&self, shape: impl Into<Shape>, name: &str) -> Result<candle_core::Var> {
+        let shape: Shape = shape.into();
+        let full = self.full(name);
+        if let Some(v) = self.inner.vars.as_ref().and_then(|v| v.get(&full)) {
+            if v.dims() != shape.dims() {
+                return Err(Error::ShapeMismatch {
+                    path: self.inner.display_path.clone(),
+                    name: full,
+                    expected: shape.dims().to_vec(),
+                    got: v.dims().to_vec(),
+                });
+            }
+            return Ok(v.clone());
+        }
+        let t = self.get(shape, name)?.to_dtype(DType::F32)?;
+        Ok(candle_core::Var::from_tensor(&t)?)
     }
 }
 

@@ -112,6 +112,82 @@ impl LayerNorm {
     }
 }
 
+/// `nn.BatchNorm2d` over `[B, C, H, W]`, computed in f32 whatever the input's dtype (as mixed
+/// precision does) and returned in the input's dtype. Training mode normalises with the batch
+/// statistics and moves the running statistics (momentum 0.1, unbiased variance, as PyTorch);
+/// evaluation uses the running statistics. The running statistics are state variables (see
+/// [`Weights::state`]): a model trained over a parameter store updates the store.
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: candle_core::Var,
+    running_var: candle_core::Var,
+    eps: f64,
+}
+
+/// PyTorch's default BatchNorm momentum.
+pub const BN_MOMENTUM: f64 = 0.1;
+
+impl BatchNorm2d {
+    /// `weight`, `bias` from `w` and `running_mean`, `running_var` from `state`.
+    pub fn load(w: &Weights, state: &Weights, channels: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(channels, "weight")?,
+            bias: w.get(channels, "bias")?,
+            running_mean: state.state(channels, "running_mean")?,
+            running_var: state.state(channels, "running_var")?,
+            eps,
+        })
+    }
+
+    /// `{name}.running_mean` and `{name}.running_var`, current values.
+    pub fn state_tensors(&self, name: &str) -> Vec<(String, Tensor)> {
+        vec![
+            (
+                format!("{name}.running_mean"),
+                self.running_mean.as_tensor().clone(),
+            ),
+            (
+                format!("{name}.running_var"),
+                self.running_var.as_tensor().clone(),
+            ),
+        ]
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        use candle_core::DType;
+        let (b, c, h, w) = x.dims4()?;
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let (mean, var) = if train {
+            let flat = x.transpose(0, 1)?.reshape((c, b * h * w))?;
+            let mean = flat.mean_keepdim(1)?; // [C, 1]
+            let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+            let n = (b * h * w) as f64;
+            let unbiased = (var.detach() * (n / (n - 1.0).max(1.0)))?.flatten_all()?;
+            let m_new = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))?
+                + (mean.detach().flatten_all()? * BN_MOMENTUM)?)?;
+            let v_new = ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))?
+                + (unbiased * BN_MOMENTUM)?)?;
+            self.running_mean.set(&m_new)?;
+            self.running_var.set(&v_new)?;
+            (mean.reshape((1, c, 1, 1))?, var.reshape((1, c, 1, 1))?)
+        } else {
+            (
+                self.running_mean.as_tensor().reshape((1, c, 1, 1))?,
+                self.running_var.as_tensor().reshape((1, c, 1, 1))?,
+            )
+        };
+        let y = x
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.reshape((1, c, 1, 1));
+        Ok(y.broadcast_mul(&f32_of(&self.weight)?)?
+            .broadcast_add(&f32_of(&self.bias)?)?
+            .to_dtype(dtype)?)
+    }
+}
+
 /// Activation functions used by the supported families (serialised as `gelu`, `gelu_tanh`,
 /// `quick_gelu`, `relu`, `silu`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -127,6 +127,35 @@ impl FeatureRequest {
         }
     }
 
+    /// A request as a user writes it: `all`, `sak` (the model's default distillation levels)
+    /// or a comma list of hidden-state indices (0 = embeddings, i = block i-1).
+    pub fn parse(s: &str, info: &ModelInfo) -> Result<Self> {
+        Ok(match s.trim() {
+            "all" => Self::all(info.depth),
+            "sak" => Self::blocks(&info.default_levels),
+            list => {
+                let mut idx = Vec::new();
+                for p in list.split(',') {
+                    let v: usize = p
+                        .trim()
+                        .parse()
+                        .map_err(|_| Error::Invalid(format!("--levels: {p:?} is not an index")))?;
+                    if v > info.depth {
+                        return Err(Error::Invalid(format!(
+                            "--levels: {v} is out of range 0..={}",
+                            info.depth
+                        )));
+                    }
+                    idx.push(v);
+                }
+                Self {
+                    hidden_states: idx,
+                    last: false,
+                }
+            }
+        })
+    }
+
     /// Only the final output.
     pub fn last_only() -> Self {
         Self {

@@ -15,16 +15,15 @@
 //! `heads.{task}.cls.{weight,bias}`; BatchNorm running statistics are buffers
 //! `heads.{task}.bn.running_{mean,var}`.
 
-use super::layers::{LayerNorm, Linear};
+use super::layers::{BatchNorm2d, LayerNorm, Linear};
 use super::student::{Init, Student, StudentOutput, StudentSpec};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::interp::resize_bilinear;
 use crate::tasks::Task;
 use crate::weights::Weights;
 use candle_core::{Tensor, D};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use std::sync::Mutex;
 
 /// How router outputs combine the experts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -115,63 +114,12 @@ struct Router {
     fc2: Linear,
 }
 
-struct BatchNorm {
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Mutex<Tensor>,
-    running_var: Mutex<Tensor>,
-}
-
 const BN_EPS: f64 = 1e-5;
-const BN_MOMENTUM: f64 = 0.1;
-
-impl BatchNorm {
-    /// `[B, C, H, W]`: batch statistics (and a running-average update) when training, running
-    /// statistics otherwise.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let lock = |m: &Mutex<Tensor>| -> Result<Tensor> {
-            Ok(m.lock()
-                .map_err(|_| Error::Invalid("batch-norm state poisoned".into()))?
-                .clone())
-        };
-        let (mean, var) = if train {
-            let flat = x.transpose(0, 1)?.reshape((c, b * h * w))?;
-            let mean = flat.mean_keepdim(1)?; // [C, 1]
-            let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
-            let n = (b * h * w) as f64;
-            let unbiased = (var.detach() * (n / (n - 1.0).max(1.0)))?.flatten_all()?;
-            let m_new = ((lock(&self.running_mean)? * (1.0 - BN_MOMENTUM))?
-                + (mean.detach().flatten_all()? * BN_MOMENTUM)?)?;
-            let v_new =
-                ((lock(&self.running_var)? * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
-            *self
-                .running_mean
-                .lock()
-                .map_err(|_| Error::Invalid("batch-norm state poisoned".into()))? = m_new;
-            *self
-                .running_var
-                .lock()
-                .map_err(|_| Error::Invalid("batch-norm state poisoned".into()))? = v_new;
-            (mean.reshape((1, c, 1, 1))?, var.reshape((1, c, 1, 1))?)
-        } else {
-            (
-                lock(&self.running_mean)?.reshape((1, c, 1, 1))?,
-                lock(&self.running_var)?.reshape((1, c, 1, 1))?,
-            )
-        };
-        let y = x
-            .broadcast_sub(&mean)?
-            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
-        Ok(y.broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?)
-    }
-}
 
 struct Head {
     proj: Vec<Linear>,
     conv: Tensor,
-    bn: BatchNorm,
+    bn: BatchNorm2d,
     cls_w: Tensor,
     cls_b: Tensor,
 }
@@ -263,12 +211,7 @@ impl Decoder {
                     .map(|k| lin(&h.pp(format!("proj.{k}")), d, d / 4))
                     .collect::<Result<_>>()?,
                 conv: h.get((d, levels * (d / 4), 3, 3), "conv.weight")?,
-                bn: BatchNorm {
-                    weight: h.get(d, "bn.weight")?,
-                    bias: h.get(d, "bn.bias")?,
-                    running_mean: Mutex::new(hb.get(d, "bn.running_mean")?),
-                    running_var: Mutex::new(hb.get(d, "bn.running_var")?),
-                },
+                bn: BatchNorm2d::load(&h.pp("bn"), &hb.pp("bn"), d, BN_EPS)?,
                 cls_w: h.get((*ch, d, 1, 1), "cls.weight")?,
                 cls_b: h.get(*ch, "cls.bias")?,
             });
@@ -284,17 +227,7 @@ impl Decoder {
     pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for ((t, _), h) in self.spec.tasks.iter().zip(&self.heads) {
-            let p = format!("heads.{}.bn", t.name());
-            for (n, m) in [
-                ("running_mean", &h.bn.running_mean),
-                ("running_var", &h.bn.running_var),
-            ] {
-                let v = m
-                    .lock()
-                    .map_err(|_| Error::Invalid("batch-norm state poisoned".into()))?
-                    .clone();
-                out.push((format!("{p}.{n}"), v));
-            }
+            out.extend(h.bn.state_tensors(&format!("heads.{}.bn", t.name())));
         }
         Ok(out)
     }

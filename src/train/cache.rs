@@ -193,6 +193,19 @@ pub fn build(
     build_from(teachers, &items, out, o)
 }
 
+/// [`build`] for teachers named as on the command line (folders or hub ids, `name=id`),
+/// loaded with `load` (device, compute dtype).
+pub fn build_for(
+    teacher_args: &[String],
+    images: &Path,
+    out: &Path,
+    o: &BuildOptions,
+    load: &crate::models::LoadOptions,
+) -> Result<Manifest> {
+    let teachers = Teacher::load_all(teacher_args, o.image_size, &[], load)?;
+    build(&teachers, images, out, o)
+}
+
 /// Run `teachers` over every item x variant of `data` and write the cache into `out`.
 pub fn build_from(
     teachers: &[Teacher],

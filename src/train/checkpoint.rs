@@ -11,7 +11,7 @@ pub const STATE_KEY: &str = "distillery_state";
 
 /// Write `tensors` and `state` (JSON) atomically to `path`.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], state: &serde_json::Value) -> Result<()> {
-    let tmp = crate::features::temp_path_beside(path)?;
+    let tmp = crate::atomic::temp_path_beside(path)?;
     let contiguous = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))

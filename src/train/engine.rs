@@ -9,11 +9,13 @@
 //! built from augmentation variant e mod K (what a teacher cache with K variants holds), else
 //! from variant e.
 
+use crate::device::Precision;
 use crate::error::{Error, Result};
 use crate::models::student::Init;
 use crate::train::checkpoint;
-use crate::train::optim::AdamW;
-use candle_core::{Device, Tensor, Var};
+use crate::train::optim::{AdamW, LossScaler};
+use crate::weights::Weights;
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -139,6 +141,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// where the model, its optimizer state and the teachers live
     pub device: Device,
+    /// compute dtype of the forward and backward passes (teachers run in it too); the
+    /// parameters and optimizer state stay f32 (mixed precision), f16 scales the loss
+    pub precision: Precision,
 }
 
 impl Default for RunOptions {
@@ -148,7 +153,79 @@ impl Default for RunOptions {
             stop_after: None,
             progress: false,
             device: Device::Cpu,
+            precision: Precision::F32,
         }
+    }
+}
+
+impl RunOptions {
+    /// How frozen teachers are loaded: on the run's device, in its compute dtype.
+    pub fn teacher_load(&self) -> crate::models::LoadOptions {
+        crate::models::LoadOptions {
+            dtype: self.precision.dtype(),
+            device: self.device.clone(),
+        }
+    }
+}
+
+/// A model as each training step sees it. In f32 it is built once over the parameter store's
+/// variables. In mixed precision it is built again at every step over the variables cast to
+/// the compute dtype (the casts are differentiable, so gradients reach the f32 variables, which
+/// the optimizer updates); state such as BatchNorm statistics stays in the f32 buffer store.
+pub struct StepModel<M> {
+    params: VarMap,
+    buffers: VarMap,
+    dtype: DType,
+    path: PathBuf,
+    #[allow(clippy::type_complexity)]
+    build: Box<dyn Fn(&Weights, &Weights) -> Result<M>>,
+    model: M,
+}
+
+impl<M> StepModel<M> {
+    /// `build(parameters, buffers)` makes the model; `path` is named in errors.
+    pub fn new(
+        params: &VarMap,
+        buffers: Option<&VarMap>,
+        precision: Precision,
+        path: &Path,
+        build: impl Fn(&Weights, &Weights) -> Result<M> + 'static,
+    ) -> Result<Self> {
+        let buffers = buffers.cloned().unwrap_or_else(VarMap::new);
+        let dtype = precision.dtype();
+        let model = build(
+            &Weights::from_vars_as(params, path, Some(dtype))?,
+            &Weights::from_vars(&buffers, path)?,
+        )?;
+        Ok(Self {
+            params: params.clone(),
+            buffers,
+            dtype,
+            path: path.to_path_buf(),
+            build: Box::new(build),
+            model,
+        })
+    }
+
+    /// The model for the next step (rebuilt over fresh casts in mixed precision).
+    pub fn step(&mut self) -> Result<&M> {
+        if self.dtype != DType::F32 {
+            self.model = (self.build)(
+                &Weights::from_vars_as(&self.params, &self.path, Some(self.dtype))?,
+                &Weights::from_vars(&self.buffers, &self.path)?,
+            )?;
+        }
+        Ok(&self.model)
+    }
+
+    /// The model as last built.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// The compute dtype: inputs are cast to it.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 }
 
@@ -247,7 +324,7 @@ pub fn export_tensors(vars: &HashMap<String, Var>) -> HashMap<String, Tensor> {
 /// Write a JSON description atomically.
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let json = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
-    crate::features::write_atomic(path, json.as_bytes())
+    crate::atomic::write_bytes(path, json.as_bytes())
 }
 
 /// Read a JSON description (errors name the file).
@@ -347,6 +424,8 @@ pub struct Trainer<'r> {
     run: &'r RunFolder,
     vars: HashMap<String, Var>,
     optim: AdamW,
+    /// the f16 loss scaler as of the last step (saved with checkpoints)
+    scaler: Option<LossScaler>,
     /// first step of this invocation
     pub start: u64,
 }
@@ -388,7 +467,7 @@ impl<'r> Trainer<'r> {
             }
             None => {
                 let text = toml::to_string(config).map_err(|e| Error::Invalid(e.to_string()))?;
-                crate::features::write_atomic(&paths.config(), text.as_bytes())?;
+                crate::atomic::write_bytes(&paths.config(), text.as_bytes())?;
                 let _ = std::fs::remove_file(paths.metrics());
             }
         }
@@ -396,6 +475,7 @@ impl<'r> Trainer<'r> {
             run,
             vars,
             optim,
+            scaler: None,
             start,
         })
     }
@@ -469,6 +549,13 @@ impl<'r> Trainer<'r> {
             .append(true)
             .open(paths.metrics())
             .map_err(|e| Error::io(paths.metrics(), e))?;
+        // f16 needs loss scaling (bf16 has f32's range); its state is part of the checkpoint.
+        let mut scaler = match (opts.precision, &self.run.saved) {
+            (Precision::F16, Some(saved)) => Some(LossScaler::from_state(&saved.tensors)?),
+            (Precision::F16, None) => Some(LossScaler::default()),
+            _ => None,
+        };
+        self.scaler = scaler.clone();
         let t_run = Instant::now();
         let mut images = 0usize;
         let mut skipped = 0usize;
@@ -486,10 +573,25 @@ impl<'r> Trainer<'r> {
                     "loss became {loss_v} at step {step}"
                 )));
             }
-            let mut grads = out.loss.backward()?;
-            let grad_norm = self.optim.clip_grad_norm(&mut grads, lc.clip_grad)?;
             let lr = (lc.schedule)(step);
-            self.optim.step(&grads, lr)?;
+            let (grad_norm, stepped) = match &mut scaler {
+                None => {
+                    let mut grads = out.loss.backward()?;
+                    let norm = self.optim.clip_grad_norm(&mut grads, lc.clip_grad)?;
+                    self.optim.step(&grads, lr)?;
+                    (norm, true)
+                }
+                Some(sc) => {
+                    let mut grads = (&out.loss * sc.scale)?.backward()?;
+                    self.optim.scale_grads(&mut grads, 1.0 / sc.scale)?;
+                    let norm = self.optim.clip_grad_norm(&mut grads, lc.clip_grad)?;
+                    let ok = sc.update(norm.is_finite());
+                    if ok {
+                        self.optim.step(&grads, lr)?;
+                    }
+                    (norm, ok)
+                }
+            };
             images += out.images;
             skipped += out.skipped;
             last_loss = loss_v;
@@ -508,12 +610,17 @@ impl<'r> Trainer<'r> {
             for (name, v) in &out.parts {
                 rec[format!("loss/{name}")] = serde_json::json!(v);
             }
+            if let Some(sc) = &scaler {
+                rec["loss_scale"] = serde_json::json!(sc.scale);
+                rec["step_skipped"] = serde_json::json!(!stepped);
+            }
             writeln!(metrics, "{rec}").map_err(|e| Error::io(paths.metrics(), e))?;
             bar.set_message(format!("loss {loss_v:.4} {ips:.1} img/s"));
             bar.inc(1);
             let done = step + 1;
             if done % lc.checkpoint_every.max(1) == 0 || done == end {
                 metrics.flush().map_err(|e| Error::io(paths.metrics(), e))?;
+                self.scaler = scaler.clone();
                 self.save(objective, lc.format, done, config, spec)?;
             }
         }
@@ -555,7 +662,10 @@ impl<'r> Trainer<'r> {
                 .into_iter()
                 .map(|(n, t)| (format!("buffer.{n}"), t)),
         );
-        tensors.extend(self.optim.state());
+        tensors.extend(self.optim.state()?);
+        if let Some(sc) = &self.scaler {
+            tensors.extend(sc.state()?);
+        }
         let state = serde_json::to_value(RunState {
             format,
             step,

@@ -100,16 +100,29 @@ impl AdamW {
         Ok(())
     }
 
-    /// Moments as named tensors (`adam.m.<param>`, `adam.v.<param>`).
-    pub fn state(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::with_capacity(2 * self.params.len());
+    /// Multiply every gradient by `factor` (undoing a loss scale).
+    pub fn scale_grads(&self, grads: &mut GradStore, factor: f64) -> Result<()> {
+        for p in &self.params {
+            if let Some(g) = grads.remove(p.var.as_tensor()) {
+                grads.insert(p.var.as_tensor(), (g * factor)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moments as named tensors (`adam.m.<param>`, `adam.v.<param>`) and the update count
+    /// (`adam.t`; it trails the step when steps were skipped).
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(2 * self.params.len() + 1);
         for p in &self.params {
             out.push((format!("adam.m.{}", p.name), p.m.clone()));
             out.push((format!("adam.v.{}", p.name), p.v.clone()));
         }
-        out
+        out.push(("adam.t".into(), scalar(self.t as f64)?));
+        Ok(out)
     }
 
+    /// Restore the moments; the update count is `adam.t` when the checkpoint has it, else `t`.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> Result<()> {
         for p in &mut self.params {
             let get = |k: String| {
@@ -121,8 +134,82 @@ impl AdamW {
             p.m = get(format!("adam.m.{}", p.name))?;
             p.v = get(format!("adam.v.{}", p.name))?;
         }
-        self.t = t;
+        self.t = match tensors.get("adam.t") {
+            Some(v) => read_scalar(v)? as u64,
+            None => t,
+        };
         Ok(())
+    }
+}
+
+fn scalar(v: f64) -> Result<Tensor> {
+    Ok(Tensor::new(&[v], &candle_core::Device::Cpu)?)
+}
+
+fn read_scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.flatten_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?
+        .first()
+        .copied()
+        .unwrap_or(0.0))
+}
+
+/// Dynamic loss scaling for f16 training, as `torch.amp.GradScaler` does by default: the loss
+/// is multiplied by `scale` (initially 2^16) before the backward pass so small gradients do not
+/// underflow in f16; the gradients are divided by it again; a step whose gradients are not
+/// finite is skipped and the scale halved; after 2000 finite steps in a row it doubles.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossScaler {
+    pub scale: f64,
+    good_steps: u64,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        Self {
+            scale: 65536.0,
+            good_steps: 0,
+        }
+    }
+}
+
+impl LossScaler {
+    pub const GROWTH_INTERVAL: u64 = 2000;
+
+    /// Account for one step whose unscaled gradients were (or were not) all finite; returns
+    /// whether the optimizer should take the step.
+    pub fn update(&mut self, finite: bool) -> bool {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps == Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale = (self.scale * 0.5).max(1.0);
+            self.good_steps = 0;
+        }
+        finite
+    }
+
+    /// `amp.scale` and `amp.good_steps`, for checkpoints.
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![
+            ("amp.scale".into(), scalar(self.scale)?),
+            ("amp.good_steps".into(), scalar(self.good_steps as f64)?),
+        ])
+    }
+
+    /// The saved scaler, or a fresh one when the checkpoint has none (it was not f16).
+    pub fn from_state(tensors: &HashMap<String, Tensor>) -> Result<Self> {
+        match (tensors.get("amp.scale"), tensors.get("amp.good_steps")) {
+            (Some(s), Some(g)) => Ok(Self {
+                scale: read_scalar(s)?,
+                good_steps: read_scalar(g)? as u64,
+            }),
+            _ => Ok(Self::default()),
+        }
     }
 }
 
@@ -130,6 +217,27 @@ impl AdamW {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn loss_scaler_backs_off_and_grows_like_grad_scaler() {
+        let mut s = LossScaler::default();
+        assert!(!s.update(false));
+        assert_eq!(s.scale, 32768.0);
+        for _ in 0..LossScaler::GROWTH_INTERVAL - 1 {
+            assert!(s.update(true));
+        }
+        assert_eq!(s.scale, 32768.0);
+        s.update(true);
+        assert_eq!(s.scale, 65536.0);
+        s.update(true);
+        let mut saved = HashMap::new();
+        saved.extend(s.state().unwrap());
+        assert_eq!(LossScaler::from_state(&saved).unwrap(), s);
+        assert_eq!(
+            LossScaler::from_state(&HashMap::new()).unwrap(),
+            LossScaler::default()
+        );
+    }
 
     /// torch 2.15: p = tensor([1., -2.]), AdamW(lr=0.1, wd=0.01), grads g1 = [0.5, -1.0] then
     /// g2 = [0.25, 0.5]; printed p after each step.
@@ -183,7 +291,7 @@ mod tests {
         vars.insert("w".to_string(), w.clone());
         let mut opt = AdamW::new(&vars, 0.01).unwrap();
         opt.step(&grads, 0.1).unwrap();
-        for (name, t) in opt.state() {
+        for (name, t) in opt.state().unwrap() {
             assert!(!t.track_op(), "{name} keeps a backward graph");
         }
     }

@@ -17,11 +17,11 @@ pub use crate::teacher::{dedup_names, parse_teacher_arg, short_name, Teacher};
 use crate::train::cache::FeatureCache;
 use crate::train::engine::{
     self, DataPlan, LoopConfig, Objective, RunFolder, RunOptions, RunPaths, RunSummary, StepLoss,
-    Trainer,
+    StepModel, Trainer,
 };
 use crate::train::schedule::CosineSchedule;
 use crate::weights::Weights;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use rand::SeedableRng;
 use rayon::prelude::*;
@@ -408,7 +408,7 @@ pub fn new_student_params(
 
 /// The stage-1 objective: the student against every teacher (online or cached).
 struct Distill<'a> {
-    student: Student,
+    student: StepModel<Student>,
     teachers: &'a [Teacher],
     slots: &'a [TeacherSlot],
     kind: FeatureLoss,
@@ -418,9 +418,10 @@ struct Distill<'a> {
 impl Objective for Distill<'_> {
     type Batch = Batch;
     fn loss(&mut self, b: Batch, _step: u64) -> Result<StepLoss> {
-        let x = b.student.to_device(&self.device)?;
+        let dtype = self.student.dtype();
+        let x = b.student.to_device(&self.device)?.to_dtype(dtype)?;
         let tb = b.teachers.to_device(&self.device)?;
-        let (loss, per) = distill_loss(&self.student, self.teachers, &x, &tb, self.kind)?;
+        let (loss, per) = distill_loss(self.student.step()?, self.teachers, &x, &tb, self.kind)?;
         Ok(StepLoss {
             loss,
             parts: self.slots.iter().map(|s| s.name.clone()).zip(per).collect(),
@@ -436,10 +437,7 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
     let dev = &opts.device;
     let run = RunFolder::open(out, opts.resume, dev)?;
     let data = ImageSet::open(&cfg.images)?;
-    let load_opts = LoadOptions {
-        device: dev.clone(),
-        ..LoadOptions::default()
-    };
+    let load_opts = opts.teacher_load();
     let mut cfg = cfg.clone();
     let cache = match cfg.cache.clone() {
         Some(dir) => {
@@ -513,9 +511,13 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         },
         "other teachers/student/image size/batch size/seed",
     )?;
-    let student = Student::build(
-        &spec,
-        &Weights::from_vars(&varmap, &run.paths.checkpoint())?,
+    let build_spec = spec.clone();
+    let student = StepModel::new(
+        &varmap,
+        None,
+        opts.precision,
+        &run.paths.checkpoint(),
+        move |w, _| Student::build(&build_spec, w),
     )?;
     let geo = Geometry {
         student_size: spec.image_size,
@@ -590,7 +592,8 @@ pub fn distill_loss(
         };
         let mut tl: Option<Tensor> = None;
         for (s, t) in out.aligned[k].iter().zip(&feats) {
-            let l = feature_loss(s, t, kind)?;
+            // Losses are computed in f32 whatever the compute dtype.
+            let l = feature_loss(&s.to_dtype(DType::F32)?, t, kind)?;
             tl = Some(match tl {
                 Some(a) => (a + l)?,
                 None => l,
@@ -613,10 +616,7 @@ pub fn export_student(
     spec: &StudentSpec,
     vars: &std::collections::HashMap<String, candle_core::Var>,
 ) -> Result<()> {
-    crate::features::write_safetensors_atomic(
-        &engine::export_tensors(vars),
-        &paths.file(STUDENT_WEIGHTS),
-    )?;
+    crate::atomic::write_safetensors(&engine::export_tensors(vars), &paths.file(STUDENT_WEIGHTS))?;
     engine::write_json(&paths.file(STUDENT_SPEC), spec)
 }
 

@@ -23,12 +23,12 @@ use crate::train::cache::FeatureCache;
 use crate::train::checkpoint;
 use crate::train::engine::{
     self, DataPlan, LoopConfig, Objective, RunFolder, RunOptions, RunPaths, RunSummary, StepLoss,
-    Trainer,
+    StepModel, Trainer,
 };
 use crate::train::schedule::PolySchedule;
 use crate::train::stage1::STUDENT_SPEC;
 use crate::weights::Weights;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use rand::SeedableRng;
 use rayon::prelude::*;
@@ -382,7 +382,7 @@ pub fn build_cache(
     cfg: &TrainConfig,
     out: &Path,
     opts: &crate::train::cache::BuildOptions,
-    device: &Device,
+    load: &LoadOptions,
 ) -> Result<crate::train::cache::Manifest> {
     let init = InitSource::of(cfg)?;
     let ids = &init.teachers;
@@ -392,11 +392,7 @@ pub fn build_cache(
         ));
     }
     let hw = cfg.input_hw();
-    let load = LoadOptions {
-        device: device.clone(),
-        ..LoadOptions::default()
-    };
-    let teachers = Teacher::load_all(ids, hw.0.max(hw.1), &[], &load)?;
+    let teachers = Teacher::load_all(ids, hw.0.max(hw.1), &[], load)?;
     let mut o = opts.clone();
     o.seed = cfg.seed;
     crate::train::cache::build_from(&teachers, &DenseItems::new(cfg, init.norm)?, out, &o)
@@ -525,7 +521,7 @@ fn build_params(
 
 /// The stage-2 objective: weighted task losses plus gamma times the distillation loss.
 struct MultiTask<'a> {
-    model: MultiTaskModel,
+    model: StepModel<MultiTaskModel>,
     teachers: &'a [Teacher],
     cfg: &'a TrainConfig,
     norm: Normalize,
@@ -542,9 +538,13 @@ impl Objective for MultiTask<'_> {
         let mut noise = rand_chacha::ChaCha8Rng::seed_from_u64(
             cfg.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x2A,
         );
-        let out = self
-            .model
-            .forward(&pixels, true, self.distilling, Some(&mut noise))?;
+        let dtype = self.model.dtype();
+        let out = self.model.step()?.forward(
+            &pixels.to_dtype(dtype)?,
+            true,
+            self.distilling,
+            Some(&mut noise),
+        )?;
         let mut total: Option<Tensor> = None;
         let mut parts = Vec::new();
         let mut add = |name: &str, l: Tensor, w: f64| -> Result<()> {
@@ -559,7 +559,7 @@ impl Objective for MultiTask<'_> {
         for ((task, logits), target) in out.logits.iter().zip(&batch.targets) {
             add(
                 task.name(),
-                task.spec().loss(logits, target)?,
+                task.spec().loss(&logits.to_dtype(DType::F32)?, target)?,
                 cfg.weight(*task),
             )?;
         }
@@ -577,7 +577,7 @@ impl Objective for MultiTask<'_> {
                     }
                 };
                 for (s, f) in out.aligned[k].iter().zip(&feats) {
-                    let l = feature_loss(s, f, cfg.distill_loss)?;
+                    let l = feature_loss(&s.to_dtype(DType::F32)?, f, cfg.distill_loss)?;
                     dl = Some(match dl {
                         Some(a) => (a + l)?,
                         None => l,
@@ -598,7 +598,7 @@ impl Objective for MultiTask<'_> {
     }
 
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        self.model.buffers()
+        self.model.model().buffers()
     }
 }
 
@@ -640,10 +640,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
                 "distill_weight > 0 but no teachers are known (set teachers)".into(),
             ));
         }
-        let load = LoadOptions {
-            device: dev.clone(),
-            ..LoadOptions::default()
-        };
+        let load = opts.teacher_load();
         for id in teacher_ids {
             teachers.push(Teacher::load(id, hw.0.max(hw.1), 0, &load)?);
         }
@@ -722,11 +719,13 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         },
         "another init/tasks/batch size/seed/input size/router",
     )?;
-    let ck = run.paths.checkpoint();
-    let model = MultiTaskModel::build(
-        &spec,
-        &Weights::from_vars(&varmap, &ck)?,
-        &Weights::from_vars(&bufmap, &ck)?,
+    let build_spec = spec.clone();
+    let model = StepModel::new(
+        &varmap,
+        Some(&bufmap),
+        opts.precision,
+        &run.paths.checkpoint(),
+        move |w, b| MultiTaskModel::build(&build_spec, w, b),
     )?;
     let total = cfg.steps;
     let schedule = PolySchedule {
@@ -790,10 +789,10 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     )?;
     if summary.finished() {
         // Export: parameters without aligners, plus BatchNorm statistics.
-        let model = &objective.model;
+        let model = objective.model.model();
         let mut tensors = engine::export_tensors(trainer.vars());
         tensors.extend(model.buffers()?);
-        crate::features::write_safetensors_atomic(&tensors, &run.paths.file(MODEL_WEIGHTS))?;
+        crate::atomic::write_safetensors(&tensors, &run.paths.file(MODEL_WEIGHTS))?;
         let info = RunModelInfo {
             spec: spec.clone(),
             dataset: cfg.dataset.clone(),
@@ -804,7 +803,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             let val = dense::open_dataset(&cfg.dataset, &cfg.data_root, &cfg.val_split, &tasks)?;
             let r = evaluate(model, val.as_ref(), hw, norm, cfg, opts.progress)?;
             let p = run.paths.file(&format!("eval-{}.json", cfg.val_split));
-            crate::features::write_atomic(&p, r.to_string().as_bytes())?;
+            crate::atomic::write_bytes(&p, r.to_string().as_bytes())?;
             summary.eval = Some(r);
         }
     }
@@ -819,6 +818,41 @@ pub fn load_run(dir: &Path) -> Result<(MultiTaskModel, RunModelInfo, TrainConfig
     let w = Weights::open_file(&paths.file(MODEL_WEIGHTS))?;
     let model = MultiTaskModel::build(&info.spec, &w, &w)?;
     Ok((model, info, cfg))
+}
+
+/// A run's evaluation on one split, as written to `eval-{split}.json`.
+pub struct RunEvaluation {
+    /// per task its metrics, and `delta_m`
+    pub metrics: serde_json::Value,
+    pub tasks: Vec<Task>,
+    pub images: usize,
+    pub seconds: f64,
+    /// where it was written
+    pub path: PathBuf,
+}
+
+/// Evaluate an exported stage-2 run on `split` of its data set and write `eval-{split}.json`
+/// into the run folder.
+pub fn evaluate_run(run: &Path, split: &str, progress: bool) -> Result<RunEvaluation> {
+    let (model, info, cfg) = load_run(run)?;
+    let tasks: Vec<Task> = model.spec.tasks.iter().map(|(t, _)| *t).collect();
+    let ds = dense::open_dataset(&info.dataset, &cfg.data_root, split, &tasks)?;
+    let norm = Normalize {
+        mean: model.spec.student.mean,
+        std: model.spec.student.std,
+    };
+    let t0 = std::time::Instant::now();
+    let metrics = evaluate(&model, ds.as_ref(), info.input_hw, norm, &cfg, progress)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let path = run.join(format!("eval-{split}.json"));
+    crate::atomic::write_bytes(&path, metrics.to_string().as_bytes())?;
+    Ok(RunEvaluation {
+        metrics,
+        tasks,
+        images: ds.len(),
+        seconds,
+        path,
+    })
 }
 
 /// Evaluate on a data set: every task's metrics (each task's spec accumulates its own) over

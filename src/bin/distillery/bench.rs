@@ -1,0 +1,87 @@
+//! `distillery bench`: time a ViT-B/16 forward or a SAK stage-1 step on random weights.
+
+use crate::common::ComputeArgs;
+use anyhow::Result;
+use clap::ValueEnum;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Task {
+    /// ViT-B/16 encoder forward
+    Forward,
+    /// ViT-S/16 student + N ViT-B/16 teachers: forward, loss, backward, AdamW
+    Stage1Step,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// What to time
+    #[arg(long, value_enum, default_value = "forward")]
+    task: Task,
+    /// Teachers for --task stage1-step
+    #[arg(long, default_value_t = 3)]
+    teachers: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 224)]
+    image: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    #[command(flatten)]
+    compute: ComputeArgs,
+    /// Print the result as one JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let opts = a.compute.load_options()?;
+    let dtype = a.compute.dtype;
+    match a.task {
+        Task::Stage1Step => {
+            let r = distillery::bench::time_stage1_step(
+                a.teachers,
+                a.batch,
+                a.image,
+                a.warmup,
+                a.iters,
+                &opts.device,
+                dtype,
+            )?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "SAK stage-1 step, ViT-S/16 student + {} ViT-B/16 teachers, batch {}, {} px, {dtype:?}: median {:.3} s, min {:.3} s, peak RSS {:.0} MiB",
+                    a.teachers,
+                    a.batch,
+                    a.image,
+                    r.median_s,
+                    r.min_s,
+                    r.peak_rss_mib.unwrap_or(f64::NAN)
+                );
+            }
+        }
+        Task::Forward => {
+            let r = distillery::bench::time_vit_base_forward(
+                a.batch, a.image, a.warmup, a.iters, &opts,
+            )?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "ViT-B/16 forward, batch {}, {} px, {dtype:?}, {} threads: median {:.3} s, mean {:.3} s, min {:.3} s ({:.1} images/s)",
+                    a.batch,
+                    a.image,
+                    rayon::current_num_threads(),
+                    r.median_s,
+                    r.mean_s,
+                    r.min_s,
+                    r.images_per_s
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! Arguments and printing shared by several verbs.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use distillery::device::{DeviceSpec, Precision};
+use distillery::models::{self, LoadOptions};
+use std::collections::HashMap;
+
+/// A model to run for inference.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Model folder (config.json + model.safetensors) or hub id (org/name[@revision]);
+    /// defaults to the demo checkpoint embedded in the binary
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// Where and in which precision models run.
+#[derive(clap::Args, Clone, Copy)]
+pub struct ComputeArgs {
+    /// Device: cpu, cuda or cuda:N (CUDA needs a `--features cuda` build)
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Compute dtype: f32, bf16 or f16 (training keeps f32 master weights and optimizer
+    /// state; f16 scales the loss)
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
+}
+
+impl ComputeArgs {
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
+            dtype: self.dtype.dtype(),
+            device: self.device.open()?,
+        })
+    }
+
+    /// Options of a training invocation.
+    pub fn run_options(
+        &self,
+        resume: bool,
+        stop_after: Option<u64>,
+        quiet: bool,
+    ) -> Result<distillery::train::engine::RunOptions> {
+        Ok(distillery::train::engine::RunOptions {
+            resume,
+            stop_after,
+            progress: !quiet,
+            device: self.device.open()?,
+            precision: self.dtype,
+        })
+    }
+}
+
+/// The named model (or the embedded demo model) and its name.
+pub fn load_model(m: &ModelArgs) -> Result<(String, Box<dyn distillery::VisionEncoder>)> {
+    let name = match &m.model {
+        Some(s) => s.clone(),
+        None => distillery::embedded::demo_model_dir()?
+            .to_string_lossy()
+            .to_string(),
+    };
+    let enc = models::load(&name, &m.compute.load_options()?)?;
+    Ok((name, enc))
+}
+
+fn stats(t: &Tensor) -> Result<(f32, f32)> {
+    let t = t.to_dtype(DType::F32)?.flatten_all()?;
+    let mean = t.mean_all()?.to_scalar::<f32>()?;
+    let var = t
+        .broadcast_sub(&t.mean_all()?)?
+        .sqr()?
+        .mean_all()?
+        .to_scalar::<f32>()?;
+    Ok((mean, var.sqrt()))
+}
+
+/// One line per tensor (shape, mean, std), in natural name order.
+pub fn print_tensors(tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    // Natural order: numeric name segments compare as numbers.
+    names.sort_by_key(|n| {
+        n.split('.')
+            .map(|seg| match seg.parse::<usize>() {
+                Ok(v) => (0u8, v, String::new()),
+                Err(_) => (1u8, 0, seg.to_string()),
+            })
+            .collect::<Vec<_>>()
+    });
+    for n in names {
+        let t = &tensors[n];
+        let (mean, std) = stats(t)?;
+        println!(
+            "{n:<20} {:<18} mean {mean:>9.4} std {std:>9.4}",
+            format!("{:?}", t.dims())
+        );
+    }
+    Ok(())
+}
+
+/// The run's outcome, one line on stderr.
+pub fn report_run(s: &distillery::train::engine::RunSummary) {
+    eprintln!(
+        "steps {}..{} of {}; last loss {:.5}; {:.2} images/s; {} unreadable images skipped",
+        s.start_step, s.end_step, s.total_steps, s.last_loss, s.images_per_s, s.skipped_images
+    );
+}

@@ -1,0 +1,114 @@
+//! `distillery distill`: SAK stage 1.
+
+use crate::common::{report_run, ComputeArgs};
+use anyhow::Result;
+use distillery::train::stage1;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Teacher folder or hub id (repeat for several teachers)
+    #[arg(long = "teacher")]
+    teachers: Vec<String>,
+    /// Student preset (vit-s16, vit-b16, vit-l16) or a ViT folder / hub id to start from
+    #[arg(long)]
+    student: Option<String>,
+    /// Folder tree of unlabeled images (jpg, png, webp)
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Run folder (checkpoint, metrics.jsonl, exported student); or `out` in --config
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Total training steps (default: epochs x steps per epoch)
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    epochs: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Student input size (teachers other than SAM get the same)
+    #[arg(long)]
+    image_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Max global gradient norm (0 = off)
+    #[arg(long)]
+    clip_grad: Option<f64>,
+    #[arg(long, value_enum)]
+    loss: Option<distillery::losses::FeatureLoss>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Stop unreadable images from being skipped: fail instead
+    #[arg(long)]
+    strict_images: bool,
+    /// Teacher-feature cache folder (`distillery cache`): teachers are not run
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Reuse K fixed crop variants per image (epoch e uses variant e mod K); a cache sets it
+    #[arg(long)]
+    crop_variants: Option<u64>,
+    /// TOML file with any DistillConfig field; flags override it
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue from the run folder's last checkpoint (a larger --steps extends the run)
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many steps in this invocation (with a checkpoint), e.g. for preemptible jobs
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// Where the student trains and the teachers run
+    #[command(flatten)]
+    compute: ComputeArgs,
+    /// No progress bar
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let (mut cfg, out) = stage1::recipe(
+        a.config.as_deref(),
+        a.out.as_deref(),
+        a.resume && a.teachers.is_empty(),
+    )?;
+    if !a.teachers.is_empty() {
+        cfg.teachers = a.teachers;
+    }
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
+    }
+    set!(
+        student,
+        images,
+        steps,
+        epochs,
+        batch_size,
+        image_size,
+        lr,
+        weight_decay,
+        clip_grad,
+        loss,
+        seed,
+        checkpoint_every,
+        crop_variants
+    );
+    if a.cache.is_some() {
+        cfg.cache = a.cache;
+    }
+    if a.strict_images {
+        cfg.strict_images = true;
+    }
+    let opts = a.compute.run_options(a.resume, a.stop_after, a.quiet)?;
+    let s = stage1::run(&cfg, &out, &opts)?;
+    report_run(&s);
+    if s.finished() {
+        eprintln!(
+            "student exported to {}",
+            out.join(stage1::STUDENT_WEIGHTS).display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! `distillery features`: run an encoder (or an exported student) and write its outputs.
+
+use crate::common::{load_model, print_tensors, ModelArgs};
+use anyhow::{bail, Result};
+use distillery::atomic::write_safetensors;
+use distillery::features::{
+    describe, output_tensors, read_images, read_pixels, student_pixels, student_tensors,
+};
+use distillery::models::FeatureRequest;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Image file(s) to preprocess as the checkpoint says (repeat for a batch); defaults to
+    /// the embedded sample image when neither --image nor --pixels is given
+    #[arg(long, conflicts_with = "pixels")]
+    image: Vec<PathBuf>,
+    /// Safetensors file with a normalised `pixel_values` [B,3,H,W] (skips preprocessing)
+    #[arg(long)]
+    pixels: Option<PathBuf>,
+    /// Output safetensors file (written atomically); without it only a summary is printed
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Which hidden states: `all`, `sak` (4 evenly spaced blocks) or a comma list of
+    /// hidden-state indices (0 = embeddings, i = block i-1)
+    #[arg(long, default_value = "all")]
+    levels: String,
+    /// Also draw the patch features' first 3 PCA components as RGB per image into this PNG
+    /// (the SAK levels, or the --levels list)
+    #[arg(long)]
+    pca: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if let Some(m) = &a.model.model {
+        let dir = Path::new(m);
+        if dir.join(distillery::train::stage1::STUDENT_SPEC).is_file() {
+            if a.pca.is_some() {
+                bail!("--pca draws a model's features; for a distilled student run `distillery demo` pictures come from its teachers");
+            }
+            return student(dir, &a);
+        }
+    }
+    if a.pca.is_some() && a.pixels.is_some() {
+        bail!("--pca needs --image (it draws the images next to their features)");
+    }
+    let (name, enc) = load_model(&a.model)?;
+    let info = enc.info().clone();
+    let dev = a.model.compute.device.open()?;
+    let image = if a.pixels.is_none() && a.image.is_empty() {
+        let sample = distillery::embedded::sample_image()?;
+        eprintln!("input: embedded sample image {}", sample.display());
+        vec![sample]
+    } else {
+        a.image.clone()
+    };
+    let x = match &a.pixels {
+        Some(p) => read_pixels(p, &dev)?,
+        None => read_images(&image, &info, &dev)?,
+    };
+    let x = x.to_dtype(a.model.compute.dtype.dtype())?;
+    let (b, _, h, w) = x.dims4()?;
+    eprintln!("model: {name}");
+    eprintln!("loaded: {} batch={b}", describe(&info, (h, w)));
+    let req = match (&a.pca, a.levels.as_str()) {
+        (Some(_), "all") => FeatureRequest::blocks(&info.default_levels),
+        _ => FeatureRequest::parse(&a.levels, &info)?,
+    };
+    let t0 = std::time::Instant::now();
+    let o = enc.forward_features(&x, &req)?;
+    if let Some(p) = &a.pca {
+        pca_picture(p, &image, &o, &name)?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let tensors = output_tensors(&o)?;
+    print_tensors(&tensors)?;
+    eprintln!("forward: {secs:.3} s ({:.1} images/s)", b as f64 / secs);
+    if let Some(out) = &a.out {
+        write_safetensors(&tensors, out)?;
+        eprintln!("wrote {} tensors to {}", tensors.len(), out.display());
+    }
+    Ok(())
+}
+
+/// `features --model <RUN_DIR>` on an exported SAK student.
+fn student(dir: &Path, a: &Args) -> Result<()> {
+    let student = distillery::train::stage1::load_student(dir)?;
+    let spec = &student.spec;
+    let x = student_pixels(spec, &a.image, a.pixels.as_deref(), student.device())?;
+    eprintln!(
+        "student: width={} depth={} patch={} trained at {} px, levels {:?}",
+        spec.arch.dim, spec.arch.depth, spec.arch.patch, spec.image_size, spec.levels
+    );
+    for (t, slot) in spec.teachers.iter().enumerate() {
+        eprintln!("teacher.{t} = {} (width {})", slot.name, slot.dim);
+    }
+    let tensors = student_tensors(&student, &x)?;
+    print_tensors(&tensors)?;
+    if let Some(out) = &a.out {
+        write_safetensors(&tensors, out)?;
+        eprintln!("wrote {} tensors to {}", tensors.len(), out.display());
+    }
+    Ok(())
+}
+
+/// `--pca`: pictures of the computed hidden states (patch tokens) of a model.
+fn pca_picture(
+    path: &Path,
+    images: &[PathBuf],
+    o: &distillery::EncoderOutput,
+    name: &str,
+) -> Result<()> {
+    let imgs = images
+        .iter()
+        .map(|p| Ok(distillery::preprocess::read_image(p)?))
+        .collect::<Result<Vec<_>>>()?;
+    let cols = o
+        .hidden_states
+        .keys()
+        .filter(|&&i| i > 0)
+        .map(|&i| Ok((format!("block {}", i - 1), o.feature_map(i)?)))
+        .collect::<Result<Vec<_>>>()?;
+    if cols.is_empty() {
+        bail!("--pca: no block outputs were computed (check --levels)");
+    }
+    distillery::demo::model_pictures(
+        path,
+        &imgs,
+        cols,
+        &format!("{name}: first 3 PCA components of patch features"),
+    )?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}

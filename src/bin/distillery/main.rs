@@ -1,0 +1,113 @@
+//! The `distillery` command line: a thin layer over the library. Each verb is one module that
+//! parses its arguments into the library's types and calls the library.
+
+mod bench;
+mod cache;
+mod common;
+mod demo;
+mod distill;
+mod eval;
+mod eval_edges;
+mod features;
+mod info;
+mod predict;
+mod train;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+// Large tensors are allocated and freed at every op; mimalloc keeps those pages mapped instead
+// of returning them to the kernel each time (a measurable share of CPU time otherwise).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "distillery",
+    version,
+    about = "Distil large vision foundation models into small, fast task models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Distil two embedded tiny teachers (DINOv2 + SAM) into a small student on embedded
+    /// photos, then draw loss.png and per-teacher PCA pictures of teacher vs student features
+    Demo(demo::Args),
+    /// Run an encoder and write every block's output (hidden_states.{i}, last_hidden_state)
+    Features(features::Args),
+    /// SAK stage 1: distil frozen teachers into a student on unlabeled images
+    Distill(Box<distill::Args>),
+    /// Run teachers once over a data set and store their distilled levels for training
+    /// (stage 1: --teacher + --images; stage 2: --config with the training recipe)
+    Cache(cache::Args),
+    /// SAK stage 2: multi-task dense prediction (+ distillation) from a TOML recipe
+    Train(train::Args),
+    /// Evaluate a stage-2 run on a split: every task's metrics and Delta_m
+    Eval(eval::Args),
+    /// Predict every image of a folder with a stage-2 run: PNGs per task + index.html
+    Predict(predict::Args),
+    /// Boundary benchmark (BSDS500 boundaryBench without MATLAB): ODS F, OIS F, AP
+    EvalEdges(eval_edges::Args),
+    /// Show what a model folder or hub id contains
+    Info(info::Args),
+    /// Time a ViT-B/16-size forward pass, or a SAK stage-1 training step (random weights)
+    Bench(bench::Args),
+}
+
+fn run() -> Result<()> {
+    match Cli::parse().command {
+        Command::Demo(a) => demo::run(a),
+        Command::Features(a) => features::run(a),
+        Command::Distill(a) => distill::run(*a),
+        Command::Cache(a) => cache::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Predict(a) => predict::run(a),
+        Command::EvalEdges(a) => eval_edges::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+/// Keep freed memory mapped for a while: tensors of the same sizes are freed and allocated again
+/// at every layer, and returning their pages to the OS at once makes each reuse pay page faults.
+/// A bounded delay (not "never") keeps a long training run's resident memory near its working
+/// set. `MIMALLOC_PURGE_DELAY` in the environment takes precedence.
+fn tune_allocator() {
+    // mimalloc v2 option ids (mimalloc.h): 4 = arena_eager_commit, 6 = allow_large_os_pages,
+    // 15 = purge_delay.
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const LARGE_OS_PAGES: libmimalloc_sys::mi_option_t = 6;
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: setting allocator options is thread-safe and done before heavy allocation.
+    unsafe {
+        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 1);
+        // 2 MiB pages where the kernel allows them: far fewer page faults for the large,
+        // short-lived activation buffers of training steps.
+        libmimalloc_sys::mi_option_set(LARGE_OS_PAGES, 1);
+        libmimalloc_sys::mi_option_set(PURGE_DELAY, 1000);
+    }
+}
+
+fn main() {
+    tune_allocator();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
