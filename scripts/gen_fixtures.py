@@ -358,6 +358,81 @@ def demo_distill_assets():
     print("  demo teachers and", len(DEMO_PHOTOS), "photos written")
 
 
+def randomize_cnn(model, seed):
+    """Every parameter and BatchNorm buffer random at a realistic scale (timm leaves BN at the
+    identity, and zero-initialises each block's last BN scale, which would hide branches)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.dim() == 1 and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif p.dim() == 1:
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise * (p[0].numel() ** -0.5))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.2 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    model.eval()
+    return model
+
+
+def cnn_refs(m, name, x, x_train, watch):
+    """timm's eval outputs (every forward_intermediates map, pre_logits, logits) on `x`, and one
+    training-mode step on `x_train`: logits with batch statistics, the moved running statistics
+    of the BatchNorms in `watch`, and the gradients of mean(logits^2) for their weights."""
+    import copy
+    out = {"pixel_values": x}
+    with torch.no_grad():
+        for i, f in enumerate(m.forward_intermediates(x, intermediates_only=True)):
+            out[f"stages.{i}"] = f.contiguous()
+        feats = m.forward_features(x)
+        out["pre_logits"] = m.forward_head(feats, pre_logits=True).contiguous()
+        out["logits"] = m(x).contiguous()
+    t = copy.deepcopy(m).train()
+    y = t(x_train)
+    (y ** 2).mean().backward()
+    out["train.pixel_values"] = x_train
+    out["train.logits"] = y.detach().contiguous()
+    mods = dict(t.named_modules())
+    for bn, conv in watch:
+        out[f"train.{bn}.running_mean"] = mods[bn].running_mean.clone()
+        out[f"train.{bn}.running_var"] = mods[bn].running_var.clone()
+        out[f"grad.{bn}.weight"] = mods[bn].weight.grad.clone()
+        out[f"grad.{conv}.weight"] = mods[conv].weight.grad.clone()
+    out["grad.fc.weight"] = t.fc.weight.grad.clone()
+    save_file(out, os.path.join(REFS, f"{name}.safetensors"))
+    print(f"  {name}: {[list(v.shape) for k, v in out.items() if k.startswith('stages.')]}")
+
+
+def timm_cnns():
+    """Tiny timm ResNets (basic blocks and bottlenecks, stride and projection shortcuts) with
+    random weights and BN statistics, saved as timm hub folders, and their reference outputs at
+    an odd, non-square input."""
+    import timm
+    from timm.models import _hub
+
+    os.makedirs(REFS, exist_ok=True)
+    cases = [
+        ("timm-resnet-basic", "resnet18", dict(layers=[1, 1, 2, 1], channels=[8, 16, 24, 32],
+                                               num_classes=5), 21,
+         [("bn1", "conv1"), ("layer3.1.bn2", "layer3.1.conv2"), ("layer2.0.downsample.1", "layer2.0.downsample.0")]),
+        ("timm-resnet-bottleneck", "resnet50", dict(layers=[1, 2, 1, 1], channels=[4, 8, 8, 12],
+                                                    num_classes=7), 22,
+         [("layer1.0.bn3", "layer1.0.conv3"), ("layer2.1.bn2", "layer2.1.conv2"),
+          ("layer4.0.downsample.1", "layer4.0.downsample.0")]),
+    ]
+    for name, arch, args, seed, watch in cases:
+        m = timm.create_model(arch, pretrained=False, **args)
+        randomize_cnn(m, seed)
+        d = fresh(name)
+        _hub.save_for_hf(m, d, model_args=args, safe_serialization=True)
+        cnn_refs(m, name, pixels(2, 45, 61, seed * 10 + 1), pixels(3, 37, 50, seed * 10 + 2), watch)
+
+
 if __name__ == "__main__":
     # `gen_fixtures.py student_sources` regenerates one section only.
     if len(sys.argv) > 1:

@@ -53,11 +53,15 @@ pub fn read_pixels(path: &Path, device: &Device) -> Result<Tensor> {
 }
 
 /// Preprocess image files into one batch (all must give the same size after preprocessing).
-pub fn read_images(paths: &[PathBuf], info: &ModelInfo, device: &Device) -> Result<Tensor> {
+pub fn read_images(
+    paths: &[PathBuf],
+    pre: &crate::preprocess::PreprocessConfig,
+    device: &Device,
+) -> Result<Tensor> {
     let mut items = Vec::with_capacity(paths.len());
     for p in paths {
         let img = read_image(p)?;
-        items.push(info.preprocess.apply(&img, device)?);
+        items.push(pre.apply(&img, device)?);
     }
     let first = items.first().map(|t| t.dims().to_vec()).unwrap_or_default();
     for (p, t) in paths.iter().zip(&items) {
@@ -153,4 +157,28 @@ pub fn student_pixels(
         .map(|p| pre.apply(&read_image(p)?, device))
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::stack(&items, 0)?)
+}
+
+/// Output tensors of a backbone, named as timm returns them: `stages.{i}` for every map of
+/// `forward_intermediates` (NCHW, same order), `pre_logits` (pooled features) and, when it has
+/// a classifier, `logits`. Eval mode.
+pub fn backbone_tensors(
+    net: &dyn crate::models::backbone::Backbone,
+    pixels: &Tensor,
+) -> Result<HashMap<String, Tensor>> {
+    let maps = net.forward_intermediates(pixels, false)?;
+    let mut m = HashMap::new();
+    let last = maps
+        .last()
+        .cloned()
+        .ok_or_else(|| Error::Invalid("backbone without levels".into()))?;
+    for (i, t) in maps.into_iter().enumerate() {
+        m.insert(format!("stages.{i}"), t.contiguous()?);
+    }
+    let pooled = net.pool(&last)?;
+    if let Some(l) = net.classify(&pooled)? {
+        m.insert("logits".into(), l.contiguous()?);
+    }
+    m.insert("pre_logits".into(), pooled.contiguous()?);
+    Ok(m)
 }

@@ -52,6 +52,75 @@ impl Resample {
 }
 
 /// A complete preprocessing recipe.
+/// timm's data configuration (`pretrained_cfg` in a hub folder's `config.json`): evaluation
+/// resizes the shorter side to `input / crop_pct` and centre-crops `input`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TimmDataConfig {
+    /// (height, width) of the model input
+    pub input_hw: (usize, usize),
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub crop_pct: f64,
+    /// `bilinear` or `bicubic`
+    pub interpolation: String,
+}
+
+impl TimmDataConfig {
+    /// timm's defaults (ImageNet statistics, crop 0.875, bilinear) at `side` px.
+    pub fn imagenet(side: usize) -> Self {
+        Self {
+            input_hw: (side, side),
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            crop_pct: 0.875,
+            interpolation: "bilinear".into(),
+        }
+    }
+
+    /// Read `pretrained_cfg` of a timm `config.json` over `default` (fields it lacks keep the
+    /// default's).
+    pub fn from_cfg(cfg: &Cfg, default: Self) -> Result<Self> {
+        let mut d = default;
+        let Some(p) = cfg.sub("pretrained_cfg") else {
+            return Ok(d);
+        };
+        let input = p.usize_list("input_size", &[3, d.input_hw.0, d.input_hw.1])?;
+        if input.len() == 3 && input[1] > 0 && input[2] > 0 {
+            d.input_hw = (input[1], input[2]);
+        }
+        for (key, slot) in [("mean", &mut d.mean), ("std", &mut d.std)] {
+            if let Some(m) = p.f32_list(key)? {
+                cfg.ensure(m.len() == 3, || {
+                    format!("pretrained_cfg.{key} must have 3 values")
+                })?;
+                *slot = [m[0], m[1], m[2]];
+            }
+        }
+        d.crop_pct = p.f64("crop_pct", d.crop_pct)?;
+        d.interpolation = p.string("interpolation", &d.interpolation)?;
+        Ok(d)
+    }
+
+    /// The evaluation preprocessing: shorter side to `input / crop_pct`, centre crop.
+    pub fn preprocess(&self) -> PreprocessConfig {
+        let (h, w) = self.input_hw;
+        let side = h.max(w);
+        let mut p = PreprocessConfig::short_edge_crop(
+            (side as f64 / self.crop_pct).floor() as usize,
+            side,
+            self.mean,
+            self.std,
+        );
+        p.crop = Some((h, w));
+        p.resample = if self.interpolation == "bilinear" {
+            Resample::Bilinear
+        } else {
+            Resample::Bicubic
+        };
+        p
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct PreprocessConfig {
     pub resize: Resize,

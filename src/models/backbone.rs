@@ -10,6 +10,7 @@
 use super::encoder::{TokenEncoder, VitArch};
 use super::student::Init;
 use super::{evenly_spaced_blocks, Family, FeatureRequest, ModelInfo, VisionEncoder};
+use crate::config::Cfg;
 use crate::error::{Error, Result};
 use crate::preprocess::{PreprocessConfig, Resample, IMAGENET_MEAN, IMAGENET_STD};
 use crate::weights::Weights;
@@ -28,15 +29,24 @@ pub struct FeatureInfo {
 pub trait Backbone: Send + Sync {
     /// The levels [`Backbone::forward_intermediates`] returns, in order.
     fn feature_info(&self) -> Vec<FeatureInfo>;
-    /// Feature maps `[B, C_k, H / s_k, W / s_k]` of normalised pixels `[B, 3, H, W]`.
-    fn forward_intermediates(&self, pixels: &Tensor) -> Result<Vec<Tensor>>;
-    /// Image features `[B, C]`: the last level averaged over space.
+    /// Feature maps `[B, C_k, H / s_k, W / s_k]` of normalised pixels `[B, 3, H, W]`. `train`:
+    /// BatchNorm uses (and moves its running statistics with) the batch statistics.
+    fn forward_intermediates(&self, pixels: &Tensor, train: bool) -> Result<Vec<Tensor>>;
+    /// Image features `[B, C]` from the last level (timm's `pre_logits`): averaged over space.
+    fn pool(&self, last: &Tensor) -> Result<Tensor> {
+        Ok(last.mean(3)?.mean(2)?)
+    }
+    /// Image features of pixels (eval mode).
     fn forward_pooled(&self, pixels: &Tensor) -> Result<Tensor> {
         let last = self
-            .forward_intermediates(pixels)?
+            .forward_intermediates(pixels, false)?
             .pop()
             .ok_or_else(|| Error::Invalid("backbone without levels".into()))?;
-        Ok(last.mean(3)?.mean(2)?)
+        self.pool(&last)
+    }
+    /// The classifier's logits `[B, classes]` from pooled features, when it has one.
+    fn classify(&self, _pooled: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
     }
     /// How images are turned into its input.
     fn preprocess(&self) -> &PreprocessConfig;
@@ -46,28 +56,97 @@ pub trait Backbone: Send + Sync {
 
 /// Everything needed to create a backbone's parameters and build it.
 pub trait BackboneSpec {
+    /// The architecture's name (timm's where it has one).
+    fn arch_name(&self) -> String;
     /// Every parameter: name, shape, initialiser.
     fn parameters(&self) -> Vec<(String, Vec<usize>, Init)>;
-    /// Build from parameters named as [`BackboneSpec::parameters`] says.
-    fn build(&self, w: &Weights) -> Result<Box<dyn Backbone>>;
+    /// State that is not trained but saved (BatchNorm running statistics): name, shape, value.
+    fn buffers(&self) -> Vec<(String, Vec<usize>, Init)> {
+        Vec::new()
+    }
+    /// Build from parameters and buffers named as [`BackboneSpec::parameters`] and
+    /// [`BackboneSpec::buffers`] say.
+    fn build(&self, w: &Weights, state: &Weights) -> Result<Box<dyn Backbone>>;
 }
 
 /// A family's resolver: the spec for one of its names at input size (h, w), or None.
 pub type Resolver = fn(&str, (usize, usize)) -> Option<Box<dyn BackboneSpec>>;
 
+/// A family's reader of timm hub configs: the spec a `config.json` describes (checked against
+/// the checkpoint's tensor shapes), or None when the architecture is not the family's.
+pub type ConfigReader = fn(&Cfg, &Weights) -> Option<Result<Box<dyn BackboneSpec>>>;
+
+/// One registered family.
+pub struct FamilyEntry {
+    pub name: &'static str,
+    pub resolve: Resolver,
+    pub names: &'static [&'static str],
+    pub from_config: Option<ConfigReader>,
+}
+
 /// The registry: every student family, each resolving its own names.
-pub const FAMILIES: &[(&str, Resolver, &[&str])] = &[("vit", vit_spec, VIT_NAMES)];
+pub const FAMILIES: &[FamilyEntry] = &[
+    FamilyEntry {
+        name: "vit",
+        resolve: vit_spec,
+        names: VIT_NAMES,
+        from_config: None,
+    },
+    FamilyEntry {
+        name: "resnet",
+        resolve: super::resnet::resolve,
+        names: super::resnet::NAMES,
+        from_config: Some(super::resnet::from_config),
+    },
+];
 
 /// The spec of a named backbone for input size `hw`.
 pub fn spec(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
-    FAMILIES
-        .iter()
-        .find_map(|(_, resolve, _)| resolve(name, hw))
+    FAMILIES.iter().find_map(|f| (f.resolve)(name, hw))
+}
+
+/// Total number of values in a parameter (or buffer) list.
+pub fn count(list: &[(String, Vec<usize>, Init)]) -> usize {
+    list.iter()
+        .map(|(_, shape, _)| shape.iter().product::<usize>())
+        .sum()
 }
 
 /// Every registered backbone name.
 pub fn names() -> Vec<&'static str> {
-    FAMILIES.iter().flat_map(|f| f.2.iter().copied()).collect()
+    FAMILIES
+        .iter()
+        .flat_map(|f| f.names.iter().copied())
+        .collect()
+}
+
+/// A loaded backbone and the spec it was built from.
+pub type Loaded = (Box<dyn BackboneSpec>, Box<dyn Backbone>);
+
+/// A backbone from a timm hub folder or id (`config.json` + `model.safetensors`) of a
+/// registered family; `Ok(None)` when the config names no registered family's architecture.
+pub fn load(
+    model: &str,
+    opts: &super::LoadOptions,
+) -> Result<Option<Loaded>> {
+    let files = super::resolve(model)?;
+    let cfg = Cfg::read(&files.config)?;
+    let w = Weights::open(
+        &files.weights,
+        &files.weights_display,
+        opts.dtype,
+        &opts.device,
+    )?;
+    for f in FAMILIES {
+        if let Some(reader) = f.from_config {
+            if let Some(spec) = reader(&cfg, &w) {
+                let spec = spec?;
+                let model = spec.build(&w, &w)?;
+                return Ok(Some((spec, model)));
+            }
+        }
+    }
+    Ok(None)
 }
 
 const VIT_NAMES: &[&str] = &["vit-n8", "vit-t16", "vit-s16", "vit-b16", "vit-l16"];
@@ -237,7 +316,7 @@ impl Backbone for ViTBackbone {
     fn feature_info(&self) -> Vec<FeatureInfo> {
         vit_feature_info(&self.encoder, &self.levels)
     }
-    fn forward_intermediates(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
+    fn forward_intermediates(&self, pixels: &Tensor, _train: bool) -> Result<Vec<Tensor>> {
         vit_pyramid(&self.encoder, &self.levels, pixels)
     }
     fn preprocess(&self) -> &PreprocessConfig {
@@ -249,10 +328,17 @@ impl Backbone for ViTBackbone {
 }
 
 impl BackboneSpec for ViTSpec {
+    fn arch_name(&self) -> String {
+        let a = &self.arch;
+        format!(
+            "vit (width {}, depth {}, heads {}, patch {})",
+            a.dim, a.depth, a.heads, a.patch
+        )
+    }
     fn parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
         self.parameters_under("")
     }
-    fn build(&self, w: &Weights) -> Result<Box<dyn Backbone>> {
+    fn build(&self, w: &Weights, _state: &Weights) -> Result<Box<dyn Backbone>> {
         Ok(Box::new(ViTBackbone {
             encoder: self.encoder(w)?,
             levels: self.levels.clone(),
@@ -271,12 +357,12 @@ mod tests {
         assert!(spec("no-such-net", (32, 32)).is_none());
         assert!(names().iter().all(|n| spec(n, (64, 64)).is_some()));
         let (_vm, w) = crate::train::engine::seeded_weights(s.parameters(), 0);
-        let b = s.build(&w).unwrap();
+        let b = s.build(&w, &w).unwrap();
         let info = b.feature_info();
         assert_eq!(info.len(), 4);
         assert!(info.iter().all(|f| f.channels == 96 && f.stride == 8));
         let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 48), &Device::Cpu).unwrap();
-        let maps = b.forward_intermediates(&x).unwrap();
+        let maps = b.forward_intermediates(&x, false).unwrap();
         for m in &maps {
             assert_eq!(m.dims(), &[2, 96, 4, 6]);
         }

@@ -112,6 +112,75 @@ impl LayerNorm {
     }
 }
 
+/// `F.conv2d(x, w, padding, stride, groups)` with a backward pass that is right for every input
+/// size. candle derives the transposed convolution's output padding from the height alone, so
+/// a strided convolution whose height and width leave different remainders gets a gradient of
+/// the wrong width. Where the remainders are not zero, the padding is applied explicitly (the
+/// rows and columns no output reads are left out), so the convolution itself divides evenly.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    let (_, _, h, wd) = x.dims4()?;
+    let (kh, kw) = (w.dim(2)?, w.dim(3)?);
+    let rest = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) % stride;
+    if stride == 1 || (rest(h, kh) == 0 && rest(wd, kw) == 0) {
+        return Ok(x.conv2d(w, padding, stride, 1, groups)?);
+    }
+    let mut x = x.clone();
+    for (dim, n, k) in [(2, h, kh), (3, wd, kw)] {
+        let r = rest(n, k);
+        x = if r <= padding {
+            x.pad_with_zeros(dim, padding, padding - r)?
+        } else {
+            x.narrow(dim, 0, n - (r - padding))?
+                .pad_with_zeros(dim, padding, 0)?
+        };
+    }
+    Ok(x.conv2d(w, 0, stride, 1, groups)?)
+}
+
+/// `nn.MaxPool2d(3, stride=2, padding=1)` on a non-negative input (a ReLU output, as in every
+/// ResNet stem): zero padding then gives PyTorch's maxima. candle's pooling has no backward for
+/// overlapping windows, so when a gradient is needed the maximum is taken over the nine strided
+/// shifts of the padded input (differentiable element-wise maxima).
+pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (oh, ow) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
+    if !x.track_op() && !x.is_variable() {
+        return Ok(x
+            .pad_with_zeros(2, 1, 1)?
+            .pad_with_zeros(3, 1, 1)?
+            .max_pool2d_with_stride(3, 2)?);
+    }
+    // Pad to 2 * out + 2 per side so every shift's window of 2 * out rows fits.
+    let p = x
+        .pad_with_zeros(2, 1, 2 * oh + 1 - h)?
+        .pad_with_zeros(3, 1, 2 * ow + 1 - w)?;
+    let mut m: Option<Tensor> = None;
+    for dy in 0..3 {
+        let rows = p
+            .narrow(2, dy, 2 * oh)?
+            .reshape((b, c, oh, 2, 2 * ow + 2))?
+            .narrow(3, 0, 1)?;
+        for dx in 0..3 {
+            let v = rows
+                .narrow(4, dx, 2 * ow)?
+                .reshape((b, c, oh, 1, ow, 2))?
+                .narrow(5, 0, 1)?
+                .reshape((b, c, oh, ow))?;
+            m = Some(match m {
+                Some(a) => a.maximum(&v)?,
+                None => v,
+            });
+        }
+    }
+    m.ok_or_else(|| crate::error::Error::Invalid("empty pooling window".into()))
+}
+
 /// `nn.BatchNorm2d` over `[B, C, H, W]`, computed in f32 whatever the input's dtype (as mixed
 /// precision does) and returned in the input's dtype. Training mode normalises with the batch
 /// statistics and moves the running statistics (momentum 0.1, unbiased variance, as PyTorch);

@@ -370,7 +370,7 @@ impl Backbone for Student {
     fn feature_info(&self) -> Vec<FeatureInfo> {
         super::backbone::vit_feature_info(&self.stem, &self.spec.levels)
     }
-    fn forward_intermediates(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
+    fn forward_intermediates(&self, pixels: &Tensor, _train: bool) -> Result<Vec<Tensor>> {
         super::backbone::vit_pyramid(&self.stem, &self.spec.levels, pixels)
     }
     fn preprocess(&self) -> &PreprocessConfig {
@@ -396,10 +396,13 @@ mod tests {
         let (_vm, w) = crate::train::engine::seeded_weights(spec.parameters(), 3);
         let student = Student::build(&spec, &w).unwrap();
         // the same stem parameters, loaded as the registry's plain ViT backbone
-        let plain = spec.stem_spec().build(&w.pp("stem")).unwrap();
+        let plain = spec.stem_spec().build(&w.pp("stem"), &w).unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
-        let a = student.as_backbone().forward_intermediates(&x).unwrap();
-        let b = plain.forward_intermediates(&x).unwrap();
+        let a = student
+            .as_backbone()
+            .forward_intermediates(&x, false)
+            .unwrap();
+        let b = plain.forward_intermediates(&x, false).unwrap();
         let out = student.forward(&x, false).unwrap();
         assert_eq!(student.as_backbone().feature_info(), plain.feature_info());
         assert_eq!(a.len(), 4);

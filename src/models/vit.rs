@@ -7,7 +7,7 @@ use super::{evenly_spaced_blocks, find_prefix, Family, ModelFiles, ModelInfo};
 use crate::config::Cfg;
 use crate::error::Result;
 use crate::interp::Kernel;
-use crate::preprocess::{PreprocessConfig, Resample, HALF, IMAGENET_MEAN, IMAGENET_STD};
+use crate::preprocess::{PreprocessConfig, Resample, TimmDataConfig, HALF};
 use crate::weights::Weights;
 
 /// How timm resamples a position table to another grid (`resample_abs_pos_embed`: bicubic with
@@ -168,35 +168,16 @@ pub fn load_timm(
     cfg.ensure(dim % heads == 0, || {
         format!("embed_dim {dim} not divisible by num_heads {heads}")
     })?;
-    let mut mean = IMAGENET_MEAN;
-    let mut std = IMAGENET_STD;
-    let mut crop_pct = 0.9;
-    let mut resample = Resample::Bicubic;
     // The data config's input size drives preprocessing; the model's own grid comes from the
     // checkpoint's position table.
-    let mut data_img = img;
-    if let Some(p) = cfg.sub("pretrained_cfg") {
-        let input = p.usize_list("input_size", &[3, img, img])?;
-        if input.len() == 3 && input[1] > 0 {
-            data_img = input[1];
-        }
-        if let Some(m) = p.f32_list("mean")? {
-            cfg.ensure(m.len() == 3, || {
-                "pretrained_cfg.mean must have 3 values".into()
-            })?;
-            mean = [m[0], m[1], m[2]];
-        }
-        if let Some(s) = p.f32_list("std")? {
-            cfg.ensure(s.len() == 3, || {
-                "pretrained_cfg.std must have 3 values".into()
-            })?;
-            std = [s[0], s[1], s[2]];
-        }
-        crop_pct = p.f64("crop_pct", crop_pct)?;
-        if p.string("interpolation", "bicubic")? == "bilinear" {
-            resample = Resample::Bilinear;
-        }
-    }
+    let data = TimmDataConfig::from_cfg(
+        cfg,
+        TimmDataConfig {
+            crop_pct: 0.9,
+            interpolation: "bicubic".into(),
+            ..TimmDataConfig::imagenet(img)
+        },
+    )?;
     let w = find_prefix(w, "patch_embed.proj.weight", files)?;
     // Structure that timm configs rarely spell out is read off the checkpoint's tensors.
     let mlp_hidden = match cfg.sub("model_args").map(|a| a.has("mlp_ratio")) {
@@ -238,13 +219,7 @@ pub fn load_timm(
         pos_prefix,
         layer_scale: w.contains("blocks.0.ls1.gamma"),
     };
-    let mut preprocess = PreprocessConfig::short_edge_crop(
-        (data_img as f64 / crop_pct).floor() as usize,
-        data_img,
-        mean,
-        std,
-    );
-    preprocess.resample = resample;
+    let preprocess = data.preprocess();
     let d = arch.dims((img, img));
     let info = info(Family::TimmVit, &d, arch.prefix_tokens(), preprocess);
     timm_encoder(&w, &arch, info, true)

@@ -43,6 +43,15 @@ pub fn run(a: Args) -> Result<()> {
             return student(dir, &a);
         }
     }
+    if let Some(m) = &a.model.model {
+        let opts = a.model.compute.load_options()?;
+        if let Some((_, net)) = distillery::models::backbone::load(m, &opts)? {
+            if a.pca.is_some() {
+                bail!("--pca draws a ViT's patch features; {m} is a CNN");
+            }
+            return backbone(m, net.as_ref(), &a, &opts);
+        }
+    }
     if a.pca.is_some() && a.pixels.is_some() {
         bail!("--pca needs --image (it draws the images next to their features)");
     }
@@ -58,7 +67,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let x = match &a.pixels {
         Some(p) => read_pixels(p, &dev)?,
-        None => read_images(&image, &info, &dev)?,
+        None => read_images(&image, &info.preprocess, &dev)?,
     };
     let x = x.to_dtype(a.model.compute.dtype.dtype())?;
     let (b, _, h, w) = x.dims4()?;
@@ -77,6 +86,45 @@ pub fn run(a: Args) -> Result<()> {
     let tensors = output_tensors(&o)?;
     print_tensors(&tensors)?;
     eprintln!("forward: {secs:.3} s ({:.1} images/s)", b as f64 / secs);
+    if let Some(out) = &a.out {
+        write_safetensors(&tensors, out)?;
+        eprintln!("wrote {} tensors to {}", tensors.len(), out.display());
+    }
+    Ok(())
+}
+
+/// `features --model` on a CNN backbone (timm naming): `stages.{i}`, `pre_logits`, `logits`.
+fn backbone(
+    name: &str,
+    net: &dyn distillery::models::backbone::Backbone,
+    a: &Args,
+    opts: &distillery::models::LoadOptions,
+) -> Result<()> {
+    let x = match (&a.pixels, a.image.is_empty()) {
+        (Some(p), _) => read_pixels(p, &opts.device)?,
+        (None, false) => read_images(&a.image, net.preprocess(), &opts.device)?,
+        (None, true) => {
+            let sample = distillery::embedded::sample_image()?;
+            eprintln!("input: embedded sample image {}", sample.display());
+            read_images(&[sample], net.preprocess(), &opts.device)?
+        }
+    };
+    let x = x.to_dtype(opts.dtype)?;
+    eprintln!("model: {name}");
+    let levels: Vec<String> = net
+        .feature_info()
+        .iter()
+        .map(|f| format!("{}@/{}", f.channels, f.stride))
+        .collect();
+    eprintln!("levels (channels@/stride): {}", levels.join(" "));
+    let t0 = std::time::Instant::now();
+    let tensors = distillery::features::backbone_tensors(net, &x)?;
+    let secs = t0.elapsed().as_secs_f64();
+    print_tensors(&tensors)?;
+    eprintln!(
+        "forward: {secs:.3} s ({:.1} images/s)",
+        x.dim(0)? as f64 / secs
+    );
     if let Some(out) = &a.out {
         write_safetensors(&tensors, out)?;
         eprintln!("wrote {} tensors to {}", tensors.len(), out.display());

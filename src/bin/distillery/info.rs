@@ -3,6 +3,7 @@
 use crate::common::{load_model, ModelArgs};
 use anyhow::Result;
 use distillery::features::describe;
+use distillery::models::backbone;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -11,6 +12,25 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(m) = &a.model.model {
+        if let Some((spec, net)) = backbone::load(m, &a.model.compute.load_options()?)? {
+            println!("model: {m}");
+            println!("architecture: {}", spec.arch_name());
+            println!(
+                "parameters: {} (+ {} buffer values)",
+                backbone::count(&spec.parameters()),
+                backbone::count(&spec.buffers())
+            );
+            let levels: Vec<String> = net
+                .feature_info()
+                .iter()
+                .map(|f| format!("{} ch @ stride {}", f.channels, f.stride))
+                .collect();
+            println!("levels: {}", levels.join(", "));
+            println!("preprocess: {:?}", net.preprocess());
+            return Ok(());
+        }
+    }
     let (name, enc) = load_model(&a.model)?;
     let info = enc.info();
     println!("model: {name}");

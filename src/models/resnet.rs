@@ -1,0 +1,467 @@
+//! ResNet as timm builds it (`timm/models/resnet.py`, ResNet v1.5): a 7x7/2 stem convolution,
+//! BatchNorm, ReLU and a 3x3/2 max pool, then four stages of basic blocks (ResNet-18/34) or
+//! bottlenecks (ResNet-50/101/152, stride on the 3x3), a 1x1 projection shortcut where the shape
+//! changes, global average pooling and a linear classifier `fc`. Weight names are timm's
+//! (`conv1`, `bn1`, `layer{1-4}.{i}.conv{1-3}` / `bn{1-3}` / `downsample.{0,1}`, `fc`).
+//!
+//! Pyramid (timm `forward_intermediates`): the stem activation (stride 2) and each stage
+//! (strides 4, 8, 16, 32). BatchNorm trains with batch statistics and keeps its running
+//! statistics as buffers.
+
+use super::backbone::{Backbone, BackboneSpec, FeatureInfo};
+use super::layers::{BatchNorm2d, Linear};
+use super::student::Init;
+use crate::config::Cfg;
+use crate::error::{Error, Result};
+use crate::preprocess::{PreprocessConfig, TimmDataConfig};
+use crate::weights::Weights;
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// The registered names.
+pub const NAMES: &[&str] = &["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"];
+
+const BN_EPS: f64 = 1e-5;
+
+/// Width of timm's plain 7x7 stem (its `stem_width` argument only shapes the deep stems).
+const STEM_WIDTH: usize = 64;
+
+/// Block type and blocks per stage of each named depth.
+fn depth_of(name: &str) -> Option<(bool, [usize; 4])> {
+    Some(match name {
+        "resnet18" => (false, [2, 2, 2, 2]),
+        "resnet34" => (false, [3, 4, 6, 3]),
+        "resnet50" => (true, [3, 4, 6, 3]),
+        "resnet101" => (true, [3, 4, 23, 3]),
+        "resnet152" => (true, [3, 8, 36, 3]),
+        _ => return None,
+    })
+}
+
+/// A ResNet's structure, classifier size and data configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResNetSpec {
+    /// timm architecture name (`resnet50`)
+    pub arch: String,
+    /// bottleneck blocks (expansion 4) rather than basic blocks
+    pub bottleneck: bool,
+    /// blocks per stage
+    pub layers: [usize; 4],
+    /// block widths per stage (before expansion)
+    pub channels: [usize; 4],
+    /// classifier outputs (0: no classifier)
+    pub num_classes: usize,
+    pub data: TimmDataConfig,
+}
+
+/// One block of the plan: where it is and its shapes.
+struct BlockPlan {
+    name: String,
+    inplanes: usize,
+    planes: usize,
+    stride: usize,
+    downsample: bool,
+}
+
+impl ResNetSpec {
+    /// A standard ResNet by timm name, without classifier, for inputs of `hw`.
+    pub fn named(name: &str, hw: (usize, usize)) -> Option<Self> {
+        let (bottleneck, layers) = depth_of(name)?;
+        Some(Self {
+            arch: name.to_string(),
+            bottleneck,
+            layers,
+            channels: [64, 128, 256, 512],
+            num_classes: 0,
+            // timm's `resnet*.a1_in1k` evaluation settings, at the requested size
+            data: TimmDataConfig {
+                input_hw: hw,
+                crop_pct: 0.95,
+                interpolation: "bicubic".into(),
+                ..TimmDataConfig::imagenet(hw.0)
+            },
+        })
+    }
+
+    fn expansion(&self) -> usize {
+        if self.bottleneck {
+            4
+        } else {
+            1
+        }
+    }
+
+    /// Width of the pooled features (and the classifier's input).
+    pub fn num_features(&self) -> usize {
+        self.channels[3] * self.expansion()
+    }
+
+    fn plan(&self) -> Vec<Vec<BlockPlan>> {
+        let mut inplanes = STEM_WIDTH;
+        let mut stages = Vec::new();
+        for (i, (&n, &planes)) in self.layers.iter().zip(&self.channels).enumerate() {
+            let mut blocks = Vec::new();
+            for b in 0..n {
+                let stride = if b == 0 && i > 0 { 2 } else { 1 };
+                let out = planes * self.expansion();
+                blocks.push(BlockPlan {
+                    name: format!("layer{}.{b}", i + 1),
+                    inplanes,
+                    planes,
+                    stride,
+                    downsample: b == 0 && (stride != 1 || inplanes != out),
+                });
+                inplanes = out;
+            }
+            stages.push(blocks);
+        }
+        stages
+    }
+
+    /// Every BatchNorm by name and width.
+    fn norms(&self) -> Vec<(String, usize)> {
+        let mut v = vec![("bn1".to_string(), STEM_WIDTH)];
+        for b in self.plan().into_iter().flatten() {
+            v.push((format!("{}.bn1", b.name), b.planes));
+            v.push((format!("{}.bn2", b.name), b.planes));
+            if self.bottleneck {
+                v.push((format!("{}.bn3", b.name), b.planes * 4));
+            }
+            if b.downsample {
+                v.push((
+                    format!("{}.downsample.1", b.name),
+                    b.planes * self.expansion(),
+                ));
+            }
+        }
+        v
+    }
+
+    /// Every convolution: name, shape `[out, in, k, k]`.
+    fn convs(&self) -> Vec<(String, Vec<usize>)> {
+        let mut v = vec![("conv1.weight".to_string(), vec![STEM_WIDTH, 3, 7, 7])];
+        for b in self.plan().into_iter().flatten() {
+            let n = &b.name;
+            let out = b.planes * self.expansion();
+            if self.bottleneck {
+                v.push((
+                    format!("{n}.conv1.weight"),
+                    vec![b.planes, b.inplanes, 1, 1],
+                ));
+                v.push((format!("{n}.conv2.weight"), vec![b.planes, b.planes, 3, 3]));
+                v.push((format!("{n}.conv3.weight"), vec![out, b.planes, 1, 1]));
+            } else {
+                v.push((
+                    format!("{n}.conv1.weight"),
+                    vec![b.planes, b.inplanes, 3, 3],
+                ));
+                v.push((format!("{n}.conv2.weight"), vec![b.planes, b.planes, 3, 3]));
+            }
+            if b.downsample {
+                v.push((
+                    format!("{n}.downsample.0.weight"),
+                    vec![out, b.inplanes, 1, 1],
+                ));
+            }
+        }
+        v
+    }
+
+    /// The last BatchNorm of a block, whose scale timm initialises to zero (each residual
+    /// branch starts as the identity).
+    fn is_last_norm(&self, name: &str) -> bool {
+        let last = if self.bottleneck { ".bn3" } else { ".bn2" };
+        name.starts_with("layer") && name.ends_with(last)
+    }
+}
+
+impl BackboneSpec for ResNetSpec {
+    fn arch_name(&self) -> String {
+        self.arch.clone()
+    }
+
+    fn parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
+        let mut p = Vec::new();
+        for (name, shape) in self.convs() {
+            // timm: kaiming normal, fan-out, ReLU gain
+            let fan_out = (shape[0] * shape[2] * shape[3]) as f64;
+            p.push((name, shape, Init::Normal((2.0 / fan_out).sqrt())));
+        }
+        for (name, c) in self.norms() {
+            let scale = if self.is_last_norm(&name) {
+                Init::Zeros
+            } else {
+                Init::Ones
+            };
+            p.push((format!("{name}.weight"), vec![c], scale));
+            p.push((format!("{name}.bias"), vec![c], Init::Zeros));
+        }
+        if self.num_classes > 0 {
+            let f = self.num_features();
+            let bound = (1.0 / f as f64).sqrt();
+            p.push((
+                "fc.weight".into(),
+                vec![self.num_classes, f],
+                Init::Normal(bound / 3f64.sqrt()),
+            ));
+            p.push(("fc.bias".into(), vec![self.num_classes], Init::Zeros));
+        }
+        p
+    }
+
+    fn buffers(&self) -> Vec<(String, Vec<usize>, Init)> {
+        let mut b = Vec::new();
+        for (name, c) in self.norms() {
+            b.push((format!("{name}.running_mean"), vec![c], Init::Zeros));
+            b.push((format!("{name}.running_var"), vec![c], Init::Ones));
+        }
+        b
+    }
+
+    fn build(&self, w: &Weights, state: &Weights) -> Result<Box<dyn Backbone>> {
+        let bn = |name: &str, c: usize| BatchNorm2d::load(&w.pp(name), &state.pp(name), c, BN_EPS);
+        let conv = |name: &str, shape: [usize; 4], stride: usize| -> Result<Conv> {
+            Ok(Conv {
+                weight: w.get(shape.as_slice(), &format!("{name}.weight"))?,
+                stride,
+                pad: shape[3] / 2,
+            })
+        };
+        let mut stages = Vec::new();
+        for plan in self.plan() {
+            let mut blocks = Vec::new();
+            for b in plan {
+                let n = &b.name;
+                let out = b.planes * self.expansion();
+                let (p, i) = (b.planes, b.inplanes);
+                let mut branch = Vec::new();
+                if self.bottleneck {
+                    branch.push((
+                        conv(&format!("{n}.conv1"), [p, i, 1, 1], 1)?,
+                        bn(&format!("{n}.bn1"), p)?,
+                    ));
+                    branch.push((
+                        conv(&format!("{n}.conv2"), [p, p, 3, 3], b.stride)?,
+                        bn(&format!("{n}.bn2"), p)?,
+                    ));
+                    branch.push((
+                        conv(&format!("{n}.conv3"), [out, p, 1, 1], 1)?,
+                        bn(&format!("{n}.bn3"), out)?,
+                    ));
+                } else {
+                    branch.push((
+                        conv(&format!("{n}.conv1"), [p, i, 3, 3], b.stride)?,
+                        bn(&format!("{n}.bn1"), p)?,
+                    ));
+                    branch.push((
+                        conv(&format!("{n}.conv2"), [p, p, 3, 3], 1)?,
+                        bn(&format!("{n}.bn2"), p)?,
+                    ));
+                }
+                let shortcut = if b.downsample {
+                    Some((
+                        conv(&format!("{n}.downsample.0"), [out, i, 1, 1], b.stride)?,
+                        bn(&format!("{n}.downsample.1"), out)?,
+                    ))
+                } else {
+                    None
+                };
+                blocks.push(Block { branch, shortcut });
+            }
+            stages.push(blocks);
+        }
+        let fc = if self.num_classes > 0 {
+            Some(super::layers::linear(
+                &w.pp("fc"),
+                self.num_features(),
+                self.num_classes,
+                true,
+            )?)
+        } else {
+            None
+        };
+        Ok(Box::new(ResNet {
+            spec: self.clone(),
+            stem: (
+                conv("conv1", [STEM_WIDTH, 3, 7, 7], 2)?,
+                bn("bn1", STEM_WIDTH)?,
+            ),
+            stages,
+            fc,
+            preprocess: self.data.preprocess(),
+            device: w.device().clone(),
+        }))
+    }
+}
+
+struct Conv {
+    weight: Tensor,
+    stride: usize,
+    pad: usize,
+}
+
+impl Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        super::layers::conv2d(x, &self.weight, self.pad, self.stride, 1)
+    }
+}
+
+/// Convolution, BatchNorm.
+fn conv_bn(x: &Tensor, (c, n): &(Conv, BatchNorm2d), train: bool) -> Result<Tensor> {
+    n.forward(&c.forward(x)?, train)
+}
+
+struct Block {
+    /// (conv, norm) in order, ReLU between them
+    branch: Vec<(Conv, BatchNorm2d)>,
+    shortcut: Option<(Conv, BatchNorm2d)>,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (i, cn) in self.branch.iter().enumerate() {
+            h = conv_bn(&h, cn, train)?;
+            if i + 1 < self.branch.len() {
+                h = h.relu()?;
+            }
+        }
+        let skip = match &self.shortcut {
+            Some(cn) => conv_bn(x, cn, train)?,
+            None => x.clone(),
+        };
+        Ok((h + skip)?.relu()?)
+    }
+}
+
+/// A built ResNet.
+pub struct ResNet {
+    spec: ResNetSpec,
+    stem: (Conv, BatchNorm2d),
+    stages: Vec<Vec<Block>>,
+    fc: Option<Linear>,
+    preprocess: PreprocessConfig,
+    device: Device,
+}
+
+impl Backbone for ResNet {
+    fn feature_info(&self) -> Vec<FeatureInfo> {
+        let e = self.spec.expansion();
+        let mut v = vec![FeatureInfo {
+            channels: STEM_WIDTH,
+            stride: 2,
+        }];
+        for (i, c) in self.spec.channels.iter().enumerate() {
+            v.push(FeatureInfo {
+                channels: c * e,
+                stride: 4 << i,
+            });
+        }
+        v
+    }
+
+    fn forward_intermediates(&self, pixels: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        let x = conv_bn(pixels, &self.stem, train)?.relu()?;
+        let mut out = vec![x.clone()];
+        let mut x = super::layers::max_pool_3x3_s2(&x)?;
+        for stage in &self.stages {
+            for block in stage {
+                x = block.forward(&x, train)?;
+            }
+            out.push(x.clone());
+        }
+        Ok(out)
+    }
+
+    fn classify(&self, pooled: &Tensor) -> Result<Option<Tensor>> {
+        self.fc.as_ref().map(|fc| fc.forward(pooled)).transpose()
+    }
+
+    fn preprocess(&self) -> &PreprocessConfig {
+        &self.preprocess
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// The registry's resolver.
+pub fn resolve(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
+    ResNetSpec::named(name, hw).map(|s| Box::new(s) as Box<dyn BackboneSpec>)
+}
+
+/// A timm hub config of a ResNet: `architecture` (`resnet50.a1_in1k`), optional `model_args`
+/// (`layers`, `channels`), `pretrained_cfg`; the classifier's size is read off
+/// the checkpoint (`fc.weight`).
+pub fn from_config(cfg: &Cfg, w: &Weights) -> Option<Result<Box<dyn BackboneSpec>>> {
+    let arch = cfg.string("architecture", "").ok()?;
+    let base = arch.split('.').next().unwrap_or("").to_string();
+    if !base.starts_with("resnet") {
+        return None;
+    }
+    Some(spec_from_config(cfg, w, &base).map(|s| Box::new(s) as Box<dyn BackboneSpec>))
+}
+
+fn spec_from_config(cfg: &Cfg, w: &Weights, base: &str) -> Result<ResNetSpec> {
+    let Some(mut spec) = ResNetSpec::named(base, (224, 224)) else {
+        return Err(Error::Invalid(format!(
+            "timm architecture {base:?} is not a supported ResNet (known: {})",
+            NAMES.join(", ")
+        )));
+    };
+    if let Some(args) = cfg.sub("model_args") {
+        let list4 = |key: &str, d: [usize; 4]| -> Result<[usize; 4]> {
+            let v = args.usize_list(key, &d)?;
+            args.ensure(v.len() == 4 && v.iter().all(|&x| x > 0), || {
+                format!("model_args.{key} must be 4 positive numbers")
+            })?;
+            Ok([v[0], v[1], v[2], v[3]])
+        };
+        spec.layers = list4("layers", spec.layers)?;
+        spec.channels = list4("channels", spec.channels)?;
+    }
+    spec.num_classes = w
+        .shape_of("fc.weight")
+        .and_then(|s| s.first().copied())
+        .unwrap_or(0);
+    spec.data = TimmDataConfig::from_cfg(cfg, spec.data)?;
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resnet50_has_timms_parameter_count_and_pyramid() {
+        // timm: resnet50 has 25,557,032 parameters with its 1000-class head; resnet18 11,689,512.
+        for (name, want) in [("resnet50", 25_557_032usize), ("resnet18", 11_689_512)] {
+            let mut s = ResNetSpec::named(name, (224, 224)).unwrap();
+            s.num_classes = 1000;
+            assert_eq!(
+                super::super::backbone::count(&s.parameters()),
+                want,
+                "{name}"
+            );
+        }
+        let s = ResNetSpec {
+            layers: [1, 1, 1, 1],
+            channels: [4, 8, 8, 16],
+            ..ResNetSpec::named("resnet50", (40, 56)).unwrap()
+        };
+        let (_vm, w) = crate::train::engine::seeded_weights(s.parameters(), 1);
+        let (_bm, b) = crate::train::engine::seeded_weights(s.buffers(), 2);
+        let net = s.build(&w, &b).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 40, 56), &Device::Cpu).unwrap();
+        let maps = net.forward_intermediates(&x, false).unwrap();
+        let info = net.feature_info();
+        assert_eq!(maps.len(), 5);
+        for (m, f) in maps.iter().zip(&info) {
+            assert_eq!(m.dims()[1], f.channels);
+            assert_eq!(m.dims()[2], 40usize.div_ceil(f.stride));
+            assert_eq!(m.dims()[3], 56usize.div_ceil(f.stride));
+        }
+        assert_eq!(info[4].channels, 64);
+    }
+}

@@ -1,0 +1,178 @@
+//! CNN students against timm: tiny random ResNets (basic blocks and bottlenecks, every weight
+//! and BatchNorm statistic random) loaded from timm hub folders. Eval mode: every
+//! `forward_intermediates` map, `pre_logits` and `logits`; train mode, one step: logits with
+//! batch statistics, the moved running statistics and gradients of mean(logits^2).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{model_dir, reference, rel_err};
+use distillery::models::backbone;
+use distillery::models::LoadOptions;
+use distillery::train::engine::{init_params, vars_of};
+use distillery::weights::Weights;
+use std::collections::HashMap;
+use std::path::Path;
+
+const TOL: f32 = 1e-4;
+
+fn check(name: &str) {
+    let dir = model_dir(name);
+    let r = reference(name);
+    let (spec, net) = backbone::load(&dir.to_string_lossy(), &LoadOptions::default())
+        .unwrap()
+        .expect("a registered CNN family");
+    // eval
+    let x = &r["pixel_values"];
+    let maps = net.forward_intermediates(x, false).unwrap();
+    assert_eq!(maps.len(), 5, "{name}");
+    for (i, (m, f)) in maps.iter().zip(net.feature_info()).enumerate() {
+        let want = &r[&format!("stages.{i}")];
+        assert_eq!(m.dims()[1], f.channels, "{name} level {i} width");
+        let e = rel_err(m, want);
+        assert!(e < TOL, "{name} stages.{i}: rel err {e}");
+    }
+    let pooled = net.pool(&maps[4]).unwrap();
+    assert!(
+        rel_err(&pooled, &r["pre_logits"]) < TOL,
+        "{name} pre_logits"
+    );
+    let logits = net.classify(&pooled).unwrap().expect("classifier");
+    let e = rel_err(&logits, &r["logits"]);
+    assert!(e < TOL, "{name} logits: {e}");
+
+    // one training step from the checkpoint, over a parameter store and a buffer store
+    let file: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    // Every parameter and buffer comes from the checkpoint (nothing is drawn).
+    let store = |list: Vec<(String, Vec<usize>, distillery::models::student::Init)>| {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        init_params(list, file.clone(), &mut rng, &Device::Cpu, &dir).unwrap()
+    };
+    let params = store(spec.parameters());
+    let buffers = store(spec.buffers());
+    let net = spec
+        .build(
+            &Weights::from_vars(&params, Path::new("p")).unwrap(),
+            &Weights::from_vars(&buffers, Path::new("b")).unwrap(),
+        )
+        .unwrap();
+    let xt = &r["train.pixel_values"];
+    let last = net.forward_intermediates(xt, true).unwrap().pop().unwrap();
+    let y = net.classify(&net.pool(&last).unwrap()).unwrap().unwrap();
+    let e = rel_err(&y, &r["train.logits"]);
+    assert!(e < TOL, "{name} train logits: {e}");
+    let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+    let pv = vars_of(&params).unwrap();
+    let bv = vars_of(&buffers).unwrap();
+    let mut checked = 0;
+    for (k, want) in &r {
+        if let Some(p) = k.strip_prefix("grad.") {
+            let g = grads.get(pv[p].as_tensor()).expect("gradient");
+            let e = rel_err(g, want);
+            assert!(e < TOL, "{name} {k}: rel err {e}");
+            checked += 1;
+        } else if let Some(b) = k.strip_prefix("train.").filter(|b| b.contains("running")) {
+            let e = rel_err(bv[b].as_tensor(), want);
+            assert!(e < TOL, "{name} {k}: rel err {e}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 13, "{name}: references checked");
+    assert_eq!(y.dtype(), DType::F32);
+}
+
+#[test]
+fn resnet_basic_blocks_match_timm() {
+    check("timm-resnet-basic");
+}
+
+#[test]
+fn resnet_bottlenecks_match_timm() {
+    check("timm-resnet-bottleneck");
+}
+
+#[test]
+fn a_wrong_width_names_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = model_dir("timm-resnet-basic");
+    let cfg = std::fs::read_to_string(src.join("config.json"))
+        .unwrap()
+        .replacen("\"channels\": [\n      8,", "\"channels\": [\n      12,", 1);
+    assert!(cfg.contains("12,"), "edited config");
+    std::fs::write(tmp.path().join("config.json"), cfg).unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let e = backbone::load(&tmp.path().to_string_lossy(), &LoadOptions::default())
+        .err()
+        .expect("shape error")
+        .to_string();
+    assert!(e.contains("layer1.0.conv1.weight"), "{e}");
+
+    let cfg = std::fs::read_to_string(src.join("config.json"))
+        .unwrap()
+        .replace(
+            "\"architecture\": \"resnet18\"",
+            "\"architecture\": \"resnet26d\"",
+        );
+    std::fs::write(tmp.path().join("config.json"), cfg).unwrap();
+    let e = backbone::load(&tmp.path().to_string_lossy(), &LoadOptions::default())
+        .err()
+        .expect("unknown architecture")
+        .to_string();
+    assert!(e.contains("resnet26d") && e.contains("resnet50"), "{e}");
+}
+
+/// `features --model <timm folder>` writes timm's outputs under timm's names.
+#[test]
+fn features_verb_writes_timm_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let name = "timm-resnet-bottleneck";
+    let refs = common::fixtures()
+        .join("refs")
+        .join(format!("{name}.safetensors"));
+    let o = common::bin(&[
+        "features".as_ref(),
+        "--model".as_ref(),
+        model_dir(name).as_os_str(),
+        "--pixels".as_ref(),
+        refs.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    common::ok(&o);
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let r = reference(name);
+    let mut names: Vec<&String> = got.keys().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "logits",
+            "pre_logits",
+            "stages.0",
+            "stages.1",
+            "stages.2",
+            "stages.3",
+            "stages.4"
+        ]
+    );
+    for (k, t) in &got {
+        let e = rel_err(t, &r[k]);
+        assert!(e < TOL, "{k}: rel err {e}");
+    }
+    let o = common::bin(&[
+        "info".as_ref(),
+        "--model".as_ref(),
+        model_dir(name).as_os_str(),
+    ]);
+    common::ok(&o);
+    let text = String::from_utf8_lossy(&o.stdout);
+    // timm counts 20,567 parameters for this model (layers 1-2-1-1, widths 4-8-8-12, 7 classes)
+    assert!(text.contains("parameters: 20567 "), "{text}");
+    assert!(text.contains("48 ch @ stride 32"), "{text}");
+}
