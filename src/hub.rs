@@ -197,6 +197,15 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
+    /// Map the checkpoint's safetensors files, read as `dtype` onto `device`.
+    pub fn open_weights(
+        &self,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<crate::weights::Weights> {
+        crate::weights::Weights::open(&self.weights, &self.weights_display, dtype, device)
+    }
+
     /// Resolve the files of a local model folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {

@@ -174,5 +174,5 @@ fn features_verb_writes_timm_outputs() {
     let text = String::from_utf8_lossy(&o.stdout);
     // timm counts 20,567 parameters for this model (layers 1-2-1-1, widths 4-8-8-12, 7 classes)
     assert!(text.contains("parameters: 20567 "), "{text}");
-    assert!(text.contains("48 ch @ stride 32"), "{text}");
+    assert!(text.contains("48@/32"), "{text}");
 }

@@ -125,18 +125,10 @@ pub type Loaded = (Box<dyn BackboneSpec>, Box<dyn Backbone>);
 
 /// A backbone from a timm hub folder or id (`config.json` + `model.safetensors`) of a
 /// registered family; `Ok(None)` when the config names no registered family's architecture.
-pub fn load(
-    model: &str,
-    opts: &super::LoadOptions,
-) -> Result<Option<Loaded>> {
+pub fn load(model: &str, opts: &super::LoadOptions) -> Result<Option<Loaded>> {
     let files = super::resolve(model)?;
     let cfg = Cfg::read(&files.config)?;
-    let w = Weights::open(
-        &files.weights,
-        &files.weights_display,
-        opts.dtype,
-        &opts.device,
-    )?;
+    let w = files.open_weights(opts.dtype, &opts.device)?;
     for f in FAMILIES {
         if let Some(reader) = f.from_config {
             if let Some(spec) = reader(&cfg, &w) {

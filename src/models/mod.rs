@@ -335,13 +335,7 @@ impl Default for LoadOptions {
 pub fn load_from_files(files: &ModelFiles, opts: &LoadOptions) -> Result<Box<dyn VisionEncoder>> {
     // Config problems are reported before the (large) weights are touched.
     detect_family(&Cfg::read(&files.config)?)?;
-    let w = Weights::open(
-        &files.weights,
-        &files.weights_display,
-        opts.dtype,
-        &opts.device,
-    )?;
-    build(files, &w)
+    build(files, &files.open_weights(opts.dtype, &opts.device)?)
 }
 
 /// Build an encoder from the config files in `files` and the given weights.

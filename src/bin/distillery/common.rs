@@ -36,20 +36,34 @@ impl ComputeArgs {
             device: self.device.open()?,
         })
     }
+}
 
-    /// Options of a training invocation.
-    pub fn run_options(
-        &self,
-        resume: bool,
-        stop_after: Option<u64>,
-        quiet: bool,
-    ) -> Result<distillery::train::engine::RunOptions> {
+/// How one training invocation runs (not part of the recipe).
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Continue from the run folder's last checkpoint (a larger --steps extends the run)
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many steps in this invocation (with a checkpoint), e.g. for preemptible
+    /// jobs
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    /// Where the model trains (online teachers run there too) and in which precision
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+    /// No progress bar
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl RunArgs {
+    pub fn options(&self) -> Result<distillery::train::engine::RunOptions> {
         Ok(distillery::train::engine::RunOptions {
-            resume,
-            stop_after,
-            progress: !quiet,
-            device: self.device.open()?,
-            precision: self.dtype,
+            resume: self.resume,
+            stop_after: self.stop_after,
+            progress: !self.quiet,
+            device: self.compute.device.open()?,
+            precision: self.compute.dtype,
         })
     }
 }
@@ -106,4 +120,23 @@ pub fn report_run(s: &distillery::train::engine::RunSummary) {
         "steps {}..{} of {}; last loss {:.5}; {:.2} images/s; {} unreadable images skipped",
         s.start_step, s.end_step, s.total_steps, s.last_loss, s.images_per_s, s.skipped_images
     );
+}
+
+/// A backbone's levels, `channels@/stride` each.
+pub fn levels_text(net: &dyn distillery::models::backbone::Backbone) -> String {
+    net.feature_info()
+        .iter()
+        .map(|f| format!("{}@/{}", f.channels, f.stride))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Print the tensors' summary and, with `out`, write them atomically.
+pub fn emit(tensors: &HashMap<String, Tensor>, out: Option<&std::path::Path>) -> Result<()> {
+    print_tensors(tensors)?;
+    if let Some(out) = out {
+        distillery::atomic::write_safetensors(tensors, out)?;
+        eprintln!("wrote {} tensors to {}", tensors.len(), out.display());
+    }
+    Ok(())
 }

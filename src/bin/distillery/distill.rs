@@ -1,6 +1,6 @@
 //! `distillery distill`: SAK stage 1.
 
-use crate::common::{report_run, ComputeArgs};
+use crate::common::{report_run, RunArgs};
 use anyhow::Result;
 use distillery::train::stage1;
 use std::path::PathBuf;
@@ -54,25 +54,15 @@ pub struct Args {
     /// TOML file with any DistillConfig field; flags override it
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Continue from the run folder's last checkpoint (a larger --steps extends the run)
-    #[arg(long)]
-    resume: bool,
-    /// Stop after this many steps in this invocation (with a checkpoint), e.g. for preemptible jobs
-    #[arg(long)]
-    stop_after: Option<u64>,
-    /// Where the student trains and the teachers run
     #[command(flatten)]
-    compute: ComputeArgs,
-    /// No progress bar
-    #[arg(long)]
-    quiet: bool,
+    run: RunArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let (mut cfg, out) = stage1::recipe(
         a.config.as_deref(),
         a.out.as_deref(),
-        a.resume && a.teachers.is_empty(),
+        a.run.resume && a.teachers.is_empty(),
     )?;
     if !a.teachers.is_empty() {
         cfg.teachers = a.teachers;
@@ -101,7 +91,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.strict_images {
         cfg.strict_images = true;
     }
-    let opts = a.compute.run_options(a.resume, a.stop_after, a.quiet)?;
+    let opts = a.run.options()?;
     let s = stage1::run(&cfg, &out, &opts)?;
     report_run(&s);
     if s.finished() {

@@ -1,8 +1,7 @@
 //! `distillery features`: run an encoder (or an exported student) and write its outputs.
 
-use crate::common::{load_model, print_tensors, ModelArgs};
+use crate::common::{emit, levels_text, load_model, ModelArgs};
 use anyhow::{bail, Result};
-use distillery::atomic::write_safetensors;
 use distillery::features::{
     describe, output_tensors, read_images, read_pixels, student_pixels, student_tensors,
 };
@@ -84,13 +83,8 @@ pub fn run(a: Args) -> Result<()> {
     }
     let secs = t0.elapsed().as_secs_f64();
     let tensors = output_tensors(&o)?;
-    print_tensors(&tensors)?;
     eprintln!("forward: {secs:.3} s ({:.1} images/s)", b as f64 / secs);
-    if let Some(out) = &a.out {
-        write_safetensors(&tensors, out)?;
-        eprintln!("wrote {} tensors to {}", tensors.len(), out.display());
-    }
-    Ok(())
+    emit(&tensors, a.out.as_deref())
 }
 
 /// `features --model` on a CNN backbone (timm naming): `stages.{i}`, `pre_logits`, `logits`.
@@ -111,25 +105,15 @@ fn backbone(
     };
     let x = x.to_dtype(opts.dtype)?;
     eprintln!("model: {name}");
-    let levels: Vec<String> = net
-        .feature_info()
-        .iter()
-        .map(|f| format!("{}@/{}", f.channels, f.stride))
-        .collect();
-    eprintln!("levels (channels@/stride): {}", levels.join(" "));
+    eprintln!("levels (channels@/stride): {}", levels_text(net));
     let t0 = std::time::Instant::now();
     let tensors = distillery::features::backbone_tensors(net, &x)?;
     let secs = t0.elapsed().as_secs_f64();
-    print_tensors(&tensors)?;
     eprintln!(
         "forward: {secs:.3} s ({:.1} images/s)",
         x.dim(0)? as f64 / secs
     );
-    if let Some(out) = &a.out {
-        write_safetensors(&tensors, out)?;
-        eprintln!("wrote {} tensors to {}", tensors.len(), out.display());
-    }
-    Ok(())
+    emit(&tensors, a.out.as_deref())
 }
 
 /// `features --model <RUN_DIR>` on an exported SAK student.
@@ -144,13 +128,7 @@ fn student(dir: &Path, a: &Args) -> Result<()> {
     for (t, slot) in spec.teachers.iter().enumerate() {
         eprintln!("teacher.{t} = {} (width {})", slot.name, slot.dim);
     }
-    let tensors = student_tensors(&student, &x)?;
-    print_tensors(&tensors)?;
-    if let Some(out) = &a.out {
-        write_safetensors(&tensors, out)?;
-        eprintln!("wrote {} tensors to {}", tensors.len(), out.display());
-    }
-    Ok(())
+    emit(&student_tensors(&student, &x)?, a.out.as_deref())
 }
 
 /// `--pca`: pictures of the computed hidden states (patch tokens) of a model.

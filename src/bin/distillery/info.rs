@@ -1,6 +1,6 @@
 //! `distillery info`: what a model folder or hub id contains.
 
-use crate::common::{load_model, ModelArgs};
+use crate::common::{levels_text, load_model, ModelArgs};
 use anyhow::Result;
 use distillery::features::describe;
 use distillery::models::backbone;
@@ -21,12 +21,7 @@ pub fn run(a: Args) -> Result<()> {
                 backbone::count(&spec.parameters()),
                 backbone::count(&spec.buffers())
             );
-            let levels: Vec<String> = net
-                .feature_info()
-                .iter()
-                .map(|f| format!("{} ch @ stride {}", f.channels, f.stride))
-                .collect();
-            println!("levels: {}", levels.join(", "));
+            println!("levels (channels@/stride): {}", levels_text(net.as_ref()));
             println!("preprocess: {:?}", net.preprocess());
             return Ok(());
         }

@@ -1,6 +1,6 @@
 //! `distillery train`: SAK stage 2 from a TOML recipe.
 
-use crate::common::{report_run, ComputeArgs};
+use crate::common::{report_run, RunArgs};
 use anyhow::Result;
 use distillery::train::stage2::{self, TrainConfig};
 use std::path::PathBuf;
@@ -16,17 +16,8 @@ pub struct Args {
     /// Total steps (overrides the config; with --resume a larger value extends the run)
     #[arg(long)]
     steps: Option<u64>,
-    /// Continue from the run folder's last checkpoint
-    #[arg(long)]
-    resume: bool,
-    /// Stop after this many steps in this invocation (with a checkpoint)
-    #[arg(long)]
-    stop_after: Option<u64>,
-    /// Where the model trains (and online teachers run)
     #[command(flatten)]
-    compute: ComputeArgs,
-    #[arg(long)]
-    quiet: bool,
+    run: RunArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -37,10 +28,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(s) = a.steps {
         cfg.steps = s;
     }
-    let s = stage2::run(
-        &cfg,
-        &a.compute.run_options(a.resume, a.stop_after, a.quiet)?,
-    )?;
+    let s = stage2::run(&cfg, &a.run.options()?)?;
     report_run(&s);
     if let Some(e) = s.eval {
         println!("{e}");
