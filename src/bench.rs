@@ -134,12 +134,30 @@ pub fn time_forward(
     iters: usize,
     opts: &LoadOptions,
 ) -> Result<BenchResult> {
+    let req = FeatureRequest::last_only();
+    time_fn(
+        &|x| {
+            enc.forward_features(x, &req)?
+                .last_hidden_state
+                .ok_or_else(|| Error::Invalid("no output".into()))
+        },
+        (batch, image, warmup, iters),
+        opts,
+    )
+}
+
+/// Time `iters` calls (after `warmup`) of `forward` on random pixels `[batch, 3, image, image]`;
+/// `shape` = (batch, image, warmup, iters).
+fn time_fn(
+    forward: &dyn Fn(&Tensor) -> Result<Tensor>,
+    (batch, image, warmup, iters): (usize, usize, usize, usize),
+    opts: &LoadOptions,
+) -> Result<BenchResult> {
     let x =
         Tensor::randn(0f32, 1f32, (batch, 3, image, image), &opts.device)?.to_dtype(opts.dtype)?;
-    let req = FeatureRequest::last_only();
-    let sync = |t: &Tensor| -> Result<()> {
+    let run = || -> Result<()> {
         // Reading one value forces asynchronous devices to finish.
-        let _ = t
+        let _ = forward(&x)?
             .flatten_all()?
             .get(0)?
             .to_dtype(DType::F32)?
@@ -147,18 +165,12 @@ pub fn time_forward(
         Ok(())
     };
     for _ in 0..warmup {
-        let o = enc.forward_features(&x, &req)?;
-        if let Some(t) = &o.last_hidden_state {
-            sync(t)?;
-        }
+        run()?;
     }
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters.max(1) {
         let t0 = Instant::now();
-        let o = enc.forward_features(&x, &req)?;
-        if let Some(t) = &o.last_hidden_state {
-            sync(t)?;
-        }
+        run()?;
         times.push(t0.elapsed().as_secs_f64());
     }
     let mut sorted = times.clone();
@@ -174,6 +186,58 @@ pub fn time_forward(
         min_s: sorted[0],
         images_per_s: batch as f64 / median,
     })
+}
+
+/// Time the eval forward of any model: a registered student name at random init (`resnet50`,
+/// `vit-s16`, every level of its pyramid), a timm CNN folder or hub id, or any encoder folder or
+/// hub id (its last hidden state).
+pub fn time_model(
+    model: &str,
+    (batch, image, warmup, iters): (usize, usize, usize, usize),
+    opts: &LoadOptions,
+) -> Result<BenchResult> {
+    let shape = (batch, image, warmup, iters);
+    let pyramid = |net: &dyn crate::models::backbone::Backbone| {
+        time_fn(
+            &|x| {
+                net.forward_intermediates(x, false)?
+                    .pop()
+                    .ok_or_else(|| Error::Invalid("backbone without levels".into()))
+            },
+            shape,
+            opts,
+        )
+    };
+    if let Some(spec) = crate::models::backbone::spec(model, (image, image)) {
+        let init = |list| {
+            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+            crate::train::engine::init_params(
+                list,
+                HashMap::new(),
+                &mut rng,
+                &opts.device,
+                Path::new(model),
+            )
+        };
+        let (params, buffers) = (init(spec.parameters())?, init(spec.buffers())?);
+        let w = crate::weights::Weights::from_vars_as(&params, Path::new(model), Some(opts.dtype))?;
+        let net = spec.build(
+            &w,
+            &crate::weights::Weights::from_vars(&buffers, Path::new(model))?,
+        )?;
+        return pyramid(net.as_ref());
+    }
+    if !model.contains('/') && !Path::new(model).exists() {
+        return Err(Error::Invalid(format!(
+            "{model:?} is neither a model folder, a hub id (org/name) nor a known student name ({})",
+            crate::models::backbone::names().join(", ")
+        )));
+    }
+    if let Some((_, net)) = crate::models::backbone::load(model, opts)? {
+        return pyramid(net.as_ref());
+    }
+    let enc = crate::models::load(model, opts)?;
+    time_forward(enc.as_ref(), batch, image, warmup, iters, opts)
 }
 
 /// Build a random ViT of size `s` in a temporary folder and load it.

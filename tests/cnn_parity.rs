@@ -176,3 +176,31 @@ fn features_verb_writes_timm_outputs() {
     assert!(text.contains("parameters: 20567 "), "{text}");
     assert!(text.contains("48@/32"), "{text}");
 }
+
+/// `bench --model` times a registered student at random init or a model folder; an unknown name
+/// lists the known ones.
+#[test]
+fn bench_times_any_model() {
+    let tiny = model_dir("timm-resnet-basic");
+    for m in ["resnet18".as_ref(), tiny.as_os_str()] {
+        let o = common::bin(&[
+            "bench".as_ref(),
+            "--model".as_ref(),
+            m,
+            "--batch".as_ref(),
+            "1".as_ref(),
+            "--image".as_ref(),
+            "32".as_ref(),
+            "--iters".as_ref(),
+            "1".as_ref(),
+            "--json".as_ref(),
+        ]);
+        common::ok(&o);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(v["median_s"].as_f64().unwrap() > 0.0, "{v}");
+    }
+    let o = common::bin(&["bench", "--model", "resnet9000"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("resnet50") && e.contains("vit-s16"), "{e}");
+}

@@ -17,6 +17,10 @@ pub struct Args {
     /// What to time
     #[arg(long, value_enum, default_value = "forward")]
     task: Task,
+    /// With --task forward: time this model instead of a random ViT-B/16 (a registered student
+    /// name at random init such as resnet50 or vit-s16, or any model folder / hub id)
+    #[arg(long)]
+    model: Option<String>,
     /// Teachers for --task stage1-step
     #[arg(long, default_value_t = 3)]
     teachers: usize,
@@ -64,14 +68,21 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
         Task::Forward => {
-            let r = distillery::bench::time_vit_base_forward(
-                a.batch, a.image, a.warmup, a.iters, &opts,
-            )?;
+            let shape = (a.batch, a.image, a.warmup, a.iters);
+            let (what, r) = match &a.model {
+                Some(m) => (m.clone(), distillery::bench::time_model(m, shape, &opts)?),
+                None => (
+                    "ViT-B/16".to_string(),
+                    distillery::bench::time_vit_base_forward(
+                        a.batch, a.image, a.warmup, a.iters, &opts,
+                    )?,
+                ),
+            };
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "ViT-B/16 forward, batch {}, {} px, {dtype:?}, {} threads: median {:.3} s, mean {:.3} s, min {:.3} s ({:.1} images/s)",
+                    "{what} forward, batch {}, {} px, {dtype:?}, {} threads: median {:.3} s, mean {:.3} s, min {:.3} s ({:.1} images/s)",
                     a.batch,
                     a.image,
                     rayon::current_num_threads(),
