@@ -209,16 +209,8 @@ pub fn time_model(
         )
     };
     if let Some(spec) = crate::models::backbone::spec(model, (image, image)) {
-        let init = |list| {
-            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-            crate::train::engine::init_params(
-                list,
-                HashMap::new(),
-                &mut rng,
-                &opts.device,
-                Path::new(model),
-            )
-        };
+        let init =
+            |list| crate::train::engine::seeded_params(list, 0, &opts.device, Path::new(model));
         let (params, buffers) = (init(spec.parameters())?, init(spec.buffers())?);
         let w = crate::weights::Weights::from_vars_as(&params, Path::new(model), Some(opts.dtype))?;
         let net = spec.build(

@@ -152,11 +152,7 @@ pub fn student_pixels(
         spec.mean,
         spec.std,
     );
-    let items = images
-        .iter()
-        .map(|p| pre.apply(&read_image(p)?, device))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&items, 0)?)
+    read_images(images, &pre, device)
 }
 
 /// Output tensors of a backbone, named as timm returns them: `stages.{i}` for every map of

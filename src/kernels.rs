@@ -1037,11 +1037,11 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
+pub(crate) mod test_util {
+    use candle_core::Tensor;
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    /// max |a - b| (unit tests).
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
@@ -1051,6 +1051,13 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::max_abs_diff;
+    use super::*;
+    use candle_core::Device;
 
     #[test]
     fn exp_matches_std() {

@@ -228,7 +228,12 @@ impl Weights {
 
     /// Load a tensor and check its shape.
     pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
-        let shape: Shape = shape.into();
+        self.check_shape(&shape.into(), name)?;
+        self.get_any(name)
+    }
+
+    /// A stored tensor of another shape than `shape` is an error naming the file and tensor.
+    fn check_shape(&self, shape: &Shape, name: &str) -> Result<()> {
         let full = self.full(name);
         if let Some(got) = self.shape_of(name) {
             if got != shape.dims() {
@@ -245,27 +250,22 @@ impl Weights {
                 });
             }
         }
-        self.get_any(name)
+        Ok(())
     }
-}
 
-impl Weights {
     /// Model state that a forward pass updates in place (BatchNorm running statistics), kept in
     /// f32 whatever the compute dtype. Over a parameter store it is the store's own variable
     /// (updates land in the store and its checkpoints); over files it is a fresh variable
     /// holding the stored value.
     pub fn state(&self, shape: impl Into<Shape>, name: &str) -> Result<candle_core::Var> {
         let shape: Shape = shape.into();
-        let full = self.full(name);
-        if let Some(v) = self.inner.vars.as_ref().and_then(|v| v.get(&full)) {
-            if v.dims() != shape.dims() {
-                return Err(Error::ShapeMismatch {
-                    path: self.inner.display_path.clone(),
-                    name: full,
-                    expected: shape.dims().to_vec(),
-                    got: v.dims().to_vec(),
-                });
-            }
+        if let Some(v) = self
+            .inner
+            .vars
+            .as_ref()
+            .and_then(|v| v.get(&self.full(name)))
+        {
+            self.check_shape(&shape, name)?;
             return Ok(v.clone());
         }
         let t = self.get(shape, name)?.to_dtype(DType::F32)?;

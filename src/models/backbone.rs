@@ -361,15 +361,7 @@ mod tests {
         // pooled = last map's spatial mean
         let pooled = b.forward_pooled(&x).unwrap();
         let want = maps[3].mean(3).unwrap().mean(2).unwrap();
-        let d = (pooled - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d < 1e-6);
+        assert!(crate::kernels::test_util::max_abs_diff(&pooled, &want) < 1e-6);
         assert_eq!(b.preprocess().mean, IMAGENET_MEAN);
     }
 }

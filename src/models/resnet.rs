@@ -118,53 +118,59 @@ impl ResNetSpec {
         stages
     }
 
-    /// Every BatchNorm by name and width.
-    fn norms(&self) -> Vec<(String, usize)> {
-        let mut v = vec![("bn1".to_string(), STEM_WIDTH)];
+    /// A block's residual branch (in order) and its projection shortcut, when it has one.
+    fn units(&self, b: &BlockPlan) -> (Vec<Unit>, Option<Unit>) {
+        let (n, p, i) = (&b.name, b.planes, b.inplanes);
+        let out = p * self.expansion();
+        let unit = |k: usize, shape: [usize; 4], stride: usize| Unit {
+            conv: format!("{n}.conv{k}"),
+            norm: format!("{n}.bn{k}"),
+            shape,
+            stride,
+        };
+        let branch = if self.bottleneck {
+            vec![
+                unit(1, [p, i, 1, 1], 1),
+                unit(2, [p, p, 3, 3], b.stride),
+                unit(3, [out, p, 1, 1], 1),
+            ]
+        } else {
+            vec![unit(1, [p, i, 3, 3], b.stride), unit(2, [p, p, 3, 3], 1)]
+        };
+        let shortcut = b.downsample.then(|| Unit {
+            conv: format!("{n}.downsample.0"),
+            norm: format!("{n}.downsample.1"),
+            shape: [out, i, 1, 1],
+            stride: b.stride,
+        });
+        (branch, shortcut)
+    }
+
+    /// Every convolution + BatchNorm: the stem, then each block's branch and shortcut.
+    fn all_units(&self) -> Vec<Unit> {
+        let mut v = vec![Unit::stem()];
         for b in self.plan().into_iter().flatten() {
-            v.push((format!("{}.bn1", b.name), b.planes));
-            v.push((format!("{}.bn2", b.name), b.planes));
-            if self.bottleneck {
-                v.push((format!("{}.bn3", b.name), b.planes * 4));
-            }
-            if b.downsample {
-                v.push((
-                    format!("{}.downsample.1", b.name),
-                    b.planes * self.expansion(),
-                ));
-            }
+            let (branch, shortcut) = self.units(&b);
+            v.extend(branch);
+            v.extend(shortcut);
         }
         v
     }
 
+    /// Every BatchNorm by name and width.
+    fn norms(&self) -> Vec<(String, usize)> {
+        self.all_units()
+            .into_iter()
+            .map(|u| (u.norm, u.shape[0]))
+            .collect()
+    }
+
     /// Every convolution: name, shape `[out, in, k, k]`.
     fn convs(&self) -> Vec<(String, Vec<usize>)> {
-        let mut v = vec![("conv1.weight".to_string(), vec![STEM_WIDTH, 3, 7, 7])];
-        for b in self.plan().into_iter().flatten() {
-            let n = &b.name;
-            let out = b.planes * self.expansion();
-            if self.bottleneck {
-                v.push((
-                    format!("{n}.conv1.weight"),
-                    vec![b.planes, b.inplanes, 1, 1],
-                ));
-                v.push((format!("{n}.conv2.weight"), vec![b.planes, b.planes, 3, 3]));
-                v.push((format!("{n}.conv3.weight"), vec![out, b.planes, 1, 1]));
-            } else {
-                v.push((
-                    format!("{n}.conv1.weight"),
-                    vec![b.planes, b.inplanes, 3, 3],
-                ));
-                v.push((format!("{n}.conv2.weight"), vec![b.planes, b.planes, 3, 3]));
-            }
-            if b.downsample {
-                v.push((
-                    format!("{n}.downsample.0.weight"),
-                    vec![out, b.inplanes, 1, 1],
-                ));
-            }
-        }
-        v
+        self.all_units()
+            .into_iter()
+            .map(|u| (format!("{}.weight", u.conv), u.shape.to_vec()))
+            .collect()
     }
 
     /// The last BatchNorm of a block, whose scale timm initialises to zero (each residual
@@ -219,54 +225,24 @@ impl BackboneSpec for ResNetSpec {
     }
 
     fn build(&self, w: &Weights, state: &Weights) -> Result<Box<dyn Backbone>> {
-        let bn = |name: &str, c: usize| BatchNorm2d::load(&w.pp(name), &state.pp(name), c, BN_EPS);
-        let conv = |name: &str, shape: [usize; 4], stride: usize| -> Result<Conv> {
-            Ok(Conv {
-                weight: w.get(shape.as_slice(), &format!("{name}.weight"))?,
-                stride,
-                pad: shape[3] / 2,
-            })
+        let load = |u: &Unit| -> Result<(Conv, BatchNorm2d)> {
+            let conv = Conv {
+                weight: w.get(u.shape.as_slice(), &format!("{}.weight", u.conv))?,
+                stride: u.stride,
+                pad: u.shape[3] / 2,
+            };
+            let norm = BatchNorm2d::load(&w.pp(&u.norm), &state.pp(&u.norm), u.shape[0], BN_EPS)?;
+            Ok((conv, norm))
         };
         let mut stages = Vec::new();
         for plan in self.plan() {
             let mut blocks = Vec::new();
             for b in plan {
-                let n = &b.name;
-                let out = b.planes * self.expansion();
-                let (p, i) = (b.planes, b.inplanes);
-                let mut branch = Vec::new();
-                if self.bottleneck {
-                    branch.push((
-                        conv(&format!("{n}.conv1"), [p, i, 1, 1], 1)?,
-                        bn(&format!("{n}.bn1"), p)?,
-                    ));
-                    branch.push((
-                        conv(&format!("{n}.conv2"), [p, p, 3, 3], b.stride)?,
-                        bn(&format!("{n}.bn2"), p)?,
-                    ));
-                    branch.push((
-                        conv(&format!("{n}.conv3"), [out, p, 1, 1], 1)?,
-                        bn(&format!("{n}.bn3"), out)?,
-                    ));
-                } else {
-                    branch.push((
-                        conv(&format!("{n}.conv1"), [p, i, 3, 3], b.stride)?,
-                        bn(&format!("{n}.bn1"), p)?,
-                    ));
-                    branch.push((
-                        conv(&format!("{n}.conv2"), [p, p, 3, 3], 1)?,
-                        bn(&format!("{n}.bn2"), p)?,
-                    ));
-                }
-                let shortcut = if b.downsample {
-                    Some((
-                        conv(&format!("{n}.downsample.0"), [out, i, 1, 1], b.stride)?,
-                        bn(&format!("{n}.downsample.1"), out)?,
-                    ))
-                } else {
-                    None
-                };
-                blocks.push(Block { branch, shortcut });
+                let (branch, shortcut) = self.units(&b);
+                blocks.push(Block {
+                    branch: branch.iter().map(load).collect::<Result<_>>()?,
+                    shortcut: shortcut.as_ref().map(load).transpose()?,
+                });
             }
             stages.push(blocks);
         }
@@ -282,15 +258,33 @@ impl BackboneSpec for ResNetSpec {
         };
         Ok(Box::new(ResNet {
             spec: self.clone(),
-            stem: (
-                conv("conv1", [STEM_WIDTH, 3, 7, 7], 2)?,
-                bn("bn1", STEM_WIDTH)?,
-            ),
+            stem: load(&Unit::stem())?,
             stages,
             fc,
             preprocess: self.data.preprocess(),
             device: w.device().clone(),
         }))
+    }
+}
+
+/// A convolution (no bias) and the BatchNorm after it, by their checkpoint names.
+struct Unit {
+    conv: String,
+    norm: String,
+    /// `[out, in, k, k]`
+    shape: [usize; 4],
+    stride: usize,
+}
+
+impl Unit {
+    /// The 7x7/2 stem.
+    fn stem() -> Self {
+        Self {
+            conv: "conv1".into(),
+            norm: "bn1".into(),
+            shape: [STEM_WIDTH, 3, 7, 7],
+            stride: 2,
+        }
     }
 }
 

@@ -285,21 +285,24 @@ pub fn init_params(
     Ok(vm)
 }
 
+/// A store of `list` drawn from `seed` alone (nothing given): a model at random init.
+pub fn seeded_params(
+    list: impl IntoIterator<Item = (String, Vec<usize>, Init)>,
+    seed: u64,
+    device: &Device,
+    source: &Path,
+) -> Result<VarMap> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    init_params(list, HashMap::new(), &mut rng, device, source)
+}
+
 /// Seeded parameters for `list` on the CPU, as a store and as weights (tests).
 #[cfg(test)]
 pub(crate) fn seeded_weights(
     list: Vec<(String, Vec<usize>, Init)>,
     seed: u64,
 ) -> (VarMap, crate::weights::Weights) {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let vm = init_params(
-        list,
-        HashMap::new(),
-        &mut rng,
-        &Device::Cpu,
-        Path::new("init"),
-    )
-    .expect("seeded parameters");
+    let vm = seeded_params(list, seed, &Device::Cpu, Path::new("init")).expect("seeded parameters");
     let w = crate::weights::Weights::from_vars(&vm, Path::new("init")).expect("weights");
     (vm, w)
 }
@@ -550,12 +553,11 @@ impl<'r> Trainer<'r> {
             .open(paths.metrics())
             .map_err(|e| Error::io(paths.metrics(), e))?;
         // f16 needs loss scaling (bf16 has f32's range); its state is part of the checkpoint.
-        let mut scaler = match (opts.precision, &self.run.saved) {
+        self.scaler = match (opts.precision, &self.run.saved) {
             (Precision::F16, Some(saved)) => Some(LossScaler::from_state(&saved.tensors)?),
             (Precision::F16, None) => Some(LossScaler::default()),
             _ => None,
         };
-        self.scaler = scaler.clone();
         let t_run = Instant::now();
         let mut images = 0usize;
         let mut skipped = 0usize;
@@ -574,7 +576,7 @@ impl<'r> Trainer<'r> {
                 )));
             }
             let lr = (lc.schedule)(step);
-            let (grad_norm, stepped) = match &mut scaler {
+            let (grad_norm, stepped) = match &mut self.scaler {
                 None => {
                     let mut grads = out.loss.backward()?;
                     let norm = self.optim.clip_grad_norm(&mut grads, lc.clip_grad)?;
@@ -610,7 +612,7 @@ impl<'r> Trainer<'r> {
             for (name, v) in &out.parts {
                 rec[format!("loss/{name}")] = serde_json::json!(v);
             }
-            if let Some(sc) = &scaler {
+            if let Some(sc) = &self.scaler {
                 rec["loss_scale"] = serde_json::json!(sc.scale);
                 rec["step_skipped"] = serde_json::json!(!stepped);
             }
@@ -620,7 +622,6 @@ impl<'r> Trainer<'r> {
             let done = step + 1;
             if done % lc.checkpoint_every.max(1) == 0 || done == end {
                 metrics.flush().map_err(|e| Error::io(paths.metrics(), e))?;
-                self.scaler = scaler.clone();
                 self.save(objective, lc.format, done, config, spec)?;
             }
         }
