@@ -380,10 +380,11 @@ def randomize_cnn(model, seed):
     return model
 
 
-def cnn_refs(m, name, x, x_train, watch):
+def cnn_refs(m, name, x, x_train, bns, params, head="fc"):
     """timm's eval outputs (every forward_intermediates map, pre_logits, logits) on `x`, and one
     training-mode step on `x_train`: logits with batch statistics, the moved running statistics
-    of the BatchNorms in `watch`, and the gradients of mean(logits^2) for their weights."""
+    of the BatchNorms `bns`, and the gradients of mean(logits^2) for their weights, the
+    parameters `params` and the classifier `head`."""
     import copy
     out = {"pixel_values": x}
     with torch.no_grad():
@@ -398,12 +399,13 @@ def cnn_refs(m, name, x, x_train, watch):
     out["train.pixel_values"] = x_train
     out["train.logits"] = y.detach().contiguous()
     mods = dict(t.named_modules())
-    for bn, conv in watch:
+    named = dict(t.named_parameters())
+    for bn in bns:
         out[f"train.{bn}.running_mean"] = mods[bn].running_mean.clone()
         out[f"train.{bn}.running_var"] = mods[bn].running_var.clone()
         out[f"grad.{bn}.weight"] = mods[bn].weight.grad.clone()
-        out[f"grad.{conv}.weight"] = mods[conv].weight.grad.clone()
-    out["grad.fc.weight"] = t.fc.weight.grad.clone()
+    for p in params + [f"{head}.weight"]:
+        out[f"grad.{p}"] = named[p].grad.clone()
     save_file(out, os.path.join(REFS, f"{name}.safetensors"))
     print(f"  {name}: {[list(v.shape) for k, v in out.items() if k.startswith('stages.')]}")
 
@@ -430,7 +432,36 @@ def timm_cnns():
         randomize_cnn(m, seed)
         d = fresh(name)
         _hub.save_for_hf(m, d, model_args=args, safe_serialization=True)
-        cnn_refs(m, name, pixels(2, 45, 61, seed * 10 + 1), pixels(3, 37, 50, seed * 10 + 2), watch)
+        cnn_refs(m, name, pixels(2, 45, 61, seed * 10 + 1), pixels(3, 37, 50, seed * 10 + 2),
+                 [bn for bn, _ in watch], [f"{conv}.weight" for _, conv in watch])
+
+
+def timm_mobilevit():
+    """Tiny timm MobileViT-V2s (`width_factor` 0.25 of the 0.5x and 0.75x models: every block
+    type, identity and no shortcuts, the make_divisible rounding) with random weights, GroupNorm
+    affines and BN statistics, as timm hub folders, and their references at odd, non-square
+    inputs (maps of odd side are resized before the 2x2 patching)."""
+    import timm
+    from timm.models import _hub
+
+    os.makedirs(REFS, exist_ok=True)
+    cases = [
+        ("timm-mobilevitv2-050", "mobilevitv2_050", 6, 31),
+        ("timm-mobilevitv2-075", "mobilevitv2_075", 4, 32),
+    ]
+    bns = ["stem.bn", "stages.1.1.conv3_1x1.bn", "stages.2.0.conv2_kxk.bn", "stages.3.1.conv_proj.bn"]
+    params = ["stem.conv.weight", "stages.1.0.conv2_kxk.conv.weight",
+              "stages.2.1.conv_1x1.weight", "stages.2.1.transformer.1.attn.qkv_proj.weight",
+              "stages.3.1.transformer.0.attn.out_proj.bias", "stages.3.1.transformer.2.mlp.fc1.weight",
+              "stages.4.1.transformer.0.norm1.weight", "stages.4.1.norm.weight", "stages.3.1.transformer.3.norm2.bias"]
+    for name, arch, classes, seed in cases:
+        args = dict(width_factor=0.25, num_classes=classes)
+        m = timm.create_model(arch, pretrained=False, **args)
+        randomize_cnn(m, seed)
+        d = fresh(name)
+        _hub.save_for_hf(m, d, model_args=dict(width_factor=0.25), safe_serialization=True)
+        cnn_refs(m, name, pixels(2, 77, 83, seed * 10 + 1), pixels(3, 50, 66, seed * 10 + 2),
+                 bns, params, head="head.fc")
 
 
 if __name__ == "__main__":

@@ -153,10 +153,34 @@ pub fn linear_rows(data: &[f32], (n, c): (usize, usize), on: usize) -> Vec<f32> 
     out
 }
 
+/// Linear interpolation taps with `align_corners=True`: the first and last samples of input and
+/// output coincide (output o reads input position `o * (n - 1) / (on - 1)`).
+fn linear_taps_corners(n: usize, on: usize) -> Vec<(usize, usize, f32, f32)> {
+    let s = if on > 1 {
+        (n - 1) as f32 / (on - 1) as f32
+    } else {
+        0.0
+    };
+    (0..on)
+        .map(|o| {
+            let real = s * o as f32;
+            let i0 = (real.floor() as usize).min(n - 1);
+            let i1 = (i0 + 1).min(n - 1);
+            let l1 = real - i0 as f32;
+            (i0, i1, 1.0 - l1, l1)
+        })
+        .collect()
+}
+
 /// The `[on, n]` matrix of linear interpolation from n to on samples.
-fn linear_matrix(n: usize, on: usize, device: &Device) -> Result<Tensor> {
+fn linear_matrix(n: usize, on: usize, corners: bool, device: &Device) -> Result<Tensor> {
     let mut m = vec![0f32; on * n];
-    for (o, (i0, i1, l0, l1)) in linear_taps(n, on).into_iter().enumerate() {
+    let taps = if corners {
+        linear_taps_corners(n, on)
+    } else {
+        linear_taps(n, on)
+    };
+    for (o, (i0, i1, l0, l1)) in taps.into_iter().enumerate() {
         m[o * n + i0] += l0;
         m[o * n + i1] += l1;
     }
@@ -166,15 +190,24 @@ fn linear_matrix(n: usize, on: usize, device: &Device) -> Result<Tensor> {
 /// Bilinear resize of `[B, C, H, W]` maps to `[B, C, oh, ow]` with the weights of
 /// `F.interpolate(mode="bilinear", align_corners=False)`, as two small matrix products, so it is
 /// differentiable and runs on any device.
-pub fn resize_bilinear(x: &Tensor, (oh, ow): (usize, usize)) -> Result<Tensor> {
+pub fn resize_bilinear(x: &Tensor, hw: (usize, usize)) -> Result<Tensor> {
+    resize_bilinear_with(x, hw, false)
+}
+
+/// [`resize_bilinear`] with `align_corners=True` weights (corner pixels map onto corner pixels).
+pub fn resize_bilinear_corners(x: &Tensor, hw: (usize, usize)) -> Result<Tensor> {
+    resize_bilinear_with(x, hw, true)
+}
+
+fn resize_bilinear_with(x: &Tensor, (oh, ow): (usize, usize), corners: bool) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     if (h, w) == (oh, ow) {
         return Ok(x.clone());
     }
     let dev = x.device();
-    let ry = linear_matrix(h, oh, dev)?.to_dtype(x.dtype())?; // [oh, h]
-    let rx = linear_matrix(w, ow, dev)?.to_dtype(x.dtype())?; // [ow, w]
-                                                              // [B*C*H, W] @ [W, ow] -> [B*C, H, ow]
+    let ry = linear_matrix(h, oh, corners, dev)?.to_dtype(x.dtype())?; // [oh, h]
+    let rx = linear_matrix(w, ow, corners, dev)?.to_dtype(x.dtype())?; // [ow, w]
+    // [B*C*H, W] @ [W, ow] -> [B*C, H, ow]
     let y = x
         .reshape((b * c * h, w))?
         .matmul(&rx.t()?)?
@@ -242,6 +275,30 @@ mod tests {
         let expect = [0.0, 2.5, 7.5, 10.0];
         for (a, b) in out.iter().zip(expect) {
             assert!((a - b).abs() < 1e-6, "{out:?}");
+        }
+    }
+
+    /// torch 2.15: `F.interpolate(torch.arange(6.).view(1,1,2,3), size=(3,4), mode="bilinear",
+    /// align_corners=True)`.
+    #[test]
+    fn bilinear_corners_matches_torch() {
+        let x = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 2, 3))
+            .unwrap();
+        let y = resize_bilinear_corners(&x, (3, 4))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = [
+            0.0f32, 0.666_666_7, 1.333_333_4, 2.0, 1.5, 2.166_666_7, 2.833_333_5, 3.5, 3.0,
+            3.666_666_7, 4.333_333_5, 5.0,
+        ];
+        assert_eq!(y.len(), want.len());
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{y:?}");
         }
     }
 

@@ -1,5 +1,6 @@
-//! CNN students against timm: tiny random ResNets (basic blocks and bottlenecks, every weight
-//! and BatchNorm statistic random) loaded from timm hub folders. Eval mode: every
+//! CNN students against timm: tiny random ResNets (basic blocks and bottlenecks) and
+//! MobileViT-V2s (every weight, norm affine and BatchNorm statistic random) loaded from timm
+//! hub folders. Eval mode: every
 //! `forward_intermediates` map, `pre_logits` and `logits`; train mode, one step: logits with
 //! batch statistics, the moved running statistics and gradients of mean(logits^2).
 
@@ -16,7 +17,9 @@ use std::path::Path;
 
 const TOL: f32 = 1e-4;
 
-fn check(name: &str) {
+/// Checks a timm CNN fixture: `levels` pyramid maps and `refs` training references (moved
+/// running statistics and gradients) read from its reference file.
+fn check(name: &str, levels: usize, refs: usize) {
     let dir = model_dir(name);
     let r = reference(name);
     let (spec, net) = backbone::load(&dir.to_string_lossy(), &LoadOptions::default())
@@ -25,14 +28,14 @@ fn check(name: &str) {
     // eval
     let x = &r["pixel_values"];
     let maps = net.forward_intermediates(x, false).unwrap();
-    assert_eq!(maps.len(), 5, "{name}");
+    assert_eq!(maps.len(), levels, "{name}");
     for (i, (m, f)) in maps.iter().zip(net.feature_info()).enumerate() {
         let want = &r[&format!("stages.{i}")];
         assert_eq!(m.dims()[1], f.channels, "{name} level {i} width");
         let e = rel_err(m, want);
         assert!(e < TOL, "{name} stages.{i}: rel err {e}");
     }
-    let pooled = net.pool(&maps[4]).unwrap();
+    let pooled = net.pool(&maps[levels - 1]).unwrap();
     assert!(
         rel_err(&pooled, &r["pre_logits"]) < TOL,
         "{name} pre_logits"
@@ -78,18 +81,27 @@ fn check(name: &str) {
             checked += 1;
         }
     }
-    assert_eq!(checked, 13, "{name}: references checked");
+    assert_eq!(checked, refs, "{name}: references checked");
     assert_eq!(y.dtype(), DType::F32);
 }
 
 #[test]
 fn resnet_basic_blocks_match_timm() {
-    check("timm-resnet-basic");
+    check("timm-resnet-basic", 5, 13);
 }
 
 #[test]
 fn resnet_bottlenecks_match_timm() {
-    check("timm-resnet-bottleneck");
+    check("timm-resnet-bottleneck", 5, 13);
+}
+
+/// MobileViT-V2 (0.5x and 0.75x at width factor 0.25): inverted residuals, linear attention,
+/// GroupNorm, patch unfold/fold and the resize of odd-sided maps; 4 BatchNorms' running
+/// statistics and weight gradients, 9 other parameters' gradients and the classifier's.
+#[test]
+fn mobilevitv2_matches_timm() {
+    check("timm-mobilevitv2-050", 5, 4 * 3 + 10);
+    check("timm-mobilevitv2-075", 5, 4 * 3 + 10);
 }
 
 #[test]

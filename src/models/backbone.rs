@@ -98,6 +98,12 @@ pub const FAMILIES: &[FamilyEntry] = &[
         names: super::resnet::NAMES,
         from_config: Some(super::resnet::from_config),
     },
+    FamilyEntry {
+        name: "mobilevitv2",
+        resolve: super::mobilevit::resolve,
+        names: super::mobilevit::NAMES,
+        from_config: Some(super::mobilevit::from_config),
+    },
 ];
 
 /// The spec of a named backbone for input size `hw`.

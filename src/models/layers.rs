@@ -117,6 +117,8 @@ impl LayerNorm {
 /// a strided convolution whose height and width leave different remainders gets a gradient of
 /// the wrong width. Where the remainders are not zero, the padding is applied explicitly (the
 /// rows and columns no output reads are left out), so the convolution itself divides evenly.
+/// Depthwise convolutions (`groups` = input channels = output channels) run
+/// [`crate::kernels::depthwise_conv2d`].
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -124,7 +126,10 @@ pub fn conv2d(
     stride: usize,
     groups: usize,
 ) -> Result<Tensor> {
-    let (_, _, h, wd) = x.dims4()?;
+    let (_, c, h, wd) = x.dims4()?;
+    if groups > 1 && groups == c && w.dims4()?.0 == c && w.dim(1)? == 1 {
+        return Ok(crate::kernels::depthwise_conv2d(x, w, padding, stride)?);
+    }
     let (kh, kw) = (w.dim(2)?, w.dim(3)?);
     let rest = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) % stride;
     if stride == 1 || (rest(h, kh) == 0 && rest(wd, kw) == 0) {
@@ -255,6 +260,50 @@ impl BatchNorm2d {
             .broadcast_add(&f32_of(&self.bias)?)?
             .to_dtype(dtype)?)
     }
+}
+
+/// `GroupNorm(1, C)` (timm's `GroupNorm1`): every sample normalised over all its values,
+/// then a per-channel affine. Takes channels-last input `[B, ..., C]` (the statistics do not
+/// depend on the layout); computed in f32 and returned in the input's dtype.
+pub struct GroupNorm1 {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl GroupNorm1 {
+    pub fn load(w: &Weights, channels: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(channels, "weight")?,
+            bias: w.get(channels, "bias")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        use candle_core::DType;
+        let dtype = x.dtype();
+        let flat = x.to_dtype(DType::F32)?.flatten_from(1)?;
+        let mean = flat.mean_keepdim(1)?;
+        let centred = flat.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(1)?;
+        let y = centred
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .reshape(x.shape())?;
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
+        Ok(y.broadcast_mul(&f32_of(&self.weight)?)?
+            .broadcast_add(&f32_of(&self.bias)?)?
+            .to_dtype(dtype)?)
+    }
+}
+
+/// A 1x1 convolution `[B, C, H, W] -> [B, O, H, W]` with weight `[O, C]` (a `[O, C, 1, 1]`
+/// convolution kernel reshaped), as one batched matrix product.
+pub fn pointwise(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let o = w.dim(0)?;
+    let y = w.broadcast_left(b)?.matmul(&x.reshape((b, c, h * wd))?)?;
+    Ok(y.reshape((b, o, h, wd))?)
 }
 
 /// Activation functions used by the supported families (serialised as `gelu`, `gelu_tanh`,

@@ -10,6 +10,7 @@ pub mod dinov2;
 pub mod encoder;
 pub mod layers;
 pub mod multitask;
+pub mod mobilevit;
 pub mod resnet;
 pub mod sam;
 pub mod siglip;
