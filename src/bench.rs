@@ -232,6 +232,59 @@ pub fn time_model(
     time_forward(enc.as_ref(), batch, image, warmup, iters, opts)
 }
 
+/// Time one training step of a registered student at random init with a 1000-way classifier:
+/// train-mode forward (BatchNorm batch statistics), cross-entropy on random labels, backward,
+/// AdamW (as `scripts/bench_torch.py --timm NAME --train`).
+pub fn time_train_step(
+    model: &str,
+    (batch, image, warmup, iters): (usize, usize, usize, usize),
+    opts: &LoadOptions,
+) -> Result<BenchResult> {
+    let spec = crate::models::backbone::spec(model, (image, image))
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{model:?} is not a known student name ({})",
+                crate::models::backbone::names().join(", ")
+            ))
+        })?
+        .with_classes(1000)?;
+    let init = |list, seed| crate::train::engine::seeded_params(list, seed, &opts.device, Path::new(model));
+    let (params, buffers) = (init(spec.parameters(), 0)?, init(spec.buffers(), 1)?);
+    let vars = crate::train::engine::vars_of(&params)?;
+    let mut opt = crate::train::optim::AdamW::new(&vars, 0.05)?;
+    let net = spec.build(
+        &crate::weights::Weights::from_vars(&params, Path::new(model))?,
+        &crate::weights::Weights::from_vars(&buffers, Path::new(model))?,
+    )?;
+    let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 97) % 1000).collect();
+    let labels = Tensor::new(labels, &opts.device)?;
+    let step = |x: &Tensor| -> Result<Tensor> {
+        let last = net
+            .forward_intermediates(x, true)?
+            .pop()
+            .ok_or_else(|| Error::Invalid("backbone without levels".into()))?;
+        let logits = net
+            .classify(&net.pool(&last)?)?
+            .ok_or_else(|| Error::Invalid("no classifier".into()))?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        Ok(loss)
+    };
+    let opt = std::cell::RefCell::new(&mut opt);
+    time_fn(
+        &|x| {
+            let loss = step(x)?;
+            let grads = loss.backward()?;
+            opt.borrow_mut().step(&grads, 1e-4)?;
+            Ok(loss)
+        },
+        (batch, image, warmup, iters),
+        &LoadOptions {
+            dtype: DType::F32,
+            ..opts.clone()
+        },
+    )
+}
+
 /// Build a random ViT of size `s` in a temporary folder and load it.
 pub fn random_vit(
     s: VitSize,

@@ -68,6 +68,9 @@ macro_rules! multiversion {
     };
 }
 
+mod affine;
+pub use affine::{channel_affine_act, channel_stats, Act};
+
 #[inline(always)]
 fn gelu_body(src: &[f32], dst: &mut [f32]) {
     for (d, &s) in dst.iter_mut().zip(src) {

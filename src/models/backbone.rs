@@ -67,6 +67,13 @@ pub trait BackboneSpec {
     /// Build from parameters and buffers named as [`BackboneSpec::parameters`] and
     /// [`BackboneSpec::buffers`] say.
     fn build(&self, w: &Weights, state: &Weights) -> Result<Box<dyn Backbone>>;
+    /// The same backbone with a fresh `classes`-way classifier on its pooled features (0: none).
+    fn with_classes(&self, _classes: usize) -> Result<Box<dyn BackboneSpec>> {
+        Err(Error::Invalid(format!(
+            "{} has no classifier head to replace",
+            self.arch_name()
+        )))
+    }
 }
 
 /// A family's resolver: the spec for one of its names at input size (h, w), or None.

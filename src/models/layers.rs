@@ -229,14 +229,19 @@ impl BatchNorm2d {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, crate::kernels::Act::Identity)
+    }
+
+    /// The normalisation and the activation after it, as one pass over the map (the
+    /// statistics fold into a per-channel scale and shift).
+    pub fn forward_act(&self, x: &Tensor, train: bool, act: crate::kernels::Act) -> Result<Tensor> {
         use candle_core::DType;
-        let (b, c, h, w) = x.dims4()?;
+        let (b, _, h, w) = x.dims4()?;
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let (mean, var) = if train {
-            let flat = x.transpose(0, 1)?.reshape((c, b * h * w))?;
-            let mean = flat.mean_keepdim(1)?; // [C, 1]
-            let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+            let stats = crate::kernels::channel_stats(&x)?; // [2, C]
+            let (mean, var) = (stats.get(0)?, stats.get(1)?);
             let n = (b * h * w) as f64;
             let unbiased = (var.detach() * (n / (n - 1.0).max(1.0)))?.flatten_all()?;
             let m_new = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))?
@@ -245,20 +250,19 @@ impl BatchNorm2d {
                 + (unbiased * BN_MOMENTUM)?)?;
             self.running_mean.set(&m_new)?;
             self.running_var.set(&v_new)?;
-            (mean.reshape((1, c, 1, 1))?, var.reshape((1, c, 1, 1))?)
+            (mean.flatten_all()?, var.flatten_all()?)
         } else {
             (
-                self.running_mean.as_tensor().reshape((1, c, 1, 1))?,
-                self.running_var.as_tensor().reshape((1, c, 1, 1))?,
+                self.running_mean.as_tensor().to_dtype(DType::F32)?,
+                self.running_var.as_tensor().to_dtype(DType::F32)?,
             )
         };
-        let y = x
-            .broadcast_sub(&mean)?
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.reshape((1, c, 1, 1));
-        Ok(y.broadcast_mul(&f32_of(&self.weight)?)?
-            .broadcast_add(&f32_of(&self.bias)?)?
-            .to_dtype(dtype)?)
+        let scale = self
+            .weight
+            .to_dtype(DType::F32)?
+            .div(&(var + self.eps)?.sqrt()?)?;
+        let shift = (self.bias.to_dtype(DType::F32)? - mean.mul(&scale)?)?;
+        Ok(crate::kernels::channel_affine_act(&x, &scale, &shift, act)?.to_dtype(dtype)?)
     }
 }
 

@@ -20,6 +20,7 @@ use super::layers::{pointwise, BatchNorm2d, GroupNorm1, Linear};
 use super::student::Init;
 use crate::config::Cfg;
 use crate::error::{Error, Result};
+use crate::kernels::Act;
 use crate::preprocess::{PreprocessConfig, TimmDataConfig};
 use crate::weights::Weights;
 use candle_core::{Device, Tensor, D};
@@ -296,6 +297,13 @@ impl BackboneSpec for MobileVitV2Spec {
         self.arch.clone()
     }
 
+    fn with_classes(&self, classes: usize) -> Result<Box<dyn BackboneSpec>> {
+        Ok(Box::new(Self {
+            num_classes: classes,
+            ..self.clone()
+        }))
+    }
+
     fn parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
         let zero = self.zero_init_norms();
         let mut p = Vec::new();
@@ -430,8 +438,8 @@ impl ConvBn {
         } else {
             super::layers::conv2d(x, &self.weight, k / 2, self.stride, self.groups)?
         };
-        let y = self.norm.forward(&y, train)?;
-        Ok(if self.act { y.silu()? } else { y })
+        let act = if self.act { Act::Silu } else { Act::Identity };
+        self.norm.forward_act(&y, train, act)
     }
 }
 

@@ -13,6 +13,7 @@ use super::layers::{BatchNorm2d, Linear};
 use super::student::Init;
 use crate::config::Cfg;
 use crate::error::{Error, Result};
+use crate::kernels::Act;
 use crate::preprocess::{PreprocessConfig, TimmDataConfig};
 use crate::weights::Weights;
 use candle_core::{Device, Tensor};
@@ -186,6 +187,13 @@ impl BackboneSpec for ResNetSpec {
         self.arch.clone()
     }
 
+    fn with_classes(&self, classes: usize) -> Result<Box<dyn BackboneSpec>> {
+        Ok(Box::new(Self {
+            num_classes: classes,
+            ..self.clone()
+        }))
+    }
+
     fn parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
         let mut p = Vec::new();
         for (name, shape) in self.convs() {
@@ -300,9 +308,10 @@ impl Conv {
     }
 }
 
-/// Convolution, BatchNorm.
-fn conv_bn(x: &Tensor, (c, n): &(Conv, BatchNorm2d), train: bool) -> Result<Tensor> {
-    n.forward(&c.forward(x)?, train)
+/// Convolution, BatchNorm, then ReLU when `relu`.
+fn conv_bn(x: &Tensor, (c, n): &(Conv, BatchNorm2d), train: bool, relu: bool) -> Result<Tensor> {
+    let act = if relu { Act::Relu } else { Act::Identity };
+    n.forward_act(&c.forward(x)?, train, act)
 }
 
 struct Block {
@@ -315,13 +324,10 @@ impl Block {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, cn) in self.branch.iter().enumerate() {
-            h = conv_bn(&h, cn, train)?;
-            if i + 1 < self.branch.len() {
-                h = h.relu()?;
-            }
+            h = conv_bn(&h, cn, train, i + 1 < self.branch.len())?;
         }
         let skip = match &self.shortcut {
-            Some(cn) => conv_bn(x, cn, train)?,
+            Some(cn) => conv_bn(x, cn, train, false)?,
             None => x.clone(),
         };
         Ok((h + skip)?.relu()?)
@@ -355,7 +361,7 @@ impl Backbone for ResNet {
     }
 
     fn forward_intermediates(&self, pixels: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let x = conv_bn(pixels, &self.stem, train)?.relu()?;
+        let x = conv_bn(pixels, &self.stem, train, true)?;
         let mut out = vec![x.clone()];
         let mut x = super::layers::max_pool_3x3_s2(&x)?;
         for stage in &self.stages {

@@ -10,6 +10,9 @@ enum Task {
     Forward,
     /// ViT-S/16 student + N ViT-B/16 teachers: forward, loss, backward, AdamW
     Stage1Step,
+    /// One training step of --model (a registered student name) with a 1000-way classifier:
+    /// train-mode forward, cross-entropy, backward, AdamW
+    TrainStep,
 }
 
 #[derive(clap::Args)]
@@ -64,6 +67,28 @@ pub fn run(a: Args) -> Result<()> {
                     r.median_s,
                     r.min_s,
                     r.peak_rss_mib.unwrap_or(f64::NAN)
+                );
+            }
+        }
+        Task::TrainStep => {
+            let model = a
+                .model
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("--task train-step needs --model NAME"))?;
+            let shape = (a.batch, a.image, a.warmup, a.iters);
+            let r = distillery::bench::time_train_step(model, shape, &opts)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{model} training step, batch {}, {} px, {} threads: median {:.3} s, mean {:.3} s, min {:.3} s ({:.1} images/s)",
+                    a.batch,
+                    a.image,
+                    rayon::current_num_threads(),
+                    r.median_s,
+                    r.mean_s,
+                    r.min_s,
+                    r.images_per_s
                 );
             }
         }

@@ -1,0 +1,393 @@
+//! `act(x * a[c] + b[c])` over `[B, C, H, W]`: a BatchNorm (in evaluation, or with batch
+//! statistics folded into `a` and `b`) and the activation after it as one pass over the map,
+//! forward and backward, where candle would run four broadcast binary ops and a unary op, each
+//! allocating a full-size result. The backward returns `dx` and the per-channel `da`, `db` in
+//! one pass too. CPU f32 only; other devices and dtypes compose candle ops.
+
+use super::exp_approx;
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// The activation after the affine map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Identity,
+    Relu,
+    Silu,
+}
+
+impl Act {
+    fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+#[inline(always)]
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + exp_approx(-v))
+}
+
+#[inline(always)]
+fn apply(v: f32, act: u8) -> f32 {
+    match act {
+        1 => v.max(0.0),
+        2 => v * sigmoid(v),
+        _ => v,
+    }
+}
+
+/// d act(v) / dv.
+#[inline(always)]
+fn slope(v: f32, act: u8) -> f32 {
+    match act {
+        1 => {
+            if v > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        2 => {
+            let s = sigmoid(v);
+            s * (1.0 + v * (1.0 - s))
+        }
+        _ => 1.0,
+    }
+}
+
+#[inline(always)]
+fn forward_body(x: &[f32], y: &mut [f32], a: f32, b: f32, act: u8) {
+    // one loop per activation so each vectorises without a branch inside
+    match act {
+        1 => y.iter_mut().zip(x).for_each(|(d, &v)| *d = apply(v * a + b, 1)),
+        2 => y.iter_mut().zip(x).for_each(|(d, &v)| *d = apply(v * a + b, 2)),
+        _ => y.iter_mut().zip(x).for_each(|(d, &v)| *d = v * a + b),
+    }
+}
+multiversion!(forward_plane, forward_body, (x: &[f32], y: &mut [f32], a: f32, b: f32, act: u8));
+
+/// `dx = g * act'(v) * a`; returns `(sum g act'(v) x, sum g act'(v))`.
+#[inline(always)]
+fn backward_body(x: &[f32], g: &[f32], dx: &mut [f32], a: f32, b: f32, act: u8, sums: &mut [f32]) {
+    // one loop per activation (a constant `act` inside), so each vectorises
+    #[inline(always)]
+    fn run<const ACT: u8>(x: &[f32], g: &[f32], dx: &mut [f32], a: f32, b: f32) -> (f32, f32) {
+        // eight running sums per quantity, so the sums vectorise too
+        let (mut sa, mut sb) = ([0f32; LANES], [0f32; LANES]);
+        let main = x.len() / LANES * LANES;
+        let chunks = dx[..main]
+            .chunks_exact_mut(LANES)
+            .zip(x[..main].chunks_exact(LANES))
+            .zip(g[..main].chunks_exact(LANES));
+        for ((dc, xc), gc) in chunks {
+            for l in 0..LANES {
+                let dv = gc[l] * slope(xc[l] * a + b, ACT);
+                dc[l] = dv * a;
+                sa[l] += dv * xc[l];
+                sb[l] += dv;
+            }
+        }
+        let (mut ta, mut tb) = (sa.iter().sum::<f32>(), sb.iter().sum::<f32>());
+        for i in main..x.len() {
+            let dv = g[i] * slope(x[i] * a + b, ACT);
+            dx[i] = dv * a;
+            ta += dv * x[i];
+            tb += dv;
+        }
+        (ta, tb)
+    }
+    let (sa, sb) = match act {
+        1 => run::<1>(x, g, dx, a, b),
+        2 => run::<2>(x, g, dx, a, b),
+        _ => run::<0>(x, g, dx, a, b),
+    };
+    sums[0] = sa;
+    sums[1] = sb;
+}
+multiversion!(
+    backward_plane,
+    backward_body,
+    (x: &[f32], g: &[f32], dx: &mut [f32], a: f32, b: f32, act: u8, sums: &mut [f32])
+);
+
+const LANES: usize = 8;
+
+/// `sum(x - shift)` and `sum((x - shift)^2)` of one plane, in eight lanes.
+#[inline(always)]
+fn moments_body(x: &[f32], shift: f32, out: &mut [f64]) {
+    let (mut s1, mut s2) = ([0f32; LANES], [0f32; LANES]);
+    let main = x.len() / LANES * LANES;
+    for c in x[..main].chunks_exact(LANES) {
+        for l in 0..LANES {
+            let d = c[l] - shift;
+            s1[l] += d;
+            s2[l] += d * d;
+        }
+    }
+    let (mut t1, mut t2) = (0f64, 0f64);
+    for l in 0..LANES {
+        t1 += s1[l] as f64;
+        t2 += s2[l] as f64;
+    }
+    for &v in &x[main..] {
+        let d = (v - shift) as f64;
+        t1 += d;
+        t2 += d * d;
+    }
+    out[0] = t1;
+    out[1] = t2;
+}
+multiversion!(plane_moments, moments_body, (x: &[f32], shift: f32, out: &mut [f64]));
+
+/// Per-channel mean and biased variance: `x [B, C, H, W] -> [2, C]`. Two passes (the mean, then
+/// the spread about it) so the variance does not lose precision to cancellation.
+struct ChannelStats;
+
+impl candle_core::CustomOp1 for ChannelStats {
+    fn name(&self) -> &'static str {
+        "distillery-channel-stats"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, c, hw) = dims(xl)?;
+        let x = slice(xs, xl, "x")?;
+        let n = (b * hw).max(1) as f64;
+        let mut stats = vec![0f32; 2 * c];
+        let per_channel: Vec<(f32, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let plane = |i: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+                let mut m = [0f64; 2];
+                let mut sum = 0f64;
+                for i in 0..b {
+                    plane_moments(plane(i), 0.0, &mut m);
+                    sum += m[0];
+                }
+                let mean = sum / n;
+                let mut sq = 0f64;
+                let mut dev = 0f64;
+                for i in 0..b {
+                    plane_moments(plane(i), mean as f32, &mut m);
+                    dev += m[0];
+                    sq += m[1];
+                }
+                // the shift is the f32-rounded mean: correct for what it left behind
+                let d = dev / n;
+                (mean as f32, (sq / n - d * d).max(0.0) as f32)
+            })
+            .collect();
+        for (ch, (m, v)) in per_channel.into_iter().enumerate() {
+            stats[ch] = m;
+            stats[c + ch] = v;
+        }
+        Ok((CpuStorage::F32(stats), Shape::from((2, c))))
+    }
+
+    fn bwd(&self, x: &Tensor, stats: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // d mean / dx = 1 / N; d var / dx = 2 (x - mean) / N: dx = a x + b per channel
+        let (b, _, h, w) = x.dims4()?;
+        let n = (b * h * w) as f64;
+        let (mean, dm, dv) = (stats.get(0)?, g.get(0)?, g.get(1)?);
+        let a = (&dv * (2.0 / n))?;
+        let shift = ((&dm / n)? - (&a * &mean)?)?;
+        Ok(Some(channel_affine_act(x, &a, &shift, Act::Identity)?))
+    }
+}
+
+/// Per-channel `(mean, biased variance)` of `x: [B, C, H, W]` as `[2, C]` (BatchNorm's batch
+/// statistics), differentiable; f32 on the CPU runs one fused kernel.
+pub fn channel_stats(x: &Tensor) -> candle_core::Result<Tensor> {
+    if super::fast_path(x) {
+        return x.contiguous()?.apply_op1(ChannelStats);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let flat = x.transpose(0, 1)?.reshape((c, b * h * w))?;
+    let mean = flat.mean_keepdim(1)?;
+    let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+    Tensor::cat(&[mean.t()?, var.t()?], 0)
+}
+
+fn dims(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    let (b, c, h, w) = l.shape().dims4()?;
+    Ok((b, c, h * w))
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    super::contiguous_f32(s, l)
+        .ok_or_else(|| candle_core::Error::Msg(format!("channel affine {what}: contiguous f32")))
+}
+
+/// Forward: `(x [B, C, H, W], ab [2, C]) -> y`.
+struct AffineAct(Act);
+
+impl candle_core::CustomOp2 for AffineAct {
+    fn name(&self) -> &'static str {
+        "distillery-channel-affine-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        abs: &CpuStorage,
+        abl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = dims(xl)?;
+        let (x, ab) = (slice(xs, xl, "x")?, slice(abs, abl, "ab")?);
+        let mut y = vec![0f32; x.len()];
+        let act = self.0.code();
+        y.par_chunks_mut(hw.max(1))
+            .zip(x.par_chunks(hw.max(1)))
+            .enumerate()
+            .for_each(|(p, (yp, xp))| forward_plane(xp, yp, ab[p % c], ab[c + p % c], act));
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        ab: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, c, h, w) = x.dims4()?;
+        let n = b * c * h * w;
+        let packed = x.apply_op3_no_bwd(ab, &g.contiguous()?, &AffineActBwd(self.0))?;
+        let dx = packed.narrow(0, 0, n)?.reshape((b, c, h, w))?;
+        // per-plane (da, db) partial sums -> [2, C]
+        let dab = packed
+            .narrow(0, n, 2 * b * c)?
+            .reshape((b, c, 2))?
+            .sum(0)?
+            .t()?
+            .contiguous()?;
+        Ok((Some(dx), Some(dab)))
+    }
+}
+
+/// Backward: `(x, ab, g) -> [dx (flattened), per-plane (da, db)]`.
+struct AffineActBwd(Act);
+
+impl candle_core::CustomOp3 for AffineActBwd {
+    fn name(&self) -> &'static str {
+        "distillery-channel-affine-act-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        abs: &CpuStorage,
+        abl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, c, hw) = dims(xl)?;
+        let (x, ab, g) = (slice(xs, xl, "x")?, slice(abs, abl, "ab")?, slice(gs, gl, "g")?);
+        let n = x.len();
+        let mut out = vec![0f32; n + 2 * b * c];
+        let (dx, sums) = out.split_at_mut(n);
+        let act = self.0.code();
+        dx.par_chunks_mut(hw.max(1))
+            .zip(sums.par_chunks_mut(2))
+            .enumerate()
+            .for_each(|(p, (dxp, s))| {
+                let r = p * hw..(p + 1) * hw;
+                let ch = p % c;
+                backward_plane(&x[r.clone()], &g[r], dxp, ab[ch], ab[c + ch], act, s);
+            });
+        Ok((CpuStorage::F32(out), Shape::from(n + 2 * b * c)))
+    }
+}
+
+/// `act(x * a + b)` with `a`, `b` per channel (`[C]`) over `x: [B, C, H, W]`, differentiable in
+/// all three.
+pub fn channel_affine_act(x: &Tensor, a: &Tensor, b: &Tensor, act: Act) -> candle_core::Result<Tensor> {
+    let c = x.dim(1)?;
+    if super::fast_path(x) && super::fast_path(a) && super::fast_path(b) {
+        let ab = Tensor::cat(&[a.reshape((1, c))?, b.reshape((1, c))?], 0)?;
+        return x.contiguous()?.apply_op2(&ab, AffineAct(act));
+    }
+    let y = x
+        .broadcast_mul(&a.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&b.reshape((1, c, 1, 1))?)?;
+    match act {
+        Act::Identity => Ok(y),
+        Act::Relu => y.relu(),
+        Act::Silu => y.silu(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::max_abs_diff;
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The statistics kernel against the composed form (forward and the gradient of a
+    /// weighted sum of both statistics), on data with a large mean.
+    #[test]
+    fn channel_stats_match_composed_ops() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(
+            &(Tensor::randn(0f32, 1.0, (3, 4, 5, 7), &dev).unwrap() + 20.0).unwrap(),
+        )
+        .unwrap();
+        let r = Tensor::randn(0f32, 1.0, (2, 4), &dev).unwrap();
+        let fast = channel_stats(x.as_tensor()).unwrap();
+        let xt = x.as_tensor();
+        let flat = xt.transpose(0, 1).unwrap().reshape((4, 105)).unwrap();
+        let mean = flat.mean_keepdim(1).unwrap();
+        let var = flat
+            .broadcast_sub(&mean)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_keepdim(1)
+            .unwrap();
+        let slow = Tensor::cat(&[mean.t().unwrap(), var.t().unwrap()], 0).unwrap();
+        assert!(max_abs_diff(&fast, &slow) < 1e-4);
+        let grad = |s: &Tensor| {
+            let g = (s * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(xt).unwrap().clone()
+        };
+        assert!(max_abs_diff(&grad(&fast), &grad(&slow)) < 1e-5);
+    }
+
+    /// The kernel against the same map composed of candle ops, forward and all gradients.
+    #[test]
+    fn matches_composed_ops() {
+        let dev = Device::Cpu;
+        for act in [Act::Identity, Act::Relu, Act::Silu] {
+            let x = Var::randn(0f32, 2.0, (3, 4, 5, 7), &dev).unwrap();
+            let a = Var::randn(0f32, 1.0, 4, &dev).unwrap();
+            let b = Var::randn(0f32, 1.0, 4, &dev).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (3, 4, 5, 7), &dev).unwrap();
+            let run = |fast: bool| {
+                let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+                let y = if fast {
+                    channel_affine_act(xt, at, bt, act).unwrap()
+                } else {
+                    let y = xt
+                        .broadcast_mul(&at.reshape((1, 4, 1, 1)).unwrap())
+                        .unwrap()
+                        .broadcast_add(&bt.reshape((1, 4, 1, 1)).unwrap())
+                        .unwrap();
+                    match act {
+                        Act::Identity => y,
+                        Act::Relu => y.relu().unwrap(),
+                        Act::Silu => y.silu().unwrap(),
+                    }
+                };
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+                (y, grad(&x), grad(&a), grad(&b))
+            };
+            let (f, s) = (run(true), run(false));
+            assert!(max_abs_diff(&f.0, &s.0) < 1e-5, "{act:?} y");
+            assert!(max_abs_diff(&f.1, &s.1) < 1e-5, "{act:?} dx");
+            assert!(max_abs_diff(&f.2, &s.2) < 1e-3, "{act:?} da");
+            assert!(max_abs_diff(&f.3, &s.3) < 1e-3, "{act:?} db");
+        }
+    }
+}
