@@ -209,14 +209,8 @@ pub fn time_model(
         )
     };
     if let Some(spec) = crate::models::backbone::spec(model, (image, image)) {
-        let init =
-            |list| crate::train::engine::seeded_params(list, 0, &opts.device, Path::new(model));
-        let (params, buffers) = (init(spec.parameters())?, init(spec.buffers())?);
-        let w = crate::weights::Weights::from_vars_as(&params, Path::new(model), Some(opts.dtype))?;
-        let net = spec.build(
-            &w,
-            &crate::weights::Weights::from_vars(&buffers, Path::new(model))?,
-        )?;
+        let (_p, _b, net) =
+            crate::train::engine::random_backbone(spec.as_ref(), 0, &opts.device, opts.dtype)?;
         return pyramid(net.as_ref());
     }
     if !model.contains('/') && !Path::new(model).exists() {
@@ -248,14 +242,9 @@ pub fn time_train_step(
             ))
         })?
         .with_classes(1000)?;
-    let init = |list, seed| crate::train::engine::seeded_params(list, seed, &opts.device, Path::new(model));
-    let (params, buffers) = (init(spec.parameters(), 0)?, init(spec.buffers(), 1)?);
-    let vars = crate::train::engine::vars_of(&params)?;
-    let mut opt = crate::train::optim::AdamW::new(&vars, 0.05)?;
-    let net = spec.build(
-        &crate::weights::Weights::from_vars(&params, Path::new(model))?,
-        &crate::weights::Weights::from_vars(&buffers, Path::new(model))?,
-    )?;
+    let (params, _buffers, net) =
+        crate::train::engine::random_backbone(spec.as_ref(), 0, &opts.device, DType::F32)?;
+    let mut opt = crate::train::optim::AdamW::new(&crate::train::engine::vars_of(&params)?, 0.05)?;
     let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 97) % 1000).collect();
     let labels = Tensor::new(labels, &opts.device)?;
     let step = |x: &Tensor| -> Result<Tensor> {

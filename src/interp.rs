@@ -207,7 +207,7 @@ fn resize_bilinear_with(x: &Tensor, (oh, ow): (usize, usize), corners: bool) -> 
     let dev = x.device();
     let ry = linear_matrix(h, oh, corners, dev)?.to_dtype(x.dtype())?; // [oh, h]
     let rx = linear_matrix(w, ow, corners, dev)?.to_dtype(x.dtype())?; // [ow, w]
-    // [B*C*H, W] @ [W, ow] -> [B*C, H, ow]
+                                                                       // [B*C*H, W] @ [W, ow] -> [B*C, H, ow]
     let y = x
         .reshape((b * c * h, w))?
         .matmul(&rx.t()?)?
@@ -293,8 +293,18 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         let want = [
-            0.0f32, 0.666_666_7, 1.333_333_4, 2.0, 1.5, 2.166_666_7, 2.833_333_5, 3.5, 3.0,
-            3.666_666_7, 4.333_333_5, 5.0,
+            0.0f32,
+            0.666_666_7,
+            1.333_333_4,
+            2.0,
+            1.5,
+            2.166_666_7,
+            2.833_333_5,
+            3.5,
+            3.0,
+            3.666_666_7,
+            4.333_333_5,
+            5.0,
         ];
         assert_eq!(y.len(), want.len());
         for (a, b) in y.iter().zip(want) {

@@ -18,6 +18,7 @@ pub mod hub;
 pub mod interp;
 pub mod kernels;
 pub mod losses;
+pub mod macs;
 pub mod mat;
 pub mod metrics;
 pub mod models;

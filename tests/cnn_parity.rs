@@ -216,3 +216,62 @@ fn bench_times_any_model() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("resnet50") && e.contains("vit-s16"), "{e}");
 }
+
+/// `info` reports MACs at the model's default input size as torch counts them
+/// (`torch.utils.flop_counter.FlopCounterMode` total / 2, torch 2.15, timm 1.0.31, batch 1,
+/// with the checkpoint's classifier), for every family and for a registered name at random init.
+#[test]
+fn info_reports_macs_as_torch_counts_them() {
+    for (name, hw, want) in [
+        ("timm-mobilevitv2-050", "256x256", 33_313_152u64),
+        ("timm-mobilevitv2-075", "256x256", 80_562_560),
+        ("timm-resnet-bottleneck", "224x224", 125_795_488),
+        ("timm-resnet-basic", "224x224", 143_315_360),
+    ] {
+        let o = common::bin(&[
+            "info".as_ref(),
+            "--model".as_ref(),
+            model_dir(name).as_os_str(),
+        ]);
+        common::ok(&o);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains(&format!("MACs at {hw}: ")), "{name}: {text}");
+        assert!(text.contains(&format!("({want})")), "{name}: {text}");
+    }
+    // mobilevitv2_100 without a classifier: torch counts 1,812,090,880 with the 1000-way head,
+    // whose 512 x 1000 MACs are left out here
+    let o = common::bin(&["info", "--model", "mobilevitv2_100"]);
+    common::ok(&o);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("(1811578880)"), "{text}");
+    assert!(
+        text.contains("64@/2 128@/4 256@/8 384@/16 512@/32"),
+        "{text}"
+    );
+}
+
+/// `bench --task train-step` runs a training step of a registered student.
+#[test]
+fn bench_times_a_training_step() {
+    let o = common::bin(&[
+        "bench",
+        "--task",
+        "train-step",
+        "--model",
+        "mobilevitv2_050",
+        "--batch",
+        "2",
+        "--image",
+        "64",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    common::ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["median_s"].as_f64().unwrap() > 0.0, "{v}");
+    let o = common::bin(&["bench", "--task", "train-step"]);
+    assert!(!o.status.success());
+}

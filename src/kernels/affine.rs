@@ -59,8 +59,14 @@ fn slope(v: f32, act: u8) -> f32 {
 fn forward_body(x: &[f32], y: &mut [f32], a: f32, b: f32, act: u8) {
     // one loop per activation so each vectorises without a branch inside
     match act {
-        1 => y.iter_mut().zip(x).for_each(|(d, &v)| *d = apply(v * a + b, 1)),
-        2 => y.iter_mut().zip(x).for_each(|(d, &v)| *d = apply(v * a + b, 2)),
+        1 => y
+            .iter_mut()
+            .zip(x)
+            .for_each(|(d, &v)| *d = apply(v * a + b, 1)),
+        2 => y
+            .iter_mut()
+            .zip(x)
+            .for_each(|(d, &v)| *d = apply(v * a + b, 2)),
         _ => y.iter_mut().zip(x).for_each(|(d, &v)| *d = v * a + b),
     }
 }
@@ -283,7 +289,11 @@ impl candle_core::CustomOp3 for AffineActBwd {
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, c, hw) = dims(xl)?;
-        let (x, ab, g) = (slice(xs, xl, "x")?, slice(abs, abl, "ab")?, slice(gs, gl, "g")?);
+        let (x, ab, g) = (
+            slice(xs, xl, "x")?,
+            slice(abs, abl, "ab")?,
+            slice(gs, gl, "g")?,
+        );
         let n = x.len();
         let mut out = vec![0f32; n + 2 * b * c];
         let (dx, sums) = out.split_at_mut(n);
@@ -302,7 +312,12 @@ impl candle_core::CustomOp3 for AffineActBwd {
 
 /// `act(x * a + b)` with `a`, `b` per channel (`[C]`) over `x: [B, C, H, W]`, differentiable in
 /// all three.
-pub fn channel_affine_act(x: &Tensor, a: &Tensor, b: &Tensor, act: Act) -> candle_core::Result<Tensor> {
+pub fn channel_affine_act(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    act: Act,
+) -> candle_core::Result<Tensor> {
     let c = x.dim(1)?;
     if super::fast_path(x) && super::fast_path(a) && super::fast_path(b) {
         let ab = Tensor::cat(&[a.reshape((1, c))?, b.reshape((1, c))?], 0)?;

@@ -313,7 +313,10 @@ fn depthwise_shifted(x: &Tensor, k: &Tensor, pad: usize, s: usize) -> candle_cor
                     .narrow(5, 0, 1)?
                     .reshape((g.b, g.c, g.oh, g.ow))?;
             }
-            let tap = k.narrow(2, ky, 1)?.narrow(3, kx, 1)?.reshape((1, g.c, 1, 1))?;
+            let tap = k
+                .narrow(2, ky, 1)?
+                .narrow(3, kx, 1)?
+                .reshape((1, g.c, 1, 1))?;
             let term = v.broadcast_mul(&tap)?;
             acc = Some(match acc {
                 Some(a) => (a + term)?,

@@ -86,6 +86,8 @@ pub type ConfigReader = fn(&Cfg, &Weights) -> Option<Result<Box<dyn BackboneSpec
 /// One registered family.
 pub struct FamilyEntry {
     pub name: &'static str,
+    /// the input size (h, w) its published models are evaluated at
+    pub default_hw: (usize, usize),
     pub resolve: Resolver,
     pub names: &'static [&'static str],
     pub from_config: Option<ConfigReader>,
@@ -95,18 +97,21 @@ pub struct FamilyEntry {
 pub const FAMILIES: &[FamilyEntry] = &[
     FamilyEntry {
         name: "vit",
+        default_hw: (224, 224),
         resolve: vit_spec,
         names: VIT_NAMES,
         from_config: None,
     },
     FamilyEntry {
         name: "resnet",
+        default_hw: (224, 224),
         resolve: super::resnet::resolve,
         names: super::resnet::NAMES,
         from_config: Some(super::resnet::from_config),
     },
     FamilyEntry {
         name: "mobilevitv2",
+        default_hw: (256, 256),
         resolve: super::mobilevit::resolve,
         names: super::mobilevit::NAMES,
         from_config: Some(super::mobilevit::from_config),
@@ -116,6 +121,13 @@ pub const FAMILIES: &[FamilyEntry] = &[
 /// The spec of a named backbone for input size `hw`.
 pub fn spec(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
     FAMILIES.iter().find_map(|f| (f.resolve)(name, hw))
+}
+
+/// The spec of a registered name at its family's default input size.
+pub fn spec_at_default(name: &str) -> Option<Box<dyn BackboneSpec>> {
+    FAMILIES
+        .iter()
+        .find_map(|f| (f.resolve)(name, f.default_hw))
 }
 
 /// Total number of values in a parameter (or buffer) list.
@@ -131,6 +143,20 @@ pub fn names() -> Vec<&'static str> {
         .iter()
         .flat_map(|f| f.names.iter().copied())
         .collect()
+}
+
+/// Multiply-accumulates of one image's eval forward at `hw` (the pyramid, pooling and the
+/// classifier when there is one), counted as [`crate::macs`] does.
+pub fn macs(net: &dyn Backbone, hw: (usize, usize)) -> Result<u64> {
+    let x = Tensor::zeros((1, 3, hw.0, hw.1), candle_core::DType::F32, net.device())?;
+    let (r, n) = crate::macs::count(|| -> Result<()> {
+        if let Some(last) = net.forward_intermediates(&x, false)?.pop() {
+            net.classify(&net.pool(&last)?)?;
+        }
+        Ok(())
+    });
+    r?;
+    Ok(n)
 }
 
 /// A loaded backbone and the spec it was built from.

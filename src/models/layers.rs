@@ -19,6 +19,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        count_linear(x, &self.weight);
         Ok(crate::kernels::linear(x, &self.weight, self.bias.as_ref())?)
     }
 
@@ -30,6 +31,11 @@ impl Linear {
         }
         v
     }
+}
+
+/// Record the MACs of `x @ w^T` (see [`crate::macs`]).
+fn count_linear(x: &Tensor, w: &Tensor) {
+    crate::macs::add(x.elem_count() * w.dim(0).unwrap_or(0));
 }
 
 /// Load `name.weight` [out, in] and optionally `name.bias` [out].
@@ -120,6 +126,19 @@ impl LayerNorm {
 /// Depthwise convolutions (`groups` = input channels = output channels) run
 /// [`crate::kernels::depthwise_conv2d`].
 pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    let y = conv2d_uncounted(x, w, padding, stride, groups)?;
+    // every output value is a dot product over (in / groups) * kh * kw taps
+    crate::macs::add(y.elem_count() * w.elem_count() / w.dim(0)?);
+    Ok(y)
+}
+
+fn conv2d_uncounted(
     x: &Tensor,
     w: &Tensor,
     padding: usize,
@@ -306,6 +325,7 @@ impl GroupNorm1 {
 pub fn pointwise(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let o = w.dim(0)?;
+    crate::macs::add(b * o * c * h * wd);
     let y = w.broadcast_left(b)?.matmul(&x.reshape((b, c, h * wd))?)?;
     Ok(y.reshape((b, o, h, wd))?)
 }
@@ -371,6 +391,9 @@ impl Attention {
     /// x: [B, N, C] -> [B, N, C]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let qkv = self.qkv.forward(x)?;
+        // q k^T and attn v: 2 B N^2 C
+        let (b, n, c3) = qkv.dims3()?;
+        crate::macs::add(2 * b * n * n * (c3 / 3));
         let out = crate::kernels::attention(&qkv, self.num_heads, self.scale)?;
         self.proj.forward(&out)
     }
@@ -394,7 +417,10 @@ impl Mlp {
         match self {
             Mlp::Plain { fc1, fc2, act } => {
                 let h = match (act, &fc1.bias) {
-                    (Activation::Gelu, Some(b)) => crate::kernels::linear_gelu(x, &fc1.weight, b)?,
+                    (Activation::Gelu, Some(b)) => {
+                        count_linear(x, &fc1.weight);
+                        crate::kernels::linear_gelu(x, &fc1.weight, b)?
+                    }
                     _ => act.forward(&fc1.forward(x)?)?,
                 };
                 fc2.forward(&h)
@@ -613,6 +639,7 @@ impl PatchEmbed {
             .contiguous()?
             .reshape((b * gh * gw, c * p * p))?;
         let w = self.weight.reshape((self.dim, c * p * p))?;
+        count_linear(&cols, &w);
         let mut y = cols.matmul(&w.t()?)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;

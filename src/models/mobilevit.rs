@@ -201,7 +201,11 @@ impl MobileVitV2Spec {
     fn transformer_parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
         let mut p = Vec::new();
         let conv = |p: &mut Vec<_>, name: String, o: usize, i: usize, bias: bool| {
-            p.push((format!("{name}.weight"), vec![o, i, 1, 1], conv_init(o, 1, 1)));
+            p.push((
+                format!("{name}.weight"),
+                vec![o, i, 1, 1],
+                conv_init(o, 1, 1),
+            ));
             if bias {
                 p.push((format!("{name}.bias"), vec![o], Init::Zeros));
             }
@@ -224,7 +228,13 @@ impl MobileVitV2Spec {
             for k in 0..*depth {
                 let t = format!("{name}.transformer.{k}");
                 norm(&mut p, format!("{t}.norm1"), *dim);
-                conv(&mut p, format!("{t}.attn.qkv_proj"), 1 + 2 * dim, *dim, true);
+                conv(
+                    &mut p,
+                    format!("{t}.attn.qkv_proj"),
+                    1 + 2 * dim,
+                    *dim,
+                    true,
+                );
                 conv(&mut p, format!("{t}.attn.out_proj"), *dim, *dim, true);
                 norm(&mut p, format!("{t}.norm2"), *dim);
                 conv(&mut p, format!("{t}.mlp.fc1"), MLP_RATIO * dim, *dim, true);
@@ -276,12 +286,30 @@ fn block_units(b: &BlockPlan) -> Vec<Unit> {
             stride,
         } => vec![
             unit(&format!("{name}.conv1_1x1"), [*mid, *inp, 1, 1], 1, 1, true),
-            unit(&format!("{name}.conv2_kxk"), [*mid, 1, 3, 3], *stride, *mid, true),
-            unit(&format!("{name}.conv3_1x1"), [*out, *mid, 1, 1], 1, 1, false),
+            unit(
+                &format!("{name}.conv2_kxk"),
+                [*mid, 1, 3, 3],
+                *stride,
+                *mid,
+                true,
+            ),
+            unit(
+                &format!("{name}.conv3_1x1"),
+                [*out, *mid, 1, 1],
+                1,
+                1,
+                false,
+            ),
         ],
         BlockPlan::MobileVit { name, chs, dim, .. } => vec![
             unit(&format!("{name}.conv_kxk"), [*chs, 1, 3, 3], 1, *chs, true),
-            unit(&format!("{name}.conv_proj"), [*chs, *dim, 1, 1], 1, 1, false),
+            unit(
+                &format!("{name}.conv_proj"),
+                [*chs, *dim, 1, 1],
+                1,
+                1,
+                false,
+            ),
         ],
     }
 }
@@ -374,11 +402,13 @@ impl BackboneSpec for MobileVitV2Spec {
                         let w = w.pp(name);
                         Block::MobileVit(Box::new(MobileVitBlock {
                             local,
-                            conv_1x1: w.get((*dim, *chs, 1, 1), "conv_1x1.weight")?.reshape((
-                                *dim, *chs,
-                            ))?,
+                            conv_1x1: w
+                                .get((*dim, *chs, 1, 1), "conv_1x1.weight")?
+                                .reshape((*dim, *chs))?,
                             layers: (0..*depth)
-                                .map(|k| TransformerLayer::load(&w.pp(format!("transformer.{k}")), *dim))
+                                .map(|k| {
+                                    TransformerLayer::load(&w.pp(format!("transformer.{k}")), *dim)
+                                })
                                 .collect::<Result<_>>()?,
                             norm: GroupNorm1::load(&w.pp("norm"), *dim, GN_EPS)?,
                             proj,
@@ -637,7 +667,14 @@ mod tests {
     #[test]
     fn make_divisible_matches_timm() {
         // timm.layers.make_divisible
-        for (v, want) in [(8.0, 8), (12.0, 16), (20.0, 24), (36.0, 40), (3.0, 8), (100.0, 104)] {
+        for (v, want) in [
+            (8.0, 8),
+            (12.0, 16),
+            (20.0, 24),
+            (36.0, 40),
+            (3.0, 8),
+            (100.0, 104),
+        ] {
             assert_eq!(make_divisible(v), want, "{v}");
         }
     }

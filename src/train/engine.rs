@@ -296,6 +296,25 @@ pub fn seeded_params(
     init_params(list, HashMap::new(), &mut rng, device, source)
 }
 
+/// A registered backbone at random init: its parameter and buffer stores (parameters drawn
+/// from `seed`, buffers at their initial values) and the backbone built over them, with the
+/// parameters used as `dtype` (differentiable casts of the f32 stores).
+pub fn random_backbone(
+    spec: &dyn crate::models::backbone::BackboneSpec,
+    seed: u64,
+    device: &Device,
+    dtype: DType,
+) -> Result<(VarMap, VarMap, Box<dyn crate::models::backbone::Backbone>)> {
+    let source = PathBuf::from(spec.arch_name());
+    let params = seeded_params(spec.parameters(), seed, device, &source)?;
+    let buffers = seeded_params(spec.buffers(), seed, device, &source)?;
+    let net = spec.build(
+        &Weights::from_vars_as(&params, &source, Some(dtype))?,
+        &Weights::from_vars(&buffers, &source)?,
+    )?;
+    Ok((params, buffers, net))
+}
+
 /// Seeded parameters for `list` on the CPU, as a store and as weights (tests).
 #[cfg(test)]
 pub(crate) fn seeded_weights(

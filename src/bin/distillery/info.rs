@@ -13,13 +13,36 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     if let Some(m) = &a.model.model {
-        if let Some((spec, net)) = backbone::load(m, &a.model.compute.load_options()?)? {
+        let opts = a.model.compute.load_options()?;
+        // a registered student name (not a folder): its architecture at random init
+        let named = match backbone::spec_at_default(m).filter(|_| !std::path::Path::new(m).exists())
+        {
+            Some(spec) => {
+                let (_, _, net) = distillery::train::engine::random_backbone(
+                    spec.as_ref(),
+                    0,
+                    &opts.device,
+                    candle_core::DType::F32,
+                )?;
+                Some((spec, net))
+            }
+            None => backbone::load(m, &opts)?,
+        };
+        if let Some((spec, net)) = named {
             println!("model: {m}");
             println!("architecture: {}", spec.arch_name());
             println!(
                 "parameters: {} (+ {} buffer values)",
                 backbone::count(&spec.parameters()),
                 backbone::count(&spec.buffers())
+            );
+            let hw = net.preprocess().crop.unwrap_or((224, 224));
+            let macs = backbone::macs(net.as_ref(), hw)?;
+            println!(
+                "MACs at {}x{}: {:.3} G ({macs})",
+                hw.0,
+                hw.1,
+                macs as f64 / 1e9
             );
             println!("levels (channels@/stride): {}", levels_text(net.as_ref()));
             println!("preprocess: {:?}", net.preprocess());
