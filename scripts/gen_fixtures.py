@@ -464,6 +464,52 @@ def timm_mobilevit():
                  bns, params, head="head.fc")
 
 
+def timm_fastvit():
+    """Tiny timm FastViTs in their training form (sa12: RepMixer stages, conditional position
+    encoding and an attention stage; t8: RepMixer only, MLP ratio 3) with random weights, layer
+    scales and BN statistics, as timm hub folders with their references at odd, non-square
+    inputs; and each one reparameterized by timm (`inference_mode=True` folder) with its eval
+    outputs, to check the folded form."""
+    import copy
+    import timm
+    from timm.models import _hub
+    from timm.utils.model import reparameterize_model
+
+    os.makedirs(REFS, exist_ok=True)
+    common = ["stem.1.conv_kxk.0.conv.weight", "stages.0.blocks.0.token_mixer.layer_scale.gamma",
+              "stages.1.downsample.proj.0.large_conv.conv.weight", "stages.2.blocks.0.mlp.fc1.weight",
+              "final_conv.se.fc1.weight", "final_conv.conv_kxk.0.conv.weight"]
+    cases = [
+        ("timm-fastvit-sa12", "fastvit_sa12", dict(layers=[1, 1, 1, 1], embed_dims=[8, 16, 32, 32]), 5, 41,
+         ["stem.0.conv_kxk.0.bn", "stages.0.blocks.0.token_mixer.mixer.identity",
+          "stages.1.downsample.proj.0.small_conv.bn", "stages.3.blocks.0.norm"],
+         common + ["stages.3.pos_emb.pos_enc.weight", "stages.3.blocks.0.token_mixer.qkv.weight",
+                   "stages.3.blocks.0.layer_scale_1.gamma"]),
+        ("timm-fastvit-t8", "fastvit_t8", dict(layers=[1, 2, 1, 1], embed_dims=[8, 16, 32, 64]), 3, 42,
+         ["stem.2.identity", "stages.1.blocks.1.token_mixer.norm.identity",
+          "stages.2.downsample.proj.1.conv_kxk.0.bn", "final_conv.conv_scale.bn"],
+         common + ["stages.3.blocks.0.mlp.conv.conv.weight"]),
+    ]
+    for name, arch, args, classes, seed, bns, params in cases:
+        m = timm.create_model(arch, pretrained=False, num_classes=classes, **args)
+        randomize_cnn(m, seed)
+        d = fresh(name)
+        _hub.save_for_hf(m, d, model_args=args, safe_serialization=True)
+        x = pixels(2, 75, 61, seed * 10 + 1)
+        cnn_refs(m, name, x, pixels(3, 50, 66, seed * 10 + 2), bns, params, head="head.fc")
+        fused = reparameterize_model(copy.deepcopy(m)).eval()
+        fname = name + "-fused"
+        d = fresh(fname)
+        _hub.save_for_hf(fused, d, model_args=dict(args, inference_mode=True), safe_serialization=True)
+        out = {"pixel_values": x}
+        with torch.no_grad():
+            for i, f in enumerate(fused.forward_intermediates(x, intermediates_only=True)):
+                out[f"stages.{i}"] = f.contiguous()
+            out["logits"] = fused(x).contiguous()
+        save_file(out, os.path.join(REFS, f"{fname}.safetensors"))
+        print(f"  {fname}: logits {list(out['logits'].shape)}")
+
+
 if __name__ == "__main__":
     # `gen_fixtures.py student_sources` regenerates one section only.
     if len(sys.argv) > 1:

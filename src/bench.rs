@@ -253,7 +253,7 @@ pub fn time_train_step(
             .pop()
             .ok_or_else(|| Error::Invalid("backbone without levels".into()))?;
         let logits = net
-            .classify(&net.pool(&last)?)?
+            .classify(&net.pool(&last, true)?)?
             .ok_or_else(|| Error::Invalid("no classifier".into()))?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         Ok(loss)

@@ -171,7 +171,7 @@ pub fn backbone_tensors(
     for (i, t) in maps.into_iter().enumerate() {
         m.insert(format!("stages.{i}"), t.contiguous()?);
     }
-    let pooled = net.pool(&last)?;
+    let pooled = net.pool(&last, false)?;
     if let Some(l) = net.classify(&pooled)? {
         m.insert("logits".into(), l.contiguous()?);
     }

@@ -98,6 +98,21 @@ impl Weights {
         }
     }
 
+    /// Weights held in memory (tensors computed rather than read, such as a folded model).
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, display_path: &Path) -> Result<Self> {
+        let vm = candle_nn::VarMap::new();
+        {
+            let mut data = vm
+                .data()
+                .lock()
+                .map_err(|_| Error::Invalid("parameter store lock poisoned".into()))?;
+            for (k, t) in tensors {
+                data.insert(k, candle_core::Var::from_tensor(&t)?);
+            }
+        }
+        Self::from_vars(&vm, display_path)
+    }
+
     /// Trainable parameters: every lookup returns the variable's own tensor, so models built
     /// from this view are trained by updating the variables.
     pub fn from_vars(vars: &candle_nn::VarMap, display_path: &Path) -> Result<Self> {

@@ -35,7 +35,7 @@ fn check(name: &str, levels: usize, refs: usize) {
         let e = rel_err(m, want);
         assert!(e < TOL, "{name} stages.{i}: rel err {e}");
     }
-    let pooled = net.pool(&maps[levels - 1]).unwrap();
+    let pooled = net.pool(&maps[levels - 1], false).unwrap();
     assert!(
         rel_err(&pooled, &r["pre_logits"]) < TOL,
         "{name} pre_logits"
@@ -62,7 +62,10 @@ fn check(name: &str, levels: usize, refs: usize) {
         .unwrap();
     let xt = &r["train.pixel_values"];
     let last = net.forward_intermediates(xt, true).unwrap().pop().unwrap();
-    let y = net.classify(&net.pool(&last).unwrap()).unwrap().unwrap();
+    let y = net
+        .classify(&net.pool(&last, true).unwrap())
+        .unwrap()
+        .unwrap();
     let e = rel_err(&y, &r["train.logits"]);
     assert!(e < TOL, "{name} train logits: {e}");
     let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
@@ -102,6 +105,76 @@ fn resnet_bottlenecks_match_timm() {
 fn mobilevitv2_matches_timm() {
     check("timm-mobilevitv2-050", 5, 4 * 3 + 10);
     check("timm-mobilevitv2-075", 5, 4 * 3 + 10);
+}
+
+/// FastViT in its training form (sa12-style with position encoding and attention; t8-style
+/// RepMixer only): 4 BatchNorms' statistics and weight gradients, the listed parameters' and the
+/// classifier's gradients.
+#[test]
+fn fastvit_training_form_matches_timm() {
+    check("timm-fastvit-sa12", 4, 4 * 3 + 10);
+    check("timm-fastvit-t8", 4, 4 * 3 + 8);
+}
+
+/// Reparameterization: timm's folded checkpoint loads and matches timm's folded outputs; our
+/// folding of the training form gives timm's folded tensors, and a model built from them
+/// matches the training form in evaluation; folding twice is an error.
+#[test]
+fn fastvit_reparameterizes_like_timm() {
+    use distillery::models::fastvit;
+    for name in ["timm-fastvit-sa12", "timm-fastvit-t8"] {
+        let fused_name = format!("{name}-fused");
+        let r = reference(&fused_name);
+        let x = &r["pixel_values"];
+        let logits = |dir: &Path| {
+            let (spec, net) = backbone::load(&dir.to_string_lossy(), &LoadOptions::default())
+                .unwrap()
+                .unwrap();
+            let maps = net.forward_intermediates(x, false).unwrap();
+            let y = net
+                .classify(&net.pool(maps.last().unwrap(), false).unwrap())
+                .unwrap()
+                .unwrap();
+            (spec.arch_name(), maps, y)
+        };
+        let (arch, maps, y) = logits(&model_dir(&fused_name));
+        assert!(arch.contains("reparameterized"), "{arch}");
+        for (i, m) in maps.iter().enumerate() {
+            let e = rel_err(m, &r[&format!("stages.{i}")]);
+            assert!(e < TOL, "{fused_name} stages.{i}: {e}");
+        }
+        let e = rel_err(&y, &r["logits"]);
+        assert!(e < TOL, "{fused_name} logits: {e}");
+
+        // our folding of the training form
+        let dir = model_dir(name);
+        let cfg = distillery::config::Cfg::read(&dir.join("config.json")).unwrap();
+        let file: HashMap<String, Tensor> =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let w = Weights::from_tensors(file.clone(), &dir).unwrap();
+        let spec = fastvit::spec_of_config(&cfg, &w).unwrap().unwrap();
+        let (fspec, folded) = fastvit::reparameterize(&spec, &file).unwrap();
+        let timm_folded: HashMap<String, Tensor> = candle_core::safetensors::load(
+            model_dir(&fused_name).join("model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (k, v) in &folded {
+            let e = rel_err(v, &timm_folded[k]);
+            assert!(e < TOL, "{name} folded {k}: {e}");
+        }
+        let fw = Weights::from_tensors(folded.clone(), &dir).unwrap();
+        let net = backbone::BackboneSpec::build(&fspec, &fw, &fw).unwrap();
+        let maps = net.forward_intermediates(x, false).unwrap();
+        let y2 = net
+            .classify(&net.pool(maps.last().unwrap(), false).unwrap())
+            .unwrap()
+            .unwrap();
+        let e = rel_err(&y2, &r["logits"]);
+        assert!(e < TOL, "{name} our folded logits: {e}");
+        let again = fastvit::reparameterize(&fspec, &folded).err().unwrap().to_string();
+        assert!(again.contains("already reparameterized"), "{again}");
+    }
 }
 
 #[test]

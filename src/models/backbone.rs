@@ -32,8 +32,10 @@ pub trait Backbone: Send + Sync {
     /// Feature maps `[B, C_k, H / s_k, W / s_k]` of normalised pixels `[B, 3, H, W]`. `train`:
     /// BatchNorm uses (and moves its running statistics with) the batch statistics.
     fn forward_intermediates(&self, pixels: &Tensor, train: bool) -> Result<Vec<Tensor>>;
-    /// Image features `[B, C]` from the last level (timm's `pre_logits`): averaged over space.
-    fn pool(&self, last: &Tensor) -> Result<Tensor> {
+    /// Image features `[B, C]` from the last level (timm's `pre_logits`): averaged over space
+    /// (after the family's final convolution, when it has one; `train` as in
+    /// [`Backbone::forward_intermediates`]).
+    fn pool(&self, last: &Tensor, _train: bool) -> Result<Tensor> {
         Ok(last.mean(3)?.mean(2)?)
     }
     /// Image features of pixels (eval mode).
@@ -42,7 +44,7 @@ pub trait Backbone: Send + Sync {
             .forward_intermediates(pixels, false)?
             .pop()
             .ok_or_else(|| Error::Invalid("backbone without levels".into()))?;
-        self.pool(&last)
+        self.pool(&last, false)
     }
     /// The classifier's logits `[B, classes]` from pooled features, when it has one.
     fn classify(&self, _pooled: &Tensor) -> Result<Option<Tensor>> {
@@ -116,6 +118,13 @@ pub const FAMILIES: &[FamilyEntry] = &[
         names: super::mobilevit::NAMES,
         from_config: Some(super::mobilevit::from_config),
     },
+    FamilyEntry {
+        name: "fastvit",
+        default_hw: (256, 256),
+        resolve: super::fastvit::resolve,
+        names: super::fastvit::NAMES,
+        from_config: Some(super::fastvit::from_config),
+    },
 ];
 
 /// The spec of a named backbone for input size `hw`.
@@ -151,7 +160,7 @@ pub fn macs(net: &dyn Backbone, hw: (usize, usize)) -> Result<u64> {
     let x = Tensor::zeros((1, 3, hw.0, hw.1), candle_core::DType::F32, net.device())?;
     let (r, n) = crate::macs::count(|| -> Result<()> {
         if let Some(last) = net.forward_intermediates(&x, false)?.pop() {
-            net.classify(&net.pool(&last)?)?;
+            net.classify(&net.pool(&last, false)?)?;
         }
         Ok(())
     });

@@ -123,8 +123,8 @@ impl LayerNorm {
 /// a strided convolution whose height and width leave different remainders gets a gradient of
 /// the wrong width. Where the remainders are not zero, the padding is applied explicitly (the
 /// rows and columns no output reads are left out), so the convolution itself divides evenly.
-/// Depthwise convolutions (`groups` = input channels = output channels) run
-/// [`crate::kernels::depthwise_conv2d`].
+/// Depthwise convolutions (`groups` = input channels, any whole number of filters per channel)
+/// run [`crate::kernels::depthwise_conv2d`].
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -145,9 +145,20 @@ fn conv2d_uncounted(
     stride: usize,
     groups: usize,
 ) -> Result<Tensor> {
-    let (_, c, h, wd) = x.dims4()?;
-    if groups > 1 && groups == c && w.dims4()?.0 == c && w.dim(1)? == 1 {
-        return Ok(crate::kernels::depthwise_conv2d(x, w, padding, stride)?);
+    let (b, c, h, wd) = x.dims4()?;
+    let out = w.dim(0)?;
+    if groups > 1 && groups == c && w.dim(1)? == 1 && out % c == 0 {
+        // depthwise, with `out / c` filters per input channel (output o reads input o / m)
+        let m = out / c;
+        let x = if m == 1 {
+            x.clone()
+        } else {
+            x.unsqueeze(2)?
+                .broadcast_as((b, c, m, h, wd))?
+                .contiguous()?
+                .reshape((b, out, h, wd))?
+        };
+        return Ok(crate::kernels::depthwise_conv2d(&x, w, padding, stride)?);
     }
     let (kh, kw) = (w.dim(2)?, w.dim(3)?);
     let rest = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) % stride;

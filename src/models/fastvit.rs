@@ -1,0 +1,1336 @@
+//! FastViT as timm builds it (`timm/models/fastvit.py`), in its **training form** — the
+//! multi-branch, re-parameterisable blocks with BatchNorm — and in the single-branch
+//! **inference form** that [`reparameterize`] folds it into (timm's `inference_mode=True`
+//! layout, `reparam_conv` tensors), which loads and runs by itself.
+//!
+//! Structure: a stem of three MobileOne blocks (3x3/2 conv, depthwise 3x3/2, 1x1; each a sum of
+//! a kxk conv+BN branch, a 1x1 conv+BN "scale" branch and a BN identity branch where shapes
+//! allow, then GELU); four stages, stages 2-4 opening with a patch embedding (a 7x7/2
+//! depthwise conv+BN plus a 3x3/2 one, with two filters per channel, then a 1x1 MobileOne);
+//! RepMixer blocks (`x + g * (mixer(x) - norm(x))`, mixer a depthwise MobileOne, norm a BN) or,
+//! in `fastvit_sa*`'s last stage, a conditional position encoding (`x + dwconv7x7(x)`) and
+//! attention blocks (BN, multi-head attention with 32-wide heads); every block ends with a
+//! ConvMlp (depthwise 7x7 + BN, 1x1 up, GELU, 1x1 down) under a layer scale. After the stages a
+//! MobileOne 3x3 with two filters per channel and squeeze-excite doubles the width before
+//! global average pooling and the classifier `head.fc`.
+//!
+//! Pyramid (timm `forward_intermediates`): the four stages, strides 4, 8, 16, 32; pooled
+//! features (`pre_logits`) come after the final convolution.
+
+use super::backbone::{Backbone, BackboneSpec, FeatureInfo};
+use super::layers::{conv2d, pointwise, Attention, BatchNorm2d, Linear};
+use super::student::Init;
+use crate::config::Cfg;
+use crate::error::{Error, Result};
+use crate::kernels::gelu_erf;
+use crate::preprocess::{PreprocessConfig, TimmDataConfig};
+use crate::weights::Weights;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// The registered names.
+pub const NAMES: &[&str] = &["fastvit_t8", "fastvit_t12", "fastvit_s12", "fastvit_sa12"];
+
+const BN_EPS: f64 = 1e-5;
+const HEAD_DIM: usize = 32;
+const MIXER_KERNEL: usize = 3;
+const DOWN_KERNEL: usize = 7;
+const DOWN_SMALL_KERNEL: usize = 3;
+const MLP_KERNEL: usize = 7;
+const POS_KERNEL: usize = 7;
+const LAYER_SCALE_INIT: f64 = 1e-5;
+
+/// A FastViT's structure, classifier size, data configuration and form.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FastVitSpec {
+    /// timm architecture name (`fastvit_t8`)
+    pub arch: String,
+    /// blocks per stage
+    pub layers: [usize; 4],
+    /// stage widths
+    pub embed_dims: [usize; 4],
+    /// MLP expansion per stage
+    pub mlp_ratios: [f64; 4],
+    /// stages whose blocks are attention blocks (the others are RepMixer blocks)
+    pub attention: [bool; 4],
+    /// stages with a conditional position encoding before their blocks
+    pub pos_emb: [bool; 4],
+    /// classifier outputs (0: no classifier)
+    pub num_classes: usize,
+    pub data: TimmDataConfig,
+    /// the re-parameterised inference form (single-branch convolutions with bias)
+    pub fused: bool,
+}
+
+impl FastVitSpec {
+    /// A published FastViT by timm name (training form, no classifier) for inputs of `hw`.
+    pub fn named(name: &str, hw: (usize, usize)) -> Option<Self> {
+        let wide = [64, 128, 256, 512];
+        let (layers, embed_dims, ratio, sa) = match name {
+            "fastvit_t8" => ([2, 2, 4, 2], [48, 96, 192, 384], 3.0, false),
+            "fastvit_t12" => ([2, 2, 6, 2], wide, 3.0, false),
+            "fastvit_s12" => ([2, 2, 6, 2], wide, 4.0, false),
+            "fastvit_sa12" => ([2, 2, 6, 2], wide, 4.0, true),
+            _ => return None,
+        };
+        Some(Self {
+            arch: name.to_string(),
+            layers,
+            embed_dims,
+            mlp_ratios: [ratio; 4],
+            attention: [false, false, false, sa],
+            pos_emb: [false, false, false, sa],
+            num_classes: 0,
+            // timm's `fastvit_*.apple_in1k`: ImageNet statistics, crop 0.9, bicubic
+            data: TimmDataConfig {
+                input_hw: hw,
+                crop_pct: 0.9,
+                interpolation: "bicubic".into(),
+                ..TimmDataConfig::imagenet(hw.0)
+            },
+            fused: false,
+        })
+    }
+
+    /// Width of the final convolution (and of the pooled features).
+    pub fn num_features(&self) -> usize {
+        2 * self.embed_dims[3]
+    }
+
+    /// The whole network as a plan of re-parameterisable pieces.
+    fn plan(&self) -> Plan {
+        let f = self.fused;
+        let d = self.embed_dims;
+        let stem = vec![
+            MobileOnePlan::new("stem.0", 3, d[0], 3, 2, 1, f),
+            MobileOnePlan::new("stem.1", d[0], d[0], 3, 2, d[0], f),
+            MobileOnePlan::new("stem.2", d[0], d[0], 1, 1, 1, f),
+        ];
+        let mut stages = Vec::new();
+        let mut prev = d[0];
+        for i in 0..4 {
+            let dim = d[i];
+            let s = format!("stages.{i}");
+            let downsample = (i > 0 || prev != dim).then(|| {
+                (
+                    LargeKernelPlan {
+                        name: format!("{s}.downsample.proj.0"),
+                        inp: prev,
+                        out: dim,
+                        fused: f,
+                    },
+                    MobileOnePlan::new(&format!("{s}.downsample.proj.1"), dim, dim, 1, 1, 1, f),
+                )
+            });
+            let hidden = (dim as f64 * self.mlp_ratios[i]) as usize;
+            let blocks = (0..self.layers[i])
+                .map(|j| {
+                    let b = format!("{s}.blocks.{j}");
+                    let mlp = MlpPlan {
+                        name: format!("{b}.mlp"),
+                        dim,
+                        hidden,
+                    };
+                    if self.attention[i] {
+                        BlockPlan::Attention { name: b, dim, mlp }
+                    } else {
+                        BlockPlan::RepMixer {
+                            mixer: RepMixerPlan {
+                                name: format!("{b}.token_mixer"),
+                                dim,
+                                fused: f,
+                            },
+                            name: b,
+                            dim,
+                            mlp,
+                        }
+                    }
+                })
+                .collect();
+            stages.push(StagePlan {
+                downsample,
+                pos_emb: self.pos_emb[i].then(|| RepCpePlan {
+                    name: format!("{s}.pos_emb"),
+                    dim,
+                    fused: f,
+                }),
+                blocks,
+            });
+            prev = dim;
+        }
+        let mut final_conv =
+            MobileOnePlan::new("final_conv", d[3], self.num_features(), 3, 1, d[3], f);
+        final_conv.se = Some((self.num_features() as f64 / 16.0).round().max(1.0) as usize);
+        Plan {
+            stem,
+            stages,
+            final_conv,
+        }
+    }
+
+    fn pieces(&self) -> Vec<Piece> {
+        let mut v = Vec::new();
+        self.plan().pieces(&mut v);
+        if self.num_classes > 0 {
+            let (n, c) = (self.num_classes, self.num_features());
+            v.push(Piece::Param(
+                "head.fc.weight".into(),
+                vec![n, c],
+                Init::TruncNormal(0.02),
+            ));
+            v.push(Piece::Param("head.fc.bias".into(), vec![n], Init::Zeros));
+        }
+        v
+    }
+}
+
+/// A named part of the parameter list.
+enum Piece {
+    /// a convolution without bias and the BatchNorm after it (`{name}.conv`, `{name}.bn`)
+    ConvBn(String, [usize; 4]),
+    /// a BatchNorm (`{name}.weight`, `bias`, `running_mean`, `running_var`)
+    Bn(String, usize),
+    /// any other parameter
+    Param(String, Vec<usize>, Init),
+}
+
+/// timm's default convolution init (kaiming-uniform, a = sqrt 5) has std `1 / sqrt(3 fan_in)`.
+fn conv_init(shape: &[usize]) -> Init {
+    let fan_in: usize = shape[1..].iter().product();
+    Init::Normal(1.0 / (3.0 * fan_in as f64).sqrt())
+}
+
+fn conv_with_bias(v: &mut Vec<Piece>, name: &str, shape: [usize; 4]) {
+    v.push(Piece::Param(
+        format!("{name}.weight"),
+        shape.to_vec(),
+        conv_init(&shape),
+    ));
+    v.push(Piece::Param(
+        format!("{name}.bias"),
+        vec![shape[0]],
+        Init::Zeros,
+    ));
+}
+
+/// A MobileOne block: branches summed, optional squeeze-excite, optional GELU.
+#[derive(Clone)]
+struct MobileOnePlan {
+    name: String,
+    inp: usize,
+    out: usize,
+    k: usize,
+    stride: usize,
+    groups: usize,
+    identity: bool,
+    kxk: bool,
+    scale: bool,
+    act: bool,
+    /// squeeze-excite reduction width
+    se: Option<usize>,
+    fused: bool,
+}
+
+impl MobileOnePlan {
+    fn new(
+        name: &str,
+        inp: usize,
+        out: usize,
+        k: usize,
+        stride: usize,
+        groups: usize,
+        fused: bool,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            inp,
+            out,
+            k,
+            stride,
+            groups,
+            identity: inp == out && stride == 1,
+            kxk: true,
+            scale: k > 1,
+            act: true,
+            se: None,
+            fused,
+        }
+    }
+
+    fn kernel_shape(&self, k: usize) -> [usize; 4] {
+        [self.out, self.inp / self.groups, k, k]
+    }
+
+    fn pieces(&self, v: &mut Vec<Piece>) {
+        let n = &self.name;
+        if self.fused {
+            conv_with_bias(v, &format!("{n}.reparam_conv"), self.kernel_shape(self.k));
+        } else {
+            if self.identity {
+                v.push(Piece::Bn(format!("{n}.identity"), self.inp));
+            }
+            if self.kxk {
+                v.push(Piece::ConvBn(
+                    format!("{n}.conv_kxk.0"),
+                    self.kernel_shape(self.k),
+                ));
+            }
+            if self.scale {
+                v.push(Piece::ConvBn(
+                    format!("{n}.conv_scale"),
+                    self.kernel_shape(1),
+                ));
+            }
+        }
+        if let Some(rd) = self.se {
+            conv_with_bias(v, &format!("{n}.se.fc1"), [rd, self.out, 1, 1]);
+            conv_with_bias(v, &format!("{n}.se.fc2"), [self.out, rd, 1, 1]);
+        }
+    }
+
+    fn load(&self, w: &Weights, state: &Weights) -> Result<MobileOne> {
+        let n = &self.name;
+        let se = self
+            .se
+            .map(|rd| -> Result<_> {
+                Ok((
+                    conv1x1(&w.pp(format!("{n}.se.fc1")), self.out, rd)?,
+                    conv1x1(&w.pp(format!("{n}.se.fc2")), rd, self.out)?,
+                ))
+            })
+            .transpose()?;
+        let branches = if self.fused {
+            Branches::Fused(ConvBias::load(
+                &w.pp(format!("{n}.reparam_conv")),
+                self.kernel_shape(self.k),
+                self.stride,
+                self.groups,
+            )?)
+        } else {
+            let cb = |name: String, k| {
+                ConvBn::load(
+                    w,
+                    state,
+                    &name,
+                    self.kernel_shape(k),
+                    self.stride,
+                    self.groups,
+                )
+            };
+            Branches::Train {
+                identity: self
+                    .identity
+                    .then(|| bn(w, state, &format!("{n}.identity"), self.inp))
+                    .transpose()?,
+                kxk: self
+                    .kxk
+                    .then(|| cb(format!("{n}.conv_kxk.0"), self.k))
+                    .transpose()?,
+                scale: self
+                    .scale
+                    .then(|| cb(format!("{n}.conv_scale"), 1))
+                    .transpose()?,
+            }
+        };
+        Ok(MobileOne {
+            branches,
+            se,
+            act: self.act,
+        })
+    }
+
+    /// The single convolution (weight, bias) equal to this block's branches in evaluation.
+    fn fuse(&self, t: &Tensors) -> Result<(Tensor, Tensor)> {
+        let n = &self.name;
+        let mut parts = Vec::new();
+        if self.identity {
+            parts.push(fuse_bn(
+                &identity_kernel(self.inp, self.groups, self.k)?,
+                t,
+                &format!("{n}.identity"),
+            )?);
+        }
+        if self.kxk {
+            let c = format!("{n}.conv_kxk.0");
+            parts.push(fuse_bn(
+                t.get(&format!("{c}.conv.weight"))?,
+                t,
+                &format!("{c}.bn"),
+            )?);
+        }
+        if self.scale {
+            let c = format!("{n}.conv_scale");
+            let (k, b) = fuse_bn(t.get(&format!("{c}.conv.weight"))?, t, &format!("{c}.bn"))?;
+            parts.push((pad_kernel(&k, self.k)?, b));
+        }
+        sum_parts(parts)
+    }
+}
+
+/// The patch embedding's large-kernel convolution: 7x7 and 3x3 conv+BN branches, no activation.
+struct LargeKernelPlan {
+    name: String,
+    inp: usize,
+    out: usize,
+    fused: bool,
+}
+
+impl LargeKernelPlan {
+    fn shape(&self, k: usize) -> [usize; 4] {
+        [self.out, 1, k, k]
+    }
+
+    fn pieces(&self, v: &mut Vec<Piece>) {
+        let n = &self.name;
+        if self.fused {
+            conv_with_bias(v, &format!("{n}.reparam_conv"), self.shape(DOWN_KERNEL));
+        } else {
+            v.push(Piece::ConvBn(
+                format!("{n}.large_conv"),
+                self.shape(DOWN_KERNEL),
+            ));
+            v.push(Piece::ConvBn(
+                format!("{n}.small_conv"),
+                self.shape(DOWN_SMALL_KERNEL),
+            ));
+        }
+    }
+
+    fn load(&self, w: &Weights, state: &Weights) -> Result<Branches> {
+        let n = &self.name;
+        Ok(if self.fused {
+            Branches::Fused(ConvBias::load(
+                &w.pp(format!("{n}.reparam_conv")),
+                self.shape(DOWN_KERNEL),
+                2,
+                self.inp,
+            )?)
+        } else {
+            let cb = |b: &str, k| {
+                ConvBn::load(w, state, &format!("{n}.{b}"), self.shape(k), 2, self.inp)
+            };
+            Branches::Train {
+                identity: None,
+                kxk: Some(cb("large_conv", DOWN_KERNEL)?),
+                scale: Some(cb("small_conv", DOWN_SMALL_KERNEL)?),
+            }
+        })
+    }
+
+    fn fuse(&self, t: &Tensors) -> Result<(Tensor, Tensor)> {
+        let n = &self.name;
+        let (lk, lb) = fuse_bn(
+            t.get(&format!("{n}.large_conv.conv.weight"))?,
+            t,
+            &format!("{n}.large_conv.bn"),
+        )?;
+        let (sk, sb) = fuse_bn(
+            t.get(&format!("{n}.small_conv.conv.weight"))?,
+            t,
+            &format!("{n}.small_conv.bn"),
+        )?;
+        sum_parts(vec![(lk, lb), (pad_kernel(&sk, DOWN_KERNEL)?, sb)])
+    }
+}
+
+/// RepMixer: `x + g * (mixer(x) - norm(x))`, mixer a depthwise 3x3 MobileOne without
+/// activation, norm a BatchNorm (a MobileOne with only its identity branch).
+struct RepMixerPlan {
+    name: String,
+    dim: usize,
+    fused: bool,
+}
+
+impl RepMixerPlan {
+    fn mixer(&self) -> MobileOnePlan {
+        let mut m = MobileOnePlan::new(
+            &format!("{}.mixer", self.name),
+            self.dim,
+            self.dim,
+            MIXER_KERNEL,
+            1,
+            self.dim,
+            false,
+        );
+        m.act = false;
+        m
+    }
+
+    fn norm(&self) -> MobileOnePlan {
+        let mut m = MobileOnePlan::new(
+            &format!("{}.norm", self.name),
+            self.dim,
+            self.dim,
+            MIXER_KERNEL,
+            1,
+            self.dim,
+            false,
+        );
+        m.act = false;
+        m.kxk = false;
+        m.scale = false;
+        m
+    }
+
+    fn gamma(&self) -> String {
+        format!("{}.layer_scale.gamma", self.name)
+    }
+
+    fn pieces(&self, v: &mut Vec<Piece>) {
+        if self.fused {
+            conv_with_bias(
+                v,
+                &format!("{}.reparam_conv", self.name),
+                [self.dim, 1, MIXER_KERNEL, MIXER_KERNEL],
+            );
+        } else {
+            self.norm().pieces(v);
+            self.mixer().pieces(v);
+            v.push(Piece::Param(
+                self.gamma(),
+                vec![self.dim, 1, 1],
+                Init::Constant(LAYER_SCALE_INIT),
+            ));
+        }
+    }
+
+    fn load(&self, w: &Weights, state: &Weights) -> Result<RepMixer> {
+        Ok(if self.fused {
+            RepMixer::Fused(ConvBias::load(
+                &w.pp(format!("{}.reparam_conv", self.name)),
+                [self.dim, 1, MIXER_KERNEL, MIXER_KERNEL],
+                1,
+                self.dim,
+            )?)
+        } else {
+            RepMixer::Train {
+                norm: self.norm().load(w, state)?,
+                mixer: self.mixer().load(w, state)?,
+                gamma: w.get((self.dim, 1, 1), &self.gamma())?,
+            }
+        })
+    }
+
+    fn fuse(&self, t: &Tensors) -> Result<(Tensor, Tensor)> {
+        let (mk, mb) = self.mixer().fuse(t)?;
+        let (nk, nb) = self.norm().fuse(t)?;
+        let g = t.get(&self.gamma())?;
+        let id = identity_kernel(self.dim, self.dim, MIXER_KERNEL)?;
+        let k = (id + (mk - nk)?.broadcast_mul(&g.unsqueeze(3)?)?)?;
+        let b = (mb - nb)?.mul(&g.flatten_all()?)?;
+        Ok((k, b))
+    }
+}
+
+/// Conditional position encoding: `x + dwconv7x7(x)` (with bias).
+struct RepCpePlan {
+    name: String,
+    dim: usize,
+    fused: bool,
+}
+
+impl RepCpePlan {
+    fn shape(&self) -> [usize; 4] {
+        [self.dim, 1, POS_KERNEL, POS_KERNEL]
+    }
+
+    fn pieces(&self, v: &mut Vec<Piece>) {
+        let part = if self.fused {
+            "reparam_conv"
+        } else {
+            "pos_enc"
+        };
+        conv_with_bias(v, &format!("{}.{part}", self.name), self.shape());
+    }
+
+    fn load(&self, w: &Weights) -> Result<(ConvBias, bool)> {
+        let part = if self.fused {
+            "reparam_conv"
+        } else {
+            "pos_enc"
+        };
+        let conv = ConvBias::load(
+            &w.pp(format!("{}.{part}", self.name)),
+            self.shape(),
+            1,
+            self.dim,
+        )?;
+        Ok((conv, !self.fused))
+    }
+
+    fn fuse(&self, t: &Tensors) -> Result<(Tensor, Tensor)> {
+        let id = identity_kernel(self.dim, self.dim, POS_KERNEL)?;
+        let k = (id + t.get(&format!("{}.pos_enc.weight", self.name))?)?;
+        Ok((k, t.get(&format!("{}.pos_enc.bias", self.name))?.clone()))
+    }
+}
+
+/// ConvMlp: depthwise 7x7 conv + BN, 1x1 up (bias), GELU, 1x1 down (bias).
+struct MlpPlan {
+    name: String,
+    dim: usize,
+    hidden: usize,
+}
+
+impl MlpPlan {
+    fn pieces(&self, v: &mut Vec<Piece>) {
+        let n = &self.name;
+        v.push(Piece::ConvBn(
+            format!("{n}.conv"),
+            [self.dim, 1, MLP_KERNEL, MLP_KERNEL],
+        ));
+        // timm's ConvMlp: truncated normal (std 0.02) 1x1 convolutions, zero biases
+        let trunc = Init::TruncNormal(0.02);
+        v.push(Piece::Param(
+            format!("{n}.fc1.weight"),
+            vec![self.hidden, self.dim, 1, 1],
+            trunc,
+        ));
+        v.push(Piece::Param(
+            format!("{n}.fc1.bias"),
+            vec![self.hidden],
+            Init::Zeros,
+        ));
+        v.push(Piece::Param(
+            format!("{n}.fc2.weight"),
+            vec![self.dim, self.hidden, 1, 1],
+            trunc,
+        ));
+        v.push(Piece::Param(
+            format!("{n}.fc2.bias"),
+            vec![self.dim],
+            Init::Zeros,
+        ));
+    }
+
+    fn load(&self, w: &Weights, state: &Weights) -> Result<Mlp> {
+        let n = &self.name;
+        Ok(Mlp {
+            conv: ConvBn::load(
+                w,
+                state,
+                &format!("{n}.conv"),
+                [self.dim, 1, MLP_KERNEL, MLP_KERNEL],
+                1,
+                self.dim,
+            )?,
+            fc1: conv1x1(&w.pp(format!("{n}.fc1")), self.dim, self.hidden)?,
+            fc2: conv1x1(&w.pp(format!("{n}.fc2")), self.hidden, self.dim)?,
+        })
+    }
+}
+
+enum BlockPlan {
+    RepMixer {
+        name: String,
+        dim: usize,
+        mixer: RepMixerPlan,
+        mlp: MlpPlan,
+    },
+    Attention {
+        name: String,
+        dim: usize,
+        mlp: MlpPlan,
+    },
+}
+
+impl BlockPlan {
+    fn pieces(&self, v: &mut Vec<Piece>) {
+        let ls = |v: &mut Vec<Piece>, name: String, dim: usize| {
+            v.push(Piece::Param(
+                name,
+                vec![dim, 1, 1],
+                Init::Constant(LAYER_SCALE_INIT),
+            ))
+        };
+        match self {
+            BlockPlan::RepMixer {
+                name,
+                dim,
+                mixer,
+                mlp,
+            } => {
+                mixer.pieces(v);
+                mlp.pieces(v);
+                ls(v, format!("{name}.layer_scale.gamma"), *dim);
+            }
+            BlockPlan::Attention { name, dim, mlp } => {
+                v.push(Piece::Bn(format!("{name}.norm"), *dim));
+                let t = format!("{name}.token_mixer");
+                v.push(Piece::Param(
+                    format!("{t}.qkv.weight"),
+                    vec![3 * dim, *dim],
+                    Init::TruncNormal(0.02),
+                ));
+                v.push(Piece::Param(
+                    format!("{t}.proj.weight"),
+                    vec![*dim, *dim],
+                    Init::TruncNormal(0.02),
+                ));
+                v.push(Piece::Param(
+                    format!("{t}.proj.bias"),
+                    vec![*dim],
+                    Init::Zeros,
+                ));
+                ls(v, format!("{name}.layer_scale_1.gamma"), *dim);
+                mlp.pieces(v);
+                ls(v, format!("{name}.layer_scale_2.gamma"), *dim);
+            }
+        }
+    }
+
+    fn load(&self, w: &Weights, state: &Weights) -> Result<Block> {
+        Ok(match self {
+            BlockPlan::RepMixer {
+                name,
+                dim,
+                mixer,
+                mlp,
+            } => Block::RepMixer {
+                mixer: mixer.load(w, state)?,
+                mlp: mlp.load(w, state)?,
+                gamma: w.get((*dim, 1, 1), &format!("{name}.layer_scale.gamma"))?,
+            },
+            BlockPlan::Attention { name, dim, mlp } => {
+                let t = w.pp(format!("{name}.token_mixer"));
+                Block::Attention {
+                    norm: bn(w, state, &format!("{name}.norm"), *dim)?,
+                    attn: Attention::new(
+                        super::layers::linear(&t.pp("qkv"), *dim, 3 * dim, false)?,
+                        super::layers::linear(&t.pp("proj"), *dim, *dim, true)?,
+                        dim / HEAD_DIM,
+                        HEAD_DIM,
+                    ),
+                    gamma1: w.get((*dim, 1, 1), &format!("{name}.layer_scale_1.gamma"))?,
+                    mlp: mlp.load(w, state)?,
+                    gamma2: w.get((*dim, 1, 1), &format!("{name}.layer_scale_2.gamma"))?,
+                }
+            }
+        })
+    }
+}
+
+struct StagePlan {
+    downsample: Option<(LargeKernelPlan, MobileOnePlan)>,
+    pos_emb: Option<RepCpePlan>,
+    blocks: Vec<BlockPlan>,
+}
+
+struct Plan {
+    stem: Vec<MobileOnePlan>,
+    stages: Vec<StagePlan>,
+    final_conv: MobileOnePlan,
+}
+
+impl Plan {
+    fn pieces(&self, v: &mut Vec<Piece>) {
+        for m in &self.stem {
+            m.pieces(v);
+        }
+        for s in &self.stages {
+            if let Some((lk, m)) = &s.downsample {
+                lk.pieces(v);
+                m.pieces(v);
+            }
+            if let Some(p) = &s.pos_emb {
+                p.pieces(v);
+            }
+            for b in &s.blocks {
+                b.pieces(v);
+            }
+        }
+        self.final_conv.pieces(v);
+    }
+
+    /// Every `reparam_conv` of the inference form from the training form's tensors.
+    fn fuse(&self, t: &Tensors) -> Result<Vec<(String, (Tensor, Tensor))>> {
+        let mut out = Vec::new();
+        let mobile = |m: &MobileOnePlan, out: &mut Vec<_>| -> Result<()> {
+            out.push((m.name.clone(), m.fuse(t)?));
+            Ok(())
+        };
+        for m in &self.stem {
+            mobile(m, &mut out)?;
+        }
+        for s in &self.stages {
+            if let Some((lk, m)) = &s.downsample {
+                out.push((lk.name.clone(), lk.fuse(t)?));
+                mobile(m, &mut out)?;
+            }
+            if let Some(p) = &s.pos_emb {
+                out.push((p.name.clone(), p.fuse(t)?));
+            }
+            for b in &s.blocks {
+                if let BlockPlan::RepMixer { mixer, .. } = b {
+                    out.push((mixer.name.clone(), mixer.fuse(t)?));
+                }
+            }
+        }
+        mobile(&self.final_conv, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// Train-form tensors by name, with errors that name the missing one.
+struct Tensors<'a>(&'a HashMap<String, Tensor>);
+
+impl Tensors<'_> {
+    fn get(&self, name: &str) -> Result<&Tensor> {
+        self.0
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("FastViT checkpoint lacks {name}")))
+    }
+}
+
+/// `kernel * gamma / sqrt(var + eps)` and `beta - mean * gamma / sqrt(var + eps)`.
+fn fuse_bn(kernel: &Tensor, t: &Tensors, bn: &str) -> Result<(Tensor, Tensor)> {
+    let f = |s: &str| -> Result<Tensor> { Ok(t.get(&format!("{bn}.{s}"))?.to_dtype(DType::F32)?) };
+    let scale = f("weight")?.div(&(f("running_var")? + BN_EPS)?.sqrt()?)?;
+    let k = kernel
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+    let b = (f("bias")? - f("running_mean")?.mul(&scale)?)?;
+    Ok((k, b))
+}
+
+/// The identity as a grouped convolution kernel `[c, c / groups, k, k]`.
+fn identity_kernel(c: usize, groups: usize, k: usize) -> Result<Tensor> {
+    let per = c / groups;
+    let mut v = vec![0f32; c * per * k * k];
+    for i in 0..c {
+        v[((i * per + i % per) * k + k / 2) * k + k / 2] = 1.0;
+    }
+    Ok(Tensor::from_vec(v, (c, per, k, k), &Device::Cpu)?)
+}
+
+/// Zero-pad a `[o, i, s, s]` kernel to `[o, i, k, k]`, centred.
+fn pad_kernel(kernel: &Tensor, k: usize) -> Result<Tensor> {
+    let p = (k - kernel.dim(3)?) / 2;
+    Ok(kernel.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?)
+}
+
+fn sum_parts(parts: Vec<(Tensor, Tensor)>) -> Result<(Tensor, Tensor)> {
+    let mut it = parts.into_iter();
+    let (mut k, mut b) = it
+        .next()
+        .ok_or_else(|| Error::Invalid("a block without branches".into()))?;
+    for (k2, b2) in it {
+        k = (k + k2)?;
+        b = (b + b2)?;
+    }
+    Ok((k, b))
+}
+
+fn bn(w: &Weights, state: &Weights, name: &str, c: usize) -> Result<BatchNorm2d> {
+    BatchNorm2d::load(&w.pp(name), &state.pp(name), c, BN_EPS)
+}
+
+/// A 1x1 convolution with bias, as a linear layer over channels.
+fn conv1x1(w: &Weights, inp: usize, out: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        w.get((out, inp, 1, 1), "weight")?.reshape((out, inp))?,
+        Some(w.get(out, "bias")?),
+    ))
+}
+
+/// A convolution without bias and its BatchNorm.
+struct ConvBn {
+    weight: Tensor,
+    stride: usize,
+    groups: usize,
+    norm: BatchNorm2d,
+}
+
+impl ConvBn {
+    fn load(
+        w: &Weights,
+        state: &Weights,
+        name: &str,
+        shape: [usize; 4],
+        stride: usize,
+        groups: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(shape.as_slice(), &format!("{name}.conv.weight"))?,
+            stride,
+            groups,
+            norm: bn(w, state, &format!("{name}.bn"), shape[0])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = conv(x, &self.weight, self.stride, self.groups)?;
+        self.norm.forward(&y, train)
+    }
+}
+
+fn conv(x: &Tensor, w: &Tensor, stride: usize, groups: usize) -> Result<Tensor> {
+    let (o, i, k, _) = w.dims4()?;
+    if k == 1 && stride == 1 && groups == 1 {
+        pointwise(x, &w.reshape((o, i))?)
+    } else {
+        conv2d(x, w, k / 2, stride, groups)
+    }
+}
+
+/// A convolution with bias (the inference form's `reparam_conv`).
+struct ConvBias {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    groups: usize,
+}
+
+impl ConvBias {
+    fn load(w: &Weights, shape: [usize; 4], stride: usize, groups: usize) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(shape.as_slice(), "weight")?,
+            bias: w.get(shape[0], "bias")?,
+            stride,
+            groups,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = conv(x, &self.weight, self.stride, self.groups)?;
+        Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
+    }
+}
+
+/// Summed branches (training form) or their single fused convolution.
+enum Branches {
+    Train {
+        identity: Option<BatchNorm2d>,
+        kxk: Option<ConvBn>,
+        scale: Option<ConvBn>,
+    },
+    Fused(ConvBias),
+}
+
+impl Branches {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Branches::Fused(c) => c.forward(x),
+            Branches::Train {
+                identity,
+                kxk,
+                scale,
+            } => {
+                let mut outs = Vec::new();
+                if let Some(b) = identity {
+                    outs.push(b.forward(x, train)?);
+                }
+                if let Some(c) = scale {
+                    outs.push(c.forward(x, train)?);
+                }
+                if let Some(c) = kxk {
+                    outs.push(c.forward(x, train)?);
+                }
+                let mut it = outs.into_iter();
+                let mut y = it
+                    .next()
+                    .ok_or_else(|| Error::Invalid("a block without branches".into()))?;
+                for o in it {
+                    y = (y + o)?;
+                }
+                Ok(y)
+            }
+        }
+    }
+}
+
+struct MobileOne {
+    branches: Branches,
+    se: Option<(Linear, Linear)>,
+    act: bool,
+}
+
+impl MobileOne {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = self.branches.forward(x, train)?;
+        if let Some((fc1, fc2)) = &self.se {
+            let s = y.mean(3)?.mean(2)?;
+            let gate = candle_nn::ops::sigmoid(&fc2.forward(&fc1.forward(&s)?.relu()?)?)?;
+            y = y.broadcast_mul(&gate.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        Ok(if self.act { gelu_erf(&y)? } else { y })
+    }
+}
+
+enum RepMixer {
+    Train {
+        norm: MobileOne,
+        mixer: MobileOne,
+        gamma: Tensor,
+    },
+    Fused(ConvBias),
+}
+
+impl RepMixer {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            RepMixer::Fused(c) => c.forward(x),
+            RepMixer::Train { norm, mixer, gamma } => {
+                let d = (mixer.forward(x, train)? - norm.forward(x, train)?)?;
+                Ok((x + layer_scale(&d, gamma)?)?)
+            }
+        }
+    }
+}
+
+fn layer_scale(x: &Tensor, gamma: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_mul(&gamma.unsqueeze(0)?)?)
+}
+
+struct Mlp {
+    conv: ConvBn,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.conv.forward(x, train)?;
+        let with_bias = |l: &Linear, x: &Tensor| -> Result<Tensor> {
+            let y = pointwise(x, &l.weight)?;
+            match &l.bias {
+                Some(b) => Ok(y.broadcast_add(&b.reshape((1, (), 1, 1))?)?),
+                None => Ok(y),
+            }
+        };
+        let h = gelu_erf(&with_bias(&self.fc1, &x)?)?;
+        with_bias(&self.fc2, &h)
+    }
+}
+
+enum Block {
+    RepMixer {
+        mixer: RepMixer,
+        mlp: Mlp,
+        gamma: Tensor,
+    },
+    Attention {
+        norm: BatchNorm2d,
+        attn: Attention,
+        gamma1: Tensor,
+        mlp: Mlp,
+        gamma2: Tensor,
+    },
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Block::RepMixer { mixer, mlp, gamma } => {
+                let x = mixer.forward(x, train)?;
+                Ok((&x + layer_scale(&mlp.forward(&x, train)?, gamma)?)?)
+            }
+            Block::Attention {
+                norm,
+                attn,
+                gamma1,
+                mlp,
+                gamma2,
+            } => {
+                let (b, c, h, w) = x.dims4()?;
+                let t = norm
+                    .forward(x, train)?
+                    .flatten_from(2)?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                let a = attn.forward(&t)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+                let x = (x + layer_scale(&a, gamma1)?)?;
+                Ok((&x + layer_scale(&mlp.forward(&x, train)?, gamma2)?)?)
+            }
+        }
+    }
+}
+
+struct Stage {
+    downsample: Option<(Branches, MobileOne)>,
+    /// the position encoding and whether it adds its input (training form)
+    pos_emb: Option<(ConvBias, bool)>,
+    blocks: Vec<Block>,
+}
+
+/// A built FastViT.
+pub struct FastVit {
+    dims: [usize; 4],
+    stem: Vec<MobileOne>,
+    stages: Vec<Stage>,
+    final_conv: MobileOne,
+    fc: Option<Linear>,
+    preprocess: PreprocessConfig,
+    device: Device,
+}
+
+impl Backbone for FastVit {
+    fn feature_info(&self) -> Vec<FeatureInfo> {
+        self.dims
+            .iter()
+            .enumerate()
+            .map(|(i, &channels)| FeatureInfo {
+                channels,
+                stride: 4 << i,
+            })
+            .collect()
+    }
+
+    fn forward_intermediates(&self, pixels: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        let mut x = pixels.clone();
+        for m in &self.stem {
+            x = m.forward(&x, train)?;
+        }
+        let mut out = Vec::with_capacity(4);
+        for s in &self.stages {
+            if let Some((lk, m)) = &s.downsample {
+                x = m.forward(&lk.forward(&x, train)?, train)?;
+            }
+            if let Some((pe, residual)) = &s.pos_emb {
+                let y = pe.forward(&x)?;
+                x = if *residual { (y + &x)? } else { y };
+            }
+            for b in &s.blocks {
+                x = b.forward(&x, train)?;
+            }
+            out.push(x.clone());
+        }
+        Ok(out)
+    }
+
+    fn pool(&self, last: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.final_conv.forward(last, train)?;
+        Ok(y.mean(3)?.mean(2)?)
+    }
+
+    fn classify(&self, pooled: &Tensor) -> Result<Option<Tensor>> {
+        self.fc.as_ref().map(|fc| fc.forward(pooled)).transpose()
+    }
+
+    fn preprocess(&self) -> &PreprocessConfig {
+        &self.preprocess
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+impl BackboneSpec for FastVitSpec {
+    fn arch_name(&self) -> String {
+        if self.fused {
+            format!("{} (reparameterized)", self.arch)
+        } else {
+            self.arch.clone()
+        }
+    }
+
+    fn with_classes(&self, classes: usize) -> Result<Box<dyn BackboneSpec>> {
+        Ok(Box::new(Self {
+            num_classes: classes,
+            ..self.clone()
+        }))
+    }
+
+    fn parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
+        let mut p = Vec::new();
+        for piece in self.pieces() {
+            match piece {
+                Piece::ConvBn(name, shape) => {
+                    p.push((
+                        format!("{name}.conv.weight"),
+                        shape.to_vec(),
+                        conv_init(&shape),
+                    ));
+                    p.push((format!("{name}.bn.weight"), vec![shape[0]], Init::Ones));
+                    p.push((format!("{name}.bn.bias"), vec![shape[0]], Init::Zeros));
+                }
+                Piece::Bn(name, c) => {
+                    p.push((format!("{name}.weight"), vec![c], Init::Ones));
+                    p.push((format!("{name}.bias"), vec![c], Init::Zeros));
+                }
+                Piece::Param(name, shape, init) => p.push((name, shape, init)),
+            }
+        }
+        p
+    }
+
+    fn buffers(&self) -> Vec<(String, Vec<usize>, Init)> {
+        let mut b = Vec::new();
+        for piece in self.pieces() {
+            let (name, c) = match piece {
+                Piece::ConvBn(name, shape) => (format!("{name}.bn"), shape[0]),
+                Piece::Bn(name, c) => (name, c),
+                Piece::Param(..) => continue,
+            };
+            b.push((format!("{name}.running_mean"), vec![c], Init::Zeros));
+            b.push((format!("{name}.running_var"), vec![c], Init::Ones));
+        }
+        b
+    }
+
+    fn build(&self, w: &Weights, state: &Weights) -> Result<Box<dyn Backbone>> {
+        let plan = self.plan();
+        let stem = plan
+            .stem
+            .iter()
+            .map(|m| m.load(w, state))
+            .collect::<Result<_>>()?;
+        let mut stages = Vec::new();
+        for s in &plan.stages {
+            stages.push(Stage {
+                downsample: s
+                    .downsample
+                    .as_ref()
+                    .map(|(lk, m)| -> Result<_> { Ok((lk.load(w, state)?, m.load(w, state)?)) })
+                    .transpose()?,
+                pos_emb: s.pos_emb.as_ref().map(|p| p.load(w)).transpose()?,
+                blocks: s
+                    .blocks
+                    .iter()
+                    .map(|b| b.load(w, state))
+                    .collect::<Result<_>>()?,
+            });
+        }
+        let fc = if self.num_classes > 0 {
+            Some(super::layers::linear(
+                &w.pp("head.fc"),
+                self.num_features(),
+                self.num_classes,
+                true,
+            )?)
+        } else {
+            None
+        };
+        Ok(Box::new(FastVit {
+            dims: self.embed_dims,
+            stem,
+            stages,
+            final_conv: plan.final_conv.load(w, state)?,
+            fc,
+            preprocess: self.data.preprocess(),
+            device: w.device().clone(),
+        }))
+    }
+}
+
+/// Fold a training-form FastViT's tensors (parameters and BatchNorm statistics, by timm name)
+/// into the inference form: every MobileOne block, RepMixer, large-kernel patch embedding and
+/// position encoding becomes one convolution with bias (`reparam_conv`), as timm's
+/// `reparameterize()` does. Returns the inference-form spec and its tensors (f32).
+pub fn reparameterize(
+    spec: &FastVitSpec,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<(FastVitSpec, HashMap<String, Tensor>)> {
+    if spec.fused {
+        return Err(Error::Invalid(format!(
+            "{} is already reparameterized (inference form); nothing to fold",
+            spec.arch
+        )));
+    }
+    let t = Tensors(tensors);
+    let fused_convs: HashMap<String, (Tensor, Tensor)> =
+        spec.plan().fuse(&t)?.into_iter().collect();
+    let fused = FastVitSpec {
+        fused: true,
+        ..spec.clone()
+    };
+    let mut out = HashMap::new();
+    for (name, _, _) in fused.parameters().into_iter().chain(fused.buffers()) {
+        let value = match name.strip_suffix(".reparam_conv.weight") {
+            Some(block) => fused_convs.get(block).map(|(k, _)| k.clone()),
+            None => match name.strip_suffix(".reparam_conv.bias") {
+                Some(block) => fused_convs.get(block).map(|(_, b)| b.clone()),
+                None => Some(t.get(&name)?.clone()),
+            },
+        };
+        let value = value.ok_or_else(|| Error::Invalid(format!("no fused value for {name}")))?;
+        out.insert(name, value.to_dtype(DType::F32)?);
+    }
+    Ok((fused, out))
+}
+
+/// The registry's resolver.
+pub fn resolve(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
+    FastVitSpec::named(name, hw).map(|s| Box::new(s) as Box<dyn BackboneSpec>)
+}
+
+/// A timm hub config of a FastViT: `architecture` (`fastvit_t8.apple_in1k`), optional
+/// `model_args` (`layers`, `embed_dims`, `mlp_ratios`, `inference_mode` for the
+/// reparameterized form), `pretrained_cfg`; the classifier's size is read off the checkpoint.
+pub fn from_config(cfg: &Cfg, w: &Weights) -> Option<Result<Box<dyn BackboneSpec>>> {
+    spec_of_config(cfg, w).map(|r| r.map(|s| Box::new(s) as Box<dyn BackboneSpec>))
+}
+
+/// [`from_config`] with the concrete spec.
+pub fn spec_of_config(cfg: &Cfg, w: &Weights) -> Option<Result<FastVitSpec>> {
+    let arch = cfg.string("architecture", "").ok()?;
+    let base = arch.split('.').next().unwrap_or("").to_string();
+    if !base.starts_with("fastvit") {
+        return None;
+    }
+    Some(spec_from_config(cfg, w, &base))
+}
+
+fn spec_from_config(cfg: &Cfg, w: &Weights, base: &str) -> Result<FastVitSpec> {
+    let Some(mut spec) = FastVitSpec::named(base, (256, 256)) else {
+        return Err(Error::Invalid(format!(
+            "timm architecture {base:?} is not a supported FastViT (known: {})",
+            NAMES.join(", ")
+        )));
+    };
+    if let Some(args) = cfg.sub("model_args") {
+        let list4 = |key: &str, d: [usize; 4]| -> Result<[usize; 4]> {
+            let v = args.usize_list(key, &d)?;
+            args.ensure(v.len() == 4 && v.iter().all(|&x| x > 0), || {
+                format!("model_args.{key} must be 4 positive numbers")
+            })?;
+            Ok([v[0], v[1], v[2], v[3]])
+        };
+        spec.layers = list4("layers", spec.layers)?;
+        spec.embed_dims = list4("embed_dims", spec.embed_dims)?;
+        if let Some(r) = args.f32_list("mlp_ratios")? {
+            args.ensure(r.len() == 4 && r.iter().all(|&x| x > 0.0), || {
+                "model_args.mlp_ratios must be 4 positive numbers".to_string()
+            })?;
+            spec.mlp_ratios = [r[0] as f64, r[1] as f64, r[2] as f64, r[3] as f64];
+        }
+        spec.fused = args.bool("inference_mode", false)?;
+        for (i, &d) in spec.embed_dims.iter().enumerate() {
+            args.ensure(!spec.attention[i] || d % HEAD_DIM == 0, || {
+                format!("model_args.embed_dims[{i}] = {d} must be a multiple of {HEAD_DIM} (attention heads)")
+            })?;
+        }
+    }
+    spec.num_classes = w
+        .shape_of("head.fc.weight")
+        .and_then(|s| s.first().copied())
+        .unwrap_or(0);
+    spec.data = TimmDataConfig::from_cfg(cfg, spec.data)?;
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_counts_match_timm() {
+        // timm 1.0.31, 1000 classes: sum(p.numel() for p in model.parameters())
+        for (name, want) in [
+            ("fastvit_t8", 4_026_232usize),
+            ("fastvit_t12", 7_553_704),
+            ("fastvit_s12", 9_473_576),
+            ("fastvit_sa12", 11_580_968),
+        ] {
+            let mut s = FastVitSpec::named(name, (256, 256)).unwrap();
+            s.num_classes = 1000;
+            assert_eq!(
+                super::super::backbone::count(&s.parameters()),
+                want,
+                "{name}"
+            );
+        }
+    }
+}
