@@ -172,7 +172,10 @@ fn fastvit_reparameterizes_like_timm() {
             .unwrap();
         let e = rel_err(&y2, &r["logits"]);
         assert!(e < TOL, "{name} our folded logits: {e}");
-        let again = fastvit::reparameterize(&fspec, &folded).err().unwrap().to_string();
+        let again = fastvit::reparameterize(&fspec, &folded)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(again.contains("already reparameterized"), "{again}");
     }
 }

@@ -109,8 +109,7 @@ impl FastVitSpec {
         ];
         let mut stages = Vec::new();
         let mut prev = d[0];
-        for i in 0..4 {
-            let dim = d[i];
+        for (i, &dim) in d.iter().enumerate() {
             let s = format!("stages.{i}");
             let downsample = (i > 0 || prev != dim).then(|| {
                 (
@@ -504,11 +503,11 @@ impl RepMixerPlan {
                 self.dim,
             )?)
         } else {
-            RepMixer::Train {
+            RepMixer::Train(Box::new(RepMixerBranches {
                 norm: self.norm().load(w, state)?,
                 mixer: self.mixer().load(w, state)?,
                 gamma: w.get((self.dim, 1, 1), &self.gamma())?,
-            }
+            }))
         })
     }
 
@@ -959,21 +958,23 @@ impl MobileOne {
 }
 
 enum RepMixer {
-    Train {
-        norm: MobileOne,
-        mixer: MobileOne,
-        gamma: Tensor,
-    },
+    Train(Box<RepMixerBranches>),
     Fused(ConvBias),
+}
+
+struct RepMixerBranches {
+    norm: MobileOne,
+    mixer: MobileOne,
+    gamma: Tensor,
 }
 
 impl RepMixer {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
             RepMixer::Fused(c) => c.forward(x),
-            RepMixer::Train { norm, mixer, gamma } => {
-                let d = (mixer.forward(x, train)? - norm.forward(x, train)?)?;
-                Ok((x + layer_scale(&d, gamma)?)?)
+            RepMixer::Train(b) => {
+                let d = (b.mixer.forward(x, train)? - b.norm.forward(x, train)?)?;
+                Ok((x + layer_scale(&d, &b.gamma)?)?)
             }
         }
     }
