@@ -351,3 +351,48 @@ fn bench_times_a_training_step() {
     let o = common::bin(&["bench", "--task", "train-step"]);
     assert!(!o.status.success());
 }
+
+/// `reparameterize` writes a folded timm folder that loads by itself and gives timm's folded
+/// outputs; folding it again, or folding a model that is not a FastViT, fails with a message.
+#[test]
+fn reparameterize_verb_writes_a_loadable_folded_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("folded");
+    let o = common::bin(&[
+        "reparameterize".as_ref(),
+        "--model".as_ref(),
+        model_dir("timm-fastvit-sa12").as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    common::ok(&o);
+    let r = reference("timm-fastvit-sa12-fused");
+    let (spec, net) = backbone::load(&out.to_string_lossy(), &LoadOptions::default())
+        .unwrap()
+        .unwrap();
+    assert!(spec.arch_name().contains("reparameterized"));
+    let maps = net
+        .forward_intermediates(&r["pixel_values"], false)
+        .unwrap();
+    let y = net
+        .classify(&net.pool(maps.last().unwrap(), false).unwrap())
+        .unwrap()
+        .unwrap();
+    let e = rel_err(&y, &r["logits"]);
+    assert!(e < TOL, "folded logits: {e}");
+    for (src, want) in [
+        (out.clone(), "already reparameterized"),
+        (model_dir("timm-resnet-basic"), "not a FastViT"),
+    ] {
+        let o = common::bin(&[
+            "reparameterize".as_ref(),
+            "--model".as_ref(),
+            src.as_os_str(),
+            "--out".as_ref(),
+            tmp.path().join("again").as_os_str(),
+        ]);
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want), "{e}");
+    }
+}

@@ -1252,6 +1252,46 @@ pub fn reparameterize(
     Ok((fused, out))
 }
 
+/// Fold the training-form FastViT at `model` (a timm folder or hub id) into its inference form
+/// and write it to the folder `out` as a timm folder of its own (`config.json` with
+/// `model_args.inference_mode = true`, `model.safetensors`), both written atomically.
+/// Returns the folded spec.
+pub fn reparameterize_folder(model: &str, out: &std::path::Path) -> Result<FastVitSpec> {
+    let files = super::resolve(model)?;
+    let cfg = Cfg::read(&files.config)?;
+    let w = files.open_weights(DType::F32, &Device::Cpu)?;
+    let spec = spec_of_config(&cfg, &w).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: architecture {:?} is not a FastViT (only FastViT has a training form to fold)",
+            files.config.display(),
+            cfg.string("architecture", "").unwrap_or_default()
+        ))
+    })??;
+    let mut tensors = HashMap::new();
+    for p in &files.weights {
+        tensors.extend(
+            candle_core::safetensors::load(p, &Device::Cpu)
+                .map_err(|e| Error::io(p, crate::weights::clean_candle_msg(&e)))?,
+        );
+    }
+    let (fused, folded) = reparameterize(&spec, &tensors)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut config = cfg.value.clone();
+    if let Some(obj) = config.as_object_mut() {
+        let args = obj
+            .entry("model_args")
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(a) = args.as_object_mut() {
+            a.insert("inference_mode".into(), serde_json::Value::Bool(true));
+        }
+    }
+    let text = serde_json::to_string_pretty(&config)
+        .map_err(|e| Error::Invalid(format!("config.json: {e}")))?;
+    crate::atomic::write_safetensors(&folded, &out.join("model.safetensors"))?;
+    crate::atomic::write_bytes(&out.join("config.json"), text.as_bytes())?;
+    Ok(fused)
+}
+
 /// The registry's resolver.
 pub fn resolve(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
     FastVitSpec::named(name, hw).map(|s| Box::new(s) as Box<dyn BackboneSpec>)

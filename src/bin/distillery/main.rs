@@ -11,6 +11,7 @@ mod eval_edges;
 mod features;
 mod info;
 mod predict;
+mod reparameterize;
 mod train;
 
 use anyhow::Result;
@@ -56,6 +57,8 @@ enum Command {
     Info(info::Args),
     /// Time a ViT-B/16-size forward pass, or a SAK stage-1 training step (random weights)
     Bench(bench::Args),
+    /// Fold a FastViT's multi-branch training form into its single-branch inference form
+    Reparameterize(reparameterize::Args),
 }
 
 fn run() -> Result<()> {
@@ -70,6 +73,7 @@ fn run() -> Result<()> {
         Command::EvalEdges(a) => eval_edges::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Reparameterize(a) => reparameterize::run(a),
     }
 }
 
