@@ -303,6 +303,9 @@ fn info_reports_macs_as_torch_counts_them() {
         ("timm-mobilevitv2-075", "256x256", 80_562_560),
         ("timm-resnet-bottleneck", "224x224", 125_795_488),
         ("timm-resnet-basic", "224x224", 143_315_360),
+        ("timm-fastvit-sa12", "256x256", 17_621_824),
+        ("timm-fastvit-t8", "256x256", 19_511_680),
+        ("timm-fastvit-sa12-fused", "256x256", 16_894_784),
     ] {
         let o = common::bin(&[
             "info".as_ref(),
