@@ -154,6 +154,45 @@ pub fn names() -> Vec<&'static str> {
         .collect()
 }
 
+/// The spec a timm hub config names within one family: `None` when its `architecture`
+/// (`resnet50.a1_in1k` -> `resnet50`) does not start with `prefix`; otherwise the family's spec
+/// of that name (`named`), or an error listing the family's names.
+pub fn timm_spec<S>(
+    cfg: &Cfg,
+    prefix: &str,
+    family: &str,
+    names: &[&str],
+    named: impl Fn(&str) -> Option<S>,
+) -> Option<Result<S>> {
+    let arch = cfg.string("architecture", "").ok()?;
+    let base = arch.split('.').next().unwrap_or("");
+    if !base.starts_with(prefix) {
+        return None;
+    }
+    Some(named(base).ok_or_else(|| {
+        Error::Invalid(format!(
+            "timm architecture {base:?} is not a supported {family} (known: {})",
+            names.join(", ")
+        ))
+    }))
+}
+
+/// The number of classes of a checkpoint's classifier weight `name` (0 without one).
+pub fn classes_in(w: &Weights, name: &str) -> usize {
+    w.shape_of(name)
+        .and_then(|s| s.first().copied())
+        .unwrap_or(0)
+}
+
+/// `model_args.{key}` as 4 positive numbers (`default` when absent).
+pub fn four_positive(args: &Cfg, key: &str, default: [usize; 4]) -> Result<[usize; 4]> {
+    let v = args.usize_list(key, &default)?;
+    args.ensure(v.len() == 4 && v.iter().all(|&x| x > 0), || {
+        format!("model_args.{key} must be 4 positive numbers")
+    })?;
+    Ok([v[0], v[1], v[2], v[3]])
+}
+
 /// Multiply-accumulates of one image's eval forward at `hw` (the pyramid, pooling and the
 /// classifier when there is one), counted as [`crate::macs`] does.
 pub fn macs(net: &dyn Backbone, hw: (usize, usize)) -> Result<u64> {

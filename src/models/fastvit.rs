@@ -1306,31 +1306,16 @@ pub fn from_config(cfg: &Cfg, w: &Weights) -> Option<Result<Box<dyn BackboneSpec
 
 /// [`from_config`] with the concrete spec.
 pub fn spec_of_config(cfg: &Cfg, w: &Weights) -> Option<Result<FastVitSpec>> {
-    let arch = cfg.string("architecture", "").ok()?;
-    let base = arch.split('.').next().unwrap_or("").to_string();
-    if !base.starts_with("fastvit") {
-        return None;
-    }
-    Some(spec_from_config(cfg, w, &base))
+    let spec = super::backbone::timm_spec(cfg, "fastvit", "FastViT", NAMES, |b| {
+        FastVitSpec::named(b, (256, 256))
+    })?;
+    Some(spec.and_then(|s| configure(s, cfg, w)))
 }
 
-fn spec_from_config(cfg: &Cfg, w: &Weights, base: &str) -> Result<FastVitSpec> {
-    let Some(mut spec) = FastVitSpec::named(base, (256, 256)) else {
-        return Err(Error::Invalid(format!(
-            "timm architecture {base:?} is not a supported FastViT (known: {})",
-            NAMES.join(", ")
-        )));
-    };
+fn configure(mut spec: FastVitSpec, cfg: &Cfg, w: &Weights) -> Result<FastVitSpec> {
     if let Some(args) = cfg.sub("model_args") {
-        let list4 = |key: &str, d: [usize; 4]| -> Result<[usize; 4]> {
-            let v = args.usize_list(key, &d)?;
-            args.ensure(v.len() == 4 && v.iter().all(|&x| x > 0), || {
-                format!("model_args.{key} must be 4 positive numbers")
-            })?;
-            Ok([v[0], v[1], v[2], v[3]])
-        };
-        spec.layers = list4("layers", spec.layers)?;
-        spec.embed_dims = list4("embed_dims", spec.embed_dims)?;
+        spec.layers = super::backbone::four_positive(&args, "layers", spec.layers)?;
+        spec.embed_dims = super::backbone::four_positive(&args, "embed_dims", spec.embed_dims)?;
         if let Some(r) = args.f32_list("mlp_ratios")? {
             args.ensure(r.len() == 4 && r.iter().all(|&x| x > 0.0), || {
                 "model_args.mlp_ratios must be 4 positive numbers".to_string()
@@ -1343,11 +1328,15 @@ fn spec_from_config(cfg: &Cfg, w: &Weights, base: &str) -> Result<FastVitSpec> {
                 format!("model_args.embed_dims[{i}] = {d} must be a multiple of {HEAD_DIM} (attention heads)")
             })?;
         }
+        let mut prev = spec.embed_dims[0];
+        for (i, &d) in spec.embed_dims.iter().enumerate() {
+            args.ensure(d % prev == 0, || {
+                format!("model_args.embed_dims[{i}] = {d} must be a multiple of the previous width {prev} (grouped patch embedding)")
+            })?;
+            prev = d;
+        }
     }
-    spec.num_classes = w
-        .shape_of("head.fc.weight")
-        .and_then(|s| s.first().copied())
-        .unwrap_or(0);
+    spec.num_classes = super::backbone::classes_in(w, "head.fc.weight");
     spec.data = TimmDataConfig::from_cfg(cfg, spec.data)?;
     Ok(spec)
 }

@@ -631,31 +631,23 @@ pub fn resolve(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> 
 /// optional `model_args.width_factor`, `pretrained_cfg`; the classifier's size is read off the
 /// checkpoint (`head.fc.weight`).
 pub fn from_config(cfg: &Cfg, w: &Weights) -> Option<Result<Box<dyn BackboneSpec>>> {
-    let arch = cfg.string("architecture", "").ok()?;
-    let base = arch.split('.').next().unwrap_or("").to_string();
-    if !base.starts_with("mobilevitv2") {
-        return None;
-    }
-    Some(spec_from_config(cfg, w, &base).map(|s| Box::new(s) as Box<dyn BackboneSpec>))
+    let spec = super::backbone::timm_spec(cfg, "mobilevitv2", "MobileViT-V2", NAMES, |b| {
+        MobileVitV2Spec::named(b, (256, 256))
+    })?;
+    Some(
+        spec.and_then(|s| configure(s, cfg, w))
+            .map(|s| Box::new(s) as Box<dyn BackboneSpec>),
+    )
 }
 
-fn spec_from_config(cfg: &Cfg, w: &Weights, base: &str) -> Result<MobileVitV2Spec> {
-    let Some(mut spec) = MobileVitV2Spec::named(base, (256, 256)) else {
-        return Err(Error::Invalid(format!(
-            "timm architecture {base:?} is not a supported MobileViT-V2 (known: {})",
-            NAMES.join(", ")
-        )));
-    };
+fn configure(mut spec: MobileVitV2Spec, cfg: &Cfg, w: &Weights) -> Result<MobileVitV2Spec> {
     if let Some(args) = cfg.sub("model_args") {
         spec.width_factor = args.f64("width_factor", 1.0)?;
         args.ensure(spec.width_factor > 0.0 && spec.width_factor <= 8.0, || {
             "model_args.width_factor must be in (0, 8]".to_string()
         })?;
     }
-    spec.num_classes = w
-        .shape_of("head.fc.weight")
-        .and_then(|s| s.first().copied())
-        .unwrap_or(0);
+    spec.num_classes = super::backbone::classes_in(w, "head.fc.weight");
     spec.data = TimmDataConfig::from_cfg(cfg, spec.data)?;
     Ok(spec)
 }

@@ -12,7 +12,7 @@ use super::backbone::{Backbone, BackboneSpec, FeatureInfo};
 use super::layers::{BatchNorm2d, Linear};
 use super::student::Init;
 use crate::config::Cfg;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernels::Act;
 use crate::preprocess::{PreprocessConfig, TimmDataConfig};
 use crate::weights::Weights;
@@ -395,36 +395,21 @@ pub fn resolve(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> 
 /// (`layers`, `channels`), `pretrained_cfg`; the classifier's size is read off
 /// the checkpoint (`fc.weight`).
 pub fn from_config(cfg: &Cfg, w: &Weights) -> Option<Result<Box<dyn BackboneSpec>>> {
-    let arch = cfg.string("architecture", "").ok()?;
-    let base = arch.split('.').next().unwrap_or("").to_string();
-    if !base.starts_with("resnet") {
-        return None;
-    }
-    Some(spec_from_config(cfg, w, &base).map(|s| Box::new(s) as Box<dyn BackboneSpec>))
+    let spec = super::backbone::timm_spec(cfg, "resnet", "ResNet", NAMES, |b| {
+        ResNetSpec::named(b, (224, 224))
+    })?;
+    Some(
+        spec.and_then(|s| configure(s, cfg, w))
+            .map(|s| Box::new(s) as Box<dyn BackboneSpec>),
+    )
 }
 
-fn spec_from_config(cfg: &Cfg, w: &Weights, base: &str) -> Result<ResNetSpec> {
-    let Some(mut spec) = ResNetSpec::named(base, (224, 224)) else {
-        return Err(Error::Invalid(format!(
-            "timm architecture {base:?} is not a supported ResNet (known: {})",
-            NAMES.join(", ")
-        )));
-    };
+fn configure(mut spec: ResNetSpec, cfg: &Cfg, w: &Weights) -> Result<ResNetSpec> {
     if let Some(args) = cfg.sub("model_args") {
-        let list4 = |key: &str, d: [usize; 4]| -> Result<[usize; 4]> {
-            let v = args.usize_list(key, &d)?;
-            args.ensure(v.len() == 4 && v.iter().all(|&x| x > 0), || {
-                format!("model_args.{key} must be 4 positive numbers")
-            })?;
-            Ok([v[0], v[1], v[2], v[3]])
-        };
-        spec.layers = list4("layers", spec.layers)?;
-        spec.channels = list4("channels", spec.channels)?;
+        spec.layers = super::backbone::four_positive(&args, "layers", spec.layers)?;
+        spec.channels = super::backbone::four_positive(&args, "channels", spec.channels)?;
     }
-    spec.num_classes = w
-        .shape_of("fc.weight")
-        .and_then(|s| s.first().copied())
-        .unwrap_or(0);
+    spec.num_classes = super::backbone::classes_in(w, "fc.weight");
     spec.data = TimmDataConfig::from_cfg(cfg, spec.data)?;
     Ok(spec)
 }
