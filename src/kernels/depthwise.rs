@@ -10,32 +10,47 @@
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Shapes of one depthwise convolution.
+/// Shapes of one convolution (input channels `c`; the kernel's `[.., .., kh, kw]`).
 #[derive(Clone, Copy, Debug)]
-struct Geom {
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    pad: usize,
-    oh: usize,
-    ow: usize,
+pub(super) struct Geom {
+    pub(super) b: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) stride: usize,
+    pub(super) pad: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
 }
 
 impl Geom {
+    /// A depthwise convolution: kernel `[C, 1, kh, kw]`.
     fn new(x: &[usize], k: &[usize], stride: usize, pad: usize) -> candle_core::Result<Self> {
-        let (&[b, c, h, w], &[kc, one, kh, kw]) = (x, k) else {
-            candle_core::bail!("depthwise conv: input {x:?} and kernel {k:?} must be 4-d")
+        let &[kc, one, ..] = k else {
+            candle_core::bail!("depthwise conv: kernel {k:?} must be 4-d")
         };
-        if kc != c || one != 1 {
-            candle_core::bail!("depthwise conv: kernel {k:?} does not fit {c} channels")
+        let g = Self::of(x, k, stride, pad)?;
+        if kc != g.c || one != 1 {
+            candle_core::bail!("depthwise conv: kernel {k:?} does not fit {} channels", g.c)
         }
+        Ok(g)
+    }
+
+    /// Any kernel `[.., .., kh, kw]` over input `[B, C, H, W]`.
+    pub(super) fn of(
+        x: &[usize],
+        k: &[usize],
+        stride: usize,
+        pad: usize,
+    ) -> candle_core::Result<Self> {
+        let (&[b, c, h, w], &[_, _, kh, kw]) = (x, k) else {
+            candle_core::bail!("conv: input {x:?} and kernel {k:?} must be 4-d")
+        };
         if stride == 0 || h + 2 * pad < kh || w + 2 * pad < kw {
             candle_core::bail!(
-                "depthwise conv: kernel {kh}x{kw} (padding {pad}, stride {stride}) does not fit \
+                "conv: kernel {kh}x{kw} (padding {pad}, stride {stride}) does not fit \
                  a {h}x{w} input"
             )
         }
@@ -53,11 +68,11 @@ impl Geom {
         })
     }
 
-    fn in_plane(&self) -> usize {
+    pub(super) fn in_plane(&self) -> usize {
         self.h * self.w
     }
 
-    fn out_plane(&self) -> usize {
+    pub(super) fn out_plane(&self) -> usize {
         self.oh * self.ow
     }
 
@@ -82,7 +97,10 @@ impl Geom {
     /// Calls `f(out_row, in_row, tap, out_cols, first_in_col)` for every pair of an output row
     /// and an input row joined by a kernel tap: output columns `lo..hi` read input columns
     /// `first_in_col + (ox - lo) * stride`.
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize, (usize, usize), usize)) {
+    pub(super) fn for_each_tap(
+        &self,
+        mut f: impl FnMut(usize, usize, usize, (usize, usize), usize),
+    ) {
         for oy in 0..self.oh {
             for ky in 0..self.kh {
                 let Some(iy) = self.in_row(oy, ky) else {

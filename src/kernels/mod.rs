@@ -6,7 +6,9 @@
 //! Accuracy: `exp` is a Cephes-style polynomial (max rel. error ~2e-7 on the range used);
 //! `erf` follows Abramowitz & Stegun 7.1.26 (max abs. error 1.5e-7).
 
+mod conv;
 mod depthwise;
+pub use conv::conv2d_im2col;
 pub use depthwise::depthwise_conv2d;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};

@@ -124,7 +124,8 @@ impl LayerNorm {
 /// the wrong width. Where the remainders are not zero, the padding is applied explicitly (the
 /// rows and columns no output reads are left out), so the convolution itself divides evenly.
 /// Depthwise convolutions (`groups` = input channels, any whole number of filters per channel)
-/// run [`crate::kernels::depthwise_conv2d`].
+/// run [`crate::kernels::depthwise_conv2d`]; dense ones on the CPU in f32
+/// [`crate::kernels::conv2d_im2col`].
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -159,6 +160,9 @@ fn conv2d_uncounted(
                 .reshape((b, out, h, wd))?
         };
         return Ok(crate::kernels::depthwise_conv2d(&x, w, padding, stride)?);
+    }
+    if groups == 1 && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        return Ok(crate::kernels::conv2d_im2col(x, w, padding, stride)?);
     }
     let (kh, kw) = (w.dim(2)?, w.dim(3)?);
     let rest = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) % stride;

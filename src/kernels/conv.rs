@@ -1,0 +1,328 @@
+//! Dense 2-D convolution (`groups == 1`) on the CPU in f32 as im2col + matrix product, forward
+//! and backward: `y_b = W @ col(x_b)`, `dcol_b = W^T @ dy_b` folded back into `dx_b` (col2im),
+//! `dW = sum_b dy_b @ col(x_b)^T`. candle's CPU convolution runs the input gradient as a
+//! direct transposed convolution (per-element dot products) and is several times slower than a
+//! matrix product; here every product is one multi-threaded GEMM over a whole image. 1x1
+//! convolutions with stride 1 use the input itself as the column matrix.
+
+use super::depthwise::Geom;
+use super::{f32_arg, sgemm_with};
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows `c * kh * kw .. (c + 1) * kh * kw` of the column matrix of one image `x` (`[C, H, W]`):
+/// `col[(c, ky, kx)][(oy, ox)] = x[c, oy * s + ky - p, ox * s + kx - p]` (0 outside).
+fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
+    let taps = g.kh * g.kw;
+    let n = g.out_plane();
+    col.par_chunks_mut(taps * n)
+        .enumerate()
+        .for_each(|(c, rows)| {
+            rows.fill(0.0);
+            let plane = &x[c * g.in_plane()..(c + 1) * g.in_plane()];
+            g.for_each_tap(|oy, iy, t, (lo, hi), ix| {
+                let dst = &mut rows[t * n + oy * g.ow + lo..t * n + oy * g.ow + hi];
+                let src = &plane[iy * g.w..(iy + 1) * g.w];
+                if g.stride == 1 {
+                    dst.copy_from_slice(&src[ix..ix + (hi - lo)]);
+                } else {
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        *d = src[ix + j * g.stride];
+                    }
+                }
+            });
+        });
+}
+
+/// The adjoint of [`im2col`]: adds every column entry back onto the input position it read.
+fn col2im(g: &Geom, col: &[f32], dx: &mut [f32]) {
+    let taps = g.kh * g.kw;
+    let n = g.out_plane();
+    dx.par_chunks_mut(g.in_plane())
+        .enumerate()
+        .for_each(|(c, plane)| {
+            let rows = &col[c * taps * n..(c + 1) * taps * n];
+            g.for_each_tap(|oy, iy, t, (lo, hi), ix| {
+                let src = &rows[t * n + oy * g.ow + lo..t * n + oy * g.ow + hi];
+                let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
+                if g.stride == 1 {
+                    for (d, v) in dst[ix..].iter_mut().zip(src) {
+                        *d += v;
+                    }
+                } else {
+                    for (j, v) in src.iter().enumerate() {
+                        dst[ix + j * g.stride] += v;
+                    }
+                }
+            });
+        });
+}
+
+fn par() -> gemm::Parallelism {
+    gemm::Parallelism::Rayon(rayon::current_num_threads())
+}
+
+/// Whether the column matrix is the input itself (1x1, stride 1, no padding).
+fn direct(g: &Geom) -> bool {
+    g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0
+}
+
+/// `[rows, k] x [k, cols]` row-major into `dst` (`accumulate`: add to it).
+fn matmul(
+    dst: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    (rows, k, cols): (usize, usize, usize),
+    ta: bool,
+    tb: bool,
+    accumulate: bool,
+) {
+    // op(a) is [rows, k]: stored [rows, k] (cs 1, rs k) or, transposed, [k, rows] (cs rows, rs 1)
+    let (a_cs, a_rs) = if ta {
+        (rows as isize, 1)
+    } else {
+        (1, k as isize)
+    };
+    let (b_cs, b_rs) = if tb {
+        (k as isize, 1)
+    } else {
+        (1, cols as isize)
+    };
+    // SAFETY: the strides describe the stored extents of a, b and dst (rows x cols row-major).
+    unsafe {
+        sgemm_with(
+            (rows, cols, k),
+            (dst.as_mut_ptr(), 1, cols as isize),
+            (a.as_ptr(), a_cs, a_rs),
+            (b.as_ptr(), b_cs, b_rs),
+            1.0,
+            accumulate,
+            par(),
+        );
+    }
+}
+
+struct Conv {
+    stride: usize,
+    pad: usize,
+}
+
+impl candle_core::CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "distillery-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::of(xl.dims(), wl.dims(), self.stride, self.pad)?;
+        let (x, w) = (f32_arg(xs, xl, "conv x")?, f32_arg(ws, wl, "conv w")?);
+        let o = wl.dims()[0];
+        let k = g.c * g.kh * g.kw;
+        if wl.dims()[1] != g.c {
+            candle_core::bail!(
+                "conv: kernel {:?} does not fit {} input channels",
+                wl.dims(),
+                g.c
+            )
+        }
+        let n = g.out_plane();
+        let mut y = vec![0f32; g.b * o * n];
+        let mut col = if direct(&g) {
+            Vec::new()
+        } else {
+            vec![0f32; k * n]
+        };
+        for b in 0..g.b {
+            let xb = &x[b * g.c * g.in_plane()..(b + 1) * g.c * g.in_plane()];
+            let cols: &[f32] = if direct(&g) {
+                xb
+            } else {
+                im2col(&g, xb, &mut col);
+                &col
+            };
+            matmul(
+                &mut y[b * o * n..(b + 1) * o * n],
+                w,
+                cols,
+                (o, k, n),
+                false,
+                false,
+                false,
+            );
+        }
+        Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let g = Geom::of(x.dims(), w.dims(), self.stride, self.pad)?;
+        let dx = dy.apply_op2_no_bwd(w, &InputGrad(g))?;
+        let dw = x.apply_op2_no_bwd(&dy, &KernelGrad { g, o: w.dim(0)? })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `(dy, w) -> dx`: per image `col2im(W^T @ dy_b)`.
+struct InputGrad(Geom);
+
+impl candle_core::CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "distillery-conv2d-dx"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ds: &CpuStorage,
+        dl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let (dy, w) = (f32_arg(ds, dl, "conv dy")?, f32_arg(ws, wl, "conv w")?);
+        let o = wl.dims()[0];
+        let k = g.c * g.kh * g.kw;
+        let n = g.out_plane();
+        let per = g.c * g.in_plane();
+        let mut dx = vec![0f32; g.b * per];
+        let mut dcol = if direct(&g) {
+            Vec::new()
+        } else {
+            vec![0f32; k * n]
+        };
+        for b in 0..g.b {
+            let dyb = &dy[b * o * n..(b + 1) * o * n];
+            if direct(&g) {
+                matmul(
+                    &mut dx[b * per..(b + 1) * per],
+                    w,
+                    dyb,
+                    (k, o, n),
+                    true,
+                    false,
+                    false,
+                );
+            } else {
+                matmul(&mut dcol, w, dyb, (k, o, n), true, false, false);
+                col2im(&g, &dcol, &mut dx[b * per..(b + 1) * per]);
+            }
+        }
+        Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c, g.h, g.w))))
+    }
+}
+
+/// `(x, dy) -> dW = sum_b dy_b @ col(x_b)^T`.
+struct KernelGrad {
+    g: Geom,
+    o: usize,
+}
+
+impl candle_core::CustomOp2 for KernelGrad {
+    fn name(&self) -> &'static str {
+        "distillery-conv2d-dw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, o) = (self.g, self.o);
+        let (x, dy) = (f32_arg(xs, xl, "conv x")?, f32_arg(ds, dl, "conv dy")?);
+        let k = g.c * g.kh * g.kw;
+        let n = g.out_plane();
+        let mut dw = vec![0f32; o * k];
+        let mut col = if direct(&g) {
+            Vec::new()
+        } else {
+            vec![0f32; k * n]
+        };
+        for b in 0..g.b {
+            let xb = &x[b * g.c * g.in_plane()..(b + 1) * g.c * g.in_plane()];
+            let cols: &[f32] = if direct(&g) {
+                xb
+            } else {
+                im2col(&g, xb, &mut col);
+                &col
+            };
+            let dyb = &dy[b * o * n..(b + 1) * o * n];
+            matmul(&mut dw, dyb, cols, (o, n, k), false, true, b > 0);
+        }
+        Ok((CpuStorage::F32(dw), Shape::from((o, g.c, g.kh, g.kw))))
+    }
+}
+
+/// `F.conv2d(x, w, padding=pad, stride=stride)` (one group, no bias, no dilation) for CPU f32
+/// tensors, differentiable in both arguments.
+pub fn conv2d_im2col(
+    x: &Tensor,
+    w: &Tensor,
+    pad: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv { stride, pad })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::max_abs_diff;
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Against candle's convolution (an independent implementation; its input is padded
+    /// explicitly so its own backward sees evenly dividing shapes): output and both gradients
+    /// over kernel sizes, strides, paddings and odd, non-square inputs.
+    #[test]
+    fn matches_candle_forward_and_backward() {
+        let dev = Device::Cpu;
+        for (c, o, h, w, k, pad, s) in [
+            (3, 5, 9, 7, 3, 1, 1),
+            (3, 4, 9, 7, 3, 1, 2),
+            (4, 6, 11, 8, 7, 3, 2),
+            (5, 3, 6, 9, 1, 0, 1),
+            (5, 3, 7, 9, 1, 0, 2),
+            (2, 3, 5, 5, 5, 2, 3),
+        ] {
+            let x = Var::randn(0f32, 1.0, (2, c, h, w), &dev).unwrap();
+            let kv = Var::randn(0f32, 1.0, (o, c, k, k), &dev).unwrap();
+            let want = |x: &Tensor, kt: &Tensor| {
+                let p = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+                let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+                let p = p.narrow(2, 0, hp - (hp - k) % s)?;
+                let p = p.narrow(3, 0, wp - (wp - k) % s)?;
+                p.conv2d(kt, 0, s, 1, 1)
+            };
+            let run = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| {
+                let y = f(x.as_tensor(), kv.as_tensor()).unwrap();
+                let r = Tensor::ones(y.shape(), candle_core::DType::F32, &dev)
+                    .unwrap()
+                    .broadcast_mul(&Tensor::arange(0f32, y.dim(3).unwrap() as f32, &dev).unwrap())
+                    .unwrap();
+                let gr = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let gx = gr.get(x.as_tensor()).unwrap().clone();
+                let gk = gr.get(kv.as_tensor()).unwrap().clone();
+                (y, gx, gk)
+            };
+            let (y0, gx0, gk0) = run(&want);
+            let (y1, gx1, gk1) = run(&|x, kt| conv2d_im2col(x, kt, pad, s));
+            let case = format!("c{c} o{o} {h}x{w} k{k} p{pad} s{s}");
+            assert_eq!(y1.dims(), y0.dims(), "{case}");
+            assert!(max_abs_diff(&y1, &y0) < 1e-4, "{case} forward");
+            assert!(max_abs_diff(&gx1, &gx0) < 1e-3, "{case} dx");
+            assert!(max_abs_diff(&gk1, &gk0) < 1e-3, "{case} dw");
+        }
+    }
+}
