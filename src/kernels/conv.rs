@@ -6,7 +6,7 @@
 //! convolutions with stride 1 use the input itself as the column matrix.
 
 use super::depthwise::Geom;
-use super::{f32_arg, sgemm_with};
+use super::{f32_arg, gemm_into};
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -58,47 +58,28 @@ fn col2im(g: &Geom, col: &[f32], dx: &mut [f32]) {
         });
 }
 
-fn par() -> gemm::Parallelism {
-    gemm::Parallelism::Rayon(rayon::current_num_threads())
-}
-
 /// Whether the column matrix is the input itself (1x1, stride 1, no padding).
 fn direct(g: &Geom) -> bool {
     g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0
 }
 
-/// `[rows, k] x [k, cols]` row-major into `dst` (`accumulate`: add to it).
-fn matmul(
-    dst: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    (rows, k, cols): (usize, usize, usize),
-    ta: bool,
-    tb: bool,
-    accumulate: bool,
-) {
-    // op(a) is [rows, k]: stored [rows, k] (cs 1, rs k) or, transposed, [k, rows] (cs rows, rs 1)
-    let (a_cs, a_rs) = if ta {
-        (rows as isize, 1)
+/// A scratch column matrix for one image (none when the input serves as its own).
+fn scratch(g: &Geom) -> Vec<f32> {
+    if direct(g) {
+        Vec::new()
     } else {
-        (1, k as isize)
-    };
-    let (b_cs, b_rs) = if tb {
-        (k as isize, 1)
+        vec![0f32; g.c * g.kh * g.kw * g.out_plane()]
+    }
+}
+
+/// The column matrix of image `b` of `x`: the image itself, or [`im2col`] into `col`.
+fn columns<'a>(g: &Geom, x: &'a [f32], b: usize, col: &'a mut [f32]) -> &'a [f32] {
+    let xb = &x[b * g.c * g.in_plane()..(b + 1) * g.c * g.in_plane()];
+    if direct(g) {
+        xb
     } else {
-        (1, cols as isize)
-    };
-    // SAFETY: the strides describe the stored extents of a, b and dst (rows x cols row-major).
-    unsafe {
-        sgemm_with(
-            (rows, cols, k),
-            (dst.as_mut_ptr(), 1, cols as isize),
-            (a.as_ptr(), a_cs, a_rs),
-            (b.as_ptr(), b_cs, b_rs),
-            1.0,
-            accumulate,
-            par(),
-        );
+        im2col(g, xb, col);
+        col
     }
 }
 
@@ -132,20 +113,10 @@ impl candle_core::CustomOp2 for Conv {
         }
         let n = g.out_plane();
         let mut y = vec![0f32; g.b * o * n];
-        let mut col = if direct(&g) {
-            Vec::new()
-        } else {
-            vec![0f32; k * n]
-        };
+        let mut col = scratch(&g);
         for b in 0..g.b {
-            let xb = &x[b * g.c * g.in_plane()..(b + 1) * g.c * g.in_plane()];
-            let cols: &[f32] = if direct(&g) {
-                xb
-            } else {
-                im2col(&g, xb, &mut col);
-                &col
-            };
-            matmul(
+            let cols = columns(&g, x, b, &mut col);
+            gemm_into(
                 &mut y[b * o * n..(b + 1) * o * n],
                 w,
                 cols,
@@ -195,15 +166,11 @@ impl candle_core::CustomOp2 for InputGrad {
         let n = g.out_plane();
         let per = g.c * g.in_plane();
         let mut dx = vec![0f32; g.b * per];
-        let mut dcol = if direct(&g) {
-            Vec::new()
-        } else {
-            vec![0f32; k * n]
-        };
+        let mut dcol = scratch(&g);
         for b in 0..g.b {
             let dyb = &dy[b * o * n..(b + 1) * o * n];
             if direct(&g) {
-                matmul(
+                gemm_into(
                     &mut dx[b * per..(b + 1) * per],
                     w,
                     dyb,
@@ -213,7 +180,7 @@ impl candle_core::CustomOp2 for InputGrad {
                     false,
                 );
             } else {
-                matmul(&mut dcol, w, dyb, (k, o, n), true, false, false);
+                gemm_into(&mut dcol, w, dyb, (k, o, n), true, false, false);
                 col2im(&g, &dcol, &mut dx[b * per..(b + 1) * per]);
             }
         }
@@ -244,21 +211,11 @@ impl candle_core::CustomOp2 for KernelGrad {
         let k = g.c * g.kh * g.kw;
         let n = g.out_plane();
         let mut dw = vec![0f32; o * k];
-        let mut col = if direct(&g) {
-            Vec::new()
-        } else {
-            vec![0f32; k * n]
-        };
+        let mut col = scratch(&g);
         for b in 0..g.b {
-            let xb = &x[b * g.c * g.in_plane()..(b + 1) * g.c * g.in_plane()];
-            let cols: &[f32] = if direct(&g) {
-                xb
-            } else {
-                im2col(&g, xb, &mut col);
-                &col
-            };
+            let cols = columns(&g, x, b, &mut col);
             let dyb = &dy[b * o * n..(b + 1) * o * n];
-            matmul(&mut dw, dyb, cols, (o, n, k), false, true, b > 0);
+            gemm_into(&mut dw, dyb, cols, (o, n, k), false, true, b > 0);
         }
         Ok((CpuStorage::F32(dw), Shape::from((o, g.c, g.kh, g.kw))))
     }

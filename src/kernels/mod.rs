@@ -436,33 +436,55 @@ impl candle_core::CustomOp2 for Gemm2 {
         let (ar, ac) = l1.shape().dims2()?;
         let (br, bc) = l2.shape().dims2()?;
         // op(a): [m, k]; op(b): [k, n]
-        let (m, k, a_cs, a_rs) = if self.ta {
-            (ac, ar, ac as isize, 1)
-        } else {
-            (ar, ac, 1, ac as isize)
-        };
-        let (k2, n, b_cs, b_rs) = if self.tb {
-            (bc, br, bc as isize, 1)
-        } else {
-            (br, bc, 1, bc as isize)
-        };
+        let (m, k) = if self.ta { (ac, ar) } else { (ar, ac) };
+        let (k2, n) = if self.tb { (bc, br) } else { (br, bc) };
         if k != k2 {
             candle_core::bail!("gemm kernel: inner dimensions {k} and {k2} differ")
         }
         let mut out = vec![0f32; m * n];
-        // SAFETY: strides describe the stored extents of a and b; out is m x n row-major.
-        unsafe {
-            sgemm_with(
-                (m, n, k),
-                (out.as_mut_ptr(), 1, n as isize),
-                (a.as_ptr(), a_cs, a_rs),
-                (b.as_ptr(), b_cs, b_rs),
-                1.0,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            );
-        }
+        gemm_into(&mut out, a, b, (m, k, n), self.ta, self.tb, false);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// `dst (+)= op(a) @ op(b)` for row-major slices, `op(a)` `[rows, k]`, `op(b)` `[k, cols]`, `op`
+/// = transpose when flagged (a transposed operand is read through its strides, not copied);
+/// `accumulate` adds to `dst`. One multi-threaded GEMM.
+fn gemm_into(
+    dst: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    (rows, k, cols): (usize, usize, usize),
+    ta: bool,
+    tb: bool,
+    accumulate: bool,
+) {
+    assert!(
+        a.len() >= rows * k && b.len() >= k * cols && dst.len() >= rows * cols,
+        "gemm_into: operands smaller than {rows}x{k} @ {k}x{cols}"
+    );
+    // stored [rows, k] (column stride 1, row stride k) or, transposed, [k, rows]
+    let (a_cs, a_rs) = if ta {
+        (rows as isize, 1)
+    } else {
+        (1, k as isize)
+    };
+    let (b_cs, b_rs) = if tb {
+        (k as isize, 1)
+    } else {
+        (1, cols as isize)
+    };
+    // SAFETY: the lengths were checked against the extents these strides address.
+    unsafe {
+        sgemm_with(
+            (rows, cols, k),
+            (dst.as_mut_ptr(), 1, cols as isize),
+            (a.as_ptr(), a_cs, a_rs),
+            (b.as_ptr(), b_cs, b_rs),
+            1.0,
+            accumulate,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
     }
 }
 

@@ -25,6 +25,18 @@ pub struct FeatureInfo {
     pub stride: usize,
 }
 
+/// Levels of the given widths whose strides double from `first_stride`.
+pub fn pyramid(widths: &[usize], first_stride: usize) -> Vec<FeatureInfo> {
+    widths
+        .iter()
+        .enumerate()
+        .map(|(i, &channels)| FeatureInfo {
+            channels,
+            stride: first_stride << i,
+        })
+        .collect()
+}
+
 /// A built backbone.
 pub trait Backbone: Send + Sync {
     /// The levels [`Backbone::forward_intermediates`] returns, in order.

@@ -18,7 +18,9 @@
 //! features (`pre_logits`) come after the final convolution.
 
 use super::backbone::{Backbone, BackboneSpec, FeatureInfo};
-use super::layers::{conv2d, pointwise, Attention, BatchNorm2d, Linear};
+use super::layers::{
+    conv1x1_linear, conv2d, pointwise, Attention, BatchNorm2d, ConvBn, Linear, BN_EPS,
+};
 use super::student::Init;
 use crate::config::Cfg;
 use crate::error::{Error, Result};
@@ -32,7 +34,6 @@ use std::collections::HashMap;
 /// The registered names.
 pub const NAMES: &[&str] = &["fastvit_t8", "fastvit_t12", "fastvit_s12", "fastvit_sa12"];
 
-const BN_EPS: f64 = 1e-5;
 const HEAD_DIM: usize = 32;
 const MIXER_KERNEL: usize = 3;
 const DOWN_KERNEL: usize = 7;
@@ -294,8 +295,8 @@ impl MobileOnePlan {
             .se
             .map(|rd| -> Result<_> {
                 Ok((
-                    conv1x1(&w.pp(format!("{n}.se.fc1")), self.out, rd)?,
-                    conv1x1(&w.pp(format!("{n}.se.fc2")), rd, self.out)?,
+                    conv1x1_linear(&w.pp(format!("{n}.se.fc1")), self.out, rd)?,
+                    conv1x1_linear(&w.pp(format!("{n}.se.fc2")), rd, self.out)?,
                 ))
             })
             .transpose()?;
@@ -308,7 +309,7 @@ impl MobileOnePlan {
             )?)
         } else {
             let cb = |name: String, k| {
-                ConvBn::load(
+                conv_bn(
                     w,
                     state,
                     &name,
@@ -406,9 +407,8 @@ impl LargeKernelPlan {
                 self.inp,
             )?)
         } else {
-            let cb = |b: &str, k| {
-                ConvBn::load(w, state, &format!("{n}.{b}"), self.shape(k), 2, self.inp)
-            };
+            let cb =
+                |b: &str, k| conv_bn(w, state, &format!("{n}.{b}"), self.shape(k), 2, self.inp);
             Branches::Train {
                 identity: None,
                 kxk: Some(cb("large_conv", DOWN_KERNEL)?),
@@ -442,31 +442,22 @@ struct RepMixerPlan {
 }
 
 impl RepMixerPlan {
+    /// A depthwise 3x3 MobileOne of the training form without activation.
+    fn branch(&self, part: &str) -> MobileOnePlan {
+        let name = format!("{}.{part}", self.name);
+        let (d, k) = (self.dim, MIXER_KERNEL);
+        MobileOnePlan {
+            act: false,
+            ..MobileOnePlan::new(&name, d, d, k, 1, d, false)
+        }
+    }
+
     fn mixer(&self) -> MobileOnePlan {
-        let mut m = MobileOnePlan::new(
-            &format!("{}.mixer", self.name),
-            self.dim,
-            self.dim,
-            MIXER_KERNEL,
-            1,
-            self.dim,
-            false,
-        );
-        m.act = false;
-        m
+        self.branch("mixer")
     }
 
     fn norm(&self) -> MobileOnePlan {
-        let mut m = MobileOnePlan::new(
-            &format!("{}.norm", self.name),
-            self.dim,
-            self.dim,
-            MIXER_KERNEL,
-            1,
-            self.dim,
-            false,
-        );
-        m.act = false;
+        let mut m = self.branch("norm");
         m.kxk = false;
         m.scale = false;
         m
@@ -606,7 +597,7 @@ impl MlpPlan {
     fn load(&self, w: &Weights, state: &Weights) -> Result<Mlp> {
         let n = &self.name;
         Ok(Mlp {
-            conv: ConvBn::load(
+            conv: conv_bn(
                 w,
                 state,
                 &format!("{n}.conv"),
@@ -614,8 +605,8 @@ impl MlpPlan {
                 1,
                 self.dim,
             )?,
-            fc1: conv1x1(&w.pp(format!("{n}.fc1")), self.dim, self.hidden)?,
-            fc2: conv1x1(&w.pp(format!("{n}.fc2")), self.hidden, self.dim)?,
+            fc1: conv1x1_linear(&w.pp(format!("{n}.fc1")), self.dim, self.hidden)?,
+            fc2: conv1x1_linear(&w.pp(format!("{n}.fc2")), self.hidden, self.dim)?,
         })
     }
 }
@@ -825,52 +816,17 @@ fn bn(w: &Weights, state: &Weights, name: &str, c: usize) -> Result<BatchNorm2d>
     BatchNorm2d::load(&w.pp(name), &state.pp(name), c, BN_EPS)
 }
 
-/// A 1x1 convolution with bias, as a linear layer over channels.
-fn conv1x1(w: &Weights, inp: usize, out: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        w.get((out, inp, 1, 1), "weight")?.reshape((out, inp))?,
-        Some(w.get(out, "bias")?),
-    ))
-}
-
-/// A convolution without bias and its BatchNorm.
-struct ConvBn {
-    weight: Tensor,
+/// timm's `ConvNormAct` without activation, named `{name}.conv` / `{name}.bn`.
+fn conv_bn(
+    w: &Weights,
+    state: &Weights,
+    name: &str,
+    shape: [usize; 4],
     stride: usize,
     groups: usize,
-    norm: BatchNorm2d,
-}
-
-impl ConvBn {
-    fn load(
-        w: &Weights,
-        state: &Weights,
-        name: &str,
-        shape: [usize; 4],
-        stride: usize,
-        groups: usize,
-    ) -> Result<Self> {
-        Ok(Self {
-            weight: w.get(shape.as_slice(), &format!("{name}.conv.weight"))?,
-            stride,
-            groups,
-            norm: bn(w, state, &format!("{name}.bn"), shape[0])?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = conv(x, &self.weight, self.stride, self.groups)?;
-        self.norm.forward(&y, train)
-    }
-}
-
-fn conv(x: &Tensor, w: &Tensor, stride: usize, groups: usize) -> Result<Tensor> {
-    let (o, i, k, _) = w.dims4()?;
-    if k == 1 && stride == 1 && groups == 1 {
-        pointwise(x, &w.reshape((o, i))?)
-    } else {
-        conv2d(x, w, k / 2, stride, groups)
-    }
+) -> Result<ConvBn> {
+    let (conv, norm) = (format!("{name}.conv"), format!("{name}.bn"));
+    ConvBn::load(w, state, &conv, &norm, shape, stride, groups)
 }
 
 /// A convolution with bias (the inference form's `reparam_conv`).
@@ -892,7 +848,8 @@ impl ConvBias {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv(x, &self.weight, self.stride, self.groups)?;
+        let k = self.weight.dim(3)?;
+        let y = conv2d(x, &self.weight, k / 2, self.stride, self.groups)?;
         Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
     }
 }
@@ -1068,14 +1025,7 @@ pub struct FastVit {
 
 impl Backbone for FastVit {
     fn feature_info(&self) -> Vec<FeatureInfo> {
-        self.dims
-            .iter()
-            .enumerate()
-            .map(|(i, &channels)| FeatureInfo {
-                channels,
-                stride: 4 << i,
-            })
-            .collect()
+        super::backbone::pyramid(&self.dims, 4)
     }
 
     fn forward_intermediates(&self, pixels: &Tensor, train: bool) -> Result<Vec<Tensor>> {

@@ -125,7 +125,7 @@ impl LayerNorm {
 /// rows and columns no output reads are left out), so the convolution itself divides evenly.
 /// Depthwise convolutions (`groups` = input channels, any whole number of filters per channel)
 /// run [`crate::kernels::depthwise_conv2d`]; dense ones on the CPU in f32
-/// [`crate::kernels::conv2d_im2col`].
+/// [`crate::kernels::conv2d_im2col`]; elsewhere 1x1 ones are one batched matrix product.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -165,6 +165,9 @@ fn conv2d_uncounted(
         return Ok(crate::kernels::conv2d_im2col(x, w, padding, stride)?);
     }
     let (kh, kw) = (w.dim(2)?, w.dim(3)?);
+    if groups == 1 && (kh, kw, stride, padding) == (1, 1, 1, 0) {
+        return pointwise_uncounted(x, &w.reshape((out, c))?);
+    }
     let rest = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) % stride;
     if stride == 1 || (rest(h, kh) == 0 && rest(wd, kw) == 0) {
         return Ok(x.conv2d(w, padding, stride, 1, groups)?);
@@ -338,11 +341,71 @@ impl GroupNorm1 {
 /// A 1x1 convolution `[B, C, H, W] -> [B, O, H, W]` with weight `[O, C]` (a `[O, C, 1, 1]`
 /// convolution kernel reshaped), as one batched matrix product.
 pub fn pointwise(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let y = pointwise_uncounted(x, w)?;
+    crate::macs::add(y.elem_count() * w.dim(1)?);
+    Ok(y)
+}
+
+fn pointwise_uncounted(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let o = w.dim(0)?;
-    crate::macs::add(b * o * c * h * wd);
     let y = w.broadcast_left(b)?.matmul(&x.reshape((b, c, h * wd))?)?;
     Ok(y.reshape((b, o, h, wd))?)
+}
+
+/// A 1x1 convolution with bias (`weight` `[out, in, 1, 1]`, `bias`) as a linear layer over
+/// channels (for channels-last tokens or pooled features).
+pub fn conv1x1_linear(w: &Weights, inp: usize, out: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        w.get((out, inp, 1, 1), "weight")?.reshape((out, inp))?,
+        Some(w.get(out, "bias")?),
+    ))
+}
+
+/// PyTorch's default BatchNorm epsilon (every CNN family here uses it).
+pub const BN_EPS: f64 = 1e-5;
+
+/// A convolution without bias, the BatchNorm after it and an activation: timm's `ConvNormAct`
+/// and ResNet's conv/bn pairs. Padding is `k / 2`.
+pub struct ConvBn {
+    weight: Tensor,
+    stride: usize,
+    groups: usize,
+    norm: BatchNorm2d,
+    act: crate::kernels::Act,
+}
+
+impl ConvBn {
+    /// `{conv}.weight` of `shape` `[out, in / groups, k, k]` and the BatchNorm named `norm`
+    /// (parameters in `w`, running statistics in `state`); no activation.
+    pub fn load(
+        w: &Weights,
+        state: &Weights,
+        conv: &str,
+        norm: &str,
+        shape: [usize; 4],
+        stride: usize,
+        groups: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(shape.as_slice(), &format!("{conv}.weight"))?,
+            stride,
+            groups,
+            norm: BatchNorm2d::load(&w.pp(norm), &state.pp(norm), shape[0], BN_EPS)?,
+            act: crate::kernels::Act::Identity,
+        })
+    }
+
+    /// The same unit followed by `act` (fused into the BatchNorm pass).
+    pub fn with_act(self, act: crate::kernels::Act) -> Self {
+        Self { act, ..self }
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let k = self.weight.dim(3)?;
+        let y = conv2d(x, &self.weight, k / 2, self.stride, self.groups)?;
+        self.norm.forward_act(&y, train, self.act)
+    }
 }
 
 /// Activation functions used by the supported families (serialised as `gelu`, `gelu_tanh`,

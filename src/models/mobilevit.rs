@@ -16,7 +16,7 @@
 //! `transformer.{k}.attn.qkv_proj`, `head.fc`).
 
 use super::backbone::{Backbone, BackboneSpec, FeatureInfo};
-use super::layers::{pointwise, BatchNorm2d, GroupNorm1, Linear};
+use super::layers::{conv1x1_linear, pointwise, ConvBn, GroupNorm1, Linear};
 use super::student::Init;
 use crate::config::Cfg;
 use crate::error::{Error, Result};
@@ -48,7 +48,6 @@ pub const NAMES: &[&str] = &[
     "mobilevitv2_200",
 ];
 
-const BN_EPS: f64 = 1e-5;
 const GN_EPS: f64 = 1e-5;
 const BASE_WIDTHS: [usize; 5] = [64, 128, 256, 384, 512];
 /// Inverted-residual blocks per stage, and MobileViT-V2 transformer depths (stages 3-5).
@@ -374,7 +373,7 @@ impl BackboneSpec for MobileVitV2Spec {
     }
 
     fn build(&self, w: &Weights, state: &Weights) -> Result<Box<dyn Backbone>> {
-        let load = |u: &Unit| ConvBn::load(u, w, state);
+        let load = |u: &Unit| load_unit(u, w, state);
         let mut stages = Vec::new();
         for plan in self.plan() {
             let mut blocks = Vec::new();
@@ -440,45 +439,18 @@ impl BackboneSpec for MobileVitV2Spec {
     }
 }
 
-/// A built convolution + BatchNorm (+ SiLU).
-struct ConvBn {
-    weight: Tensor,
-    stride: usize,
-    groups: usize,
-    norm: BatchNorm2d,
-    act: bool,
-}
-
-impl ConvBn {
-    fn load(u: &Unit, w: &Weights, state: &Weights) -> Result<Self> {
-        let bn = format!("{}.bn", u.name);
-        Ok(Self {
-            weight: w.get(u.shape.as_slice(), &format!("{}.conv.weight", u.name))?,
-            stride: u.stride,
-            groups: u.groups,
-            norm: BatchNorm2d::load(&w.pp(&bn), &state.pp(&bn), u.shape[0], BN_EPS)?,
-            act: u.act,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (o, _, k, _) = self.weight.dims4()?;
-        let y = if k == 1 && self.stride == 1 && self.groups == 1 {
-            pointwise(x, &self.weight.reshape((o, ()))?)?
-        } else {
-            super::layers::conv2d(x, &self.weight, k / 2, self.stride, self.groups)?
-        };
-        let act = if self.act { Act::Silu } else { Act::Identity };
-        self.norm.forward_act(&y, train, act)
-    }
-}
-
-/// A 1x1 convolution with bias over channels-last tokens: a linear layer.
-fn conv1x1_linear(w: &Weights, inp: usize, out: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        w.get((out, inp, 1, 1), "weight")?.reshape((out, inp))?,
-        Some(w.get(out, "bias")?),
-    ))
+/// timm's `ConvNormAct` named `{name}.conv` / `{name}.bn`, SiLU when the unit has one.
+fn load_unit(u: &Unit, w: &Weights, state: &Weights) -> Result<ConvBn> {
+    let unit = ConvBn::load(
+        w,
+        state,
+        &format!("{}.conv", u.name),
+        &format!("{}.bn", u.name),
+        u.shape,
+        u.stride,
+        u.groups,
+    )?;
+    Ok(unit.with_act(if u.act { Act::Silu } else { Act::Identity }))
 }
 
 /// Separable linear self-attention and the 1x1 MLP, each after a GroupNorm(1), over tokens
@@ -587,14 +559,7 @@ pub struct MobileVitV2 {
 
 impl Backbone for MobileVitV2 {
     fn feature_info(&self) -> Vec<FeatureInfo> {
-        self.widths
-            .iter()
-            .enumerate()
-            .map(|(i, &channels)| FeatureInfo {
-                channels,
-                stride: 2 << i,
-            })
-            .collect()
+        super::backbone::pyramid(&self.widths, 2)
     }
 
     fn forward_intermediates(&self, pixels: &Tensor, train: bool) -> Result<Vec<Tensor>> {

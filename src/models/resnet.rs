@@ -9,7 +9,7 @@
 //! statistics as buffers.
 
 use super::backbone::{Backbone, BackboneSpec, FeatureInfo};
-use super::layers::{BatchNorm2d, Linear};
+use super::layers::{ConvBn, Linear};
 use super::student::Init;
 use crate::config::Cfg;
 use crate::error::Result;
@@ -21,8 +21,6 @@ use serde::{Deserialize, Serialize};
 
 /// The registered names.
 pub const NAMES: &[&str] = &["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"];
-
-const BN_EPS: f64 = 1e-5;
 
 /// Width of timm's plain 7x7 stem (its `stem_width` argument only shapes the deep stems).
 const STEM_WIDTH: usize = 64;
@@ -233,22 +231,23 @@ impl BackboneSpec for ResNetSpec {
     }
 
     fn build(&self, w: &Weights, state: &Weights) -> Result<Box<dyn Backbone>> {
-        let load = |u: &Unit| -> Result<(Conv, BatchNorm2d)> {
-            let conv = Conv {
-                weight: w.get(u.shape.as_slice(), &format!("{}.weight", u.conv))?,
-                stride: u.stride,
-                pad: u.shape[3] / 2,
-            };
-            let norm = BatchNorm2d::load(&w.pp(&u.norm), &state.pp(&u.norm), u.shape[0], BN_EPS)?;
-            Ok((conv, norm))
-        };
+        let load = |u: &Unit| ConvBn::load(w, state, &u.conv, &u.norm, u.shape, u.stride, 1);
         let mut stages = Vec::new();
         for plan in self.plan() {
             let mut blocks = Vec::new();
             for b in plan {
                 let (branch, shortcut) = self.units(&b);
+                let n = branch.len();
                 blocks.push(Block {
-                    branch: branch.iter().map(load).collect::<Result<_>>()?,
+                    // ReLU between the branch's units; the last one's comes after the sum
+                    branch: branch
+                        .iter()
+                        .enumerate()
+                        .map(|(i, u)| {
+                            let act = if i + 1 < n { Act::Relu } else { Act::Identity };
+                            Ok(load(u)?.with_act(act))
+                        })
+                        .collect::<Result<_>>()?,
                     shortcut: shortcut.as_ref().map(load).transpose()?,
                 });
             }
@@ -266,7 +265,7 @@ impl BackboneSpec for ResNetSpec {
         };
         Ok(Box::new(ResNet {
             spec: self.clone(),
-            stem: load(&Unit::stem())?,
+            stem: load(&Unit::stem())?.with_act(Act::Relu),
             stages,
             fc,
             preprocess: self.data.preprocess(),
@@ -296,38 +295,20 @@ impl Unit {
     }
 }
 
-struct Conv {
-    weight: Tensor,
-    stride: usize,
-    pad: usize,
-}
-
-impl Conv {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        super::layers::conv2d(x, &self.weight, self.pad, self.stride, 1)
-    }
-}
-
-/// Convolution, BatchNorm, then ReLU when `relu`.
-fn conv_bn(x: &Tensor, (c, n): &(Conv, BatchNorm2d), train: bool, relu: bool) -> Result<Tensor> {
-    let act = if relu { Act::Relu } else { Act::Identity };
-    n.forward_act(&c.forward(x)?, train, act)
-}
-
 struct Block {
-    /// (conv, norm) in order, ReLU between them
-    branch: Vec<(Conv, BatchNorm2d)>,
-    shortcut: Option<(Conv, BatchNorm2d)>,
+    /// conv + BN units in order, ReLU between them
+    branch: Vec<ConvBn>,
+    shortcut: Option<ConvBn>,
 }
 
 impl Block {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
-        for (i, cn) in self.branch.iter().enumerate() {
-            h = conv_bn(&h, cn, train, i + 1 < self.branch.len())?;
+        for u in &self.branch {
+            h = u.forward(&h, train)?;
         }
         let skip = match &self.shortcut {
-            Some(cn) => conv_bn(x, cn, train, false)?,
+            Some(u) => u.forward(x, train)?,
             None => x.clone(),
         };
         Ok((h + skip)?.relu()?)
@@ -337,7 +318,7 @@ impl Block {
 /// A built ResNet.
 pub struct ResNet {
     spec: ResNetSpec,
-    stem: (Conv, BatchNorm2d),
+    stem: ConvBn,
     stages: Vec<Vec<Block>>,
     fc: Option<Linear>,
     preprocess: PreprocessConfig,
@@ -347,21 +328,14 @@ pub struct ResNet {
 impl Backbone for ResNet {
     fn feature_info(&self) -> Vec<FeatureInfo> {
         let e = self.spec.expansion();
-        let mut v = vec![FeatureInfo {
-            channels: STEM_WIDTH,
-            stride: 2,
-        }];
-        for (i, c) in self.spec.channels.iter().enumerate() {
-            v.push(FeatureInfo {
-                channels: c * e,
-                stride: 4 << i,
-            });
-        }
-        v
+        let widths: Vec<usize> = std::iter::once(STEM_WIDTH)
+            .chain(self.spec.channels.iter().map(|c| c * e))
+            .collect();
+        super::backbone::pyramid(&widths, 2)
     }
 
     fn forward_intermediates(&self, pixels: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let x = conv_bn(pixels, &self.stem, train, true)?;
+        let x = self.stem.forward(pixels, train)?;
         let mut out = vec![x.clone()];
         let mut x = super::layers::max_pool_3x3_s2(&x)?;
         for stage in &self.stages {

@@ -77,20 +77,13 @@ pub fn run(a: Args) -> Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("--task train-step needs --model NAME"))?;
             let shape = (a.batch, a.image, a.warmup, a.iters);
             let r = distillery::bench::time_train_step(model, shape, &opts)?;
-            if a.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!(
-                    "{model} training step, batch {}, {} px, {} threads: median {:.3} s, mean {:.3} s, min {:.3} s ({:.1} images/s)",
-                    a.batch,
-                    a.image,
-                    rayon::current_num_threads(),
-                    r.median_s,
-                    r.mean_s,
-                    r.min_s,
-                    r.images_per_s
-                );
-            }
+            // the training step runs in f32 whatever --dtype says
+            report(
+                &a,
+                &format!("{model} training step"),
+                distillery::device::Precision::F32,
+                &r,
+            )?;
         }
         Task::Forward => {
             let shape = (a.batch, a.image, a.warmup, a.iters);
@@ -103,21 +96,32 @@ pub fn run(a: Args) -> Result<()> {
                     )?,
                 ),
             };
-            if a.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!(
-                    "{what} forward, batch {}, {} px, {dtype:?}, {} threads: median {:.3} s, mean {:.3} s, min {:.3} s ({:.1} images/s)",
-                    a.batch,
-                    a.image,
-                    rayon::current_num_threads(),
-                    r.median_s,
-                    r.mean_s,
-                    r.min_s,
-                    r.images_per_s
-                );
-            }
+            report(&a, &format!("{what} forward"), dtype, &r)?;
         }
+    }
+    Ok(())
+}
+
+/// One timing as JSON or as a line.
+fn report(
+    a: &Args,
+    what: &str,
+    dtype: distillery::device::Precision,
+    r: &distillery::bench::BenchResult,
+) -> Result<()> {
+    if a.json {
+        println!("{}", serde_json::to_string(r)?);
+    } else {
+        println!(
+            "{what}, batch {}, {} px, {dtype:?}, {} threads: median {:.3} s, mean {:.3} s, min {:.3} s ({:.1} images/s)",
+            a.batch,
+            a.image,
+            rayon::current_num_threads(),
+            r.median_s,
+            r.mean_s,
+            r.min_s,
+            r.images_per_s
+        );
     }
     Ok(())
 }
