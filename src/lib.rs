@@ -27,6 +27,7 @@ pub mod preprocess;
 pub mod tasks;
 pub mod teacher;
 pub mod train;
+pub mod transfer;
 pub mod viz;
 pub mod weights;
 

@@ -19,6 +19,8 @@ struct Inner {
     manifest: Option<HashMap<String, Vec<usize>>>,
     /// trainable parameters: tensors are the variables themselves (updates are seen)
     vars: Option<HashMap<String, candle_core::Var>>,
+    /// names looked up so far (which tensors a model reads)
+    used: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// A view on a set of safetensors files, with a name prefix.
@@ -33,7 +35,17 @@ pub struct Weights {
 impl Weights {
     /// Open one safetensors file as f32 on the CPU (run folders' own files).
     pub fn open_file(path: &Path) -> Result<Self> {
-        Self::open(&[path.to_path_buf()], path, DType::F32, &Device::Cpu)
+        Self::open_file_as(path, DType::F32, &Device::Cpu)
+    }
+
+    /// Open one safetensors file, read as `dtype` onto `device`.
+    pub fn open_file_as(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::open(
+            std::slice::from_ref(&path.to_path_buf()),
+            path,
+            dtype,
+            device,
+        )
     }
 
     /// Open safetensors files. `display_path` is named in errors about missing tensors (the
@@ -69,6 +81,7 @@ impl Weights {
                 display_path: display_path.to_path_buf(),
                 manifest: None,
                 vars: None,
+                used: Default::default(),
             }),
             prefix: String::new(),
             device: device.clone(),
@@ -91,6 +104,7 @@ impl Weights {
                 display_path: display_path.to_path_buf(),
                 manifest: Some(manifest),
                 vars: None,
+                used: Default::default(),
             }),
             prefix: String::new(),
             device: device.clone(),
@@ -145,6 +159,7 @@ impl Weights {
                 display_path: display_path.to_path_buf(),
                 manifest: None,
                 vars: Some(data),
+                used: Default::default(),
             }),
             prefix: String::new(),
             device,
@@ -195,6 +210,16 @@ impl Weights {
         self.inner.index.keys().map(|s| s.as_str())
     }
 
+    /// Full names of the tensors read so far through any view of these weights (what a model
+    /// built from them uses), sorted.
+    pub fn used_names(&self) -> Vec<String> {
+        self.inner
+            .used
+            .lock()
+            .map(|u| u.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// The stored shape of a tensor, if present.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         let full = self.full(name);
@@ -221,6 +246,9 @@ impl Weights {
                 name: full,
             });
         };
+        if let Ok(mut used) = self.inner.used.lock() {
+            used.insert(full.clone());
+        }
         if let Some(v) = &self.inner.vars {
             return Ok(v[&full].as_tensor().to_dtype(self.dtype)?);
         }

@@ -19,7 +19,7 @@ pub struct TarMember {
     pub size: u64,
 }
 
-pub(crate) fn is_image_name(name: &str) -> bool {
+pub fn is_image_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     [".jpg", ".jpeg", ".png", ".webp"]
         .iter()

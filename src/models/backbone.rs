@@ -222,22 +222,33 @@ pub fn macs(net: &dyn Backbone, hw: (usize, usize)) -> Result<u64> {
 /// A loaded backbone and the spec it was built from.
 pub type Loaded = (Box<dyn BackboneSpec>, Box<dyn Backbone>);
 
-/// A backbone from a timm hub folder or id (`config.json` + `model.safetensors`) of a
-/// registered family; `Ok(None)` when the config names no registered family's architecture.
-pub fn load(model: &str, opts: &super::LoadOptions) -> Result<Option<Loaded>> {
+/// The spec a timm hub folder or id (`config.json` + `model.safetensors`) describes, with its
+/// weights; `Ok(None)` when the config names no registered family's architecture.
+pub fn read_folder(
+    model: &str,
+    opts: &super::LoadOptions,
+) -> Result<Option<(Box<dyn BackboneSpec>, Weights)>> {
     let files = super::resolve(model)?;
     let cfg = Cfg::read(&files.config)?;
     let w = files.open_weights(opts.dtype, &opts.device)?;
     for f in FAMILIES {
         if let Some(reader) = f.from_config {
             if let Some(spec) = reader(&cfg, &w) {
-                let spec = spec?;
-                let model = spec.build(&w, &w)?;
-                return Ok(Some((spec, model)));
+                return Ok(Some((spec?, w)));
             }
         }
     }
     Ok(None)
+}
+
+/// A backbone from a timm hub folder or id of a registered family; `Ok(None)` when the config
+/// names no registered family's architecture.
+pub fn load(model: &str, opts: &super::LoadOptions) -> Result<Option<Loaded>> {
+    let Some((spec, w)) = read_folder(model, opts)? else {
+        return Ok(None);
+    };
+    let model = spec.build(&w, &w)?;
+    Ok(Some((spec, model)))
 }
 
 const VIT_NAMES: &[&str] = &["vit-n8", "vit-t16", "vit-s16", "vit-b16", "vit-l16"];
@@ -272,6 +283,13 @@ pub struct ViTSpec {
     pub levels: Vec<usize>,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// classes of the linear classifier `head` on the pooled last level (0: none)
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub num_classes: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl ViTSpec {
@@ -282,6 +300,7 @@ impl ViTSpec {
             image_hw,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
+            num_classes: 0,
         }
     }
 
@@ -378,6 +397,7 @@ impl ViTSpec {
 pub struct ViTBackbone {
     encoder: TokenEncoder,
     levels: Vec<usize>,
+    head: Option<super::layers::Linear>,
     device: Device,
 }
 
@@ -410,6 +430,9 @@ impl Backbone for ViTBackbone {
     fn forward_intermediates(&self, pixels: &Tensor, _train: bool) -> Result<Vec<Tensor>> {
         vit_pyramid(&self.encoder, &self.levels, pixels)
     }
+    fn classify(&self, pooled: &Tensor) -> Result<Option<Tensor>> {
+        self.head.as_ref().map(|h| h.forward(pooled)).transpose()
+    }
     fn preprocess(&self) -> &PreprocessConfig {
         &self.encoder.info.preprocess
     }
@@ -427,13 +450,29 @@ impl BackboneSpec for ViTSpec {
         )
     }
     fn parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
-        self.parameters_under("")
+        let mut p = self.parameters_under("");
+        if self.num_classes > 0 {
+            let (c, d) = (self.num_classes, self.arch.dim);
+            p.push(("head.weight".into(), vec![c, d], Init::TruncNormal(0.02)));
+            p.push(("head.bias".into(), vec![c], Init::Zeros));
+        }
+        p
     }
     fn build(&self, w: &Weights, _state: &Weights) -> Result<Box<dyn Backbone>> {
+        let head = (self.num_classes > 0)
+            .then(|| super::layers::linear(&w.pp("head"), self.arch.dim, self.num_classes, true))
+            .transpose()?;
         Ok(Box::new(ViTBackbone {
             encoder: self.encoder(w)?,
             levels: self.levels.clone(),
+            head,
             device: w.device().clone(),
+        }))
+    }
+    fn with_classes(&self, classes: usize) -> Result<Box<dyn BackboneSpec>> {
+        Ok(Box::new(Self {
+            num_classes: classes,
+            ..self.clone()
         }))
     }
 }

@@ -102,6 +102,7 @@ impl StudentSpec {
             levels: self.levels.clone(),
             mean: self.mean,
             std: self.std,
+            num_classes: 0,
         }
     }
 

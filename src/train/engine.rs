@@ -502,6 +502,11 @@ impl<'r> Trainer<'r> {
         })
     }
 
+    /// Scale each parameter's learning rate by `scale(name)` (layer-wise lr decay).
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        self.optim.set_lr_scales(scale);
+    }
+
     /// The trained variables, by name.
     pub fn vars(&self) -> &HashMap<String, Var> {
         &self.vars

@@ -21,6 +21,8 @@ struct Param {
     name: String,
     var: Var,
     decay: bool,
+    /// multiplier of the step's learning rate (layer-wise decay), 1 by default
+    lr_scale: f64,
     m: Tensor,
     v: Tensor,
 }
@@ -41,6 +43,7 @@ impl AdamW {
                 v: var.zeros_like()?,
                 var,
                 decay,
+                lr_scale: 1.0,
             });
         }
         Ok(Self {
@@ -74,6 +77,14 @@ impl AdamW {
         Ok(norm)
     }
 
+    /// Scale each parameter's learning rate by `scale(name)` (layer-wise lr decay); the
+    /// weight decay step scales with it, as PyTorch's per-group `lr` does.
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        for p in &mut self.params {
+            p.lr_scale = scale(&p.name);
+        }
+    }
+
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
@@ -87,6 +98,7 @@ impl AdamW {
             // through the chain m_t -> m_{t-1}.
             let g = g.detach();
             let g = &g;
+            let lr = lr * p.lr_scale;
             let mut w = p.var.as_tensor().detach();
             if p.decay && self.weight_decay > 0.0 {
                 w = (w * (1.0 - lr * self.weight_decay))?;
@@ -215,6 +227,35 @@ impl LossScaler {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lr_scales_scale_the_first_adam_step() {
+        // The first AdamW step moves each weight by lr * g / (|g| + eps) (bias-corrected
+        // moments are g and g^2): by lr * scale here, minus the decoupled decay for matrices.
+        let mut vars = HashMap::new();
+        for n in ["block.w", "head.w"] {
+            vars.insert(
+                n.to_string(),
+                Var::from_tensor(&Tensor::new(&[[1f32, -2.0]], &Device::Cpu).unwrap()).unwrap(),
+            );
+        }
+        let mut opt = AdamW::new(&vars, 0.1).unwrap();
+        opt.set_lr_scales(|n| if n.starts_with("block") { 0.25 } else { 1.0 });
+        let loss = (vars["block.w"].as_tensor().sum_all().unwrap() * 3.0)
+            .unwrap()
+            .add(&(vars["head.w"].as_tensor().sum_all().unwrap() * -5.0).unwrap())
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        opt.step(&grads, 0.01).unwrap();
+        let get = |n: &str| vars[n].as_tensor().to_vec2::<f32>().unwrap()[0].clone();
+        for (n, scale, sign) in [("block.w", 0.25f64, 1.0f64), ("head.w", 1.0, -1.0)] {
+            let lr = 0.01 * scale;
+            for (w, w0) in get(n).iter().zip([1.0f64, -2.0]) {
+                let want = w0 * (1.0 - lr * 0.1) - lr * sign;
+                assert!((*w as f64 - want).abs() < 1e-6, "{n}: {w} vs {want}");
+            }
+        }
+    }
+
     use super::*;
     use candle_core::Device;
 

@@ -13,6 +13,7 @@ mod info;
 mod predict;
 mod reparameterize;
 mod train;
+mod transfer;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -57,6 +58,10 @@ enum Command {
     Info(info::Args),
     /// Time a ViT-B/16-size forward pass, or a SAK stage-1 training step (random weights)
     Bench(bench::Args),
+    /// Task-oriented transfer: fine-tune a foundation model on labelled images, distil its
+    /// predictions into a small student on unlabelled images, fine-tune the student; with the
+    /// task-agnostic, scratch and pretrained baselines and a report
+    Transfer(Box<transfer::Args>),
     /// Fold a FastViT's multi-branch training form into its single-branch inference form
     Reparameterize(reparameterize::Args),
 }
@@ -74,6 +79,7 @@ fn run() -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Reparameterize(a) => reparameterize::run(a),
+        Command::Transfer(a) => transfer::run(*a),
     }
 }
 

@@ -1,0 +1,989 @@
+//! Task-oriented knowledge transfer (SPEC.md section 8): (1) fine-tune a foundation model with a
+//! task head on the few labelled images; (2) train a small student to match the fine-tuned
+//! teacher's predictions (KL at temperature T) on an unlabelled transfer set; (3) fine-tune the
+//! student on the labelled images. The baselines run in the same command: task-agnostic
+//! transfer (match the frozen teacher's pooled features through a projection head, then
+//! fine-tune), scratch (fine-tune from random init) and pretrained (fine-tune from the
+//! student's own checkpoint). Every stage is a run of the training engine in its own folder
+//! (resumable, runnable alone); `report.json` / `report.md` compare the rows.
+//!
+//! Run folder: `teacher/`, `<mode>/distill/`, `<mode>/finetune/`, each with the engine's files,
+//! the exported model, `stage.json` (what it cost and how it scored) and confusion matrices.
+
+pub mod data;
+pub mod eval;
+pub mod models;
+pub mod objectives;
+
+use crate::error::{Error, Result};
+use crate::models::LoadOptions;
+use crate::train::engine::{
+    self, DataPlan, LoopConfig, RunFolder, RunOptions, RunSummary, StepModel, Trainer,
+};
+use crate::train::schedule::CosineSchedule;
+use candle_nn::VarMap;
+use data::{crops, open_unlabeled, Labeled, View};
+use eval::{evaluate, ClassEval};
+use models::{Pool, StudentNet, StudentRecord, TeacherRecord};
+use objectives::{Distill, FeatureMatch, LabeledBatch, PairBatch, Supervised, Target};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Which pipeline a student goes through.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// distil the fine-tuned teacher's predictions, then fine-tune
+    TaskOriented,
+    /// distil the frozen teacher's features, then fine-tune
+    TaskAgnostic,
+    /// fine-tune from random init
+    Scratch,
+    /// fine-tune from the student's own pretrained checkpoint
+    Pretrained,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::TaskOriented => "task-oriented",
+            Mode::TaskAgnostic => "task-agnostic",
+            Mode::Scratch => "scratch",
+            Mode::Pretrained => "pretrained",
+        }
+    }
+    /// whether the student is distilled before fine-tuning
+    pub fn distills(self) -> bool {
+        matches!(self, Mode::TaskOriented | Mode::TaskAgnostic)
+    }
+}
+
+/// A stage of the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Teacher,
+    Distill,
+    Finetune,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Teacher => "teacher",
+            Stage::Distill => "distill",
+            Stage::Finetune => "finetune",
+        }
+    }
+}
+
+/// The task transferred.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransferTask {
+    #[default]
+    Classify,
+    Segment,
+}
+
+/// The recipe of a transfer run (`transfer.toml`; command-line flags override it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransferConfig {
+    /// run folder (the `--out` flag overrides it)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out: Option<PathBuf>,
+    pub task: TransferTask,
+    /// foundation model folder or hub id
+    pub teacher: String,
+    /// registered student name or timm folder / hub id
+    pub student: String,
+    /// labelled training images: ImageFolder tree or split file
+    pub labeled: PathBuf,
+    /// held-out evaluation images (same forms)
+    pub test: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val: Option<PathBuf>,
+    /// root of the images a split file names (default: the split file's folder)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub images_root: Option<PathBuf>,
+    /// unlabelled transfer set: folder, tar, shard pattern or list file
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<PathBuf>,
+    pub modes: Vec<Mode>,
+    /// labelled images kept per class (0 = all)
+    pub labels_per_class: usize,
+    /// student input side
+    pub image_size: usize,
+    /// teacher input side (0 = the student's)
+    pub teacher_image_size: usize,
+    pub batch_size: usize,
+    pub teacher_epochs: u64,
+    pub distill_epochs: u64,
+    pub finetune_epochs: u64,
+    pub seed: u64,
+    /// teacher fine-tuning peak learning rate
+    pub teacher_lr: f64,
+    /// layer-wise learning-rate decay of the teacher's blocks (1 = none)
+    pub layer_decay: f64,
+    /// train only the teacher's head (linear probe)
+    pub freeze_teacher: bool,
+    /// tokens the teacher's head reads (default: cls+mean where there is a class token)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Pool>,
+    pub distill_lr: f64,
+    /// softmax temperature of task-oriented distillation (the loss is T^2-scaled)
+    pub temperature: f64,
+    /// feature loss of task-agnostic distillation
+    pub feature_loss: FeatureMatch,
+    pub finetune_lr: f64,
+    pub weight_decay: f64,
+    pub warmup_epochs: f64,
+    pub min_lr: f64,
+    /// max global gradient norm (0 = off)
+    pub clip_grad: f64,
+    /// smallest area share of a random resized crop
+    pub min_crop_scale: f64,
+    /// evaluation centre crop share (timm's crop_pct)
+    pub eval_crop_pct: f64,
+    pub checkpoint_every: u64,
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        Self {
+            out: None,
+            task: TransferTask::Classify,
+            teacher: String::new(),
+            student: String::new(),
+            labeled: PathBuf::new(),
+            test: PathBuf::new(),
+            val: None,
+            images_root: None,
+            transfer: None,
+            modes: vec![Mode::TaskOriented],
+            labels_per_class: 0,
+            image_size: 256,
+            teacher_image_size: 224,
+            batch_size: 64,
+            teacher_epochs: 20,
+            distill_epochs: 20,
+            finetune_epochs: 20,
+            seed: 0,
+            teacher_lr: 5e-5,
+            layer_decay: 0.75,
+            freeze_teacher: false,
+            pool: None,
+            distill_lr: 1e-3,
+            temperature: 4.0,
+            feature_loss: FeatureMatch::Cosine,
+            finetune_lr: 5e-4,
+            weight_decay: 0.05,
+            warmup_epochs: 1.0,
+            min_lr: 1e-6,
+            clip_grad: 1.0,
+            min_crop_scale: 0.08,
+            eval_crop_pct: 0.875,
+            checkpoint_every: 500,
+        }
+    }
+}
+
+impl TransferConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Invalid(m.to_string()));
+        if self.task == TransferTask::Segment {
+            return bad("task = segment is not built yet: only classification transfer runs today");
+        }
+        if self.teacher.is_empty() {
+            return bad("give the teacher: --teacher or teacher = \"...\"");
+        }
+        if self.student.is_empty() {
+            return bad("give the student: --student or student = \"...\"");
+        }
+        if self.labeled.as_os_str().is_empty() || self.test.as_os_str().is_empty() {
+            return bad("give the labelled and test sets: --labeled and --test");
+        }
+        if self.modes.is_empty() {
+            return bad("give at least one mode");
+        }
+        if self.batch_size == 0 || self.image_size == 0 {
+            return bad("batch_size and image_size must be positive");
+        }
+        if self.temperature.is_nan() || self.temperature <= 0.0 {
+            return bad("temperature must be positive");
+        }
+        if !(self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
+            return bad("layer_decay must be in (0, 1]");
+        }
+        if !(self.min_crop_scale > 0.0 && self.min_crop_scale <= 1.0) {
+            return bad("min_crop_scale must be in (0, 1]");
+        }
+        if !(self.eval_crop_pct > 0.0 && self.eval_crop_pct <= 1.0) {
+            return bad("eval_crop_pct must be in (0, 1]");
+        }
+        Ok(())
+    }
+
+    fn teacher_size(&self) -> usize {
+        if self.teacher_image_size > 0 {
+            self.teacher_image_size
+        } else {
+            self.image_size
+        }
+    }
+
+    /// Whether a checkpoint made with `old` can be continued with this recipe.
+    fn same_data(&self, old: &Self) -> bool {
+        (
+            &old.teacher,
+            &old.student,
+            &old.labeled,
+            old.labels_per_class,
+            old.image_size,
+            old.teacher_size(),
+            old.batch_size,
+            old.seed,
+        ) == (
+            &self.teacher,
+            &self.student,
+            &self.labeled,
+            self.labels_per_class,
+            self.image_size,
+            self.teacher_size(),
+            self.batch_size,
+            self.seed,
+        )
+    }
+
+    fn rrc(&self) -> crate::data::RandomResizedCrop {
+        crate::data::RandomResizedCrop {
+            scale: (self.min_crop_scale, 1.0),
+            ..Default::default()
+        }
+    }
+}
+
+/// The recipe and run folder of an invocation: the `config` file's recipe (or the defaults),
+/// the run folder from `out` or else the recipe's `out`; resuming without a config file reads
+/// the run's own `config.toml`.
+pub fn recipe(
+    config: Option<&Path>,
+    out: Option<&Path>,
+    resume: bool,
+) -> Result<(TransferConfig, PathBuf)> {
+    let mut cfg: TransferConfig = match config {
+        Some(p) => crate::config::read_toml(p)?,
+        None => TransferConfig::default(),
+    };
+    let out = out
+        .map(Path::to_path_buf)
+        .or_else(|| cfg.out.clone())
+        .ok_or_else(|| {
+            Error::Invalid("give the run folder: --out DIR, or out = \"DIR\" in --config".into())
+        })?;
+    let own = out.join("config.toml");
+    if resume && config.is_none() && own.is_file() {
+        cfg = crate::config::read_toml(&own)?;
+    }
+    cfg.out = Some(out.clone());
+    Ok((cfg, out))
+}
+
+/// What one finished stage cost and scored (`stage.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    /// the pipeline (the teacher belongs to task-oriented transfer)
+    pub mode: Mode,
+    pub stage: Stage,
+    /// "teacher" or "student"
+    pub model: String,
+    pub steps: u64,
+    /// training wall time of the invocation that finished the stage
+    pub seconds: f64,
+    /// training throughput
+    pub images_per_s: f64,
+    /// teacher forward passes the stage ran (distillation runs the teacher online)
+    pub teacher_forward_passes: u64,
+    /// scores per split (none where the stage trains no classifier)
+    pub evals: Vec<(String, ClassEval)>,
+}
+
+const STAGE_RECORD: &str = "stage.json";
+
+/// One row of the report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReportRow {
+    pub mode: Mode,
+    pub stage: Stage,
+    pub model: String,
+    pub split: Option<String>,
+    pub top1: Option<f64>,
+    pub top5: Option<f64>,
+    pub mean_class_acc: Option<f64>,
+    /// training throughput of the stage
+    pub images_per_s: f64,
+    pub seconds: f64,
+    pub eval_images_per_s: Option<f64>,
+    pub teacher_forward_passes: u64,
+}
+
+/// `report.json`: one row per (mode, stage, split).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub rows: Vec<ReportRow>,
+}
+
+impl Report {
+    fn add(&mut self, r: &StageRecord) {
+        let base = ReportRow {
+            mode: r.mode,
+            stage: r.stage,
+            model: r.model.clone(),
+            split: None,
+            top1: None,
+            top5: None,
+            mean_class_acc: None,
+            images_per_s: r.images_per_s,
+            seconds: r.seconds,
+            eval_images_per_s: None,
+            teacher_forward_passes: r.teacher_forward_passes,
+        };
+        if r.evals.is_empty() {
+            self.rows.push(base.clone());
+        }
+        for (split, e) in &r.evals {
+            self.rows.push(ReportRow {
+                split: Some(split.clone()),
+                top1: Some(e.top1),
+                top5: Some(e.top5),
+                mean_class_acc: Some(e.mean_class_acc),
+                eval_images_per_s: Some(e.images_per_s),
+                ..base.clone()
+            });
+        }
+    }
+
+    /// The row of (mode, stage) on `split`.
+    pub fn row(&self, mode: Mode, stage: Stage, split: &str) -> Option<&ReportRow> {
+        self.rows
+            .iter()
+            .find(|r| r.mode == mode && r.stage == stage && r.split.as_deref() == Some(split))
+    }
+
+    /// The report as a Markdown table.
+    pub fn markdown(&self) -> String {
+        let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}", 100.0 * v));
+        let mut s = String::from(
+            "| mode | stage | model | split | top-1 % | top-5 % | mean class acc % | train img/s | seconds | teacher passes |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for r in &self.rows {
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {} |\n",
+                r.mode.name(),
+                r.stage.name(),
+                r.model,
+                r.split.as_deref().unwrap_or("-"),
+                pct(r.top1),
+                pct(r.top5),
+                pct(r.mean_class_acc),
+                r.images_per_s,
+                r.seconds,
+                r.teacher_forward_passes
+            );
+        }
+        s
+    }
+}
+
+/// The data sets of a run.
+struct Sets {
+    labeled: Arc<Labeled>,
+    /// (split name, set)
+    evals: Vec<(String, Labeled)>,
+}
+
+/// Everything one stage needs from the run.
+struct Ctx<'a> {
+    cfg: &'a TransferConfig,
+    out: &'a Path,
+    opts: &'a RunOptions,
+    sets: &'a Sets,
+}
+
+impl Ctx<'_> {
+    fn classes(&self) -> usize {
+        self.sets.labeled.classes.len()
+    }
+
+    fn load(&self) -> LoadOptions {
+        self.opts.teacher_load()
+    }
+
+    fn stage_dir(&self, mode: Mode, stage: Stage) -> PathBuf {
+        match stage {
+            Stage::Teacher => self.out.join("teacher"),
+            s => self.out.join(mode.name()).join(s.name()),
+        }
+    }
+
+    fn plan(&self, n: usize) -> DataPlan {
+        DataPlan {
+            n,
+            batch_size: self.cfg.batch_size.min(n).max(1),
+            seed: self.cfg.seed,
+            variants: 0,
+        }
+    }
+
+    fn schedule(&self, plan: &DataPlan, lr: f64, epochs: u64) -> CosineSchedule {
+        let total = plan.total(0, epochs);
+        CosineSchedule {
+            lr,
+            min_lr: self.cfg.min_lr,
+            warmup_lr: self.cfg.min_lr,
+            warmup: ((self.cfg.warmup_epochs * plan.steps_per_epoch() as f64).round() as u64)
+                .min(total / 2),
+            total,
+        }
+    }
+
+    fn trainer<'r>(
+        &self,
+        run: &'r RunFolder,
+        params: &VarMap,
+        buffers: &VarMap,
+    ) -> Result<Trainer<'r>> {
+        Trainer::new(
+            run,
+            params,
+            Some(buffers),
+            self.cfg.weight_decay,
+            self.cfg,
+            |old: &TransferConfig| self.cfg.same_data(old),
+            "another teacher/student/labelled set/budget/image size/batch size/seed",
+        )
+    }
+
+    /// Score a classifier on every evaluation split, drawing confusion matrices into `dir`.
+    fn evaluate(
+        &self,
+        model: &dyn models::Classifier,
+        view: View,
+        dir: &Path,
+        title: &str,
+    ) -> Result<Vec<(String, ClassEval)>> {
+        let mut out = Vec::new();
+        for (split, set) in &self.sets.evals {
+            let e = evaluate(
+                model,
+                set,
+                view,
+                self.cfg.eval_crop_pct,
+                self.cfg.batch_size,
+                &self.load(),
+            )?;
+            eval::confusion_png(
+                &e.confusion,
+                &set.classes,
+                &format!("{title}: {split}, top-1 {:.1} %", 100.0 * e.top1),
+                &dir.join(format!("confusion-{split}.png")),
+            )?;
+            out.push((split.clone(), e));
+        }
+        Ok(out)
+    }
+}
+
+/// What a stage run came to.
+enum Outcome {
+    Done(StageRecord),
+    /// stopped before its last step (`--stop-after`); later stages cannot run
+    Stopped,
+}
+
+/// The stage's finished record, or None when it must (still) run; a finished stage is reused
+/// only when resuming (otherwise the engine refuses its existing checkpoint).
+fn finished(dir: &Path, resume: bool) -> Result<Option<StageRecord>> {
+    let p = dir.join(STAGE_RECORD);
+    if resume && p.is_file() {
+        return Ok(Some(engine::read_json(&p)?));
+    }
+    Ok(None)
+}
+
+/// Open a stage's run folder: resuming where it has a checkpoint, fresh otherwise.
+fn open_run(dir: &Path, opts: &RunOptions) -> Result<RunFolder> {
+    let resume = opts.resume && dir.join("checkpoint.safetensors").is_file();
+    RunFolder::open(dir, resume, &opts.device)
+}
+
+fn labeled_producer(
+    data: Arc<Labeled>,
+    view: View,
+    cfg: &TransferConfig,
+) -> impl Fn(u64, &[usize]) -> Result<LabeledBatch> + Send + 'static {
+    let (rrc, seed) = (cfg.rrc(), cfg.seed);
+    move |epoch, idx| {
+        let c = crops(&*data, &[view], &rrc, seed, epoch, idx)?;
+        Ok(LabeledBatch {
+            labels: c.kept.iter().map(|&i| data.items[i].1 as u32).collect(),
+            x: c.views[0].clone(),
+            skipped: c.skipped,
+        })
+    }
+}
+
+fn finish(dir: &Path, rec: StageRecord) -> Result<Outcome> {
+    engine::write_json(&dir.join(STAGE_RECORD), &rec)?;
+    Ok(Outcome::Done(rec))
+}
+
+fn record(mode: Mode, stage: Stage, model: &str, s: &RunSummary, t0: Instant) -> StageRecord {
+    StageRecord {
+        mode,
+        stage,
+        model: model.into(),
+        steps: s.total_steps,
+        seconds: t0.elapsed().as_secs_f64(),
+        images_per_s: s.images_per_s,
+        teacher_forward_passes: 0,
+        evals: Vec::new(),
+    }
+}
+
+/// Stage 1: fine-tune the teacher with a linear head on the labelled set.
+fn teacher_stage(ctx: &Ctx) -> Result<Outcome> {
+    let dir = ctx.stage_dir(Mode::TaskOriented, Stage::Teacher);
+    if let Some(r) = finished(&dir, ctx.opts.resume)? {
+        return Ok(Outcome::Done(r));
+    }
+    let (cfg, opts) = (ctx.cfg, ctx.opts);
+    let t0 = Instant::now();
+    let run = open_run(&dir, opts)?;
+    let k = ctx.classes();
+    let parts = models::teacher_parts(
+        &cfg.teacher,
+        cfg.pool,
+        k,
+        cfg.freeze_teacher,
+        cfg.seed,
+        &opts.device,
+    )?;
+    let rec = TeacherRecord {
+        source: cfg.teacher.clone(),
+        pool: parts.pool,
+        classes: ctx.sets.labeled.classes.clone(),
+        image_size: cfg.teacher_size(),
+        frozen: cfg.freeze_teacher,
+    };
+    let view = View {
+        size: cfg.teacher_size(),
+        mean: parts.mean,
+        std: parts.std,
+    };
+    let plan = ctx.plan(ctx.sets.labeled.items.len());
+    let schedule = ctx.schedule(&plan, cfg.teacher_lr, cfg.teacher_epochs);
+    let buffers = VarMap::new();
+    let mut trainer = ctx.trainer(&run, &parts.params, &buffers)?;
+    if !cfg.freeze_teacher && cfg.layer_decay < 1.0 {
+        let (depth, decay) = (parts.depth, cfg.layer_decay);
+        trainer.set_lr_scales(|n| models::layer_decay_scale(n, depth, decay));
+    }
+    let (files, frozen, pool, dim) = (
+        parts.files.clone(),
+        parts.frozen.clone(),
+        parts.pool,
+        parts.feature_dim,
+    );
+    let model = StepModel::new(
+        &parts.params,
+        None,
+        opts.precision,
+        &run.paths.checkpoint(),
+        move |w, _| models::build_teacher(&files, frozen.as_ref(), pool, dim, k, w),
+    )?;
+    let mut objective = Supervised {
+        model,
+        buffers,
+        device: opts.device.clone(),
+    };
+    let summary = trainer.run(
+        &mut objective,
+        plan,
+        labeled_producer(ctx.sets.labeled.clone(), view, cfg),
+        &LoopConfig {
+            format: "distillery-transfer-teacher-v1",
+            title: "transfer: teacher fine-tuning (cross-entropy)",
+            total: schedule.total,
+            clip_grad: cfg.clip_grad,
+            checkpoint_every: cfg.checkpoint_every,
+            schedule: &|s| schedule.at(s),
+        },
+        cfg,
+        &rec,
+        opts,
+    )?;
+    if !summary.finished() {
+        return Ok(Outcome::Stopped);
+    }
+    let tensors = engine::vars_of(&parts.params)?
+        .into_iter()
+        .filter(|(n, _)| !cfg.freeze_teacher || n.starts_with("head."))
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    crate::atomic::write_safetensors(&tensors, &dir.join(models::TEACHER_WEIGHTS))?;
+    engine::write_json(&dir.join(models::TEACHER_SPEC), &rec)?;
+    let mut r = record(Mode::TaskOriented, Stage::Teacher, "teacher", &summary, t0);
+    let (_, net) = models::load_teacher(&dir, &ctx.load())?;
+    r.evals = ctx.evaluate(&net, view, &dir, "teacher")?;
+    finish(&dir, r)
+}
+
+/// A student view: its input side and its preprocessing's normalisation.
+fn student_view(net: &StudentNet, size: usize) -> View {
+    let p = net.net.preprocess();
+    View {
+        size,
+        mean: p.mean,
+        std: p.std,
+    }
+}
+
+/// Stage 2: distil the teacher into a fresh student on the transfer set.
+fn distill_stage(ctx: &Ctx, mode: Mode) -> Result<Outcome> {
+    let dir = ctx.stage_dir(mode, Stage::Distill);
+    if let Some(r) = finished(&dir, ctx.opts.resume)? {
+        return Ok(Outcome::Done(r));
+    }
+    let (cfg, opts) = (ctx.cfg, ctx.opts);
+    let t0 = Instant::now();
+    let transfer_path = cfg
+        .transfer
+        .as_ref()
+        .ok_or_else(|| Error::Invalid("distillation needs the transfer set: --transfer".into()))?;
+    let data: Arc<dyn crate::data::ImageSource> = Arc::from(open_unlabeled(transfer_path)?);
+    let (teacher, target) = match mode {
+        Mode::TaskOriented => {
+            let tdir = ctx.stage_dir(mode, Stage::Teacher);
+            if !tdir.join(models::TEACHER_SPEC).is_file() {
+                return Err(Error::BadInput {
+                    path: tdir,
+                    msg: "no fine-tuned teacher: run the teacher stage first".into(),
+                });
+            }
+            (
+                models::load_teacher(&tdir, &ctx.load())?.1,
+                Target::Predictions(cfg.temperature),
+            )
+        }
+        _ => (
+            models::frozen_teacher(&cfg.teacher, cfg.pool, &ctx.load())?,
+            Target::Features(cfg.feature_loss),
+        ),
+    };
+    let k = ctx.classes();
+    let run = open_run(&dir, opts)?;
+    let (spec, _) = models::student_spec(&cfg.student, cfg.image_size, k, &opts.device)?;
+    let (_, _, probe) =
+        engine::random_backbone(&*spec, cfg.seed, &opts.device, candle_core::DType::F32)?;
+    let probe = StudentNet {
+        net: probe,
+        proj: None,
+    };
+    let sview = student_view(&probe, cfg.image_size);
+    let extra = match target {
+        Target::Features(_) => {
+            let (s, t) = (
+                models::pooled_dim(&probe, cfg.image_size)?,
+                teacher.pool.dim(&*teacher.encoder),
+            );
+            vec![
+                (
+                    "proj.weight".to_string(),
+                    vec![t, s],
+                    crate::models::student::Init::TruncNormal(0.02),
+                ),
+                (
+                    "proj.bias".to_string(),
+                    vec![t],
+                    crate::models::student::Init::Zeros,
+                ),
+            ]
+        }
+        Target::Predictions(_) => Vec::new(),
+    };
+    drop(probe);
+    let (params, buffers) =
+        models::student_params(&*spec, None, false, extra, cfg.seed, &opts.device)?;
+    let rec = StudentRecord {
+        source: cfg.student.clone(),
+        image_size: cfg.image_size,
+        classes: ctx.sets.labeled.classes.clone(),
+    };
+    let tp = teacher.encoder.info().preprocess.clone();
+    let tview = View {
+        size: cfg.teacher_size(),
+        mean: tp.mean,
+        std: tp.std,
+    };
+    let plan = ctx.plan(data.len());
+    let schedule = ctx.schedule(&plan, cfg.distill_lr, cfg.distill_epochs);
+    let mut trainer = ctx.trainer(&run, &params, &buffers)?;
+    let spec_b: Arc<dyn crate::models::backbone::BackboneSpec> = Arc::from(spec);
+    let build_spec = spec_b.clone();
+    let student = StepModel::new(
+        &params,
+        Some(&buffers),
+        opts.precision,
+        &run.paths.checkpoint(),
+        move |w, st| StudentNet::build(&*build_spec, w, st),
+    )?;
+    let mut objective = Distill {
+        student,
+        buffers: buffers.clone(),
+        teacher,
+        target,
+        device: opts.device.clone(),
+    };
+    let (rrc, seed) = (cfg.rrc(), cfg.seed);
+    let produce = move |epoch: u64, idx: &[usize]| {
+        let c = crops(&*data, &[sview, tview], &rrc, seed, epoch, idx)?;
+        Ok(PairBatch {
+            student: c.views[0].clone(),
+            teacher: c.views[1].clone(),
+            skipped: c.skipped,
+        })
+    };
+    let summary = trainer.run(
+        &mut objective,
+        plan,
+        produce,
+        &LoopConfig {
+            format: "distillery-transfer-distill-v1",
+            title: match target {
+                Target::Predictions(_) => "transfer: task-oriented distillation (KL)",
+                Target::Features(_) => "transfer: task-agnostic distillation (features)",
+            },
+            total: schedule.total,
+            clip_grad: cfg.clip_grad,
+            checkpoint_every: cfg.checkpoint_every,
+            schedule: &|s| schedule.at(s),
+        },
+        cfg,
+        &rec,
+        opts,
+    )?;
+    if !summary.finished() {
+        return Ok(Outcome::Stopped);
+    }
+    models::export_student(&dir, &rec, &params, &buffers)?;
+    let mut r = record(mode, Stage::Distill, "student", &summary, t0);
+    r.teacher_forward_passes = (summary.end_step - summary.start_step) * plan.batch_size as u64;
+    if let Target::Predictions(_) = target {
+        let (_, net) = models::load_student(&dir, &ctx.load())?;
+        r.evals = ctx.evaluate(
+            &net,
+            sview,
+            &dir,
+            &format!("{} student after distillation", mode.name()),
+        )?;
+    }
+    finish(&dir, r)
+}
+
+/// Stage 3: fine-tune the student on the labelled set (from the distilled student, the
+/// student's own checkpoint, or random init, as the mode says).
+fn finetune_stage(ctx: &Ctx, mode: Mode) -> Result<Outcome> {
+    let dir = ctx.stage_dir(mode, Stage::Finetune);
+    if let Some(r) = finished(&dir, ctx.opts.resume)? {
+        return Ok(Outcome::Done(r));
+    }
+    let (cfg, opts) = (ctx.cfg, ctx.opts);
+    let t0 = Instant::now();
+    let k = ctx.classes();
+    let (spec, own) = models::student_spec(&cfg.student, cfg.image_size, k, &opts.device)?;
+    // Where the student starts, and whether its classifier comes along (a distilled
+    // task-oriented student's classifier already predicts the task's classes).
+    let (init, keep_head): (Option<crate::weights::Weights>, bool) = match mode {
+        Mode::TaskOriented | Mode::TaskAgnostic => {
+            let ddir = ctx.stage_dir(mode, Stage::Distill);
+            let p = ddir.join(models::STUDENT_WEIGHTS);
+            if !p.is_file() {
+                return Err(Error::BadInput {
+                    path: ddir,
+                    msg: "no distilled student: run the distill stage first".into(),
+                });
+            }
+            (
+                Some(crate::weights::Weights::open_file_as(
+                    &p,
+                    candle_core::DType::F32,
+                    &opts.device,
+                )?),
+                mode == Mode::TaskOriented,
+            )
+        }
+        Mode::Pretrained => match own {
+            Some(w) => (Some(w), false),
+            None => {
+                return Err(Error::Invalid(format!(
+                    "mode pretrained needs the student's pretrained checkpoint: {:?} is a registered name; give a timm folder or hub id",
+                    cfg.student
+                )))
+            }
+        },
+        Mode::Scratch => (None, false),
+    };
+    let run = open_run(&dir, opts)?;
+    let (params, buffers) = models::student_params(
+        &*spec,
+        init.as_ref(),
+        keep_head,
+        Vec::new(),
+        cfg.seed,
+        &opts.device,
+    )?;
+    let rec = StudentRecord {
+        source: cfg.student.clone(),
+        image_size: cfg.image_size,
+        classes: ctx.sets.labeled.classes.clone(),
+    };
+    let plan = ctx.plan(ctx.sets.labeled.items.len());
+    let schedule = ctx.schedule(&plan, cfg.finetune_lr, cfg.finetune_epochs);
+    let mut trainer = ctx.trainer(&run, &params, &buffers)?;
+    let spec_b: Arc<dyn crate::models::backbone::BackboneSpec> = Arc::from(spec);
+    let build_spec = spec_b.clone();
+    let model = StepModel::new(
+        &params,
+        Some(&buffers),
+        opts.precision,
+        &run.paths.checkpoint(),
+        move |w, st| StudentNet::build(&*build_spec, w, st),
+    )?;
+    let view = student_view(model.model(), cfg.image_size);
+    let mut objective = Supervised {
+        model,
+        buffers: buffers.clone(),
+        device: opts.device.clone(),
+    };
+    let summary = trainer.run(
+        &mut objective,
+        plan,
+        labeled_producer(ctx.sets.labeled.clone(), view, cfg),
+        &LoopConfig {
+            format: "distillery-transfer-finetune-v1",
+            title: "transfer: student fine-tuning (cross-entropy)",
+            total: schedule.total,
+            clip_grad: cfg.clip_grad,
+            checkpoint_every: cfg.checkpoint_every,
+            schedule: &|s| schedule.at(s),
+        },
+        cfg,
+        &rec,
+        opts,
+    )?;
+    if !summary.finished() {
+        return Ok(Outcome::Stopped);
+    }
+    models::export_student(&dir, &rec, &params, &buffers)?;
+    let mut r = record(mode, Stage::Finetune, "student", &summary, t0);
+    let (_, net) = models::load_student(&dir, &ctx.load())?;
+    r.evals = ctx.evaluate(&net, view, &dir, &format!("{} student", mode.name()))?;
+    finish(&dir, r)
+}
+
+/// The stages a mode runs, in order.
+fn stages_of(mode: Mode) -> &'static [Stage] {
+    match mode {
+        Mode::TaskOriented => &[Stage::Teacher, Stage::Distill, Stage::Finetune],
+        Mode::TaskAgnostic => &[Stage::Distill, Stage::Finetune],
+        Mode::Scratch | Mode::Pretrained => &[Stage::Finetune],
+    }
+}
+
+/// Run (or resume) a transfer into `out`: every mode's stages (or only `only`), then the
+/// report of every finished stage.
+pub fn run(
+    cfg: &TransferConfig,
+    out: &Path,
+    opts: &RunOptions,
+    only: Option<Stage>,
+) -> Result<Report> {
+    cfg.validate()?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let root = cfg.images_root.as_deref();
+    let labeled = Labeled::open(&cfg.labeled, root, None)?.budget(cfg.labels_per_class, cfg.seed);
+    let mut evals = vec![(
+        "test".to_string(),
+        Labeled::open(&cfg.test, root, Some(&labeled.classes))?,
+    )];
+    if let Some(v) = &cfg.val {
+        evals.push((
+            "val".to_string(),
+            Labeled::open(v, root, Some(&labeled.classes))?,
+        ));
+    }
+    // The drawn budget, as a split file anyone can reuse.
+    let split: String = labeled
+        .items
+        .iter()
+        .map(|(p, k)| format!("{},{}\n", p.display(), labeled.classes[*k]))
+        .collect();
+    crate::atomic::write_bytes(&out.join("labeled.txt"), split.as_bytes())?;
+    let sets = Sets {
+        labeled: Arc::new(labeled),
+        evals,
+    };
+    let ctx = Ctx {
+        cfg,
+        out,
+        opts,
+        sets: &sets,
+    };
+    let mut modes = cfg.modes.clone();
+    modes.dedup();
+    let mut report = Report::default();
+    let mut teacher_done: Option<StageRecord> = None;
+    'modes: for &mode in &modes {
+        for &stage in stages_of(mode) {
+            if only.is_some_and(|o| o != stage) {
+                continue;
+            }
+            let outcome = match stage {
+                Stage::Teacher => match &teacher_done {
+                    Some(r) => Outcome::Done(r.clone()),
+                    None => teacher_stage(&ctx)?,
+                },
+                Stage::Distill => distill_stage(&ctx, mode)?,
+                Stage::Finetune => finetune_stage(&ctx, mode)?,
+            };
+            match outcome {
+                Outcome::Done(r) => {
+                    if stage == Stage::Teacher {
+                        teacher_done = Some(r.clone());
+                    }
+                    report.add(&r);
+                }
+                Outcome::Stopped => break 'modes,
+            }
+        }
+    }
+    engine::write_json(&out.join("report.json"), &report)?;
+    crate::atomic::write_bytes(&out.join("report.md"), report.markdown().as_bytes())?;
+    Ok(report)
+}

@@ -1,0 +1,460 @@
+//! The models of task-oriented transfer: a foundation model with a linear task head on its
+//! pooled tokens (the teacher), and a student backbone from the registry (or a timm folder)
+//! with its classifier, plus the projection head task-agnostic distillation trains.
+
+use crate::error::{Error, Result};
+use crate::models::backbone::{self, Backbone, BackboneSpec};
+use crate::models::layers::{linear, Linear};
+use crate::models::student::Init;
+use crate::models::{self, EncoderOutput, FeatureRequest, LoadOptions, ModelFiles, VisionEncoder};
+use crate::train::engine;
+use crate::weights::Weights;
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Which tokens of the foundation model's final output the task head reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Pool {
+    /// the class token
+    #[serde(rename = "cls")]
+    #[value(name = "cls")]
+    Cls,
+    /// the mean of the patch tokens
+    #[serde(rename = "mean")]
+    #[value(name = "mean")]
+    Mean,
+    /// both, concatenated (DINOv2's linear evaluation)
+    #[serde(rename = "cls+mean")]
+    #[value(name = "cls+mean")]
+    ClsMean,
+}
+
+impl Pool {
+    /// Class token and mean patch token where the model has a class token, else the mean.
+    pub fn default_for(enc: &dyn VisionEncoder) -> Self {
+        if enc.info().prefix_tokens > 0 {
+            Pool::ClsMean
+        } else {
+            Pool::Mean
+        }
+    }
+
+    /// Width of the pooled feature of an encoder.
+    pub fn dim(self, enc: &dyn VisionEncoder) -> usize {
+        let c = enc.info().out_channels;
+        match self {
+            Pool::ClsMean => 2 * c,
+            _ => c,
+        }
+    }
+}
+
+/// Pooled image features `[B, F]` of an encoder's final output (`[B, N, C]` tokens, or a
+/// `[B, C, H, W]` map such as SAM's neck, which has only the mean).
+pub fn pooled_tokens(out: &EncoderOutput, pool: Pool) -> Result<Tensor> {
+    let last = out
+        .last_hidden_state
+        .as_ref()
+        .ok_or_else(|| Error::Invalid("encoder returned no final output".into()))?;
+    if last.rank() == 4 {
+        return match pool {
+            Pool::Mean => Ok(last.mean(3)?.mean(2)?),
+            _ => Err(Error::Invalid(
+                "this model has no class token: use pool = \"mean\"".into(),
+            )),
+        };
+    }
+    let (_, n, _) = last.dims3()?;
+    let p = out.prefix_tokens;
+    let cls = || -> Result<Tensor> {
+        if p == 0 {
+            return Err(Error::Invalid(
+                "this model has no class token: use pool = \"mean\"".into(),
+            ));
+        }
+        Ok(last.narrow(1, 0, 1)?.squeeze(1)?)
+    };
+    let mean = || -> Result<Tensor> { Ok(last.narrow(1, p, n - p)?.mean(1)?) };
+    Ok(match pool {
+        Pool::Cls => cls()?,
+        Pool::Mean => mean()?,
+        Pool::ClsMean => Tensor::cat(&[cls()?, mean()?], D::Minus1)?,
+    })
+}
+
+/// A model that classifies images.
+pub trait Classifier: Send + Sync {
+    /// Logits `[B, K]` of normalised pixels; `train` lets BatchNorm use batch statistics.
+    fn logits(&self, x: &Tensor, train: bool) -> Result<Tensor>;
+}
+
+/// A foundation model with (optionally) a linear task head on its pooled tokens.
+pub struct TeacherNet {
+    pub encoder: Arc<dyn VisionEncoder>,
+    pub pool: Pool,
+    pub head: Option<Linear>,
+}
+
+impl TeacherNet {
+    /// Pooled features `[B, F]`.
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        let out = self
+            .encoder
+            .forward_features(x, &FeatureRequest::last_only())?;
+        pooled_tokens(&out, self.pool)
+    }
+}
+
+impl Classifier for TeacherNet {
+    fn logits(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        let head = self
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("teacher has no task head".into()))?;
+        head.forward(&self.features(x)?)
+    }
+}
+
+/// What a fine-tuned teacher is (`teacher.json` beside `teacher.safetensors`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TeacherRecord {
+    /// the foundation model's folder or hub id (its config and preprocessing are read there)
+    pub source: String,
+    pub pool: Pool,
+    pub classes: Vec<String>,
+    pub image_size: usize,
+    /// the backbone was frozen (linear probe): `teacher.safetensors` holds only the head and
+    /// the backbone is the source's
+    pub frozen: bool,
+}
+
+pub const TEACHER_WEIGHTS: &str = "teacher.safetensors";
+pub const TEACHER_SPEC: &str = "teacher.json";
+
+/// A teacher's files and parameters for fine-tuning.
+pub struct TeacherParts {
+    pub files: ModelFiles,
+    /// the encoder over the source's weights (frozen teachers train only the head)
+    pub frozen: Option<Arc<dyn VisionEncoder>>,
+    pub pool: Pool,
+    pub feature_dim: usize,
+    /// trainable parameters: `encoder.*` (the checkpoint's names; not when frozen) and `head.*`
+    pub params: VarMap,
+    /// the encoder's depth (layer-wise lr decay)
+    pub depth: usize,
+    /// the normalisation its preprocessing asks for
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// The parameters of a teacher to fine-tune: every tensor its encoder reads (under
+/// `encoder.`, in f32) unless `freeze`, and a fresh `classes`-way head (normal, std 0.01).
+pub fn teacher_parts(
+    source: &str,
+    pool: Option<Pool>,
+    classes: usize,
+    freeze: bool,
+    seed: u64,
+    device: &Device,
+) -> Result<TeacherParts> {
+    let files = models::resolve(source)?;
+    let w = files.open_weights(DType::F32, device)?;
+    let enc: Arc<dyn VisionEncoder> = Arc::from(models::build(&files, &w)?);
+    let pool = pool.unwrap_or_else(|| Pool::default_for(&*enc));
+    let dim = pool.dim(&*enc);
+    let mut list = Vec::new();
+    let mut given = HashMap::new();
+    if !freeze {
+        for n in w.used_names() {
+            let t = w.get_any(&n)?;
+            let name = format!("encoder.{n}");
+            list.push((name.clone(), t.dims().to_vec(), Init::Zeros));
+            given.insert(name, t);
+        }
+    }
+    list.push(("head.weight".into(), vec![classes, dim], Init::Normal(0.01)));
+    list.push(("head.bias".into(), vec![classes], Init::Zeros));
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+    let params = engine::init_params(list, given, &mut rng, device, &files.weights_display)?;
+    let pre = &enc.info().preprocess;
+    Ok(TeacherParts {
+        mean: pre.mean,
+        std: pre.std,
+        depth: enc.info().depth,
+        frozen: freeze.then_some(enc),
+        files,
+        pool,
+        feature_dim: dim,
+        params,
+    })
+}
+
+/// A teacher built over weights named as [`teacher_parts`] makes them; `frozen` supplies the
+/// encoder instead of `encoder.*`.
+pub fn build_teacher(
+    files: &ModelFiles,
+    frozen: Option<&Arc<dyn VisionEncoder>>,
+    pool: Pool,
+    dim: usize,
+    classes: usize,
+    w: &Weights,
+) -> Result<TeacherNet> {
+    let encoder = match frozen {
+        Some(e) => e.clone(),
+        None => Arc::from(models::build(files, &w.pp("encoder"))?),
+    };
+    Ok(TeacherNet {
+        encoder,
+        pool,
+        head: Some(linear(&w.pp("head"), dim, classes, true)?),
+    })
+}
+
+/// Layer-wise learning-rate decay (BEiT / DINOv2 fine-tuning): a parameter of layer `i` of
+/// `depth + 1` (0 = embeddings and tokens, `l + 1` = block `l`, `depth + 1` = final norm and
+/// head) learns at `decay^(depth + 1 - i)` of the base rate.
+pub fn layer_decay_scale(name: &str, depth: usize, decay: f64) -> f64 {
+    let top = depth + 1;
+    let parts: Vec<&str> = name.split('.').collect();
+    let block = parts.windows(2).find_map(|w| {
+        matches!(w[0], "layer" | "layers" | "blocks" | "block")
+            .then(|| w[1].parse::<usize>().ok())
+            .flatten()
+    });
+    let layer = match block {
+        Some(b) => (b + 1).min(top),
+        None if name.contains("embed")
+            || name.contains("cls_token")
+            || name.contains("reg_token")
+            || name.contains("register")
+            || name.contains("mask_token")
+            || name.contains("pos_") =>
+        {
+            0
+        }
+        None => top,
+    };
+    decay.powi((top - layer) as i32)
+}
+
+/// Read a fine-tuned teacher from its stage folder (frozen: no gradients reach it).
+pub fn load_teacher(dir: &Path, opts: &LoadOptions) -> Result<(TeacherRecord, TeacherNet)> {
+    let rec: TeacherRecord = engine::read_json(&dir.join(TEACHER_SPEC))?;
+    let files = models::resolve(&rec.source)?;
+    let w = Weights::open_file_as(&dir.join(TEACHER_WEIGHTS), opts.dtype, &opts.device)?;
+    let frozen: Option<Arc<dyn VisionEncoder>> = if rec.frozen {
+        Some(Arc::from(models::load_from_files(&files, opts)?))
+    } else {
+        None
+    };
+    let dim = w.shape_of("head.weight").map_or(0, |s| s[1]);
+    let net = build_teacher(
+        &files,
+        frozen.as_ref(),
+        rec.pool,
+        dim,
+        rec.classes.len(),
+        &w,
+    )?;
+    Ok((rec, net))
+}
+
+/// A frozen foundation model without a head (task-agnostic distillation's target).
+pub fn frozen_teacher(source: &str, pool: Option<Pool>, opts: &LoadOptions) -> Result<TeacherNet> {
+    let enc: Arc<dyn VisionEncoder> = Arc::from(models::load(source, opts)?);
+    Ok(TeacherNet {
+        pool: pool.unwrap_or_else(|| Pool::default_for(&*enc)),
+        encoder: enc,
+        head: None,
+    })
+}
+
+/// What a trained student is (`student.json` beside `student.safetensors`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StudentRecord {
+    /// registered name (`mobilevitv2_100`, `resnet18`, `vit-s16`) or timm folder / hub id
+    pub source: String,
+    pub image_size: usize,
+    pub classes: Vec<String>,
+}
+
+pub const STUDENT_WEIGHTS: &str = "student.safetensors";
+pub const STUDENT_SPEC: &str = "student.json";
+
+/// The student's spec with a `classes`-way classifier, and the source's weights when it is a
+/// timm folder or hub id (a registered name has none).
+pub fn student_spec(
+    source: &str,
+    image_size: usize,
+    classes: usize,
+    device: &Device,
+) -> Result<(Box<dyn BackboneSpec>, Option<Weights>)> {
+    if let Some(s) = backbone::spec(source, (image_size, image_size)) {
+        return Ok((s.with_classes(classes)?, None));
+    }
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        device: device.clone(),
+    };
+    match backbone::read_folder(source, &opts)? {
+        Some((s, w)) => Ok((s.with_classes(classes)?, Some(w))),
+        None => Err(Error::Invalid(format!(
+            "student {source:?} is neither a registered name ({}) nor a timm folder of a registered family",
+            backbone::names().join(", ")
+        ))),
+    }
+}
+
+/// A student's parameters and buffers: from `init` weights where given (the classifier too
+/// when `keep_head`, else fresh and sized for the task), else drawn from `seed`. `extra` lists
+/// training-only parameters (the projection head), always fresh.
+pub fn student_params(
+    spec: &dyn BackboneSpec,
+    init: Option<&Weights>,
+    keep_head: bool,
+    extra: Vec<(String, Vec<usize>, Init)>,
+    seed: u64,
+    device: &Device,
+) -> Result<(VarMap, VarMap)> {
+    let source = PathBuf::from(spec.arch_name());
+    let taken: Vec<String> = if keep_head {
+        spec.parameters()
+    } else {
+        spec.with_classes(0)?.parameters()
+    }
+    .into_iter()
+    .map(|p| p.0)
+    .collect();
+    let mut given = HashMap::new();
+    let mut given_buffers = HashMap::new();
+    if let Some(w) = init {
+        for name in &taken {
+            given.insert(name.clone(), w.get_any(name)?);
+        }
+        for (name, _, _) in spec.buffers() {
+            given_buffers.insert(name.clone(), w.get_any(&name)?);
+        }
+    }
+    let mut list = spec.parameters();
+    list.extend(extra);
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+    let params = engine::init_params(list, given, &mut rng, device, &source)?;
+    let buffers = engine::init_params(spec.buffers(), given_buffers, &mut rng, device, &source)?;
+    Ok((params, buffers))
+}
+
+/// A student backbone with its classifier, and the projection head onto a teacher's features
+/// while task-agnostic distillation trains it.
+pub struct StudentNet {
+    pub net: Box<dyn Backbone>,
+    pub proj: Option<Linear>,
+}
+
+impl StudentNet {
+    pub fn build(spec: &dyn BackboneSpec, w: &Weights, state: &Weights) -> Result<Self> {
+        let proj = match w.shape_of("proj.weight") {
+            Some(s) => Some(linear(&w.pp("proj"), s[1], s[0], true)?),
+            None => None,
+        };
+        Ok(Self {
+            net: spec.build(w, state)?,
+            proj,
+        })
+    }
+
+    /// Pooled image features `[B, F]` (timm's `pre_logits`).
+    pub fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let last = self
+            .net
+            .forward_intermediates(x, train)?
+            .pop()
+            .ok_or_else(|| Error::Invalid("student backbone without levels".into()))?;
+        self.net.pool(&last, train)
+    }
+
+    /// Pooled features through the projection head.
+    pub fn projected(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let f = self.features(x, train)?;
+        match &self.proj {
+            Some(p) => p.forward(&f),
+            None => Err(Error::Invalid("student has no projection head".into())),
+        }
+    }
+}
+
+impl Classifier for StudentNet {
+    fn logits(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.net
+            .classify(&self.features(x, train)?)?
+            .ok_or_else(|| Error::Invalid("student has no classifier".into()))
+    }
+}
+
+/// Width of a student's pooled features (one forward of a small input).
+pub fn pooled_dim(net: &StudentNet, size: usize) -> Result<usize> {
+    let x = Tensor::zeros((1, 3, size, size), DType::F32, net.net.device())?;
+    Ok(net.features(&x, false)?.dim(1)?)
+}
+
+/// Save a student: its parameters (without the projection head) and buffers in the family's
+/// checkpoint names, and its record.
+pub fn export_student(
+    dir: &Path,
+    rec: &StudentRecord,
+    params: &VarMap,
+    buffers: &VarMap,
+) -> Result<()> {
+    let mut t: HashMap<String, Tensor> = engine::vars_of(params)?
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("proj."))
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    t.extend(
+        engine::vars_of(buffers)?
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone())),
+    );
+    crate::atomic::write_safetensors(&t, &dir.join(STUDENT_WEIGHTS))?;
+    engine::write_json(&dir.join(STUDENT_SPEC), rec)
+}
+
+/// Read a trained student from its stage folder.
+pub fn load_student(dir: &Path, opts: &LoadOptions) -> Result<(StudentRecord, StudentNet)> {
+    let rec: StudentRecord = engine::read_json(&dir.join(STUDENT_SPEC))?;
+    let (spec, _) = student_spec(&rec.source, rec.image_size, rec.classes.len(), &opts.device)?;
+    let w = Weights::open_file_as(&dir.join(STUDENT_WEIGHTS), opts.dtype, &opts.device)?;
+    let net = StudentNet::build(&*spec, &w, &w)?;
+    Ok((rec, net))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_decay_follows_block_index() {
+        let d = 0.5;
+        // 12 blocks: embeddings at 0.5^13, block 0 at 0.5^12, block 11 at 0.5, head at 1.
+        let s = |n| layer_decay_scale(n, 12, d);
+        assert_eq!(
+            s("encoder.embeddings.patch_embeddings.projection.weight"),
+            d.powi(13)
+        );
+        assert_eq!(s("encoder.embeddings.cls_token"), d.powi(13));
+        assert_eq!(
+            s("encoder.encoder.layer.0.attention.attention.query.weight"),
+            d.powi(12)
+        );
+        assert_eq!(s("encoder.blocks.11.mlp.fc1.weight"), d);
+        assert_eq!(
+            s("encoder.vision_model.encoder.layers.5.mlp.fc1.weight"),
+            d.powi(7)
+        );
+        assert_eq!(s("encoder.layernorm.weight"), 1.0);
+        assert_eq!(s("head.weight"), 1.0);
+    }
+}
