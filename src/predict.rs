@@ -85,7 +85,8 @@ pub fn predict_folder(
     Ok(rows.len())
 }
 
-fn safe_stem(name: &str, i: usize) -> String {
+/// A file-name-safe stem for image `i` named `name` (`00003_cat`).
+pub fn safe_stem(name: &str, i: usize) -> String {
     let stem: String = Path::new(name)
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
@@ -103,6 +104,35 @@ fn safe_stem(name: &str, i: usize) -> String {
 }
 
 fn write_contact_sheet(out: &Path, tasks: &[Task], rows: &[(String, Vec<String>)]) -> Result<()> {
+    let mut headers = vec!["image".to_string()];
+    headers.extend(tasks.iter().map(|t| t.name().to_string()));
+    let cells: Vec<Vec<Cell>> = rows
+        .iter()
+        .map(|(name, files)| {
+            files
+                .iter()
+                .map(|f| Cell::Image {
+                    file: f.clone(),
+                    title: name.clone(),
+                })
+                .collect()
+        })
+        .collect();
+    write_html_table(out, &headers, &cells)
+}
+
+/// One cell of a contact sheet.
+pub enum Cell {
+    /// a picture in the output folder, with a hover title
+    Image {
+        file: String,
+        title: String,
+    },
+    Text(String),
+}
+
+/// `out/index.html`: a table of pictures and text under `headers`, written atomically.
+pub fn write_html_table(out: &Path, headers: &[String], rows: &[Vec<Cell>]) -> Result<()> {
     let esc = |s: &str| {
         s.replace('&', "&amp;")
             .replace('<', "&lt;")
@@ -112,20 +142,25 @@ fn write_contact_sheet(out: &Path, tasks: &[Task], rows: &[(String, Vec<String>)
     let mut html = String::from(
         "<!doctype html>\n<meta charset=\"utf-8\">\n<title>distillery predictions</title>\n\
          <style>body{font-family:sans-serif}td{padding:2px;text-align:center}img{max-width:240px}</style>\n\
-         <table>\n<tr><th>image</th>",
+         <table>\n<tr>",
     );
-    for t in tasks {
-        html.push_str(&format!("<th>{}</th>", t.name()));
+    for h in headers {
+        html.push_str(&format!("<th>{}</th>", esc(h)));
     }
     html.push_str("</tr>\n");
-    for (name, files) in rows {
+    for row in rows {
         html.push_str("<tr>");
-        for f in files {
-            html.push_str(&format!(
-                "<td><img src=\"{}\" title=\"{}\"></td>",
-                esc(f),
-                esc(name)
-            ));
+        for c in row {
+            match c {
+                Cell::Image { file, title } => html.push_str(&format!(
+                    "<td><img src=\"{}\" title=\"{}\"></td>",
+                    esc(file),
+                    esc(title)
+                )),
+                Cell::Text(t) => {
+                    html.push_str(&format!("<td>{}</td>", esc(t).replace('\n', "<br>")))
+                }
+            }
         }
         html.push_str("</tr>\n");
     }

@@ -14,6 +14,7 @@ pub mod data;
 pub mod eval;
 pub mod models;
 pub mod objectives;
+pub mod predict;
 
 use crate::error::{Error, Result};
 use crate::models::LoadOptions;
@@ -654,16 +655,6 @@ fn teacher_stage(ctx: &Ctx) -> Result<Outcome> {
     finish(&dir, r)
 }
 
-/// A student view: its input side and its preprocessing's normalisation.
-fn student_view(net: &StudentNet, size: usize) -> View {
-    let p = net.net.preprocess();
-    View {
-        size,
-        mean: p.mean,
-        std: p.std,
-    }
-}
-
 /// Stage 2: distil the teacher into a fresh student on the transfer set.
 fn distill_stage(ctx: &Ctx, mode: Mode) -> Result<Outcome> {
     let dir = ctx.stage_dir(mode, Stage::Distill);
@@ -705,7 +696,7 @@ fn distill_stage(ctx: &Ctx, mode: Mode) -> Result<Outcome> {
         net: probe,
         proj: None,
     };
-    let sview = student_view(&probe, cfg.image_size);
+    let sview = probe.view(cfg.image_size);
     let extra = match target {
         Target::Features(_) => {
             let (s, t) = (
@@ -735,12 +726,7 @@ fn distill_stage(ctx: &Ctx, mode: Mode) -> Result<Outcome> {
         image_size: cfg.image_size,
         classes: ctx.sets.labeled.classes.clone(),
     };
-    let tp = teacher.encoder.info().preprocess.clone();
-    let tview = View {
-        size: cfg.teacher_size(),
-        mean: tp.mean,
-        std: tp.std,
-    };
+    let tview = teacher.view(cfg.teacher_size());
     let plan = ctx.plan(data.len());
     let schedule = ctx.schedule(&plan, cfg.distill_lr, cfg.distill_epochs);
     let mut trainer = ctx.trainer(&run, &params, &buffers)?;
@@ -875,7 +861,7 @@ fn finetune_stage(ctx: &Ctx, mode: Mode) -> Result<Outcome> {
         &run.paths.checkpoint(),
         move |w, st| StudentNet::build(&*build_spec, w, st),
     )?;
-    let view = student_view(model.model(), cfg.image_size);
+    let view = model.model().view(cfg.image_size);
     let mut objective = Supervised {
         model,
         buffers: buffers.clone(),

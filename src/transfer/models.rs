@@ -2,6 +2,7 @@
 //! pooled tokens (the teacher), and a student backbone from the registry (or a timm folder)
 //! with its classifier, plus the projection head task-agnostic distillation trains.
 
+use super::data::View;
 use crate::error::{Error, Result};
 use crate::models::backbone::{self, Backbone, BackboneSpec};
 use crate::models::layers::{linear, Linear};
@@ -100,6 +101,16 @@ pub struct TeacherNet {
 }
 
 impl TeacherNet {
+    /// How it sees an image at side `size`: its preprocessing's normalisation.
+    pub fn view(&self, size: usize) -> View {
+        let p = &self.encoder.info().preprocess;
+        View {
+            size,
+            mean: p.mean,
+            std: p.std,
+        }
+    }
+
     /// Pooled features `[B, F]`.
     pub fn features(&self, x: &Tensor) -> Result<Tensor> {
         let out = self
@@ -364,6 +375,16 @@ impl StudentNet {
             net: spec.build(w, state)?,
             proj,
         })
+    }
+
+    /// How it sees an image at side `size`: its preprocessing's normalisation.
+    pub fn view(&self, size: usize) -> View {
+        let p = self.net.preprocess();
+        View {
+            size,
+            mean: p.mean,
+            std: p.std,
+        }
     }
 
     /// Pooled image features `[B, F]` (timm's `pre_logits`).
