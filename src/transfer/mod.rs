@@ -480,6 +480,37 @@ impl Ctx<'_> {
         )
     }
 
+    /// Run a stage's step loop with the recipe's clipping, checkpoint interval and `schedule`;
+    /// `names` = (checkpoint format, loss plot title).
+    #[allow(clippy::too_many_arguments)]
+    fn train<O: crate::train::engine::Objective>(
+        &self,
+        trainer: &mut Trainer,
+        objective: &mut O,
+        plan: DataPlan,
+        produce: impl Fn(u64, &[usize]) -> Result<O::Batch> + Send + 'static,
+        schedule: &CosineSchedule,
+        names: (&str, &str),
+        spec: &impl Serialize,
+    ) -> Result<RunSummary> {
+        trainer.run(
+            objective,
+            plan,
+            produce,
+            &LoopConfig {
+                format: names.0,
+                title: names.1,
+                total: schedule.total,
+                clip_grad: self.cfg.clip_grad,
+                checkpoint_every: self.cfg.checkpoint_every,
+                schedule: &|s| schedule.at(s),
+            },
+            self.cfg,
+            spec,
+            self.opts,
+        )
+    }
+
     /// Score a classifier on every evaluation split, drawing confusion matrices into `dir`.
     fn evaluate(
         &self,
@@ -567,15 +598,28 @@ fn record(mode: Mode, stage: Stage, model: &str, s: &RunSummary, t0: Instant) ->
     }
 }
 
+/// A student as each training step sees it, over its parameter and buffer stores.
+fn student_model(
+    spec: Box<dyn crate::models::backbone::BackboneSpec>,
+    params: &VarMap,
+    buffers: &VarMap,
+    run: &RunFolder,
+    opts: &RunOptions,
+) -> Result<StepModel<StudentNet>> {
+    StepModel::new(
+        params,
+        Some(buffers),
+        opts.precision,
+        &run.paths.checkpoint(),
+        move |w, st| StudentNet::build(&*spec, w, st),
+    )
+}
+
 /// Stage 1: fine-tune the teacher with a linear head on the labelled set.
-fn teacher_stage(ctx: &Ctx) -> Result<Outcome> {
-    let dir = ctx.stage_dir(Mode::TaskOriented, Stage::Teacher);
-    if let Some(r) = finished(&dir, ctx.opts.resume)? {
-        return Ok(Outcome::Done(r));
-    }
+fn teacher_stage(ctx: &Ctx, dir: &Path) -> Result<Outcome> {
     let (cfg, opts) = (ctx.cfg, ctx.opts);
     let t0 = Instant::now();
-    let run = open_run(&dir, opts)?;
+    let run = open_run(dir, opts)?;
     let k = ctx.classes();
     let parts = models::teacher_parts(
         &cfg.teacher,
@@ -623,21 +667,17 @@ fn teacher_stage(ctx: &Ctx) -> Result<Outcome> {
         buffers,
         device: opts.device.clone(),
     };
-    let summary = trainer.run(
+    let summary = ctx.train(
+        &mut trainer,
         &mut objective,
         plan,
         labeled_producer(ctx.sets.labeled.clone(), view, cfg),
-        &LoopConfig {
-            format: "distillery-transfer-teacher-v1",
-            title: "transfer: teacher fine-tuning (cross-entropy)",
-            total: schedule.total,
-            clip_grad: cfg.clip_grad,
-            checkpoint_every: cfg.checkpoint_every,
-            schedule: &|s| schedule.at(s),
-        },
-        cfg,
+        &schedule,
+        (
+            "distillery-transfer-teacher-v1",
+            "transfer: teacher fine-tuning (cross-entropy)",
+        ),
         &rec,
-        opts,
     )?;
     if !summary.finished() {
         return Ok(Outcome::Stopped);
@@ -650,17 +690,13 @@ fn teacher_stage(ctx: &Ctx) -> Result<Outcome> {
     crate::atomic::write_safetensors(&tensors, &dir.join(models::TEACHER_WEIGHTS))?;
     engine::write_json(&dir.join(models::TEACHER_SPEC), &rec)?;
     let mut r = record(Mode::TaskOriented, Stage::Teacher, "teacher", &summary, t0);
-    let (_, net) = models::load_teacher(&dir, &ctx.load())?;
-    r.evals = ctx.evaluate(&net, view, &dir, "teacher")?;
-    finish(&dir, r)
+    let (_, net) = models::load_teacher(dir, &ctx.load())?;
+    r.evals = ctx.evaluate(&net, view, dir, "teacher")?;
+    finish(dir, r)
 }
 
 /// Stage 2: distil the teacher into a fresh student on the transfer set.
-fn distill_stage(ctx: &Ctx, mode: Mode) -> Result<Outcome> {
-    let dir = ctx.stage_dir(mode, Stage::Distill);
-    if let Some(r) = finished(&dir, ctx.opts.resume)? {
-        return Ok(Outcome::Done(r));
-    }
+fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
     let (cfg, opts) = (ctx.cfg, ctx.opts);
     let t0 = Instant::now();
     let transfer_path = cfg
@@ -688,7 +724,7 @@ fn distill_stage(ctx: &Ctx, mode: Mode) -> Result<Outcome> {
         ),
     };
     let k = ctx.classes();
-    let run = open_run(&dir, opts)?;
+    let run = open_run(dir, opts)?;
     let (spec, _) = models::student_spec(&cfg.student, cfg.image_size, k, &opts.device)?;
     let (_, _, probe) =
         engine::random_backbone(&*spec, cfg.seed, &opts.device, candle_core::DType::F32)?;
@@ -730,15 +766,7 @@ fn distill_stage(ctx: &Ctx, mode: Mode) -> Result<Outcome> {
     let plan = ctx.plan(data.len());
     let schedule = ctx.schedule(&plan, cfg.distill_lr, cfg.distill_epochs);
     let mut trainer = ctx.trainer(&run, &params, &buffers)?;
-    let spec_b: Arc<dyn crate::models::backbone::BackboneSpec> = Arc::from(spec);
-    let build_spec = spec_b.clone();
-    let student = StepModel::new(
-        &params,
-        Some(&buffers),
-        opts.precision,
-        &run.paths.checkpoint(),
-        move |w, st| StudentNet::build(&*build_spec, w, st),
-    )?;
+    let student = student_model(spec, &params, &buffers, &run, opts)?;
     let mut objective = Distill {
         student,
         buffers: buffers.clone(),
@@ -755,50 +783,42 @@ fn distill_stage(ctx: &Ctx, mode: Mode) -> Result<Outcome> {
             skipped: c.skipped,
         })
     };
-    let summary = trainer.run(
+    let summary = ctx.train(
+        &mut trainer,
         &mut objective,
         plan,
         produce,
-        &LoopConfig {
-            format: "distillery-transfer-distill-v1",
-            title: match target {
+        &schedule,
+        (
+            "distillery-transfer-distill-v1",
+            match target {
                 Target::Predictions(_) => "transfer: task-oriented distillation (KL)",
                 Target::Features(_) => "transfer: task-agnostic distillation (features)",
             },
-            total: schedule.total,
-            clip_grad: cfg.clip_grad,
-            checkpoint_every: cfg.checkpoint_every,
-            schedule: &|s| schedule.at(s),
-        },
-        cfg,
+        ),
         &rec,
-        opts,
     )?;
     if !summary.finished() {
         return Ok(Outcome::Stopped);
     }
-    models::export_student(&dir, &rec, &params, &buffers)?;
+    models::export_student(dir, &rec, &params, &buffers)?;
     let mut r = record(mode, Stage::Distill, "student", &summary, t0);
     r.teacher_forward_passes = (summary.end_step - summary.start_step) * plan.batch_size as u64;
     if let Target::Predictions(_) = target {
-        let (_, net) = models::load_student(&dir, &ctx.load())?;
+        let (_, net) = models::load_student(dir, &ctx.load())?;
         r.evals = ctx.evaluate(
             &net,
             sview,
-            &dir,
+            dir,
             &format!("{} student after distillation", mode.name()),
         )?;
     }
-    finish(&dir, r)
+    finish(dir, r)
 }
 
 /// Stage 3: fine-tune the student on the labelled set (from the distilled student, the
 /// student's own checkpoint, or random init, as the mode says).
-fn finetune_stage(ctx: &Ctx, mode: Mode) -> Result<Outcome> {
-    let dir = ctx.stage_dir(mode, Stage::Finetune);
-    if let Some(r) = finished(&dir, ctx.opts.resume)? {
-        return Ok(Outcome::Done(r));
-    }
+fn finetune_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
     let (cfg, opts) = (ctx.cfg, ctx.opts);
     let t0 = Instant::now();
     let k = ctx.classes();
@@ -835,7 +855,7 @@ fn finetune_stage(ctx: &Ctx, mode: Mode) -> Result<Outcome> {
         },
         Mode::Scratch => (None, false),
     };
-    let run = open_run(&dir, opts)?;
+    let run = open_run(dir, opts)?;
     let (params, buffers) = models::student_params(
         &*spec,
         init.as_ref(),
@@ -852,45 +872,33 @@ fn finetune_stage(ctx: &Ctx, mode: Mode) -> Result<Outcome> {
     let plan = ctx.plan(ctx.sets.labeled.items.len());
     let schedule = ctx.schedule(&plan, cfg.finetune_lr, cfg.finetune_epochs);
     let mut trainer = ctx.trainer(&run, &params, &buffers)?;
-    let spec_b: Arc<dyn crate::models::backbone::BackboneSpec> = Arc::from(spec);
-    let build_spec = spec_b.clone();
-    let model = StepModel::new(
-        &params,
-        Some(&buffers),
-        opts.precision,
-        &run.paths.checkpoint(),
-        move |w, st| StudentNet::build(&*build_spec, w, st),
-    )?;
+    let model = student_model(spec, &params, &buffers, &run, opts)?;
     let view = model.model().view(cfg.image_size);
     let mut objective = Supervised {
         model,
         buffers: buffers.clone(),
         device: opts.device.clone(),
     };
-    let summary = trainer.run(
+    let summary = ctx.train(
+        &mut trainer,
         &mut objective,
         plan,
         labeled_producer(ctx.sets.labeled.clone(), view, cfg),
-        &LoopConfig {
-            format: "distillery-transfer-finetune-v1",
-            title: "transfer: student fine-tuning (cross-entropy)",
-            total: schedule.total,
-            clip_grad: cfg.clip_grad,
-            checkpoint_every: cfg.checkpoint_every,
-            schedule: &|s| schedule.at(s),
-        },
-        cfg,
+        &schedule,
+        (
+            "distillery-transfer-finetune-v1",
+            "transfer: student fine-tuning (cross-entropy)",
+        ),
         &rec,
-        opts,
     )?;
     if !summary.finished() {
         return Ok(Outcome::Stopped);
     }
-    models::export_student(&dir, &rec, &params, &buffers)?;
+    models::export_student(dir, &rec, &params, &buffers)?;
     let mut r = record(mode, Stage::Finetune, "student", &summary, t0);
-    let (_, net) = models::load_student(&dir, &ctx.load())?;
-    r.evals = ctx.evaluate(&net, view, &dir, &format!("{} student", mode.name()))?;
-    finish(&dir, r)
+    let (_, net) = models::load_student(dir, &ctx.load())?;
+    r.evals = ctx.evaluate(&net, view, dir, &format!("{} student", mode.name()))?;
+    finish(dir, r)
 }
 
 /// The stages a mode runs, in order.
@@ -950,13 +958,12 @@ pub fn run(
             if only.is_some_and(|o| o != stage) {
                 continue;
             }
-            let outcome = match stage {
-                Stage::Teacher => match &teacher_done {
-                    Some(r) => Outcome::Done(r.clone()),
-                    None => teacher_stage(&ctx)?,
-                },
-                Stage::Distill => distill_stage(&ctx, mode)?,
-                Stage::Finetune => finetune_stage(&ctx, mode)?,
+            let dir = ctx.stage_dir(mode, stage);
+            let outcome = match (stage, &teacher_done, finished(&dir, opts.resume)?.as_ref()) {
+                (Stage::Teacher, Some(r), _) | (_, _, Some(r)) => Outcome::Done(r.clone()),
+                (Stage::Teacher, None, None) => teacher_stage(&ctx, &dir)?,
+                (Stage::Distill, _, None) => distill_stage(&ctx, mode, &dir)?,
+                (Stage::Finetune, _, None) => finetune_stage(&ctx, mode, &dir)?,
             };
             match outcome {
                 Outcome::Done(r) => {
