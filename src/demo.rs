@@ -20,6 +20,9 @@ pub struct DemoOptions {
     pub out: PathBuf,
     pub steps: u64,
     pub progress: bool,
+    /// epochs of the transfer part's distillation and fine-tuning (the teacher gets 3x);
+    /// 0 skips the transfer part
+    pub transfer_epochs: u64,
 }
 
 /// What it produced.
@@ -28,6 +31,8 @@ pub struct DemoSummary {
     pub run: RunSummary,
     pub first_loss: f64,
     pub pictures: Vec<PathBuf>,
+    /// the transfer part's report (in `out/transfer`)
+    pub transfer: Option<crate::transfer::Report>,
 }
 
 /// Photos shown in the pictures (of the embedded set).
@@ -79,10 +84,59 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     let first_loss = first_metric(&opts.out.join("metrics.jsonl"))?;
     let photos: Vec<PathBuf> = SHOWN.iter().map(|n| cfg.images.join(n)).collect();
     let pictures = compare_pictures(&opts.out, &cfg.teachers, &photos)?;
+    let transfer = if opts.transfer_epochs > 0 {
+        let tout = opts.out.join("transfer");
+        let tcfg = transfer_config(&tout, opts.transfer_epochs)?;
+        Some(crate::transfer::run(
+            &tcfg,
+            &tout,
+            &RunOptions {
+                progress: opts.progress,
+                ..RunOptions::default()
+            },
+            None,
+        )?)
+    } else {
+        None
+    };
     Ok(DemoSummary {
         run,
         first_loss,
         pictures,
+        transfer,
+    })
+}
+
+/// The transfer part: the embedded DINOv2 teacher fine-tuned on 200 embedded handwritten
+/// digits, distilled into a `vit-n8` student on 300 unlabelled ones, the student fine-tuned;
+/// compared with the same student fine-tuned from scratch, on 200 held-out digits.
+pub fn transfer_config(out: &Path, epochs: u64) -> Result<crate::transfer::TransferConfig> {
+    use crate::transfer::{Mode, TransferConfig};
+    let digits = crate::embedded::demo_digits_dir()?;
+    let teacher = crate::embedded::demo_teacher_dirs()?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Invalid("no embedded teacher".into()))?;
+    Ok(TransferConfig {
+        out: Some(out.to_path_buf()),
+        teacher: teacher.to_string_lossy().to_string(),
+        student: "vit-n8".into(),
+        labeled: digits.join("train"),
+        test: digits.join("test"),
+        transfer: Some(digits.join("unlabeled")),
+        modes: vec![Mode::TaskOriented, Mode::Scratch],
+        image_size: 32,
+        teacher_image_size: 32,
+        batch_size: 32,
+        teacher_epochs: 3 * epochs,
+        distill_epochs: epochs,
+        finetune_epochs: epochs,
+        teacher_lr: 1e-3,
+        layer_decay: 1.0,
+        distill_lr: 2e-3,
+        finetune_lr: 1e-3,
+        min_crop_scale: 0.5,
+        ..TransferConfig::default()
     })
 }
 

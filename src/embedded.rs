@@ -168,6 +168,35 @@ pub fn demo_photos_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Handwritten digits (assets/demo-digits-LICENSE.md): `train/<d>/`, `test/<d>/`, `unlabeled/`.
+const DEMO_DIGITS_TAR: &[u8] = include_bytes!("../assets/demo-digits.tar");
+
+/// Folder of the demo digits (`train/<digit>/*.png`, `test/<digit>/*.png`, `unlabeled/*.png`),
+/// unpacked from the embedded archive.
+pub fn demo_digits_dir() -> Result<PathBuf> {
+    let base = root();
+    std::fs::create_dir_all(&base).map_err(|e| Error::io(&base, e))?;
+    let tar = base.join("demo-digits.tar");
+    write_if_changed(&tar, DEMO_DIGITS_TAR)?;
+    let dir = base.join("demo-digits");
+    for m in crate::data::tar::index_archive(&tar)? {
+        let rel = std::path::Path::new(&m.name);
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            continue;
+        }
+        let p = dir.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        write_if_changed(&p, &crate::data::tar::read_member(&m)?)?;
+    }
+    Ok(dir)
+}
+
 /// Path of the embedded sample image.
 pub fn sample_image() -> Result<PathBuf> {
     let dir = root();

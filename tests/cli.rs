@@ -357,7 +357,16 @@ fn demo_runs_and_draws() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
     let o = bin()
-        .args(["demo", "--out", &s(&out), "--steps", "6", "--quiet"])
+        .args([
+            "demo",
+            "--out",
+            &s(&out),
+            "--steps",
+            "6",
+            "--transfer-epochs",
+            "1",
+            "--quiet",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -386,6 +395,12 @@ fn demo_runs_and_draws() {
     let lines = fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 6);
     assert!(lines.contains("loss/dinov2-demo") && lines.contains("loss/sam-demo"));
+    // the transfer part: teacher, distilled and fine-tuned student, scratch student
+    let report: distillery::transfer::Report =
+        serde_json::from_str(&fs::read_to_string(out.join("transfer/report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report.rows.len(), 4);
+    assert!(stdout.contains("| task-oriented | finetune |"), "{stdout}");
 }
 
 #[test]

@@ -11,6 +11,10 @@ pub struct Args {
     /// Training steps
     #[arg(long, default_value_t = 150)]
     steps: u64,
+    /// Epochs of the transfer part (distillation and fine-tuning; the teacher gets 3x);
+    /// 0 skips it
+    #[arg(long, default_value_t = 10)]
+    transfer_epochs: u64,
     #[arg(long)]
     quiet: bool,
 }
@@ -28,6 +32,7 @@ pub fn run(a: Args) -> Result<()> {
         out: out.clone(),
         steps: a.steps,
         progress: !a.quiet,
+        transfer_epochs: a.transfer_epochs,
     })?;
     eprintln!(
         "trained {} steps in {:.1} s ({:.1} images/s): loss {:.4} -> {:.4}",
@@ -46,5 +51,16 @@ pub fn run(a: Args) -> Result<()> {
         "student:         {}",
         out.join("student.safetensors").display()
     );
+    if let Some(r) = &s.transfer {
+        println!(
+            "\ntask-oriented transfer on embedded handwritten digits (DINOv2 teacher fine-tuned on \
+             200 labelled digits, vit-n8 student distilled on 300 unlabelled ones), vs scratch:\n"
+        );
+        print!("{}", r.markdown());
+        println!(
+            "report:          {}",
+            out.join("transfer/report.md").display()
+        );
+    }
     Ok(())
 }
