@@ -10,6 +10,7 @@
 //! Run folder: `teacher/`, `<mode>/distill/`, `<mode>/finetune/`, each with the engine's files,
 //! the exported model, `stage.json` (what it cost and how it scored) and confusion matrices.
 
+pub mod cache;
 pub mod data;
 pub mod eval;
 pub mod models;
@@ -26,7 +27,9 @@ use candle_nn::VarMap;
 use data::{crops, open_unlabeled, Labeled, View};
 use eval::{evaluate, ClassEval};
 use models::{Pool, StudentNet, StudentRecord, TeacherRecord};
-use objectives::{Distill, FeatureMatch, LabeledBatch, PairBatch, Supervised, Target};
+use objectives::{
+    Distill, FeatureMatch, LabeledBatch, PairBatch, Supervised, Target, TeacherInput,
+};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -151,6 +154,12 @@ pub struct TransferConfig {
     pub temperature: f64,
     /// feature loss of task-agnostic distillation
     pub feature_loss: FeatureMatch,
+    /// K > 0: distillation cycles through K fixed crop variants per transfer image (epoch e
+    /// uses variant e mod K); 0: fresh crops every epoch
+    pub crop_variants: u64,
+    /// task-oriented distillation reads the teacher's logits of the crop variants from a cache
+    /// built once (`RUN/teacher-logits/`, f16) instead of running the teacher every epoch
+    pub cache_teacher: bool,
     pub finetune_lr: f64,
     pub weight_decay: f64,
     pub warmup_epochs: f64,
@@ -192,6 +201,8 @@ impl Default for TransferConfig {
             distill_lr: 1e-3,
             temperature: 4.0,
             feature_loss: FeatureMatch::Cosine,
+            crop_variants: 0,
+            cache_teacher: false,
             finetune_lr: 5e-4,
             weight_decay: 0.05,
             warmup_epochs: 1.0,
@@ -218,6 +229,9 @@ impl TransferConfig {
         }
         if self.labeled.as_os_str().is_empty() || self.test.as_os_str().is_empty() {
             return bad("give the labelled and test sets: --labeled and --test");
+        }
+        if self.cache_teacher && self.crop_variants == 0 {
+            return bad("cache_teacher needs fixed crop variants: crop_variants = K > 0");
         }
         if self.modes.is_empty() {
             return bad("give at least one mode");
@@ -763,7 +777,42 @@ fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
         classes: ctx.sets.labeled.classes.clone(),
     };
     let tview = teacher.view(cfg.teacher_size());
-    let plan = ctx.plan(data.len());
+    let plan = DataPlan {
+        variants: cfg.crop_variants,
+        ..ctx.plan(data.len())
+    };
+    // Task-oriented distillation with fixed variants reads the teacher's logits from a cache.
+    let (cache, cache_passes) = match target {
+        Target::Predictions(_) if cfg.cache_teacher => {
+            let tdir = ctx.stage_dir(Mode::TaskOriented, Stage::Teacher);
+            let manifest = cache::LogitManifest {
+                teacher_bytes: std::fs::metadata(tdir.join(models::TEACHER_WEIGHTS))
+                    .map_err(|e| Error::io(tdir.join(models::TEACHER_WEIGHTS), e))?
+                    .len(),
+                teacher: tdir,
+                transfer: transfer_path.clone(),
+                images: data.len(),
+                classes: k,
+                variants: cfg.crop_variants,
+                seed: cfg.seed,
+                teacher_size: cfg.teacher_size(),
+                min_crop_scale: cfg.min_crop_scale,
+            };
+            let (c, passes) = cache::LogitCache::build(
+                &ctx.out.join("teacher-logits"),
+                &manifest,
+                &teacher,
+                &*data,
+                tview,
+                &cfg.rrc(),
+                cfg.batch_size,
+                &ctx.load(),
+                opts.progress,
+            )?;
+            (Some(Arc::new(c)), passes)
+        }
+        _ => (None, 0),
+    };
     let schedule = ctx.schedule(&plan, cfg.distill_lr, cfg.distill_epochs);
     let mut trainer = ctx.trainer(&run, &params, &buffers)?;
     let student = student_model(spec, &params, &buffers, &run, opts)?;
@@ -775,11 +824,21 @@ fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
         device: opts.device.clone(),
     };
     let (rrc, seed) = (cfg.rrc(), cfg.seed);
-    let produce = move |epoch: u64, idx: &[usize]| {
-        let c = crops(&*data, &[sview, tview], &rrc, seed, epoch, idx)?;
+    let online = cache.is_none();
+    let produce = move |variant: u64, idx: &[usize]| {
+        let views = if online {
+            vec![sview, tview]
+        } else {
+            vec![sview]
+        };
+        let c = crops(&*data, &views, &rrc, seed, variant, idx)?;
+        let teacher = match &cache {
+            Some(cache) => TeacherInput::Logits(cache.logits(variant, &c.kept)?),
+            None => TeacherInput::Pixels(c.views[1].clone()),
+        };
         Ok(PairBatch {
             student: c.views[0].clone(),
-            teacher: c.views[1].clone(),
+            teacher,
             skipped: c.skipped,
         })
     };
@@ -803,7 +862,11 @@ fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
     }
     models::export_student(dir, &rec, &params, &buffers)?;
     let mut r = record(mode, Stage::Distill, "student", &summary, t0);
-    r.teacher_forward_passes = (summary.end_step - summary.start_step) * plan.batch_size as u64;
+    r.teacher_forward_passes = if online {
+        (summary.end_step - summary.start_step) * plan.batch_size as u64
+    } else {
+        cache_passes
+    };
     if let Target::Predictions(_) = target {
         let (_, net) = models::load_student(dir, &ctx.load())?;
         r.evals = ctx.evaluate(

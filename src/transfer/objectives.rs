@@ -91,10 +91,18 @@ pub struct LabeledBatch {
     pub skipped: usize,
 }
 
-/// A batch of the same crops as the student and the teacher see them.
+/// What the teacher contributes to a distillation batch.
+pub enum TeacherInput {
+    /// the same crops as the teacher sees them (it runs online)
+    Pixels(Tensor),
+    /// its logits of those crops, from the cache
+    Logits(Tensor),
+}
+
+/// A batch of crops as the student sees them, with the teacher's side.
 pub struct PairBatch {
     pub student: Tensor,
-    pub teacher: Tensor,
+    pub teacher: TeacherInput,
     pub skipped: usize,
 }
 
@@ -154,16 +162,25 @@ impl Objective for Distill {
     fn loss(&mut self, b: PairBatch, _step: u64) -> Result<StepLoss> {
         let dtype = self.student.dtype();
         let xs = b.student.to_device(&self.device)?.to_dtype(dtype)?;
-        let xt = b.teacher.to_device(&self.device)?.to_dtype(dtype)?;
         let student = self.student.step()?;
-        let loss = match self.target {
-            Target::Predictions(t) => {
-                let tl = self.teacher.logits(&xt, false)?.detach();
+        let pixels =
+            |x: &Tensor| -> Result<Tensor> { Ok(x.to_device(&self.device)?.to_dtype(dtype)?) };
+        let loss = match (self.target, &b.teacher) {
+            (Target::Predictions(t), TeacherInput::Logits(tl)) => {
+                kd_loss(&student.logits(&xs, true)?, &tl.to_device(&self.device)?, t)?
+            }
+            (Target::Predictions(t), TeacherInput::Pixels(xt)) => {
+                let tl = self.teacher.logits(&pixels(xt)?, false)?.detach();
                 kd_loss(&student.logits(&xs, true)?, &tl, t)?
             }
-            Target::Features(kind) => {
-                let tf = self.teacher.features(&xt)?.detach();
+            (Target::Features(kind), TeacherInput::Pixels(xt)) => {
+                let tf = self.teacher.features(&pixels(xt)?)?.detach();
                 feature_match_loss(&student.projected(&xs, true)?, &tf, kind)?
+            }
+            (Target::Features(_), TeacherInput::Logits(_)) => {
+                return Err(Error::Invalid(
+                    "feature distillation needs the teacher online, not cached logits".into(),
+                ))
             }
         };
         Ok(StepLoss {

@@ -78,6 +78,13 @@ pub struct Args {
     temperature: Option<f64>,
     #[arg(long, value_enum)]
     feature_loss: Option<FeatureMatch>,
+    /// Fixed crop variants per transfer image (epoch e uses variant e mod K; 0 = fresh crops)
+    #[arg(long)]
+    crop_variants: Option<u64>,
+    /// Run the fine-tuned teacher once over the crop variants and distil from its cached
+    /// logits (RUN/teacher-logits, f16)
+    #[arg(long)]
+    cache_teacher: bool,
     #[arg(long)]
     finetune_lr: Option<f64>,
     #[arg(long)]
@@ -114,6 +121,7 @@ pub fn run(a: Args) -> Result<()> {
         distill_lr,
         temperature,
         feature_loss,
+        crop_variants,
         finetune_lr,
         weight_decay,
         min_crop_scale,
@@ -123,6 +131,9 @@ pub fn run(a: Args) -> Result<()> {
         ($($f:ident),*) => { $( if a.$f.is_some() { cfg.$f = a.$f; } )* };
     }
     set_opt!(val, images_root, transfer, pool);
+    if a.cache_teacher {
+        cfg.cache_teacher = true;
+    }
     if a.freeze_teacher {
         cfg.freeze_teacher = true;
     }
