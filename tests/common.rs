@@ -21,19 +21,25 @@ pub fn reference(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(&p, &Device::Cpu).expect("reference file")
 }
 
-/// Max |a - b| divided by max |b| (the reference tensor's scale).
-pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+/// Max |a - b| over all elements.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let diff = (a - &b)
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
         .unwrap()
         .abs()
         .unwrap()
         .max_all()
         .unwrap()
         .to_scalar::<f32>()
-        .unwrap();
+        .unwrap()
+}
+
+/// Max |a - b| divided by max |b| (the reference tensor's scale).
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape");
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    let diff = max_abs_diff(&a, &b);
     let scale = b
         .abs()
         .unwrap()

@@ -4,7 +4,7 @@
 //! student (the architecture of the timm fixture folder).
 
 mod common;
-use common::{bin, model_dir, ok};
+use common::{bin, max_abs_diff, model_dir, ok};
 use distillery::transfer::{Mode, Report, Stage};
 use std::path::{Path, PathBuf};
 
@@ -116,14 +116,7 @@ fn task_oriented_student_beats_the_scratch_student_on_held_out_digits() {
     )
     .unwrap();
     let name = "embeddings.patch_embeddings.projection.weight";
-    let moved = (&ft[&format!("encoder.{name}")] - &src[name])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let moved = max_abs_diff(&ft[&format!("encoder.{name}")], &src[name]);
     assert!(moved > 1e-4, "{moved}");
     for f in [
         "report.md",
@@ -229,15 +222,7 @@ fn baselines_run_and_a_stopped_stage_resumes_exactly() {
     .unwrap();
     assert_eq!(a.len(), b.len());
     for (k, t) in &a {
-        let d = (t - &b[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0, "{k}");
+        assert_eq!(max_abs_diff(t, &b[k]), 0.0, "{k}");
     }
     assert_eq!(
         report(&straight)

@@ -525,6 +525,36 @@ impl Ctx<'_> {
         )
     }
 
+    /// Fine-tune `model` on the labelled set with cross-entropy (crops as `view` says).
+    #[allow(clippy::too_many_arguments)]
+    fn fit_labels<M: models::Classifier>(
+        &self,
+        trainer: &mut Trainer,
+        model: StepModel<M>,
+        buffers: VarMap,
+        view: View,
+        plan: DataPlan,
+        schedule: &CosineSchedule,
+        names: (&str, &str),
+        spec: &impl Serialize,
+    ) -> Result<RunSummary> {
+        let mut objective = Supervised {
+            model,
+            buffers,
+            device: self.opts.device.clone(),
+        };
+        let produce = labeled_producer(self.sets.labeled.clone(), view, self.cfg);
+        self.train(
+            trainer,
+            &mut objective,
+            plan,
+            produce,
+            schedule,
+            names,
+            spec,
+        )
+    }
+
     /// Score a classifier on every evaluation split, drawing confusion matrices into `dir`.
     fn evaluate(
         &self,
@@ -676,16 +706,12 @@ fn teacher_stage(ctx: &Ctx, dir: &Path) -> Result<Outcome> {
         &run.paths.checkpoint(),
         move |w, _| models::build_teacher(&files, frozen.as_ref(), pool, dim, k, w),
     )?;
-    let mut objective = Supervised {
+    let summary = ctx.fit_labels(
+        &mut trainer,
         model,
         buffers,
-        device: opts.device.clone(),
-    };
-    let summary = ctx.train(
-        &mut trainer,
-        &mut objective,
+        view,
         plan,
-        labeled_producer(ctx.sets.labeled.clone(), view, cfg),
         &schedule,
         (
             "distillery-transfer-teacher-v1",
@@ -937,16 +963,12 @@ fn finetune_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
     let mut trainer = ctx.trainer(&run, &params, &buffers)?;
     let model = student_model(spec, &params, &buffers, &run, opts)?;
     let view = model.model().view(cfg.image_size);
-    let mut objective = Supervised {
-        model,
-        buffers: buffers.clone(),
-        device: opts.device.clone(),
-    };
-    let summary = ctx.train(
+    let summary = ctx.fit_labels(
         &mut trainer,
-        &mut objective,
+        model,
+        buffers.clone(),
+        view,
         plan,
-        labeled_producer(ctx.sets.labeled.clone(), view, cfg),
         &schedule,
         (
             "distillery-transfer-finetune-v1",
