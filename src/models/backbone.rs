@@ -37,6 +37,35 @@ pub fn pyramid(widths: &[usize], first_stride: usize) -> Vec<FeatureInfo> {
         .collect()
 }
 
+/// What every built backbone carries besides its layers: the classifier on its pooled
+/// features (when it has one), its preprocessing and its device.
+pub struct Head {
+    pub fc: Option<super::layers::Linear>,
+    pub preprocess: PreprocessConfig,
+    pub device: Device,
+}
+
+impl Head {
+    /// A `classes`-way linear classifier on `features` pooled features, read under `fc_name`
+    /// (none when `classes` is 0), on the device of `w`.
+    pub fn load(
+        w: &Weights,
+        fc_name: &str,
+        features: usize,
+        classes: usize,
+        preprocess: PreprocessConfig,
+    ) -> Result<Self> {
+        let fc = (classes > 0)
+            .then(|| super::layers::linear(&w.pp(fc_name), features, classes, true))
+            .transpose()?;
+        Ok(Self {
+            fc,
+            preprocess,
+            device: w.device().clone(),
+        })
+    }
+}
+
 /// A built backbone.
 pub trait Backbone: Send + Sync {
     /// The levels [`Backbone::forward_intermediates`] returns, in order.
@@ -58,14 +87,24 @@ pub trait Backbone: Send + Sync {
             .ok_or_else(|| Error::Invalid("backbone without levels".into()))?;
         self.pool(&last, false)
     }
+    /// Its classifier, preprocessing and device.
+    fn head(&self) -> &Head;
     /// The classifier's logits `[B, classes]` from pooled features, when it has one.
-    fn classify(&self, _pooled: &Tensor) -> Result<Option<Tensor>> {
-        Ok(None)
+    fn classify(&self, pooled: &Tensor) -> Result<Option<Tensor>> {
+        self.head()
+            .fc
+            .as_ref()
+            .map(|fc| fc.forward(pooled))
+            .transpose()
     }
     /// How images are turned into its input.
-    fn preprocess(&self) -> &PreprocessConfig;
+    fn preprocess(&self) -> &PreprocessConfig {
+        &self.head().preprocess
+    }
     /// Where its parameters live.
-    fn device(&self) -> &Device;
+    fn device(&self) -> &Device {
+        &self.head().device
+    }
 }
 
 /// Everything needed to create a backbone's parameters and build it.
@@ -397,8 +436,7 @@ impl ViTSpec {
 pub struct ViTBackbone {
     encoder: TokenEncoder,
     levels: Vec<usize>,
-    head: Option<super::layers::Linear>,
-    device: Device,
+    head: Head,
 }
 
 /// A ViT's pyramid levels: its width at its patch stride, once per level.
@@ -430,14 +468,8 @@ impl Backbone for ViTBackbone {
     fn forward_intermediates(&self, pixels: &Tensor, _train: bool) -> Result<Vec<Tensor>> {
         vit_pyramid(&self.encoder, &self.levels, pixels)
     }
-    fn classify(&self, pooled: &Tensor) -> Result<Option<Tensor>> {
-        self.head.as_ref().map(|h| h.forward(pooled)).transpose()
-    }
-    fn preprocess(&self) -> &PreprocessConfig {
-        &self.encoder.info.preprocess
-    }
-    fn device(&self) -> &Device {
-        &self.device
+    fn head(&self) -> &Head {
+        &self.head
     }
 }
 
@@ -459,14 +491,18 @@ impl BackboneSpec for ViTSpec {
         p
     }
     fn build(&self, w: &Weights, _state: &Weights) -> Result<Box<dyn Backbone>> {
-        let head = (self.num_classes > 0)
-            .then(|| super::layers::linear(&w.pp("head"), self.arch.dim, self.num_classes, true))
-            .transpose()?;
+        let encoder = self.encoder(w)?;
+        let head = Head::load(
+            w,
+            "head",
+            self.arch.dim,
+            self.num_classes,
+            encoder.info.preprocess.clone(),
+        )?;
         Ok(Box::new(ViTBackbone {
-            encoder: self.encoder(w)?,
+            encoder,
             levels: self.levels.clone(),
             head,
-            device: w.device().clone(),
         }))
     }
     fn with_classes(&self, classes: usize) -> Result<Box<dyn BackboneSpec>> {

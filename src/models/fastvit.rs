@@ -17,7 +17,7 @@
 //! Pyramid (timm `forward_intermediates`): the four stages, strides 4, 8, 16, 32; pooled
 //! features (`pre_logits`) come after the final convolution.
 
-use super::backbone::{Backbone, BackboneSpec, FeatureInfo};
+use super::backbone::{Backbone, BackboneSpec, FeatureInfo, Head};
 use super::layers::{
     conv1x1_linear, conv2d, pointwise, Attention, BatchNorm2d, ConvBn, Linear, BN_EPS,
 };
@@ -25,7 +25,7 @@ use super::student::Init;
 use crate::config::Cfg;
 use crate::error::{Error, Result};
 use crate::kernels::gelu_erf;
-use crate::preprocess::{PreprocessConfig, TimmDataConfig};
+use crate::preprocess::TimmDataConfig;
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -1018,9 +1018,7 @@ pub struct FastVit {
     stem: Vec<MobileOne>,
     stages: Vec<Stage>,
     final_conv: MobileOne,
-    fc: Option<Linear>,
-    preprocess: PreprocessConfig,
-    device: Device,
+    head: Head,
 }
 
 impl Backbone for FastVit {
@@ -1055,16 +1053,8 @@ impl Backbone for FastVit {
         Ok(y.mean(3)?.mean(2)?)
     }
 
-    fn classify(&self, pooled: &Tensor) -> Result<Option<Tensor>> {
-        self.fc.as_ref().map(|fc| fc.forward(pooled)).transpose()
-    }
-
-    fn preprocess(&self) -> &PreprocessConfig {
-        &self.preprocess
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
+    fn head(&self) -> &Head {
+        &self.head
     }
 }
 
@@ -1144,24 +1134,18 @@ impl BackboneSpec for FastVitSpec {
                     .collect::<Result<_>>()?,
             });
         }
-        let fc = if self.num_classes > 0 {
-            Some(super::layers::linear(
-                &w.pp("head.fc"),
-                self.num_features(),
-                self.num_classes,
-                true,
-            )?)
-        } else {
-            None
-        };
         Ok(Box::new(FastVit {
             dims: self.embed_dims,
             stem,
             stages,
             final_conv: plan.final_conv.load(w, state)?,
-            fc,
-            preprocess: self.data.preprocess(),
-            device: w.device().clone(),
+            head: Head::load(
+                w,
+                "head.fc",
+                self.num_features(),
+                self.num_classes,
+                self.data.preprocess(),
+            )?,
         }))
     }
 }

@@ -15,15 +15,15 @@
 //! Weight names are timm's (`stem.conv`, `stem.bn`, `stages.{i}.{j}.conv1_1x1.conv`, ...,
 //! `transformer.{k}.attn.qkv_proj`, `head.fc`).
 
-use super::backbone::{Backbone, BackboneSpec, FeatureInfo};
+use super::backbone::{Backbone, BackboneSpec, FeatureInfo, Head};
 use super::layers::{conv1x1_linear, pointwise, ConvBn, GroupNorm1, Linear};
 use super::student::Init;
 use crate::config::Cfg;
 use crate::error::{Error, Result};
 use crate::kernels::Act;
-use crate::preprocess::{PreprocessConfig, TimmDataConfig};
+use crate::preprocess::TimmDataConfig;
 use crate::weights::Weights;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 /// The registered names and their width multipliers.
@@ -418,23 +418,17 @@ impl BackboneSpec for MobileVitV2Spec {
             }
             stages.push(blocks);
         }
-        let fc = if self.num_classes > 0 {
-            Some(super::layers::linear(
-                &w.pp("head.fc"),
-                self.num_features(),
-                self.num_classes,
-                true,
-            )?)
-        } else {
-            None
-        };
         Ok(Box::new(MobileVitV2 {
             widths: self.widths(),
             stem: load(&self.stem_unit())?,
             stages,
-            fc,
-            preprocess: self.data.preprocess(),
-            device: w.device().clone(),
+            head: Head::load(
+                w,
+                "head.fc",
+                self.num_features(),
+                self.num_classes,
+                self.data.preprocess(),
+            )?,
         }))
     }
 }
@@ -552,9 +546,7 @@ pub struct MobileVitV2 {
     widths: [usize; 5],
     stem: ConvBn,
     stages: Vec<Vec<Block>>,
-    fc: Option<Linear>,
-    preprocess: PreprocessConfig,
-    device: Device,
+    head: Head,
 }
 
 impl Backbone for MobileVitV2 {
@@ -574,16 +566,8 @@ impl Backbone for MobileVitV2 {
         Ok(out)
     }
 
-    fn classify(&self, pooled: &Tensor) -> Result<Option<Tensor>> {
-        self.fc.as_ref().map(|fc| fc.forward(pooled)).transpose()
-    }
-
-    fn preprocess(&self) -> &PreprocessConfig {
-        &self.preprocess
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
+    fn head(&self) -> &Head {
+        &self.head
     }
 }
 

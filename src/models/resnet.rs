@@ -8,15 +8,15 @@
 //! (strides 4, 8, 16, 32). BatchNorm trains with batch statistics and keeps its running
 //! statistics as buffers.
 
-use super::backbone::{Backbone, BackboneSpec, FeatureInfo};
-use super::layers::{ConvBn, Linear};
+use super::backbone::{Backbone, BackboneSpec, FeatureInfo, Head};
+use super::layers::ConvBn;
 use super::student::Init;
 use crate::config::Cfg;
 use crate::error::Result;
 use crate::kernels::Act;
-use crate::preprocess::{PreprocessConfig, TimmDataConfig};
+use crate::preprocess::TimmDataConfig;
 use crate::weights::Weights;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 /// The registered names.
@@ -253,23 +253,17 @@ impl BackboneSpec for ResNetSpec {
             }
             stages.push(blocks);
         }
-        let fc = if self.num_classes > 0 {
-            Some(super::layers::linear(
-                &w.pp("fc"),
-                self.num_features(),
-                self.num_classes,
-                true,
-            )?)
-        } else {
-            None
-        };
         Ok(Box::new(ResNet {
             spec: self.clone(),
             stem: load(&Unit::stem())?.with_act(Act::Relu),
             stages,
-            fc,
-            preprocess: self.data.preprocess(),
-            device: w.device().clone(),
+            head: Head::load(
+                w,
+                "fc",
+                self.num_features(),
+                self.num_classes,
+                self.data.preprocess(),
+            )?,
         }))
     }
 }
@@ -320,9 +314,7 @@ pub struct ResNet {
     spec: ResNetSpec,
     stem: ConvBn,
     stages: Vec<Vec<Block>>,
-    fc: Option<Linear>,
-    preprocess: PreprocessConfig,
-    device: Device,
+    head: Head,
 }
 
 impl Backbone for ResNet {
@@ -347,16 +339,8 @@ impl Backbone for ResNet {
         Ok(out)
     }
 
-    fn classify(&self, pooled: &Tensor) -> Result<Option<Tensor>> {
-        self.fc.as_ref().map(|fc| fc.forward(pooled)).transpose()
-    }
-
-    fn preprocess(&self) -> &PreprocessConfig {
-        &self.preprocess
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
+    fn head(&self) -> &Head {
+        &self.head
     }
 }
 
@@ -412,7 +396,7 @@ mod tests {
         let (_vm, w) = crate::train::engine::seeded_weights(s.parameters(), 1);
         let (_bm, b) = crate::train::engine::seeded_weights(s.buffers(), 2);
         let net = s.build(&w, &b).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 40, 56), &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 40, 56), &candle_core::Device::Cpu).unwrap();
         let maps = net.forward_intermediates(&x, false).unwrap();
         let info = net.feature_info();
         assert_eq!(maps.len(), 5);

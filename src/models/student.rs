@@ -13,7 +13,7 @@ use super::encoder::{TokenEncoder, VitArch};
 use super::layers::{LayerNorm, Linear};
 use super::{evenly_spaced_blocks, FeatureRequest, VisionEncoder};
 use crate::error::{Error, Result};
-use crate::preprocess::{PreprocessConfig, IMAGENET_MEAN, IMAGENET_STD};
+use crate::preprocess::{IMAGENET_MEAN, IMAGENET_STD};
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -253,7 +253,8 @@ pub struct Student {
     pub spec: StudentSpec,
     stem: TokenEncoder,
     paths: Vec<Path>,
-    device: Device,
+    /// no classifier; the stem's preprocessing and the device
+    head: super::backbone::Head,
 }
 
 /// Token sequence `[B, P + h*w, D]` -> patch map `[B, D, h, w]`.
@@ -296,15 +297,19 @@ impl Student {
         }
         Ok(Self {
             spec: spec.clone(),
+            head: super::backbone::Head {
+                fc: None,
+                preprocess: stem.info.preprocess.clone(),
+                device: w.device().clone(),
+            },
             stem,
             paths,
-            device: w.device().clone(),
         })
     }
 
     /// Where the parameters live (inputs must be there too).
     pub fn device(&self) -> &Device {
-        &self.device
+        &self.head.device
     }
 
     /// The student as a [`Backbone`] (the stem's pyramid).
@@ -374,11 +379,8 @@ impl Backbone for Student {
     fn forward_intermediates(&self, pixels: &Tensor, _train: bool) -> Result<Vec<Tensor>> {
         super::backbone::vit_pyramid(&self.stem, &self.spec.levels, pixels)
     }
-    fn preprocess(&self) -> &PreprocessConfig {
-        &self.stem.info.preprocess
-    }
-    fn device(&self) -> &Device {
-        &self.device
+    fn head(&self) -> &super::backbone::Head {
+        &self.head
     }
 }
 
