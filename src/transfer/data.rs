@@ -220,10 +220,11 @@ impl Labeled {
             return self.clone();
         }
         let mut keep = vec![false; self.items.len()];
-        for k in 0..self.classes.len() {
-            let mut idx: Vec<usize> = (0..self.items.len())
-                .filter(|&i| self.items[i].1 == k)
-                .collect();
+        let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); self.classes.len()];
+        for (i, &(_, k)) in self.items.iter().enumerate() {
+            by_class[k].push(i);
+        }
+        for (k, mut idx) in by_class.into_iter().enumerate() {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
                 seed ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
