@@ -135,7 +135,7 @@ pub fn transfer_config(out: &Path, epochs: u64) -> Result<crate::transfer::Trans
         layer_decay: 1.0,
         distill_lr: 2e-3,
         finetune_lr: 1e-3,
-        min_crop_scale: 0.5,
+        min_crop_scale: Some(0.5),
         ..TransferConfig::default()
     })
 }

@@ -56,6 +56,17 @@ impl MeanIou {
             .collect()
     }
 
+    /// Share of labelled pixels predicted right (0 when none is labelled).
+    pub fn pixel_acc(&self) -> f64 {
+        let tp: u64 = self.tp.iter().sum();
+        let all = tp + self.fn_.iter().sum::<u64>();
+        if all == 0 {
+            0.0
+        } else {
+            tp as f64 / all as f64
+        }
+    }
+
     /// mIoU in percent.
     pub fn miou(&self) -> f64 {
         100.0 * self.per_class().iter().sum::<f64>() / self.classes as f64

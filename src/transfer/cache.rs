@@ -1,14 +1,15 @@
 //! The teacher-logit cache of task-oriented distillation: the fine-tuned teacher runs once
 //! over K fixed crop variants of every transfer image (variant v = the crops of augmentation
 //! pass v, drawn from (seed, v, index) exactly as training draws them), its logits are stored
-//! as f16 (`variant-{v}.f16`, images x classes, row-major; NaN rows for unreadable images), and
+//! as f16 (`variant-{v}.f16`, one row per image of its logits, `[K]` or `[K, h, w]` at the
+//! teacher's output grid for segmentation, row-major; NaN rows for unreadable images), and
 //! distillation epoch e reads variant e mod K instead of running the teacher. Variants are
 //! written atomically one by one, so an interrupted build resumes at the first missing one;
 //! `manifest.json` records what the logits were computed from, and a cache made from anything
 //! else is rebuilt.
 
 use super::data::{crops, View};
-use super::models::{Classifier, TeacherNet};
+use super::models::{Predictor, TeacherNet};
 use crate::data::{ImageSource, RandomResizedCrop};
 use crate::error::{Error, Result};
 use crate::models::LoadOptions;
@@ -25,7 +26,8 @@ pub struct LogitManifest {
     pub teacher_bytes: u64,
     pub transfer: PathBuf,
     pub images: usize,
-    pub classes: usize,
+    /// the logits of one image: `[K]`, or `[K, h, w]` for segmentation
+    pub shape: Vec<usize>,
     pub variants: u64,
     pub seed: u64,
     pub teacher_size: usize,
@@ -35,7 +37,7 @@ pub struct LogitManifest {
 /// Cached teacher logits, memory-mapped per variant.
 pub struct LogitCache {
     dir: PathBuf,
-    classes: usize,
+    shape: Vec<usize>,
     images: usize,
     maps: Vec<memmap2::Mmap>,
 }
@@ -75,7 +77,8 @@ impl LogitCache {
             }
             crate::train::engine::write_json(&mpath, manifest)?;
         }
-        let (n, k) = (manifest.images, manifest.classes);
+        let n = manifest.images;
+        let k: usize = manifest.shape.iter().product();
         let row_bytes = 2 * k;
         let mut passes = 0u64;
         let todo: Vec<u64> = (0..manifest.variants)
@@ -105,19 +108,21 @@ impl LogitCache {
                     Err(e) => return Err(e),
                 };
                 let x = c.views[0].to_device(&opts.device)?.to_dtype(opts.dtype)?;
-                let rows = teacher
-                    .logits(&x, false)?
+                let logits = teacher.logits(&x, false)?;
+                if logits.dims()[1..] != manifest.shape[..] {
+                    return Err(Error::Invalid(format!(
+                        "teacher logits are {:?} per image, the cache holds {:?}",
+                        &logits.dims()[1..],
+                        manifest.shape
+                    )));
+                }
+                let rows = logits
                     .to_dtype(DType::F32)?
                     .to_device(&Device::Cpu)?
+                    .flatten_from(1)?
                     .to_vec2::<f32>()?;
                 passes += rows.len() as u64;
                 for (&i, row) in c.kept.iter().zip(&rows) {
-                    if row.len() != k {
-                        return Err(Error::Invalid(format!(
-                            "teacher predicts {} classes, the cache holds {k}",
-                            row.len()
-                        )));
-                    }
                     for (j, &x) in row.iter().enumerate() {
                         let o = i * row_bytes + 2 * j;
                         bytes[o..o + 2].copy_from_slice(&f16::from_f32(x).to_le_bytes());
@@ -128,10 +133,14 @@ impl LogitCache {
             crate::atomic::write_bytes(&variant_path(dir, v), &bytes)?;
         }
         bar.finish_and_clear();
-        Ok((Self::open(dir, n, k, manifest.variants)?, passes))
+        Ok((
+            Self::open(dir, n, manifest.shape.clone(), manifest.variants)?,
+            passes,
+        ))
     }
 
-    fn open(dir: &Path, images: usize, classes: usize, variants: u64) -> Result<Self> {
+    fn open(dir: &Path, images: usize, shape: Vec<usize>, variants: u64) -> Result<Self> {
+        let row: usize = shape.iter().product();
         let mut maps = Vec::new();
         for v in 0..variants {
             let p = variant_path(dir, v);
@@ -139,26 +148,26 @@ impl LogitCache {
             // SAFETY: read-only map of a file this process wrote atomically; nothing writes it
             // while training reads it.
             let m = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&p, e))?;
-            if m.len() != images * classes * 2 {
+            if m.len() != images * row * 2 {
                 return Err(Error::BadInput {
                     path: p,
-                    msg: format!("holds {} bytes, expected {}", m.len(), images * classes * 2),
+                    msg: format!("holds {} bytes, expected {}", m.len(), images * row * 2),
                 });
             }
             maps.push(m);
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            classes,
+            shape,
             images,
             maps,
         })
     }
 
-    /// The logits `[B, K]` of images `indices` in variant `v`.
+    /// The logits `[B, ...shape]` of images `indices` in variant `v`.
     pub fn logits(&self, v: u64, indices: &[usize]) -> Result<Tensor> {
         let m = &self.maps[(v as usize) % self.maps.len()];
-        let k = self.classes;
+        let k: usize = self.shape.iter().product();
         let mut out = Vec::with_capacity(indices.len() * k);
         for &i in indices {
             if i >= self.images {
@@ -177,6 +186,8 @@ impl LogitCache {
                 });
             }
         }
-        Ok(Tensor::from_vec(out, (indices.len(), k), &Device::Cpu)?)
+        let mut dims = vec![indices.len()];
+        dims.extend(&self.shape);
+        Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
     }
 }

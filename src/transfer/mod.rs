@@ -1,5 +1,5 @@
-//! Task-oriented knowledge transfer (SPEC.md section 8): (1) fine-tune a foundation model with a
-//! task head on the few labelled images; (2) train a small student to match the fine-tuned
+//! Task-oriented knowledge transfer (SPEC.md section 8), for image classification and semantic
+//! segmentation: (1) fine-tune a foundation model with a task head on the few labelled images; (2) train a small student to match the fine-tuned
 //! teacher's predictions (KL at temperature T) on an unlabelled transfer set; (3) fine-tune the
 //! student on the labelled images. The baselines run in the same command: task-agnostic
 //! transfer (match the frozen teacher's pooled features through a projection head, then
@@ -13,6 +13,8 @@
 pub mod cache;
 pub mod data;
 pub mod eval;
+pub mod heads;
+pub mod masks;
 pub mod models;
 pub mod objectives;
 pub mod predict;
@@ -25,10 +27,12 @@ use crate::train::engine::{
 use crate::train::schedule::CosineSchedule;
 use candle_nn::VarMap;
 use data::{crops, open_unlabeled, Labeled, View};
-use eval::{evaluate, ClassEval};
-use models::{Pool, StudentNet, StudentRecord, TeacherRecord};
+use eval::Scores;
+use masks::{LabelRule, MaskOptions, MaskSet};
+pub use models::TransferTask;
+use models::{Pool, StudentArch, StudentNet, StudentRecord, TeacherRecord};
 use objectives::{
-    Distill, FeatureMatch, LabeledBatch, PairBatch, Supervised, Target, TeacherInput,
+    Distill, FeatureMatch, LabeledBatch, Labels, PairBatch, Supervised, Target, TeacherInput,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -95,15 +99,6 @@ impl Stage {
     }
 }
 
-/// The task transferred.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum TransferTask {
-    #[default]
-    Classify,
-    Segment,
-}
-
 /// The recipe of a transfer run (`transfer.toml`; command-line flags override it).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -129,8 +124,20 @@ pub struct TransferConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transfer: Option<PathBuf>,
     pub modes: Vec<Mode>,
-    /// labelled images kept per class (0 = all)
+    /// labelled images kept per class (0 = all; classification)
     pub labels_per_class: usize,
+    /// segmentation classes (0: from the layout, ADE20K's annotations/ = 150)
+    pub num_classes: usize,
+    /// mask value of unlabelled pixels (after reduce_zero_label)
+    pub ignore_index: u32,
+    /// map mask value 0 to ignore and c to c - 1 (default: for ADE20K's annotations/ layout)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reduce_zero_label: Option<bool>,
+    /// segmentation class names, one per line
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_names: Option<PathBuf>,
+    /// channels of the student's segmentation decoder
+    pub decoder_width: usize,
     /// student input side
     pub image_size: usize,
     /// teacher input side (0 = the student's)
@@ -166,8 +173,10 @@ pub struct TransferConfig {
     pub min_lr: f64,
     /// max global gradient norm (0 = off)
     pub clip_grad: f64,
-    /// smallest area share of a random resized crop
-    pub min_crop_scale: f64,
+    /// smallest area share of a random resized crop (default 0.08 for classification, 0.25
+    /// for segmentation)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_crop_scale: Option<f64>,
     /// evaluation centre crop share (timm's crop_pct)
     pub eval_crop_pct: f64,
     pub checkpoint_every: u64,
@@ -187,6 +196,11 @@ impl Default for TransferConfig {
             transfer: None,
             modes: vec![Mode::TaskOriented],
             labels_per_class: 0,
+            num_classes: 0,
+            ignore_index: 255,
+            reduce_zero_label: None,
+            class_names: None,
+            decoder_width: 128,
             image_size: 256,
             teacher_image_size: 224,
             batch_size: 64,
@@ -208,7 +222,7 @@ impl Default for TransferConfig {
             warmup_epochs: 1.0,
             min_lr: 1e-6,
             clip_grad: 1.0,
-            min_crop_scale: 0.08,
+            min_crop_scale: None,
             eval_crop_pct: 0.875,
             checkpoint_every: 500,
         }
@@ -218,8 +232,11 @@ impl Default for TransferConfig {
 impl TransferConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Invalid(m.to_string()));
-        if self.task == TransferTask::Segment {
-            return bad("task = segment is not built yet: only classification transfer runs today");
+        if self.task == TransferTask::Segment && self.labels_per_class > 0 {
+            return bad("labels_per_class is for classification: give a segmentation budget as a split file of image names (as the ADE20K splits are)");
+        }
+        if self.task == TransferTask::Segment && self.decoder_width == 0 {
+            return bad("decoder_width must be positive");
         }
         if self.teacher.is_empty() {
             return bad("give the teacher: --teacher or teacher = \"...\"");
@@ -245,7 +262,7 @@ impl TransferConfig {
         if !(self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
             return bad("layer_decay must be in (0, 1]");
         }
-        if !(self.min_crop_scale > 0.0 && self.min_crop_scale <= 1.0) {
+        if !(self.crop_scale() > 0.0 && self.crop_scale() <= 1.0) {
             return bad("min_crop_scale must be in (0, 1]");
         }
         if !(self.eval_crop_pct > 0.0 && self.eval_crop_pct <= 1.0) {
@@ -268,6 +285,7 @@ impl TransferConfig {
             &old.teacher,
             &old.student,
             &old.labeled,
+            old.task,
             old.labels_per_class,
             old.image_size,
             old.teacher_size(),
@@ -277,6 +295,7 @@ impl TransferConfig {
             &self.teacher,
             &self.student,
             &self.labeled,
+            self.task,
             self.labels_per_class,
             self.image_size,
             self.teacher_size(),
@@ -285,10 +304,27 @@ impl TransferConfig {
         )
     }
 
+    /// The smallest crop share in effect.
+    pub fn crop_scale(&self) -> f64 {
+        self.min_crop_scale.unwrap_or(match self.task {
+            TransferTask::Classify => 0.08,
+            TransferTask::Segment => 0.25,
+        })
+    }
+
     fn rrc(&self) -> crate::data::RandomResizedCrop {
         crate::data::RandomResizedCrop {
-            scale: (self.min_crop_scale, 1.0),
+            scale: (self.crop_scale(), 1.0),
             ..Default::default()
+        }
+    }
+
+    fn mask_options(&self) -> MaskOptions {
+        MaskOptions {
+            num_classes: self.num_classes,
+            ignore_index: self.ignore_index,
+            reduce_zero_label: self.reduce_zero_label,
+            class_names: self.class_names.clone(),
         }
     }
 }
@@ -334,8 +370,8 @@ pub struct StageRecord {
     pub images_per_s: f64,
     /// teacher forward passes the stage ran (distillation runs the teacher online)
     pub teacher_forward_passes: u64,
-    /// scores per split (none where the stage trains no classifier)
-    pub evals: Vec<(String, ClassEval)>,
+    /// scores per split (none where the stage trains no task head)
+    pub evals: Vec<(String, Scores)>,
 }
 
 const STAGE_RECORD: &str = "stage.json";
@@ -350,6 +386,8 @@ pub struct ReportRow {
     pub top1: Option<f64>,
     pub top5: Option<f64>,
     pub mean_class_acc: Option<f64>,
+    pub miou: Option<f64>,
+    pub pixel_acc: Option<f64>,
     /// training throughput of the stage
     pub images_per_s: f64,
     pub seconds: f64,
@@ -357,10 +395,25 @@ pub struct ReportRow {
     pub teacher_forward_passes: u64,
 }
 
-/// `report.json`: one row per (mode, stage, split).
+/// Per-class IoU of one (mode, stage, split) of a segmentation transfer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PerClass {
+    pub mode: Mode,
+    pub stage: Stage,
+    pub split: String,
+    pub iou: Vec<f64>,
+}
+
+/// `report.json`: one row per (mode, stage, split); for segmentation also the per-class IoU of
+/// each.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub rows: Vec<ReportRow>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_class_iou: Vec<PerClass>,
+    /// class names (for the per-class table)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
 }
 
 impl Report {
@@ -373,6 +426,8 @@ impl Report {
             top1: None,
             top5: None,
             mean_class_acc: None,
+            miou: None,
+            pixel_acc: None,
             images_per_s: r.images_per_s,
             seconds: r.seconds,
             eval_images_per_s: None,
@@ -382,15 +437,34 @@ impl Report {
             self.rows.push(base.clone());
         }
         for (split, e) in &r.evals {
-            self.rows.push(ReportRow {
+            let row = ReportRow {
                 split: Some(split.clone()),
-                top1: Some(e.top1),
-                top5: Some(e.top5),
-                mean_class_acc: Some(e.mean_class_acc),
-                eval_images_per_s: Some(e.images_per_s),
+                eval_images_per_s: Some(e.images_per_s()),
                 ..base.clone()
+            };
+            self.rows.push(match e {
+                Scores::Classify(e) => ReportRow {
+                    top1: Some(e.top1),
+                    top5: Some(e.top5),
+                    mean_class_acc: Some(e.mean_class_acc),
+                    ..row
+                },
+                Scores::Segment(e) => ReportRow {
+                    miou: Some(e.miou),
+                    pixel_acc: Some(e.pixel_acc),
+                    ..row
+                },
             });
         }
+        self.per_class_iou.extend(r.evals.iter().filter_map(|(split, e)| match e {
+            Scores::Segment(e) => Some(PerClass {
+                mode: r.mode,
+                stage: r.stage,
+                split: split.clone(),
+                iou: e.per_class_iou.clone(),
+            }),
+            Scores::Classify(_) => None,
+        }));
     }
 
     /// The row of (mode, stage) on `split`.
@@ -400,26 +474,59 @@ impl Report {
             .find(|r| r.mode == mode && r.stage == stage && r.split.as_deref() == Some(split))
     }
 
-    /// The report as a Markdown table.
+    /// The report as Markdown: the table of rows (classification or segmentation metrics, as
+    /// the rows hold), then for segmentation the per-class IoU of every scored row.
     pub fn markdown(&self) -> String {
         let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}", 100.0 * v));
-        let mut s = String::from(
-            "| mode | stage | model | split | top-1 % | top-5 % | mean class acc % | train img/s | seconds | teacher passes |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        let seg = self.rows.iter().any(|r| r.miou.is_some());
+        let metrics = if seg {
+            "mIoU % | pixel acc %"
+        } else {
+            "top-1 % | top-5 % | mean class acc %"
+        };
+        let rule = if seg { "---|---" } else { "---|---|---" };
+        let mut s = format!(
+            "| mode | stage | model | split | {metrics} | train img/s | seconds | teacher passes |\n|---|---|---|---|{rule}|---|---|---|\n"
         );
         for r in &self.rows {
+            let m = if seg {
+                format!("{} | {}", pct(r.miou), pct(r.pixel_acc))
+            } else {
+                format!(
+                    "{} | {} | {}",
+                    pct(r.top1),
+                    pct(r.top5),
+                    pct(r.mean_class_acc)
+                )
+            };
             s += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {} |\n",
+                "| {} | {} | {} | {} | {m} | {:.1} | {:.1} | {} |\n",
                 r.mode.name(),
                 r.stage.name(),
                 r.model,
                 r.split.as_deref().unwrap_or("-"),
-                pct(r.top1),
-                pct(r.top5),
-                pct(r.mean_class_acc),
                 r.images_per_s,
                 r.seconds,
                 r.teacher_forward_passes
             );
+        }
+        if !self.per_class_iou.is_empty() {
+            s += "\n## Per-class IoU %\n\n| class |";
+            for p in &self.per_class_iou {
+                s += &format!(" {} {} ({}) |", p.mode.name(), p.stage.name(), p.split);
+            }
+            s += "\n|---|";
+            s += &"---|".repeat(self.per_class_iou.len());
+            s += "\n";
+            let k = self.per_class_iou.iter().map(|p| p.iou.len()).max().unwrap_or(0);
+            for c in 0..k {
+                let name = self.classes.get(c).cloned().unwrap_or_else(|| c.to_string());
+                s += &format!("| {name} |");
+                for p in &self.per_class_iou {
+                    s += &format!(" {} |", pct(p.iou.get(c).copied()));
+                }
+                s += "\n";
+            }
         }
         s
     }
@@ -427,9 +534,104 @@ impl Report {
 
 /// The data sets of a run.
 struct Sets {
-    labeled: Arc<Labeled>,
+    labeled: Arc<TaskSet>,
     /// (split name, set)
-    evals: Vec<(String, Labeled)>,
+    evals: Vec<(String, TaskSet)>,
+}
+
+/// A labelled set of the run's task.
+pub enum TaskSet {
+    Classes(Labeled),
+    Masks(MaskSet),
+}
+
+impl TaskSet {
+    /// Open a labelled set for `cfg.task`; evaluation sets pass the training set (`train`) so
+    /// that they share its classes and label rule.
+    pub fn open(cfg: &TransferConfig, path: &Path, train: Option<&TaskSet>) -> Result<Self> {
+        let root = cfg.images_root.as_deref();
+        Ok(match (cfg.task, train) {
+            (TransferTask::Classify, None) => TaskSet::Classes(
+                Labeled::open(path, root, None)?.budget(cfg.labels_per_class, cfg.seed),
+            ),
+            (TransferTask::Classify, Some(t)) => {
+                TaskSet::Classes(Labeled::open(path, root, Some(t.classes()))?)
+            }
+            (TransferTask::Segment, t) => {
+                let rule: Option<&LabelRule> = match t {
+                    Some(TaskSet::Masks(m)) => Some(&m.rule),
+                    _ => None,
+                };
+                let mut set = MaskSet::open(path, root, &cfg.mask_options(), rule)?;
+                if let Some(t) = t {
+                    set.classes = t.classes().to_vec();
+                }
+                TaskSet::Masks(set)
+            }
+        })
+    }
+
+    pub fn classes(&self) -> &[String] {
+        match self {
+            TaskSet::Classes(s) => &s.classes,
+            TaskSet::Masks(s) => &s.classes,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            TaskSet::Classes(s) => s.items.len(),
+            TaskSet::Masks(s) => s.items.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The set as a split file (the drawn budget, reusable with `--labeled`).
+    pub fn split_text(&self) -> String {
+        match self {
+            TaskSet::Classes(s) => s
+                .items
+                .iter()
+                .map(|(p, k)| format!("{},{}\n", p.display(), s.classes[*k]))
+                .collect(),
+            TaskSet::Masks(s) => s.split_text(),
+        }
+    }
+
+    /// A training batch of items `idx`: crops as `view` sees them with their labels.
+    fn batch(
+        &self,
+        view: View,
+        rrc: &crate::data::RandomResizedCrop,
+        seed: u64,
+        epoch: u64,
+        idx: &[usize],
+    ) -> Result<LabeledBatch> {
+        match self {
+            TaskSet::Classes(data) => {
+                let c = crops(data, &[view], rrc, seed, epoch, idx)?;
+                Ok(LabeledBatch {
+                    labels: Labels::Classes(c.kept.iter().map(|&i| data.items[i].1 as u32).collect()),
+                    x: c.views[0].clone(),
+                    skipped: c.skipped,
+                })
+            }
+            TaskSet::Masks(data) => {
+                let (c, masks) = masks::mask_crops(data, &[view], rrc, seed, epoch, idx)?;
+                Ok(LabeledBatch {
+                    labels: Labels::Masks {
+                        masks,
+                        ignore: data.rule.ignore,
+                    },
+                    x: c.views[0].clone(),
+                    skipped: c.skipped,
+                })
+            }
+        }
+    }
 }
 
 /// Everything one stage needs from the run.
@@ -442,7 +644,36 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn classes(&self) -> usize {
-        self.sets.labeled.classes.len()
+        self.sets.labeled.classes().len()
+    }
+
+    fn task(&self) -> TransferTask {
+        self.cfg.task
+    }
+
+    /// The student's architecture for this run's task.
+    fn student_arch(&self) -> Result<(StudentArch, Option<crate::weights::Weights>)> {
+        models::student_arch(
+            &self.cfg.student,
+            self.cfg.image_size,
+            self.task(),
+            self.classes(),
+            self.cfg.decoder_width,
+            &self.opts.device,
+        )
+    }
+
+    fn student_record(&self) -> StudentRecord {
+        StudentRecord {
+            source: self.cfg.student.clone(),
+            task: self.task(),
+            image_size: self.cfg.image_size,
+            classes: self.sets.labeled.classes().to_vec(),
+            decoder_width: match self.task() {
+                TransferTask::Segment => self.cfg.decoder_width,
+                TransferTask::Classify => 0,
+            },
+        }
     }
 
     fn load(&self) -> LoadOptions {
@@ -527,7 +758,7 @@ impl Ctx<'_> {
 
     /// Fine-tune `model` on the labelled set with cross-entropy (crops as `view` says).
     #[allow(clippy::too_many_arguments)]
-    fn fit_labels<M: models::Classifier>(
+    fn fit_labels<M: models::Predictor>(
         &self,
         trainer: &mut Trainer,
         model: StepModel<M>,
@@ -543,7 +774,8 @@ impl Ctx<'_> {
             buffers,
             device: self.opts.device.clone(),
         };
-        let produce = labeled_producer(self.sets.labeled.clone(), view, self.cfg);
+        let (data, rrc, seed) = (self.sets.labeled.clone(), self.cfg.rrc(), self.cfg.seed);
+        let produce = move |epoch, idx: &[usize]| data.batch(view, &rrc, seed, epoch, idx);
         self.train(
             trainer,
             &mut objective,
@@ -555,31 +787,44 @@ impl Ctx<'_> {
         )
     }
 
-    /// Score a classifier on every evaluation split, drawing confusion matrices into `dir`.
+    /// Score a model on every evaluation split (classifiers also get confusion matrices drawn
+    /// into `dir`).
     fn evaluate(
         &self,
-        model: &dyn models::Classifier,
+        model: &dyn models::Predictor,
         view: View,
         dir: &Path,
         title: &str,
-    ) -> Result<Vec<(String, ClassEval)>> {
+    ) -> Result<Vec<(String, Scores)>> {
         let mut out = Vec::new();
         for (split, set) in &self.sets.evals {
-            let e = evaluate(
-                model,
-                set,
-                view,
-                self.cfg.eval_crop_pct,
-                self.cfg.batch_size,
-                &self.load(),
-            )?;
-            eval::confusion_png(
-                &e.confusion,
-                &set.classes,
-                &format!("{title}: {split}, top-1 {:.1} %", 100.0 * e.top1),
-                &dir.join(format!("confusion-{split}.png")),
-            )?;
-            out.push((split.clone(), e));
+            let scores = match set {
+                TaskSet::Classes(set) => {
+                    let e = eval::evaluate(
+                        model,
+                        set,
+                        view,
+                        self.cfg.eval_crop_pct,
+                        self.cfg.batch_size,
+                        &self.load(),
+                    )?;
+                    eval::confusion_png(
+                        &e.confusion,
+                        &set.classes,
+                        &format!("{title}: {split}, top-1 {:.1} %", 100.0 * e.top1),
+                        &dir.join(format!("confusion-{split}.png")),
+                    )?;
+                    Scores::Classify(e)
+                }
+                TaskSet::Masks(set) => Scores::Segment(eval::evaluate_masks(
+                    model,
+                    set,
+                    view,
+                    self.cfg.batch_size,
+                    &self.load(),
+                )?),
+            };
+            out.push((split.clone(), scores));
         }
         Ok(out)
     }
@@ -608,22 +853,6 @@ fn open_run(dir: &Path, opts: &RunOptions) -> Result<RunFolder> {
     RunFolder::open(dir, resume, &opts.device)
 }
 
-fn labeled_producer(
-    data: Arc<Labeled>,
-    view: View,
-    cfg: &TransferConfig,
-) -> impl Fn(u64, &[usize]) -> Result<LabeledBatch> + Send + 'static {
-    let (rrc, seed) = (cfg.rrc(), cfg.seed);
-    move |epoch, idx| {
-        let c = crops(&*data, &[view], &rrc, seed, epoch, idx)?;
-        Ok(LabeledBatch {
-            labels: c.kept.iter().map(|&i| data.items[i].1 as u32).collect(),
-            x: c.views[0].clone(),
-            skipped: c.skipped,
-        })
-    }
-}
-
 fn finish(dir: &Path, rec: StageRecord) -> Result<Outcome> {
     engine::write_json(&dir.join(STAGE_RECORD), &rec)?;
     Ok(Outcome::Done(rec))
@@ -644,7 +873,7 @@ fn record(mode: Mode, stage: Stage, model: &str, s: &RunSummary, t0: Instant) ->
 
 /// A student as each training step sees it, over its parameter and buffer stores.
 fn student_model(
-    spec: Box<dyn crate::models::backbone::BackboneSpec>,
+    arch: StudentArch,
     params: &VarMap,
     buffers: &VarMap,
     run: &RunFolder,
@@ -655,7 +884,7 @@ fn student_model(
         Some(buffers),
         opts.precision,
         &run.paths.checkpoint(),
-        move |w, st| StudentNet::build(&*spec, w, st),
+        move |w, st| StudentNet::build(&arch, w, st),
     )
 }
 
@@ -667,6 +896,7 @@ fn teacher_stage(ctx: &Ctx, dir: &Path) -> Result<Outcome> {
     let k = ctx.classes();
     let parts = models::teacher_parts(
         &cfg.teacher,
+        ctx.task(),
         cfg.pool,
         k,
         cfg.freeze_teacher,
@@ -675,8 +905,13 @@ fn teacher_stage(ctx: &Ctx, dir: &Path) -> Result<Outcome> {
     )?;
     let rec = TeacherRecord {
         source: cfg.teacher.clone(),
+        task: ctx.task(),
         pool: parts.pool,
-        classes: ctx.sets.labeled.classes.clone(),
+        blocks: match &parts.head {
+            models::HeadSpec::Seg { blocks, .. } => blocks.clone(),
+            models::HeadSpec::Linear { .. } => Vec::new(),
+        },
+        classes: ctx.sets.labeled.classes().to_vec(),
         image_size: cfg.teacher_size(),
         frozen: cfg.freeze_teacher,
     };
@@ -685,7 +920,7 @@ fn teacher_stage(ctx: &Ctx, dir: &Path) -> Result<Outcome> {
         mean: parts.mean,
         std: parts.std,
     };
-    let plan = ctx.plan(ctx.sets.labeled.items.len());
+    let plan = ctx.plan(ctx.sets.labeled.len());
     let schedule = ctx.schedule(&plan, cfg.teacher_lr, cfg.teacher_epochs);
     let buffers = VarMap::new();
     let mut trainer = ctx.trainer(&run, &parts.params, &buffers)?;
@@ -693,18 +928,18 @@ fn teacher_stage(ctx: &Ctx, dir: &Path) -> Result<Outcome> {
         let (depth, decay) = (parts.depth, cfg.layer_decay);
         trainer.set_lr_scales(|n| models::layer_decay_scale(n, depth, decay));
     }
-    let (files, frozen, pool, dim) = (
+    let (files, frozen, pool, head) = (
         parts.files.clone(),
         parts.frozen.clone(),
         parts.pool,
-        parts.feature_dim,
+        parts.head.clone(),
     );
     let model = StepModel::new(
         &parts.params,
         None,
         opts.precision,
         &run.paths.checkpoint(),
-        move |w, _| models::build_teacher(&files, frozen.as_ref(), pool, dim, k, w),
+        move |w, _| models::build_teacher(&files, frozen.as_ref(), pool, &head, k, w),
     )?;
     let summary = ctx.fit_labels(
         &mut trainer,
@@ -763,22 +998,32 @@ fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
             Target::Features(cfg.feature_loss),
         ),
     };
-    let k = ctx.classes();
     let run = open_run(dir, opts)?;
-    let (spec, _) = models::student_spec(&cfg.student, cfg.image_size, k, &opts.device)?;
-    let (_, _, probe) =
-        engine::random_backbone(&*spec, cfg.seed, &opts.device, candle_core::DType::F32)?;
+    let (arch, _) = ctx.student_arch()?;
+    let (_, _, probe) = engine::random_backbone(
+        &*arch.backbone,
+        cfg.seed,
+        &opts.device,
+        candle_core::DType::F32,
+    )?;
     let probe = StudentNet {
         net: probe,
+        seg: None,
         proj: None,
     };
     let sview = probe.view(cfg.image_size);
     let extra = match target {
         Target::Features(_) => {
-            let (s, t) = (
-                models::pooled_dim(&probe, cfg.image_size)?,
-                teacher.pool.dim(&*teacher.encoder),
-            );
+            let (s, t) = match ctx.task() {
+                TransferTask::Classify => (
+                    models::feature_dim(&probe, cfg.image_size)?,
+                    teacher.pool.dim(&*teacher.encoder),
+                ),
+                TransferTask::Segment => (
+                    probe.net.feature_info().last().map_or(0, |f| f.channels),
+                    teacher.encoder.info().out_channels,
+                ),
+            };
             vec![
                 (
                     "proj.weight".to_string(),
@@ -796,12 +1041,8 @@ fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
     };
     drop(probe);
     let (params, buffers) =
-        models::student_params(&*spec, None, false, extra, cfg.seed, &opts.device)?;
-    let rec = StudentRecord {
-        source: cfg.student.clone(),
-        image_size: cfg.image_size,
-        classes: ctx.sets.labeled.classes.clone(),
-    };
+        models::student_params(&arch, None, false, extra, cfg.seed, &opts.device)?;
+    let rec = ctx.student_record();
     let tview = teacher.view(cfg.teacher_size());
     let plan = DataPlan {
         variants: cfg.crop_variants,
@@ -811,6 +1052,12 @@ fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
     let (cache, cache_passes) = match target {
         Target::Predictions(_) if cfg.cache_teacher => {
             let tdir = ctx.stage_dir(Mode::TaskOriented, Stage::Teacher);
+            // the teacher's logits of one image, from a forward of one blank input
+            let size = cfg.teacher_size();
+            let load = ctx.load();
+            let blank =
+                candle_core::Tensor::zeros((1, 3, size, size), load.dtype, &load.device)?;
+            let shape = models::Predictor::logits(&teacher, &blank, false)?.dims()[1..].to_vec();
             let manifest = cache::LogitManifest {
                 teacher_bytes: std::fs::metadata(tdir.join(models::TEACHER_WEIGHTS))
                     .map_err(|e| Error::io(tdir.join(models::TEACHER_WEIGHTS), e))?
@@ -818,11 +1065,11 @@ fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
                 teacher: tdir,
                 transfer: transfer_path.clone(),
                 images: data.len(),
-                classes: k,
+                shape,
                 variants: cfg.crop_variants,
                 seed: cfg.seed,
-                teacher_size: cfg.teacher_size(),
-                min_crop_scale: cfg.min_crop_scale,
+                teacher_size: size,
+                min_crop_scale: cfg.crop_scale(),
             };
             let (c, passes) = cache::LogitCache::build(
                 &ctx.out.join("teacher-logits"),
@@ -841,7 +1088,7 @@ fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
     };
     let schedule = ctx.schedule(&plan, cfg.distill_lr, cfg.distill_epochs);
     let mut trainer = ctx.trainer(&run, &params, &buffers)?;
-    let student = student_model(spec, &params, &buffers, &run, opts)?;
+    let student = student_model(arch, &params, &buffers, &run, opts)?;
     let mut objective = Distill {
         student,
         buffers: buffers.clone(),
@@ -910,8 +1157,7 @@ fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
 fn finetune_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
     let (cfg, opts) = (ctx.cfg, ctx.opts);
     let t0 = Instant::now();
-    let k = ctx.classes();
-    let (spec, own) = models::student_spec(&cfg.student, cfg.image_size, k, &opts.device)?;
+    let (arch, own) = ctx.student_arch()?;
     // Where the student starts, and whether its classifier comes along (a distilled
     // task-oriented student's classifier already predicts the task's classes).
     let (init, keep_head): (Option<crate::weights::Weights>, bool) = match mode {
@@ -946,22 +1192,18 @@ fn finetune_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
     };
     let run = open_run(dir, opts)?;
     let (params, buffers) = models::student_params(
-        &*spec,
+        &arch,
         init.as_ref(),
         keep_head,
         Vec::new(),
         cfg.seed,
         &opts.device,
     )?;
-    let rec = StudentRecord {
-        source: cfg.student.clone(),
-        image_size: cfg.image_size,
-        classes: ctx.sets.labeled.classes.clone(),
-    };
-    let plan = ctx.plan(ctx.sets.labeled.items.len());
+    let rec = ctx.student_record();
+    let plan = ctx.plan(ctx.sets.labeled.len());
     let schedule = ctx.schedule(&plan, cfg.finetune_lr, cfg.finetune_epochs);
     let mut trainer = ctx.trainer(&run, &params, &buffers)?;
-    let model = student_model(spec, &params, &buffers, &run, opts)?;
+    let model = student_model(arch, &params, &buffers, &run, opts)?;
     let view = model.model().view(cfg.image_size);
     let summary = ctx.fit_labels(
         &mut trainer,
@@ -1005,25 +1247,16 @@ pub fn run(
 ) -> Result<Report> {
     cfg.validate()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let root = cfg.images_root.as_deref();
-    let labeled = Labeled::open(&cfg.labeled, root, None)?.budget(cfg.labels_per_class, cfg.seed);
+    let labeled = TaskSet::open(cfg, &cfg.labeled, None)?;
     let mut evals = vec![(
         "test".to_string(),
-        Labeled::open(&cfg.test, root, Some(&labeled.classes))?,
+        TaskSet::open(cfg, &cfg.test, Some(&labeled))?,
     )];
     if let Some(v) = &cfg.val {
-        evals.push((
-            "val".to_string(),
-            Labeled::open(v, root, Some(&labeled.classes))?,
-        ));
+        evals.push(("val".to_string(), TaskSet::open(cfg, v, Some(&labeled))?));
     }
     // The drawn budget, as a split file anyone can reuse.
-    let split: String = labeled
-        .items
-        .iter()
-        .map(|(p, k)| format!("{},{}\n", p.display(), labeled.classes[*k]))
-        .collect();
-    crate::atomic::write_bytes(&out.join("labeled.txt"), split.as_bytes())?;
+    crate::atomic::write_bytes(&out.join("labeled.txt"), labeled.split_text().as_bytes())?;
     let sets = Sets {
         labeled: Arc::new(labeled),
         evals,
@@ -1037,6 +1270,9 @@ pub fn run(
     let mut modes = cfg.modes.clone();
     modes.dedup();
     let mut report = Report::default();
+    if cfg.task == TransferTask::Segment {
+        report.classes = sets.labeled.classes().to_vec();
+    }
     let mut teacher_done: Option<StageRecord> = None;
     'modes: for &mode in &modes {
         for &stage in stages_of(mode) {

@@ -1,8 +1,11 @@
-//! The models of task-oriented transfer: a foundation model with a linear task head on its
-//! pooled tokens (the teacher), and a student backbone from the registry (or a timm folder)
-//! with its classifier, plus the projection head task-agnostic distillation trains.
+//! The models of task-oriented transfer: a foundation model with a task head (the teacher: a
+//! linear classifier on its pooled tokens, or the multi-level segmentation head of
+//! [`super::heads`]), and a student backbone from the registry (or a timm folder) with its
+//! classifier or segmentation decoder, plus the projection head task-agnostic distillation
+//! trains.
 
 use super::data::View;
+use super::heads::{self, LevelHead, SegDecoder, SegDecoderSpec};
 use crate::error::{Error, Result};
 use crate::models::backbone::{self, Backbone, BackboneSpec};
 use crate::models::layers::{linear, Linear};
@@ -16,6 +19,17 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// The task transferred.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransferTask {
+    /// image classification: logits `[B, K]`
+    #[default]
+    Classify,
+    /// semantic segmentation: logits `[B, K, h, w]`
+    Segment,
+}
 
 /// Which tokens of the foundation model's final output the task head reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -87,17 +101,26 @@ pub fn pooled_tokens(out: &EncoderOutput, pool: Pool) -> Result<Tensor> {
     })
 }
 
-/// A model that classifies images.
-pub trait Classifier: Send + Sync {
-    /// Logits `[B, K]` of normalised pixels; `train` lets BatchNorm use batch statistics.
+/// A model that predicts the task: class logits `[B, K]` per image, or `[B, K, h, w]` per
+/// location for segmentation (at the model's own output grid).
+pub trait Predictor: Send + Sync {
+    /// Logits of normalised pixels; `train` lets BatchNorm use batch statistics.
     fn logits(&self, x: &Tensor, train: bool) -> Result<Tensor>;
 }
 
-/// A foundation model with (optionally) a linear task head on its pooled tokens.
+/// A teacher's task head.
+pub enum TeacherHead {
+    /// linear classifier on the pooled tokens
+    Linear(Linear),
+    /// segmentation head on the last blocks' patch tokens
+    Seg(LevelHead),
+}
+
+/// A foundation model with (optionally) a task head.
 pub struct TeacherNet {
     pub encoder: Arc<dyn VisionEncoder>,
     pub pool: Pool,
-    pub head: Option<Linear>,
+    pub head: Option<TeacherHead>,
 }
 
 impl TeacherNet {
@@ -118,15 +141,23 @@ impl TeacherNet {
             .forward_features(x, &FeatureRequest::last_only())?;
         pooled_tokens(&out, self.pool)
     }
+
+    /// Final patch features `[B, C, h, w]` (task-agnostic distillation for segmentation).
+    pub fn feature_map(&self, x: &Tensor) -> Result<Tensor> {
+        let out = self
+            .encoder
+            .forward_features(x, &FeatureRequest::last_only())?;
+        heads::final_map(&out)
+    }
 }
 
-impl Classifier for TeacherNet {
+impl Predictor for TeacherNet {
     fn logits(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        let head = self
-            .head
-            .as_ref()
-            .ok_or_else(|| Error::Invalid("teacher has no task head".into()))?;
-        head.forward(&self.features(x)?)
+        match &self.head {
+            Some(TeacherHead::Linear(l)) => l.forward(&self.features(x)?),
+            Some(TeacherHead::Seg(h)) => h.logits(&*self.encoder, x),
+            None => Err(Error::Invalid("teacher has no task head".into())),
+        }
     }
 }
 
@@ -135,12 +166,63 @@ impl Classifier for TeacherNet {
 pub struct TeacherRecord {
     /// the foundation model's folder or hub id (its config and preprocessing are read there)
     pub source: String,
+    #[serde(default)]
+    pub task: TransferTask,
     pub pool: Pool,
+    /// the blocks a segmentation head reads
+    #[serde(default)]
+    pub blocks: Vec<usize>,
     pub classes: Vec<String>,
     pub image_size: usize,
     /// the backbone was frozen (linear probe): `teacher.safetensors` holds only the head and
     /// the backbone is the source's
     pub frozen: bool,
+}
+
+/// What a teacher's head is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HeadSpec {
+    /// linear classifier on `dim` pooled features
+    Linear { dim: usize },
+    /// segmentation head on `blocks` of `width` channels
+    Seg { blocks: Vec<usize>, width: usize },
+}
+
+impl HeadSpec {
+    /// The head a task needs on `enc` (pooled as `pool`).
+    pub fn for_task(task: TransferTask, enc: &dyn VisionEncoder, pool: Pool) -> Self {
+        match task {
+            TransferTask::Classify => HeadSpec::Linear {
+                dim: pool.dim(enc),
+            },
+            TransferTask::Segment => HeadSpec::Seg {
+                blocks: heads::head_blocks(enc.info().depth),
+                width: enc.info().width,
+            },
+        }
+    }
+
+    /// Its parameters (under `head.`) for `classes` classes.
+    pub fn parameters(&self, classes: usize) -> Vec<(String, Vec<usize>, Init)> {
+        match self {
+            HeadSpec::Linear { dim } => vec![
+                ("head.weight".into(), vec![classes, *dim], Init::Normal(0.01)),
+                ("head.bias".into(), vec![classes], Init::Zeros),
+            ],
+            HeadSpec::Seg { blocks, width } => {
+                heads::level_head_params("head", blocks.len(), *width, classes)
+            }
+        }
+    }
+
+    fn build(&self, w: &Weights, classes: usize) -> Result<TeacherHead> {
+        Ok(match self {
+            HeadSpec::Linear { dim } => TeacherHead::Linear(linear(w, *dim, classes, true)?),
+            HeadSpec::Seg { blocks, width } => {
+                TeacherHead::Seg(LevelHead::load(w, blocks.clone(), *width, classes)?)
+            }
+        })
+    }
 }
 
 pub const TEACHER_WEIGHTS: &str = "teacher.safetensors";
@@ -152,7 +234,7 @@ pub struct TeacherParts {
     /// the encoder over the source's weights (frozen teachers train only the head)
     pub frozen: Option<Arc<dyn VisionEncoder>>,
     pub pool: Pool,
-    pub feature_dim: usize,
+    pub head: HeadSpec,
     /// trainable parameters: `encoder.*` (the checkpoint's names; not when frozen) and `head.*`
     pub params: VarMap,
     /// the encoder's depth (layer-wise lr decay)
@@ -163,9 +245,10 @@ pub struct TeacherParts {
 }
 
 /// The parameters of a teacher to fine-tune: every tensor its encoder reads (under
-/// `encoder.`, in f32) unless `freeze`, and a fresh `classes`-way head (normal, std 0.01).
+/// `encoder.`, in f32) unless `freeze`, and a fresh `classes`-way head for `task`.
 pub fn teacher_parts(
     source: &str,
+    task: TransferTask,
     pool: Option<Pool>,
     classes: usize,
     freeze: bool,
@@ -176,7 +259,7 @@ pub fn teacher_parts(
     let w = files.open_weights(DType::F32, device)?;
     let enc: Arc<dyn VisionEncoder> = Arc::from(models::build(&files, &w)?);
     let pool = pool.unwrap_or_else(|| Pool::default_for(&*enc));
-    let dim = pool.dim(&*enc);
+    let head = HeadSpec::for_task(task, &*enc, pool);
     let mut list = Vec::new();
     let mut given = HashMap::new();
     if !freeze {
@@ -187,8 +270,7 @@ pub fn teacher_parts(
             given.insert(name, t);
         }
     }
-    list.push(("head.weight".into(), vec![classes, dim], Init::Normal(0.01)));
-    list.push(("head.bias".into(), vec![classes], Init::Zeros));
+    list.extend(head.parameters(classes));
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
     let params = engine::init_params(list, given, &mut rng, device, &files.weights_display)?;
     let pre = &enc.info().preprocess;
@@ -199,7 +281,7 @@ pub fn teacher_parts(
         frozen: freeze.then_some(enc),
         files,
         pool,
-        feature_dim: dim,
+        head,
         params,
     })
 }
@@ -210,7 +292,7 @@ pub fn build_teacher(
     files: &ModelFiles,
     frozen: Option<&Arc<dyn VisionEncoder>>,
     pool: Pool,
-    dim: usize,
+    head: &HeadSpec,
     classes: usize,
     w: &Weights,
 ) -> Result<TeacherNet> {
@@ -221,7 +303,7 @@ pub fn build_teacher(
     Ok(TeacherNet {
         encoder,
         pool,
-        head: Some(linear(&w.pp("head"), dim, classes, true)?),
+        head: Some(head.build(&w.pp("head"), classes)?),
     })
 }
 
@@ -262,12 +344,20 @@ pub fn load_teacher(dir: &Path, opts: &LoadOptions) -> Result<(TeacherRecord, Te
     } else {
         None
     };
-    let dim = w.shape_of("head.weight").map_or(0, |s| s[1]);
+    let head = match rec.task {
+        TransferTask::Classify => HeadSpec::Linear {
+            dim: w.shape_of("head.weight").map_or(0, |s| s[1]),
+        },
+        TransferTask::Segment => HeadSpec::Seg {
+            blocks: rec.blocks.clone(),
+            width: w.shape_of("head.norms.0.weight").map_or(0, |s| s[0]),
+        },
+    };
     let net = build_teacher(
         &files,
         frozen.as_ref(),
         rec.pool,
-        dim,
+        &head,
         rec.classes.len(),
         &w,
     )?;
@@ -289,90 +379,153 @@ pub fn frozen_teacher(source: &str, pool: Option<Pool>, opts: &LoadOptions) -> R
 pub struct StudentRecord {
     /// registered name (`mobilevitv2_100`, `resnet18`, `vit-s16`) or timm folder / hub id
     pub source: String,
+    #[serde(default)]
+    pub task: TransferTask,
     pub image_size: usize,
     pub classes: Vec<String>,
+    /// the segmentation decoder's width
+    #[serde(default)]
+    pub decoder_width: usize,
 }
 
 pub const STUDENT_WEIGHTS: &str = "student.safetensors";
 pub const STUDENT_SPEC: &str = "student.json";
 
-/// The student's spec with a `classes`-way classifier, and the source's weights when it is a
-/// timm folder or hub id (a registered name has none).
-pub fn student_spec(
-    source: &str,
-    image_size: usize,
-    classes: usize,
-    device: &Device,
-) -> Result<(Box<dyn BackboneSpec>, Option<Weights>)> {
-    if let Some(s) = backbone::spec(source, (image_size, image_size)) {
-        return Ok((s.with_classes(classes)?, None));
+/// A student's architecture: the backbone (with its classifier for classification) and, for
+/// segmentation, the decoder on its pyramid.
+pub struct StudentArch {
+    pub backbone: Box<dyn BackboneSpec>,
+    pub decoder: Option<SegDecoderSpec>,
+}
+
+impl StudentArch {
+    /// Every parameter: the backbone's, then the decoder's.
+    pub fn parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
+        let mut p = self.backbone.parameters();
+        if let Some(d) = &self.decoder {
+            p.extend(d.parameters());
+        }
+        p
     }
-    let opts = LoadOptions {
-        dtype: DType::F32,
-        device: device.clone(),
-    };
-    match backbone::read_folder(source, &opts)? {
-        Some((s, w)) => Ok((s.with_classes(classes)?, Some(w))),
-        None => Err(Error::Invalid(format!(
-            "student {source:?} is neither a registered name ({}) nor a timm folder of a registered family",
-            backbone::names().join(", ")
-        ))),
+
+    pub fn buffers(&self) -> Vec<(String, Vec<usize>, Init)> {
+        let mut b = self.backbone.buffers();
+        if let Some(d) = &self.decoder {
+            b.extend(d.buffers());
+        }
+        b
+    }
+
+    /// The parameters that carry over from a checkpoint without the task head (the classifier
+    /// or the decoder).
+    fn body_parameters(&self) -> Result<Vec<(String, Vec<usize>, Init)>> {
+        Ok(match self.decoder {
+            Some(_) => self.backbone.parameters(),
+            None => self.backbone.with_classes(0)?.parameters(),
+        })
     }
 }
 
-/// A student's parameters and buffers: from `init` weights where given (the classifier too
+/// The student `source` (a registered name, or a timm folder / hub id whose weights come
+/// along) built for `task` with `classes` classes: a fresh classifier, or a segmentation
+/// decoder `decoder_width` wide on its pyramid.
+pub fn student_arch(
+    source: &str,
+    image_size: usize,
+    task: TransferTask,
+    classes: usize,
+    decoder_width: usize,
+    device: &Device,
+) -> Result<(StudentArch, Option<Weights>)> {
+    let (spec, own) = match backbone::spec(source, (image_size, image_size)) {
+        Some(s) => (s, None),
+        None => {
+            let opts = LoadOptions {
+                dtype: DType::F32,
+                device: device.clone(),
+            };
+            match backbone::read_folder(source, &opts)? {
+                Some((s, w)) => (s, Some(w)),
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "student {source:?} is neither a registered name ({}) nor a timm folder of a registered family",
+                        backbone::names().join(", ")
+                    )))
+                }
+            }
+        }
+    };
+    let arch = match task {
+        TransferTask::Classify => StudentArch {
+            backbone: spec.with_classes(classes)?,
+            decoder: None,
+        },
+        TransferTask::Segment => {
+            let backbone = spec.with_classes(0)?;
+            // the pyramid's shape, from a throwaway build
+            let (_, _, probe) = engine::random_backbone(&*backbone, 0, device, DType::F32)?;
+            let info = probe.feature_info();
+            StudentArch {
+                backbone,
+                decoder: Some(SegDecoderSpec::new(&info, decoder_width, classes)),
+            }
+        }
+    };
+    Ok((arch, own))
+}
+
+/// A student's parameters and buffers: from `init` weights where given (the task head too
 /// when `keep_head`, else fresh and sized for the task), else drawn from `seed`. `extra` lists
 /// training-only parameters (the projection head), always fresh.
 pub fn student_params(
-    spec: &dyn BackboneSpec,
+    arch: &StudentArch,
     init: Option<&Weights>,
     keep_head: bool,
     extra: Vec<(String, Vec<usize>, Init)>,
     seed: u64,
     device: &Device,
 ) -> Result<(VarMap, VarMap)> {
-    let source = PathBuf::from(spec.arch_name());
-    let taken: Vec<String> = if keep_head {
-        spec.parameters()
+    let source = PathBuf::from(arch.backbone.arch_name());
+    let (taken, taken_buffers) = if keep_head {
+        (arch.parameters(), arch.buffers())
     } else {
-        spec.with_classes(0)?.parameters()
-    }
-    .into_iter()
-    .map(|p| p.0)
-    .collect();
+        (arch.body_parameters()?, arch.backbone.buffers())
+    };
     let mut given = HashMap::new();
     let mut given_buffers = HashMap::new();
     if let Some(w) = init {
-        for name in &taken {
-            given.insert(name.clone(), w.get_any(name)?);
+        for (name, _, _) in taken {
+            given.insert(name.clone(), w.get_any(&name)?);
         }
-        for (name, _, _) in spec.buffers() {
+        for (name, _, _) in taken_buffers {
             given_buffers.insert(name.clone(), w.get_any(&name)?);
         }
     }
-    let mut list = spec.parameters();
+    let mut list = arch.parameters();
     list.extend(extra);
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
     let params = engine::init_params(list, given, &mut rng, device, &source)?;
-    let buffers = engine::init_params(spec.buffers(), given_buffers, &mut rng, device, &source)?;
+    let buffers = engine::init_params(arch.buffers(), given_buffers, &mut rng, device, &source)?;
     Ok((params, buffers))
 }
 
-/// A student backbone with its classifier, and the projection head onto a teacher's features
-/// while task-agnostic distillation trains it.
+/// A student backbone with its classifier or segmentation decoder, and the projection head
+/// onto a teacher's features while task-agnostic distillation trains it.
 pub struct StudentNet {
     pub net: Box<dyn Backbone>,
+    pub seg: Option<SegDecoder>,
     pub proj: Option<Linear>,
 }
 
 impl StudentNet {
-    pub fn build(spec: &dyn BackboneSpec, w: &Weights, state: &Weights) -> Result<Self> {
+    pub fn build(arch: &StudentArch, w: &Weights, state: &Weights) -> Result<Self> {
         let proj = match w.shape_of("proj.weight") {
             Some(s) => Some(linear(&w.pp("proj"), s[1], s[0], true)?),
             None => None,
         };
         Ok(Self {
-            net: spec.build(w, state)?,
+            net: arch.backbone.build(w, state)?,
+            seg: arch.decoder.as_ref().map(|d| d.build(w, state)).transpose()?,
             proj,
         })
     }
@@ -387,36 +540,63 @@ impl StudentNet {
         }
     }
 
-    /// Pooled image features `[B, F]` (timm's `pre_logits`).
-    pub fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let last = self
-            .net
+    fn last_level(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.net
             .forward_intermediates(x, train)?
             .pop()
-            .ok_or_else(|| Error::Invalid("student backbone without levels".into()))?;
+            .ok_or_else(|| Error::Invalid("student backbone without levels".into()))
+    }
+
+    /// Pooled image features `[B, F]` (timm's `pre_logits`).
+    pub fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let last = self.last_level(x, train)?;
         self.net.pool(&last, train)
+    }
+
+    fn proj(&self) -> Result<&Linear> {
+        self.proj
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("student has no projection head".into()))
     }
 
     /// Pooled features through the projection head.
     pub fn projected(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let f = self.features(x, train)?;
-        match &self.proj {
-            Some(p) => p.forward(&f),
-            None => Err(Error::Invalid("student has no projection head".into())),
-        }
+        self.proj()?.forward(&self.features(x, train)?)
+    }
+
+    /// The last level's feature map through the projection head (per location), `[B, C, h, w]`.
+    pub fn projected_map(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let last = self.last_level(x, train)?.permute((0, 2, 3, 1))?;
+        Ok(self
+            .proj()?
+            .forward(&last)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?)
     }
 }
 
-impl Classifier for StudentNet {
+impl Predictor for StudentNet {
     fn logits(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(seg) = &self.seg {
+            return seg.forward(&self.net.forward_intermediates(x, train)?, train);
+        }
         self.net
             .classify(&self.features(x, train)?)?
             .ok_or_else(|| Error::Invalid("student has no classifier".into()))
     }
 }
 
-/// Width of a student's pooled features (one forward of a small input).
-pub fn pooled_dim(net: &StudentNet, size: usize) -> Result<usize> {
+/// Width of the student's features the projection head reads: pooled (one forward of a small
+/// input), or the last level's channels for segmentation.
+pub fn feature_dim(net: &StudentNet, size: usize) -> Result<usize> {
+    if net.seg.is_some() {
+        return net
+            .net
+            .feature_info()
+            .last()
+            .map(|f| f.channels)
+            .ok_or_else(|| Error::Invalid("student backbone without levels".into()));
+    }
     let x = Tensor::zeros((1, 3, size, size), DType::F32, net.net.device())?;
     Ok(net.features(&x, false)?.dim(1)?)
 }
@@ -446,9 +626,16 @@ pub fn export_student(
 /// Read a trained student from its stage folder.
 pub fn load_student(dir: &Path, opts: &LoadOptions) -> Result<(StudentRecord, StudentNet)> {
     let rec: StudentRecord = engine::read_json(&dir.join(STUDENT_SPEC))?;
-    let (spec, _) = student_spec(&rec.source, rec.image_size, rec.classes.len(), &opts.device)?;
+    let (arch, _) = student_arch(
+        &rec.source,
+        rec.image_size,
+        rec.task,
+        rec.classes.len(),
+        rec.decoder_width,
+        &opts.device,
+    )?;
     let w = Weights::open_file_as(&dir.join(STUDENT_WEIGHTS), opts.dtype, &opts.device)?;
-    let net = StudentNet::build(&*spec, &w, &w)?;
+    let net = StudentNet::build(&arch, &w, &w)?;
     Ok((rec, net))
 }
 

@@ -1,9 +1,13 @@
 //! What each transfer stage minimises: cross-entropy on labels (teacher and student
-//! fine-tuning), the temperature-scaled KL divergence from the fine-tuned teacher's predictions
-//! (task-oriented distillation), and a cosine or contrastive loss between the student's
-//! projected features and the frozen teacher's (task-agnostic distillation).
+//! fine-tuning; per pixel with an ignore value for segmentation, the logits resized bilinearly
+//! to the mask), the temperature-scaled KL divergence from the fine-tuned teacher's predictions
+//! (task-oriented distillation; for segmentation the teacher's logits are resized bilinearly to
+//! the student's logit grid and the KL is averaged over its pixels), and a cosine or
+//! contrastive loss between the student's projected features and the frozen teacher's
+//! (task-agnostic distillation; for segmentation per patch, the student's map resized to the
+//! teacher's patch grid).
 
-use super::models::{Classifier, StudentNet, TeacherNet};
+use super::models::{Predictor, StudentNet, TeacherNet};
 use crate::error::{Error, Result};
 use crate::train::engine::{vars_of, Objective, StepLoss, StepModel};
 use candle_core::{DType, Device, Tensor, D};
@@ -26,6 +30,67 @@ pub fn cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
     let logp = log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let idx = Tensor::new(labels, logits.device())?.unsqueeze(1)?;
     Ok(logp.gather(&idx, 1)?.mean_all()?.neg()?)
+}
+
+/// Mean per-pixel cross-entropy of logits `[B, K, h, w]` against class maps `[B, H, W]` (u32):
+/// the logits are resized bilinearly to (H, W) (mmseg's `resize` before the loss), pixels
+/// labelled `ignore` are left out; 0 when every pixel is ignored.
+pub fn pixel_cross_entropy(logits: &Tensor, labels: &Tensor, ignore: u32) -> Result<Tensor> {
+    let (b, k, _, _) = logits.dims4()?;
+    let (lb, h, w) = labels.dims3()?;
+    if lb != b {
+        return Err(Error::Invalid(format!("{lb} masks for a batch of {b}")));
+    }
+    let raw = labels.flatten_all()?.to_vec1::<u32>()?;
+    if let Some(&bad) = raw.iter().find(|&&l| l != ignore && l as usize >= k) {
+        return Err(Error::Invalid(format!("label {bad} outside {k} classes")));
+    }
+    let valid: Vec<f32> = raw.iter().map(|&l| (l != ignore) as u32 as f32).collect();
+    let safe: Vec<u32> = raw.iter().map(|&l| if l == ignore { 0 } else { l }).collect();
+    let n = valid.iter().sum::<f32>().max(1.0) as f64;
+    let dev = logits.device();
+    let up = crate::interp::resize_bilinear(&logits.to_dtype(DType::F32)?, (h, w))?;
+    let logp = log_softmax(&up, 1)?;
+    let idx = Tensor::from_vec(safe, (b, 1, h, w), dev)?;
+    let mask = Tensor::from_vec(valid, (b, 1, h, w), dev)?;
+    Ok(((logp.gather(&idx, 1)? * mask)?.sum_all()? / -n)?)
+}
+
+/// The supervision of a labelled batch.
+pub enum Labels {
+    /// a class per image
+    Classes(Vec<u32>),
+    /// a class map `[B, H, W]` (u32) per image, with its ignore value
+    Masks { masks: Tensor, ignore: u32 },
+}
+
+impl Labels {
+    pub fn len(&self) -> Result<usize> {
+        Ok(match self {
+            Labels::Classes(c) => c.len(),
+            Labels::Masks { masks, .. } => masks.dim(0)?,
+        })
+    }
+
+    /// The cross-entropy of `logits` (`[B, K]` or `[B, K, h, w]`) against these labels.
+    pub fn loss(&self, logits: &Tensor) -> Result<Tensor> {
+        match self {
+            Labels::Classes(c) => cross_entropy(logits, c),
+            Labels::Masks { masks, ignore } => {
+                pixel_cross_entropy(logits, &masks.to_device(logits.device())?, *ignore)
+            }
+        }
+    }
+}
+
+/// Teacher logits on the student's output grid: `[B, K, h, w]` maps resized bilinearly where
+/// the grids differ (class logits `[B, K]` pass as they are).
+pub fn on_student_grid(teacher: &Tensor, student: &Tensor) -> Result<Tensor> {
+    if teacher.rank() == 4 && student.rank() == 4 {
+        let (_, _, h, w) = student.dims4()?;
+        return crate::interp::resize_bilinear(&teacher.to_dtype(DType::F32)?, (h, w));
+    }
+    Ok(teacher.clone())
 }
 
 /// Knowledge distillation (Hinton et al.): `T^2 * KL(softmax(t / T) || softmax(s / T))`,
@@ -84,10 +149,34 @@ pub fn feature_match_loss(
     }
 }
 
+/// Per-location feature loss of a student map `[B, C, hs, ws]` (projected) against the
+/// teacher's patch features `[B, C, ht, wt]`: the student's map is resized bilinearly to the
+/// teacher's grid; cosine averages `1 - cos` over every location, contrastive is InfoNCE within
+/// each image (each student patch must pick its own location's teacher patch among the
+/// image's), averaged over images.
+pub fn feature_map_loss(student: &Tensor, teacher: &Tensor, kind: FeatureMatch) -> Result<Tensor> {
+    let (b, c, h, w) = teacher.dims4()?;
+    let s = crate::interp::resize_bilinear(&student.to_dtype(DType::F32)?, (h, w))?;
+    let tokens = |x: &Tensor| -> Result<Tensor> {
+        Ok(x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?)
+    };
+    let s = l2_normalize(&tokens(&s)?)?;
+    let t = l2_normalize(&tokens(&teacher.to_dtype(DType::F32)?.detach())?)?;
+    match kind {
+        FeatureMatch::Cosine => Ok((1.0 - (s * t)?.sum(D::Minus1)?.mean_all()?)?),
+        FeatureMatch::Contrastive => {
+            let n = h * w;
+            let sim = (s.matmul(&t.transpose(1, 2)?.contiguous()?)? / CONTRASTIVE_TAU)?;
+            let labels: Vec<u32> = (0..b).flat_map(|_| 0..n as u32).collect();
+            cross_entropy(&sim.reshape((b * n, n))?, &labels)
+        }
+    }
+}
+
 /// A batch of crops with labels.
 pub struct LabeledBatch {
     pub x: Tensor,
-    pub labels: Vec<u32>,
+    pub labels: Labels,
     pub skipped: usize,
 }
 
@@ -115,21 +204,21 @@ fn buffer_tensors(buffers: &VarMap) -> Result<Vec<(String, Tensor)>> {
 }
 
 /// Fine-tuning on labels: cross-entropy of the model's logits.
-pub struct Supervised<M: Classifier> {
+pub struct Supervised<M: Predictor> {
     pub model: StepModel<M>,
     pub buffers: VarMap,
     pub device: Device,
 }
 
-impl<M: Classifier> Objective for Supervised<M> {
+impl<M: Predictor> Objective for Supervised<M> {
     type Batch = LabeledBatch;
     fn loss(&mut self, b: LabeledBatch, _step: u64) -> Result<StepLoss> {
         let x = b.x.to_device(&self.device)?.to_dtype(self.model.dtype())?;
         let logits = self.model.step()?.logits(&x, true)?;
         Ok(StepLoss {
-            loss: cross_entropy(&logits, &b.labels)?,
+            loss: b.labels.loss(&logits)?,
             parts: Vec::new(),
-            images: b.labels.len(),
+            images: b.labels.len()?,
             skipped: b.skipped,
         })
     }
@@ -143,7 +232,8 @@ impl<M: Classifier> Objective for Supervised<M> {
 pub enum Target {
     /// the fine-tuned teacher's predictions, at this temperature
     Predictions(f64),
-    /// the frozen teacher's pooled features, through the student's projection head
+    /// the frozen teacher's features (pooled, or patch maps for segmentation), through the
+    /// student's projection head
     Features(FeatureMatch),
 }
 
@@ -165,13 +255,21 @@ impl Objective for Distill {
         let student = self.student.step()?;
         let pixels =
             |x: &Tensor| -> Result<Tensor> { Ok(x.to_device(&self.device)?.to_dtype(dtype)?) };
+        let dense = student.seg.is_some();
+        let kd = |tl: Tensor, t: f64| -> Result<Tensor> {
+            let sl = student.logits(&xs, true)?;
+            kd_loss(&sl, &on_student_grid(&tl.detach(), &sl)?, t)
+        };
         let loss = match (self.target, &b.teacher) {
             (Target::Predictions(t), TeacherInput::Logits(tl)) => {
-                kd_loss(&student.logits(&xs, true)?, &tl.to_device(&self.device)?, t)?
+                kd(tl.to_device(&self.device)?, t)?
             }
             (Target::Predictions(t), TeacherInput::Pixels(xt)) => {
-                let tl = self.teacher.logits(&pixels(xt)?, false)?.detach();
-                kd_loss(&student.logits(&xs, true)?, &tl, t)?
+                kd(self.teacher.logits(&pixels(xt)?, false)?, t)?
+            }
+            (Target::Features(kind), TeacherInput::Pixels(xt)) if dense => {
+                let tf = self.teacher.feature_map(&pixels(xt)?)?.detach();
+                feature_map_loss(&student.projected_map(&xs, true)?, &tf, kind)?
             }
             (Target::Features(kind), TeacherInput::Pixels(xt)) => {
                 let tf = self.teacher.features(&pixels(xt)?)?.detach();

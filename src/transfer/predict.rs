@@ -1,10 +1,14 @@
 //! Predictions of a transfer model — a fine-tuned teacher (`teacher/`) or a student stage
-//! folder (`<mode>/finetune/`) — on a folder of images: the top-k classes with probabilities
-//! per image (`predictions.json`) and a contact sheet of thumbnails with their labels
-//! (`index.html`).
+//! folder (`<mode>/finetune/`) — on a folder of images. Classifiers: the top-k classes with
+//! probabilities per image (`predictions.json`) and a contact sheet of thumbnails with their
+//! labels (`index.html`). Segmenters: per image a class map at the image's resolution as a
+//! palette PNG (`<name>.mask.png`, pixel value = class index, VOC colours) and an overlay
+//! (`<name>.overlay.png`), the classes covering most of it in `predictions.json`, and the
+//! overlays in `index.html`.
 
 use super::data::View;
-use super::models::{self, Classifier};
+use super::eval::{class_map, whole_image_tensor};
+use super::models::{self, Predictor, TransferTask};
 use crate::data::{ImageSet, ImageSource};
 use crate::error::{Error, Result};
 use crate::models::LoadOptions;
@@ -21,7 +25,8 @@ pub fn is_transfer_model(dir: &Path) -> bool {
 
 /// A transfer model with how it sees images and its class names.
 pub struct Loaded {
-    pub model: Box<dyn Classifier>,
+    pub model: Box<dyn Predictor>,
+    pub task: TransferTask,
     pub view: View,
     pub classes: Vec<String>,
 }
@@ -31,6 +36,7 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     if dir.join(models::STUDENT_SPEC).is_file() {
         let (rec, net) = models::load_student(dir, opts)?;
         return Ok(Loaded {
+            task: rec.task,
             view: net.view(rec.image_size),
             model: Box::new(net),
             classes: rec.classes,
@@ -39,6 +45,7 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Loaded> {
     if dir.join(models::TEACHER_SPEC).is_file() {
         let (rec, net) = models::load_teacher(dir, opts)?;
         return Ok(Loaded {
+            task: rec.task,
             view: net.view(rec.image_size),
             model: Box::new(net),
             classes: rec.classes,
@@ -61,11 +68,73 @@ pub struct Scored {
     pub probability: f64,
 }
 
-/// The top classes of one image.
+/// The top classes of one image (segmentation: the classes covering most of it, with their
+/// share of its pixels, and the class map's file).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
     pub image: String,
     pub top: Vec<Scored>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
+}
+
+/// The `k` classes covering most of a class map, with their pixel shares.
+pub fn top_areas(map: &[u32], classes: &[String], k: usize) -> Vec<Scored> {
+    let mut counts = vec![0usize; classes.len()];
+    for &c in map {
+        if let Some(n) = counts.get_mut(c as usize) {
+            *n += 1;
+        }
+    }
+    let mut order: Vec<usize> = (0..counts.len()).filter(|&c| counts[c] > 0).collect();
+    order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
+    order
+        .into_iter()
+        .take(k)
+        .map(|c| Scored {
+            class: classes[c].clone(),
+            probability: counts[c] as f64 / map.len().max(1) as f64,
+        })
+        .collect()
+}
+
+/// A class map as an 8-bit palette PNG (VOC colours; pixel value = class index), or a 16-bit
+/// grey PNG beyond 256 classes.
+pub fn class_map_png(map: &[u32], (h, w): (usize, usize), classes: usize) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, w as u32, h as u32);
+        let data: Vec<u8> = if classes <= 256 {
+            enc.set_color(png::ColorType::Indexed);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.set_palette(
+                (0..256u32)
+                    .flat_map(crate::tasks::segmentation::class_colour)
+                    .collect::<Vec<u8>>(),
+            );
+            map.iter().map(|&c| c as u8).collect()
+        } else {
+            enc.set_color(png::ColorType::Grayscale);
+            enc.set_depth(png::BitDepth::Sixteen);
+            map.iter().flat_map(|&c| (c as u16).to_be_bytes()).collect()
+        };
+        let err = |e: png::EncodingError| Error::Invalid(format!("encoding a class map: {e}"));
+        let mut wr = enc.write_header().map_err(err)?;
+        wr.write_image_data(&data).map_err(err)?;
+    }
+    Ok(bytes)
+}
+
+/// The image with its class map's colours laid over it at half strength.
+pub fn overlay(img: &image::RgbImage, map: &[u32]) -> image::RgbImage {
+    let mut out = img.clone();
+    for (p, &c) in out.pixels_mut().zip(map) {
+        let col = crate::tasks::segmentation::class_colour(c);
+        for j in 0..3 {
+            p[j] = ((p[j] as u16 + col[j] as u16) / 2) as u8;
+        }
+    }
+    out
 }
 
 /// The `k` most probable classes of each row of logits `[B, K]`.
@@ -89,9 +158,9 @@ pub fn top_k(logits: &Tensor, classes: &[String], k: usize) -> Result<Vec<Vec<Sc
         .collect())
 }
 
-/// Classify every image under `images` with the model in `dir`; write thumbnails,
-/// `predictions.json` and `index.html` into `out`. Unreadable images are skipped with a
-/// warning. Returns the predictions.
+/// Classify (or segment) every image under `images` with the model in `dir`; write
+/// thumbnails (or class maps and overlays), `predictions.json` and `index.html` into `out`.
+/// Unreadable images are skipped with a warning. Returns the predictions.
 pub fn predict_folder(
     dir: &Path,
     images: &Path,
@@ -110,7 +179,10 @@ pub fn predict_folder(
             .par_iter()
             .map(|&i| match set.load(i) {
                 Ok(img) => {
-                    let t = m.view.eval_tensor(&img, 0.875)?;
+                    let t = match m.task {
+                        TransferTask::Classify => m.view.eval_tensor(&img, 0.875)?,
+                        TransferTask::Segment => whole_image_tensor(&m.view, &img)?,
+                    };
                     Ok(Some((i, img, t)))
                 }
                 Err(e) => {
@@ -126,14 +198,43 @@ pub fn predict_folder(
         let x = Tensor::stack(&loaded.iter().map(|l| l.2.clone()).collect::<Vec<_>>(), 0)?
             .to_device(&opts.device)?
             .to_dtype(opts.dtype)?;
-        let tops = top_k(&m.model.logits(&x, false)?, &m.classes, k.max(1))?;
-        for ((i, img, _), top) in loaded.iter().zip(tops) {
+        let logits = m
+            .model
+            .logits(&x, false)?
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?;
+        for (j, (i, img, _)) in loaded.iter().enumerate() {
             let name = set.name(*i);
-            let file = format!("{}.png", safe_stem(&name, *i));
+            let stem = safe_stem(&name, *i);
+            let (top, picture, mask) = match m.task {
+                TransferTask::Classify => (
+                    top_k(&logits.get(j)?.unsqueeze(0)?, &m.classes, k.max(1))?.remove(0),
+                    img.clone(),
+                    None,
+                ),
+                TransferTask::Segment => {
+                    let (w, h) = img.dimensions();
+                    let map = class_map(&logits.get(j)?, (h as usize, w as usize))?;
+                    let file = format!("{stem}.mask.png");
+                    let png = class_map_png(&map, (h as usize, w as usize), m.classes.len())?;
+                    crate::atomic::write_bytes(&out.join(&file), &png)?;
+                    (
+                        top_areas(&map, &m.classes, k.max(1)),
+                        overlay(img, &map),
+                        Some(file),
+                    )
+                }
+            };
+            let file = match m.task {
+                TransferTask::Classify => format!("{stem}.png"),
+                TransferTask::Segment => format!("{stem}.overlay.png"),
+            };
             let path = out.join(&file);
-            crate::viz::photo_tile(img, (160, 160))
-                .save(&path)
-                .map_err(|e| Error::io(&path, e))?;
+            let picture = match m.task {
+                TransferTask::Classify => crate::viz::photo_tile(&picture, (160, 160)),
+                TransferTask::Segment => picture,
+            };
+            picture.save(&path).map_err(|e| Error::io(&path, e))?;
             let text = top
                 .iter()
                 .map(|s| format!("{} {:.1} %", s.class, 100.0 * s.probability))
@@ -146,7 +247,11 @@ pub fn predict_folder(
                 },
                 Cell::Text(text),
             ]);
-            preds.push(Prediction { image: name, top });
+            preds.push(Prediction {
+                image: name,
+                top,
+                mask,
+            });
         }
     }
     crate::train::engine::write_json(&out.join("predictions.json"), &preds)?;

@@ -23,7 +23,9 @@ pub struct Args {
     /// Student: registered name (mobilevitv2_100, fastvit_t8, resnet18, vit-s16) or timm folder
     #[arg(long)]
     student: Option<String>,
-    /// Labelled training images: ImageFolder tree (root/<class>/*) or `filename,classname` split file
+    /// Labelled training images: ImageFolder tree (root/<class>/*) or `filename,classname` split
+    /// file; for segmentation a folder with images/ and annotations/ (ADE20K) or masks/, or a
+    /// split file of image names
     #[arg(long)]
     labeled: Option<PathBuf>,
     /// Held-out test images (same forms)
@@ -49,6 +51,21 @@ pub struct Args {
     /// Labelled images kept per class (0 = all)
     #[arg(long)]
     labels_per_class: Option<usize>,
+    /// Segmentation classes (default: 150 for ADE20K's annotations/ layout)
+    #[arg(long)]
+    num_classes: Option<usize>,
+    /// Mask value of unlabelled pixels (default 255)
+    #[arg(long)]
+    ignore_index: Option<u32>,
+    /// Map mask value 0 to ignore and c to c - 1 (default: on for ADE20K's annotations/)
+    #[arg(long)]
+    reduce_zero_label: Option<bool>,
+    /// Segmentation class names, one per line
+    #[arg(long)]
+    class_names: Option<PathBuf>,
+    /// Channels of the student's segmentation decoder (default 128)
+    #[arg(long)]
+    decoder_width: Option<usize>,
     #[arg(long)]
     image_size: Option<usize>,
     #[arg(long)]
@@ -109,6 +126,9 @@ pub fn run(a: Args) -> Result<()> {
         labeled,
         test,
         labels_per_class,
+        num_classes,
+        ignore_index,
+        decoder_width,
         image_size,
         teacher_image_size,
         batch_size,
@@ -124,13 +144,20 @@ pub fn run(a: Args) -> Result<()> {
         crop_variants,
         finetune_lr,
         weight_decay,
-        min_crop_scale,
         checkpoint_every
     );
     macro_rules! set_opt {
         ($($f:ident),*) => { $( if a.$f.is_some() { cfg.$f = a.$f; } )* };
     }
-    set_opt!(val, images_root, transfer, pool);
+    set_opt!(
+        val,
+        images_root,
+        transfer,
+        pool,
+        min_crop_scale,
+        reduce_zero_label,
+        class_names
+    );
     if a.cache_teacher {
         cfg.cache_teacher = true;
     }
