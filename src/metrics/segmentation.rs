@@ -72,3 +72,22 @@ impl MeanIou {
         100.0 * self.per_class().iter().sum::<f64>() / self.classes as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pixel_accuracy_and_iou_by_hand() {
+        // 3 classes, ignore 255: gt [0 0 1 1 2 255], pred [0 1 1 1 0 2]
+        let mut m = MeanIou::new(3, 255);
+        m.update(&[0, 1, 1, 1, 0, 2], &[0, 0, 1, 1, 2, 255]);
+        // 3 of 5 labelled pixels right
+        assert!((m.pixel_acc() - 0.6).abs() < 1e-12);
+        // class 0: tp 1, fp 1, fn 1 -> 1/3; class 1: tp 2, fp 1 -> 2/3; class 2: tp 0 -> 0
+        let iou = m.per_class();
+        assert!((iou[0] - 1.0 / 3.0).abs() < 1e-12 && (iou[1] - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(iou[2], 0.0);
+        assert!((m.miou() - 100.0 / 3.0).abs() < 1e-9);
+    }
+}

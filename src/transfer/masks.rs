@@ -498,4 +498,87 @@ mod tests {
         };
         assert_eq!(crop_mask(&m, (3, 4), &all, 2), vec![1, 3, 21, 23]);
     }
+
+    fn grey_png(path: &Path, (w, h): (u32, u32), f: impl Fn(u32, u32) -> u8) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        image::GrayImage::from_fn(w, h, |x, y| image::Luma([f(x, y)]))
+            .save(path)
+            .unwrap();
+    }
+
+    #[test]
+    fn ade20k_layout_split_files_and_bad_masks() {
+        let dir = tempfile::tempdir().unwrap();
+        let ade = dir.path().join("ADEChallengeData2016");
+        // the first three names of the paper's 1,200-image ADE20K split
+        let split = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures/ml-vfm-kt-splits/ADE20K/train_1200img.txt");
+        let text = std::fs::read_to_string(&split).unwrap();
+        let names: Vec<&str> = text.lines().take(3).collect();
+        for (i, n) in names.iter().enumerate() {
+            let stem = n.trim_end_matches(".jpg");
+            let img = ade.join("images/training").join(n);
+            std::fs::create_dir_all(img.parent().unwrap()).unwrap();
+            image::RgbImage::from_pixel(6, 4, image::Rgb([i as u8 * 50, 0, 0]))
+                .save_with_format(&img, image::ImageFormat::Jpeg)
+                .unwrap();
+            // annotation: 0 ("other") in the first column, then classes 1 and 150
+            grey_png(
+                &ade.join(format!("annotations/training/{stem}.png")),
+                (6, 4),
+                |x, _| match x {
+                    0 => 0,
+                    1..=3 => 1,
+                    _ => 150,
+                },
+            );
+        }
+        let mine = dir.path().join("split.txt");
+        std::fs::write(&mine, names.join("\n")).unwrap();
+        let opts = MaskOptions {
+            ignore_index: 255,
+            ..Default::default()
+        };
+        let set = MaskSet::open(&mine, Some(&ade), &opts, None).unwrap();
+        assert_eq!(set.items.len(), 3);
+        assert_eq!(set.rule.classes, ADE20K_CLASSES);
+        assert!(set.rule.reduce_zero_label);
+        let (h, w, m) = set.load_mask(0).unwrap();
+        assert_eq!((h, w), (4, 6));
+        assert_eq!(&m[..6], &[255, 0, 0, 0, 149, 149]);
+        // the same images as a folder (the data-set root, or images/training)
+        assert_eq!(MaskSet::open(&ade, None, &opts, None).unwrap().items.len(), 3);
+        let t = MaskSet::open(&ade.join("images/training"), None, &opts, None).unwrap();
+        assert_eq!(t.items, set.items);
+
+        // generic images/ + masks/: class count required; values checked against it
+        let gen = dir.path().join("gen");
+        std::fs::create_dir_all(gen.join("images")).unwrap();
+        image::RgbImage::new(5, 5)
+            .save(gen.join("images/a.png"))
+            .unwrap();
+        grey_png(&gen.join("masks/a.png"), (5, 5), |x, _| x as u8);
+        let e = MaskSet::open(&gen, None, &opts, None).unwrap_err().to_string();
+        assert!(e.contains("--num-classes"), "{e}");
+        let three = MaskOptions {
+            num_classes: 3,
+            ..opts.clone()
+        };
+        let g = MaskSet::open(&gen, None, &three, None).unwrap();
+        assert!(!g.rule.reduce_zero_label);
+        let e = g.load_mask(0).unwrap_err().to_string();
+        assert!(e.contains("masks/a.png") && e.contains("label 3"), "{e}");
+        // a mask of another size than its image
+        grey_png(&gen.join("masks/a.png"), (4, 5), |_, _| 0);
+        let e = MaskSet::open(&gen, None, &three, None).unwrap_err().to_string();
+        assert!(e.contains("masks/a.png") && e.contains("4x5"), "{e}");
+        // an image without a mask
+        std::fs::remove_file(gen.join("masks/a.png")).unwrap();
+        let e = MaskSet::open(&gen, None, &three, None).unwrap_err().to_string();
+        assert!(e.contains("images/a.png") && e.contains("no mask"), "{e}");
+        // a split line naming a missing image
+        std::fs::write(&mine, "ADE_train_99999999.jpg\n").unwrap();
+        let e = MaskSet::open(&mine, Some(&ade), &opts, None).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("ADE_train_99999999.jpg"), "{e}");
+    }
 }

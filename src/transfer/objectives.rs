@@ -371,4 +371,89 @@ mod tests {
         let got = scalar(feature_match_loss(&s, &t, FeatureMatch::Contrastive).unwrap());
         assert!((got - want).abs() < 1e-4, "{got} vs {want}");
     }
+
+    /// Bilinear (align_corners=False) weights of upsampling 2 columns to 4: clamped source
+    /// positions 0, 0.25, 0.75, 1.
+    fn up2to4(a: f64, b: f64) -> [f64; 4] {
+        [a, 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b, b]
+    }
+
+    #[test]
+    fn pixel_cross_entropy_resizes_and_ignores_by_hand() {
+        // logits [1, K=2, 1, 2] -> resized to the 2x4 mask
+        let (c0, c1) = ([0.0f64, 2.0], [1.0f64, -1.0]);
+        let logits = Tensor::new(&[[[[0.0f32, 2.0]], [[1.0, -1.0]]]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[[[0u32, 1, 255, 1], [1, 0, 0, 255]]], &Device::Cpu).unwrap();
+        let (u0, u1) = (up2to4(c0[0], c0[1]), up2to4(c1[0], c1[1]));
+        let lab = [[0u32, 1, 255, 1], [1, 0, 0, 255]];
+        let (mut sum, mut n) = (0.0, 0.0);
+        for row in lab {
+            for (x, &l) in row.iter().enumerate() {
+                if l == 255 {
+                    continue;
+                }
+                let p = softmax(&[u0[x], u1[x]]);
+                sum -= p[l as usize].ln();
+                n += 1.0;
+            }
+        }
+        let got = scalar(pixel_cross_entropy(&logits, &labels, 255).unwrap());
+        assert!((got - sum / n).abs() < 1e-5, "{got} vs {}", sum / n);
+        // through Labels, and a label outside the classes is refused
+        let l = Labels::Masks {
+            masks: labels,
+            ignore: 255,
+        };
+        assert!((scalar(l.loss(&logits).unwrap()) - sum / n).abs() < 1e-5);
+        let bad = Tensor::new(&[[[0u32, 2, 0, 0], [0, 0, 0, 0]]], &Device::Cpu).unwrap();
+        assert!(pixel_cross_entropy(&logits, &bad, 255).is_err());
+        // every pixel ignored: zero
+        let none = Tensor::new(&[[[255u32; 4], [255; 4]]], &Device::Cpu).unwrap();
+        assert_eq!(scalar(pixel_cross_entropy(&logits, &none, 255).unwrap()), 0.0);
+    }
+
+    #[test]
+    fn per_pixel_kd_resizes_the_teacher_to_the_student_grid_by_hand() {
+        // teacher [1, 2, 1, 2], student [1, 2, 2, 4] (varying per column)
+        let t = Tensor::new(&[[[[0.0f32, 2.0]], [[1.0, -1.0]]]], &Device::Cpu).unwrap();
+        let sv = [[0.5f32, -0.5, 1.0, 0.0], [0.0, 0.3, -1.0, 2.0]];
+        let s = Tensor::new(&[[[sv[0], sv[0]], [sv[1], sv[1]]]], &Device::Cpu).unwrap();
+        let (u0, u1) = (up2to4(0.0, 2.0), up2to4(1.0, -1.0));
+        let temp = 2.0;
+        let mut want = 0.0;
+        for x in 0..4 {
+            let pt = softmax(&[u0[x] / temp, u1[x] / temp]);
+            let ps = softmax(&[sv[0][x] as f64 / temp, sv[1][x] as f64 / temp]);
+            want += (0..2).map(|c| pt[c] * (pt[c] / ps[c]).ln()).sum::<f64>();
+        }
+        want = want / 4.0 * temp * temp;
+        let aligned = on_student_grid(&t, &s).unwrap();
+        assert_eq!(aligned.dims(), &[1, 2, 2, 4]);
+        let got = scalar(kd_loss(&s, &aligned, temp).unwrap());
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    }
+
+    #[test]
+    fn patch_feature_losses_by_hand() {
+        // student [1, 2, 2, 2] resized to the teacher's 1x1 grid = the mean of its 4 cells
+        let s = Tensor::new(
+            &[[[[1.0f32, 3.0], [1.0, 3.0]], [[0.0, 0.0], [2.0, 2.0]]]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let t = Tensor::new(&[[[[1.0f32]], [[0.0]]]], &Device::Cpu).unwrap();
+        // mean student feature (2, 1): cos with (1, 0) = 2 / sqrt 5
+        let got = scalar(feature_map_loss(&s, &t, FeatureMatch::Cosine).unwrap());
+        let want = 1.0 - 2.0 / 5f64.sqrt();
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        // contrastive within an image: two locations, student (1,0),(0,1) vs teacher
+        // (1,0),(1,1): rows of cos / tau, each must pick its own location
+        let s = Tensor::new(&[[[[1.0f32, 0.0]], [[0.0, 1.0]]]], &Device::Cpu).unwrap();
+        let t = Tensor::new(&[[[[1.0f32, 1.0]], [[0.0, 1.0]]]], &Device::Cpu).unwrap();
+        let (r, c) = (1.0 / CONTRASTIVE_TAU, 1.0 / 2f64.sqrt() / CONTRASTIVE_TAU);
+        // row 0: sims (1, 1/sqrt2) target 0; row 1: sims (0, 1/sqrt2) target 1
+        let want = ((r.exp() + c.exp()).ln() - r + (1.0 + c.exp()).ln() - c) / 2.0;
+        let got = scalar(feature_map_loss(&s, &t, FeatureMatch::Contrastive).unwrap());
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    }
 }
