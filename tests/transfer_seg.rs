@@ -214,3 +214,177 @@ fn segmentation_transfer_on_digit_scenes() {
     assert_eq!(tj["task"], "segment");
     assert_eq!(tj["blocks"], serde_json::json!([0, 1, 2]));
 }
+
+fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("task-oriented/distill/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn cached_logit_maps_dense_baseline_predict_and_bad_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = scene_sets(dir.path());
+    let short = [
+        "--teacher-epochs",
+        "3",
+        "--distill-epochs",
+        "2",
+        "--finetune-epochs",
+        "1",
+        "--crop-variants",
+        "2",
+    ];
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut a = short.to_vec();
+        a.extend(extra);
+        ok(&bin(&seg_args(&sets, &out, &a)));
+        out
+    };
+    // Cached teacher logit maps ([11, 8, 8] per image at the teacher's 8x8 patch grid) and
+    // the task-agnostic baseline with the per-patch contrastive loss, in one run.
+    let cached = run(
+        "cached",
+        &[
+            "--compare",
+            "task-oriented,task-agnostic",
+            "--cache-teacher",
+            "--feature-loss",
+            "contrastive",
+        ],
+    );
+    let online = run("online", &["--mode", "task-oriented"]);
+    let (c, o) = (losses(&cached), losses(&online));
+    assert_eq!(c.len(), 2 * 9);
+    // the first step sees the same crops and the same teacher maps up to f16 rounding
+    assert!(
+        (c[0] - o[0]).abs() <= 1e-4 * o[0].abs(),
+        "{} vs {}",
+        c[0],
+        o[0]
+    );
+    for v in 0..2 {
+        let f = cached.join(format!("teacher-logits/variant-{v}.f16"));
+        assert_eq!(std::fs::metadata(f).unwrap().len(), 75 * 11 * 8 * 8 * 2);
+    }
+    let r = report(&cached);
+    let passes = |r: &Report| {
+        r.row(Mode::TaskOriented, Stage::Distill, "test")
+            .unwrap()
+            .teacher_forward_passes
+    };
+    assert_eq!(passes(&r), 2 * 75);
+    assert_eq!(passes(&report(&online)), 2 * 9 * 8);
+    // task-agnostic distillation trains no task head: its row has no scores
+    assert!(r
+        .rows
+        .iter()
+        .any(|x| x.mode == Mode::TaskAgnostic && x.stage == Stage::Distill && x.miou.is_none()));
+    let ft = r.row(Mode::TaskAgnostic, Stage::Finetune, "test").unwrap();
+    assert!(ft.miou.is_some_and(|m| (0.0..=1.0).contains(&m)));
+
+    // predict: a palette class map at each image's size and an overlay; the maps score the
+    // pixel accuracy the report gives for the same model
+    let student = cached.join("task-oriented/finetune");
+    let pred = dir.path().join("pred");
+    ok(&bin(&[
+        "predict",
+        "--run",
+        student.to_str().unwrap(),
+        "--images",
+        sets.1.join("images").to_str().unwrap(),
+        "--out",
+        pred.to_str().unwrap(),
+    ]));
+    let preds: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pred.join("predictions.json")).unwrap())
+            .unwrap();
+    let preds = preds.as_array().unwrap();
+    assert_eq!(preds.len(), 50);
+    let (mut right, mut labelled) = (0usize, 0usize);
+    for p in preds {
+        let image = PathBuf::from(p["image"].as_str().unwrap());
+        let mask_file = pred.join(p["mask"].as_str().unwrap());
+        let dec = png::Decoder::new(std::io::BufReader::new(
+            std::fs::File::open(&mask_file).unwrap(),
+        ));
+        let mut reader = dec.read_info().unwrap();
+        assert_eq!(reader.info().color_type, png::ColorType::Indexed);
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut buf).unwrap();
+        assert_eq!((reader.info().width, reader.info().height), (SIDE, SIDE));
+        let gt = image::open(sets.1.join("masks").join(image.file_name().unwrap()))
+            .unwrap()
+            .to_luma8();
+        for (p, g) in buf.iter().zip(gt.as_raw()) {
+            assert!(*p < 11);
+            if *g != 255 {
+                labelled += 1;
+                right += (p == g) as usize;
+            }
+        }
+        let overlay = mask_file
+            .to_str()
+            .unwrap()
+            .replace(".mask.png", ".overlay.png");
+        let ov = image::open(&overlay).unwrap();
+        assert_eq!((ov.width(), ov.height()), (SIDE, SIDE));
+    }
+    let acc = right as f64 / labelled as f64;
+    let reported = r
+        .row(Mode::TaskOriented, Stage::Finetune, "test")
+        .unwrap()
+        .pixel_acc
+        .unwrap();
+    assert!(
+        (acc - reported).abs() < 1e-3,
+        "predict {acc} vs report {reported}"
+    );
+
+    // bad masks: a label beyond the classes, and a mask of another size than its image
+    let bad = dir.path().join("bad");
+    std::fs::create_dir_all(bad.join("images")).unwrap();
+    std::fs::create_dir_all(bad.join("masks")).unwrap();
+    for i in 0..2 {
+        std::fs::copy(
+            sets.0.join(format!("images/{i:03}.png")),
+            bad.join(format!("images/{i:03}.png")),
+        )
+        .unwrap();
+        std::fs::copy(
+            sets.0.join(format!("masks/{i:03}.png")),
+            bad.join(format!("masks/{i:03}.png")),
+        )
+        .unwrap();
+    }
+    image::GrayImage::from_pixel(SIDE, SIDE, image::Luma([12]))
+        .save(bad.join("masks/001.png"))
+        .unwrap();
+    let mut args = seg_args(&sets, &dir.path().join("bad-run"), &short);
+    let at = args.iter().position(|a| a == "--labeled").unwrap();
+    args[at + 1] = bad.to_str().unwrap().to_string();
+    let o = bin(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("masks/001.png") && err.contains("label 12"),
+        "{err}"
+    );
+    image::GrayImage::new(SIDE, 40)
+        .save(bad.join("masks/001.png"))
+        .unwrap();
+    let o = bin(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("masks/001.png") && err.contains("48x40"),
+        "{err}"
+    );
+}

@@ -8,8 +8,8 @@ use super::masks::MaskSet;
 use super::models::Predictor;
 use crate::data::ImageSource;
 use crate::error::{Error, Result};
-use crate::models::LoadOptions;
 use crate::metrics::segmentation::MeanIou;
+use crate::models::LoadOptions;
 use crate::tasks::classification::Accuracy;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -105,24 +105,23 @@ pub fn evaluate(
     let mut confusion = vec![vec![0u64; k]; k];
     let mut top5 = 0usize;
     let prepare = |i: usize, img| Ok((view.eval_tensor(&img, crop_pct)?, set.items[i].1));
-    let (images, skipped, secs) =
-        run_batches(model, set, batch, opts, prepare, |kept, logits| {
-            let rows = logits.to_vec2::<f32>()?;
-            if rows.first().is_some_and(|r| r.len() != k) {
-                return Err(Error::Invalid(format!(
-                    "model predicts {} classes, the set has {k}",
-                    rows[0].len()
-                )));
-            }
-            for ((_, label), r) in kept.iter().zip(&rows) {
-                let mut order: Vec<usize> = (0..k).collect();
-                order.sort_by(|&a, &b| r[b].total_cmp(&r[a]));
-                acc.add(order[0], *label);
-                confusion[*label][order[0]] += 1;
-                top5 += order.iter().take(5).any(|&c| c == *label) as usize;
-            }
-            Ok(())
-        })?;
+    let (images, skipped, secs) = run_batches(model, set, batch, opts, prepare, |kept, logits| {
+        let rows = logits.to_vec2::<f32>()?;
+        if rows.first().is_some_and(|r| r.len() != k) {
+            return Err(Error::Invalid(format!(
+                "model predicts {} classes, the set has {k}",
+                rows[0].len()
+            )));
+        }
+        for ((_, label), r) in kept.iter().zip(&rows) {
+            let mut order: Vec<usize> = (0..k).collect();
+            order.sort_by(|&a, &b| r[b].total_cmp(&r[a]));
+            acc.add(order[0], *label);
+            confusion[*label][order[0]] += 1;
+            top5 += order.iter().take(5).any(|&c| c == *label) as usize;
+        }
+        Ok(())
+    })?;
     Ok(ClassEval {
         images,
         skipped,
@@ -198,19 +197,18 @@ pub fn evaluate_masks(
         }
         Ok((whole_image_tensor(&view, &img)?, (h, w, mask)))
     };
-    let (images, skipped, secs) =
-        run_batches(model, set, batch, opts, prepare, |kept, logits| {
-            let (_, kl, _, _) = logits.dims4()?;
-            if kl != k {
-                return Err(Error::Invalid(format!(
-                    "model predicts {kl} classes, the set has {k}"
-                )));
-            }
-            for (j, (_, (h, w, mask))) in kept.iter().enumerate() {
-                iou.update(&class_map(&logits.get(j)?, (*h, *w))?, mask);
-            }
-            Ok(())
-        })?;
+    let (images, skipped, secs) = run_batches(model, set, batch, opts, prepare, |kept, logits| {
+        let (_, kl, _, _) = logits.dims4()?;
+        if kl != k {
+            return Err(Error::Invalid(format!(
+                "model predicts {kl} classes, the set has {k}"
+            )));
+        }
+        for (j, (_, (h, w, mask))) in kept.iter().enumerate() {
+            iou.update(&class_map(&logits.get(j)?, (*h, *w))?, mask);
+        }
+        Ok(())
+    })?;
     Ok(SegEval {
         images,
         skipped,

@@ -36,7 +36,11 @@ pub fn level_head_params(
 ) -> Vec<(String, Vec<usize>, Init)> {
     let mut p = Vec::new();
     for i in 0..levels {
-        p.push((format!("{prefix}.norms.{i}.weight"), vec![width], Init::Ones));
+        p.push((
+            format!("{prefix}.norms.{i}.weight"),
+            vec![width],
+            Init::Ones,
+        ));
         p.push((format!("{prefix}.norms.{i}.bias"), vec![width], Init::Zeros));
     }
     p.push((
@@ -44,7 +48,11 @@ pub fn level_head_params(
         vec![classes, levels * width, 1, 1],
         Init::Normal(0.01),
     ));
-    p.push((format!("{prefix}.conv_seg.bias"), vec![classes], Init::Zeros));
+    p.push((
+        format!("{prefix}.conv_seg.bias"),
+        vec![classes],
+        Init::Zeros,
+    ));
     p
 }
 

@@ -547,7 +547,10 @@ mod tests {
         assert_eq!((h, w), (4, 6));
         assert_eq!(&m[..6], &[255, 0, 0, 0, 149, 149]);
         // the same images as a folder (the data-set root, or images/training)
-        assert_eq!(MaskSet::open(&ade, None, &opts, None).unwrap().items.len(), 3);
+        assert_eq!(
+            MaskSet::open(&ade, None, &opts, None).unwrap().items.len(),
+            3
+        );
         let t = MaskSet::open(&ade.join("images/training"), None, &opts, None).unwrap();
         assert_eq!(t.items, set.items);
 
@@ -558,7 +561,9 @@ mod tests {
             .save(gen.join("images/a.png"))
             .unwrap();
         grey_png(&gen.join("masks/a.png"), (5, 5), |x, _| x as u8);
-        let e = MaskSet::open(&gen, None, &opts, None).unwrap_err().to_string();
+        let e = MaskSet::open(&gen, None, &opts, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--num-classes"), "{e}");
         let three = MaskOptions {
             num_classes: 3,
@@ -570,15 +575,24 @@ mod tests {
         assert!(e.contains("masks/a.png") && e.contains("label 3"), "{e}");
         // a mask of another size than its image
         grey_png(&gen.join("masks/a.png"), (4, 5), |_, _| 0);
-        let e = MaskSet::open(&gen, None, &three, None).unwrap_err().to_string();
+        let e = MaskSet::open(&gen, None, &three, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("masks/a.png") && e.contains("4x5"), "{e}");
         // an image without a mask
         std::fs::remove_file(gen.join("masks/a.png")).unwrap();
-        let e = MaskSet::open(&gen, None, &three, None).unwrap_err().to_string();
+        let e = MaskSet::open(&gen, None, &three, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("images/a.png") && e.contains("no mask"), "{e}");
         // a split line naming a missing image
         std::fs::write(&mine, "ADE_train_99999999.jpg\n").unwrap();
-        let e = MaskSet::open(&mine, Some(&ade), &opts, None).unwrap_err().to_string();
-        assert!(e.contains("line 1") && e.contains("ADE_train_99999999.jpg"), "{e}");
+        let e = MaskSet::open(&mine, Some(&ade), &opts, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 1") && e.contains("ADE_train_99999999.jpg"),
+            "{e}"
+        );
     }
 }

@@ -456,15 +456,16 @@ impl Report {
                 },
             });
         }
-        self.per_class_iou.extend(r.evals.iter().filter_map(|(split, e)| match e {
-            Scores::Segment(e) => Some(PerClass {
-                mode: r.mode,
-                stage: r.stage,
-                split: split.clone(),
-                iou: e.per_class_iou.clone(),
-            }),
-            Scores::Classify(_) => None,
-        }));
+        self.per_class_iou
+            .extend(r.evals.iter().filter_map(|(split, e)| match e {
+                Scores::Segment(e) => Some(PerClass {
+                    mode: r.mode,
+                    stage: r.stage,
+                    split: split.clone(),
+                    iou: e.per_class_iou.clone(),
+                }),
+                Scores::Classify(_) => None,
+            }));
     }
 
     /// The row of (mode, stage) on `split`.
@@ -518,9 +519,18 @@ impl Report {
             s += "\n|---|";
             s += &"---|".repeat(self.per_class_iou.len());
             s += "\n";
-            let k = self.per_class_iou.iter().map(|p| p.iou.len()).max().unwrap_or(0);
+            let k = self
+                .per_class_iou
+                .iter()
+                .map(|p| p.iou.len())
+                .max()
+                .unwrap_or(0);
             for c in 0..k {
-                let name = self.classes.get(c).cloned().unwrap_or_else(|| c.to_string());
+                let name = self
+                    .classes
+                    .get(c)
+                    .cloned()
+                    .unwrap_or_else(|| c.to_string());
                 s += &format!("| {name} |");
                 for p in &self.per_class_iou {
                     s += &format!(" {} |", pct(p.iou.get(c).copied()));
@@ -614,7 +624,9 @@ impl TaskSet {
             TaskSet::Classes(data) => {
                 let c = crops(data, &[view], rrc, seed, epoch, idx)?;
                 Ok(LabeledBatch {
-                    labels: Labels::Classes(c.kept.iter().map(|&i| data.items[i].1 as u32).collect()),
+                    labels: Labels::Classes(
+                        c.kept.iter().map(|&i| data.items[i].1 as u32).collect(),
+                    ),
                     x: c.views[0].clone(),
                     skipped: c.skipped,
                 })
@@ -1055,8 +1067,7 @@ fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
             // the teacher's logits of one image, from a forward of one blank input
             let size = cfg.teacher_size();
             let load = ctx.load();
-            let blank =
-                candle_core::Tensor::zeros((1, 3, size, size), load.dtype, &load.device)?;
+            let blank = candle_core::Tensor::zeros((1, 3, size, size), load.dtype, &load.device)?;
             let shape = models::Predictor::logits(&teacher, &blank, false)?.dims()[1..].to_vec();
             let manifest = cache::LogitManifest {
                 teacher_bytes: std::fs::metadata(tdir.join(models::TEACHER_WEIGHTS))

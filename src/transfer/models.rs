@@ -192,9 +192,7 @@ impl HeadSpec {
     /// The head a task needs on `enc` (pooled as `pool`).
     pub fn for_task(task: TransferTask, enc: &dyn VisionEncoder, pool: Pool) -> Self {
         match task {
-            TransferTask::Classify => HeadSpec::Linear {
-                dim: pool.dim(enc),
-            },
+            TransferTask::Classify => HeadSpec::Linear { dim: pool.dim(enc) },
             TransferTask::Segment => HeadSpec::Seg {
                 blocks: heads::head_blocks(enc.info().depth),
                 width: enc.info().width,
@@ -206,7 +204,11 @@ impl HeadSpec {
     pub fn parameters(&self, classes: usize) -> Vec<(String, Vec<usize>, Init)> {
         match self {
             HeadSpec::Linear { dim } => vec![
-                ("head.weight".into(), vec![classes, *dim], Init::Normal(0.01)),
+                (
+                    "head.weight".into(),
+                    vec![classes, *dim],
+                    Init::Normal(0.01),
+                ),
                 ("head.bias".into(), vec![classes], Init::Zeros),
             ],
             HeadSpec::Seg { blocks, width } => {
@@ -525,7 +527,11 @@ impl StudentNet {
         };
         Ok(Self {
             net: arch.backbone.build(w, state)?,
-            seg: arch.decoder.as_ref().map(|d| d.build(w, state)).transpose()?,
+            seg: arch
+                .decoder
+                .as_ref()
+                .map(|d| d.build(w, state))
+                .transpose()?,
             proj,
         })
     }

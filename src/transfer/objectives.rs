@@ -46,7 +46,10 @@ pub fn pixel_cross_entropy(logits: &Tensor, labels: &Tensor, ignore: u32) -> Res
         return Err(Error::Invalid(format!("label {bad} outside {k} classes")));
     }
     let valid: Vec<f32> = raw.iter().map(|&l| (l != ignore) as u32 as f32).collect();
-    let safe: Vec<u32> = raw.iter().map(|&l| if l == ignore { 0 } else { l }).collect();
+    let safe: Vec<u32> = raw
+        .iter()
+        .map(|&l| if l == ignore { 0 } else { l })
+        .collect();
     let n = valid.iter().sum::<f32>().max(1.0) as f64;
     let dev = logits.device();
     let up = crate::interp::resize_bilinear(&logits.to_dtype(DType::F32)?, (h, w))?;
@@ -65,7 +68,7 @@ pub enum Labels {
 }
 
 impl Labels {
-    pub fn len(&self) -> Result<usize> {
+    pub fn images(&self) -> Result<usize> {
         Ok(match self {
             Labels::Classes(c) => c.len(),
             Labels::Masks { masks, .. } => masks.dim(0)?,
@@ -218,7 +221,7 @@ impl<M: Predictor> Objective for Supervised<M> {
         Ok(StepLoss {
             loss: b.labels.loss(&logits)?,
             parts: Vec::new(),
-            images: b.labels.len()?,
+            images: b.labels.images()?,
             skipped: b.skipped,
         })
     }
@@ -409,7 +412,10 @@ mod tests {
         assert!(pixel_cross_entropy(&logits, &bad, 255).is_err());
         // every pixel ignored: zero
         let none = Tensor::new(&[[[255u32; 4], [255; 4]]], &Device::Cpu).unwrap();
-        assert_eq!(scalar(pixel_cross_entropy(&logits, &none, 255).unwrap()), 0.0);
+        assert_eq!(
+            scalar(pixel_cross_entropy(&logits, &none, 255).unwrap()),
+            0.0
+        );
     }
 
     #[test]
