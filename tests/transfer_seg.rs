@@ -388,3 +388,48 @@ fn cached_logit_maps_dense_baseline_predict_and_bad_masks() {
         "{err}"
     );
 }
+
+#[test]
+fn cache_verb_builds_a_runs_teacher_logits_and_resume_needs_only_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = scene_sets(dir.path());
+    let out = dir.path().join("run");
+    let short = [
+        "--teacher-epochs",
+        "1",
+        "--distill-epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--crop-variants",
+        "2",
+        "--cache-teacher",
+    ];
+    let mut a = short.to_vec();
+    a.extend(["--stage", "teacher"]);
+    ok(&bin(&seg_args(&sets, &out, &a)));
+    // the cache verb runs the fine-tuned teacher over the run's two crop variants
+    let o = bin(&["cache", "--transfer", out.to_str().unwrap(), "--quiet"]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("150 teacher passes"));
+    for v in 0..2 {
+        let f = out.join(format!("teacher-logits/variant-{v}.f16"));
+        assert_eq!(std::fs::metadata(f).unwrap().len(), 75 * 11 * 8 * 8 * 2);
+    }
+    // resuming from the folder alone reads its recipe; distillation finds the cache complete
+    ok(&bin(&[
+        "transfer",
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+        "--quiet",
+    ]));
+    let r = report(&out);
+    let d = r.row(Mode::TaskOriented, Stage::Distill, "test").unwrap();
+    assert_eq!(d.teacher_forward_passes, 0);
+    assert!(r.row(Mode::TaskOriented, Stage::Finetune, "test").is_some());
+    // a folder that is no transfer run
+    let o = bin(&["cache", "--transfer", sets.0.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a transfer run folder"));
+}

@@ -1063,33 +1063,12 @@ fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
     // Task-oriented distillation with fixed variants reads the teacher's logits from a cache.
     let (cache, cache_passes) = match target {
         Target::Predictions(_) if cfg.cache_teacher => {
-            let tdir = ctx.stage_dir(Mode::TaskOriented, Stage::Teacher);
-            // the teacher's logits of one image, from a forward of one blank input
-            let size = cfg.teacher_size();
-            let load = ctx.load();
-            let blank = candle_core::Tensor::zeros((1, 3, size, size), load.dtype, &load.device)?;
-            let shape = models::Predictor::logits(&teacher, &blank, false)?.dims()[1..].to_vec();
-            let manifest = cache::LogitManifest {
-                teacher_bytes: std::fs::metadata(tdir.join(models::TEACHER_WEIGHTS))
-                    .map_err(|e| Error::io(tdir.join(models::TEACHER_WEIGHTS), e))?
-                    .len(),
-                teacher: tdir,
-                transfer: transfer_path.clone(),
-                images: data.len(),
-                shape,
-                variants: cfg.crop_variants,
-                seed: cfg.seed,
-                teacher_size: size,
-                min_crop_scale: cfg.crop_scale(),
-            };
-            let (c, passes) = cache::LogitCache::build(
-                &ctx.out.join("teacher-logits"),
-                &manifest,
+            let (c, passes) = teacher_logit_cache(
+                cfg,
+                ctx.out,
                 &teacher,
                 &*data,
-                tview,
-                &cfg.rrc(),
-                cfg.batch_size,
+                transfer_path,
                 &ctx.load(),
                 opts.progress,
             )?;
@@ -1161,6 +1140,101 @@ fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
         )?;
     }
     finish(dir, r)
+}
+
+/// Build (or reuse) a run's teacher-logit cache (`RUN/teacher-logits/`): the fine-tuned
+/// teacher over every crop variant of the transfer set `data` (read from `transfer`). Returns
+/// the cache and the teacher forward passes run.
+fn teacher_logit_cache(
+    cfg: &TransferConfig,
+    out: &Path,
+    teacher: &models::TeacherNet,
+    data: &dyn crate::data::ImageSource,
+    transfer: &Path,
+    load: &LoadOptions,
+    progress: bool,
+) -> Result<(cache::LogitCache, u64)> {
+    let tdir = out.join("teacher");
+    // the teacher's logits of one image, from a forward of one blank input
+    let size = cfg.teacher_size();
+    let blank = candle_core::Tensor::zeros((1, 3, size, size), load.dtype, &load.device)?;
+    let shape = models::Predictor::logits(teacher, &blank, false)?.dims()[1..].to_vec();
+    let weights = tdir.join(models::TEACHER_WEIGHTS);
+    let manifest = cache::LogitManifest {
+        teacher_bytes: std::fs::metadata(&weights)
+            .map_err(|e| Error::io(&weights, e))?
+            .len(),
+        teacher: tdir,
+        transfer: transfer.to_path_buf(),
+        images: data.len(),
+        shape,
+        variants: cfg.crop_variants,
+        seed: cfg.seed,
+        teacher_size: size,
+        min_crop_scale: cfg.crop_scale(),
+    };
+    cache::LogitCache::build(
+        &out.join("teacher-logits"),
+        &manifest,
+        teacher,
+        data,
+        teacher.view(size),
+        &cfg.rrc(),
+        cfg.batch_size,
+        load,
+        progress,
+    )
+}
+
+/// What [`build_teacher_cache`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheSummary {
+    pub images: usize,
+    pub variants: u64,
+    /// teacher forward passes run (0 when the cache was complete)
+    pub teacher_forward_passes: u64,
+}
+
+/// `distillery cache --transfer RUN`: build the teacher-logit cache of a transfer run whose
+/// teacher stage has finished, from the run's recipe (`RUN/config.toml`; it needs
+/// `crop_variants` > 0). A later `distillery transfer --out RUN --resume` with `cache_teacher`
+/// distils from it without running the teacher.
+pub fn build_teacher_cache(out: &Path, load: &LoadOptions, progress: bool) -> Result<CacheSummary> {
+    let own = out.join("config.toml");
+    if !own.is_file() {
+        return Err(Error::BadInput {
+            path: out.to_path_buf(),
+            msg: "not a transfer run folder (no config.toml): run `distillery transfer` first"
+                .into(),
+        });
+    }
+    let (cfg, _) = recipe(None, Some(out), true)?;
+    cfg.validate()?;
+    if cfg.crop_variants == 0 {
+        return Err(Error::BadInput {
+            path: own,
+            msg: "the cache holds fixed crop variants: set crop_variants = K > 0".into(),
+        });
+    }
+    let transfer = cfg.transfer.clone().ok_or_else(|| Error::BadInput {
+        path: own.clone(),
+        msg: "the recipe names no transfer set".into(),
+    })?;
+    let tdir = out.join("teacher");
+    if !tdir.join(models::TEACHER_SPEC).is_file() {
+        return Err(Error::BadInput {
+            path: tdir,
+            msg: "no fine-tuned teacher: run the teacher stage first".into(),
+        });
+    }
+    let data = open_unlabeled(&transfer)?;
+    let (_, teacher) = models::load_teacher(&tdir, load)?;
+    let (_, passes) = teacher_logit_cache(&cfg, out, &teacher, &*data, &transfer, load, progress)?;
+    Ok(CacheSummary {
+        images: data.len(),
+        variants: cfg.crop_variants,
+        teacher_forward_passes: passes,
+    })
 }
 
 /// Stage 3: fine-tune the student on the labelled set (from the distilled student, the
@@ -1258,6 +1332,9 @@ pub fn run(
 ) -> Result<Report> {
     cfg.validate()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    // The recipe, so that `--resume` and `distillery cache --transfer` need only the folder.
+    let text = toml::to_string(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+    crate::atomic::write_bytes(&out.join("config.toml"), text.as_bytes())?;
     let labeled = TaskSet::open(cfg, &cfg.labeled, None)?;
     let mut evals = vec![(
         "test".to_string(),
