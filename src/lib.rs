@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod models;
 pub mod predict;
 pub mod preprocess;
+pub mod retrieval;
 pub mod tasks;
 pub mod teacher;
 pub mod train;

@@ -90,3 +90,69 @@ fn parse_f32(b: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
     };
     Ok((shape, out))
 }
+
+/// Element types [`write_2d`] stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NpyType {
+    F16,
+    F32,
+}
+
+/// The bytes of a C-order 2-D `.npy` array (format 1.0) of `rows` x `cols` values stored as
+/// `ty` (little-endian), readable by `numpy.load`.
+pub fn encode_2d(values: &[f32], rows: usize, cols: usize, ty: NpyType) -> Result<Vec<u8>> {
+    if values.len() != rows * cols {
+        return Err(Error::Invalid(format!(
+            "{} values for a {rows} x {cols} array",
+            values.len()
+        )));
+    }
+    let descr = match ty {
+        NpyType::F16 => "<f2",
+        NpyType::F32 => "<f4",
+    };
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    // magic (6) + version (2) + length (2) + header, padded with spaces to 64 bytes, then \n
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let mut b = Vec::with_capacity(10 + header.len() + values.len() * 4);
+    b.extend_from_slice(b"\x93NUMPY\x01\x00");
+    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    b.extend_from_slice(header.as_bytes());
+    match ty {
+        NpyType::F16 => {
+            for v in values {
+                b.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+        }
+        NpyType::F32 => {
+            for v in values {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_arrays_read_back_with_numpys_header_layout() {
+        let v = [1.0f32, -2.5, 0.25, 3.0, 0.0, 65504.0];
+        for ty in [NpyType::F16, NpyType::F32] {
+            let b = encode_2d(&v, 2, 3, ty).unwrap();
+            // the data starts 64-byte aligned, as numpy writes it
+            let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+            assert_eq!((10 + hlen) % 64, 0);
+            assert_eq!(b[10 + hlen - 1], b'\n');
+            let (shape, back) = parse_f32(&b).unwrap();
+            assert_eq!(shape, vec![2, 3]);
+            assert_eq!(back, v.to_vec());
+        }
+        assert!(encode_2d(&v, 4, 2, NpyType::F32).is_err());
+    }
+}
