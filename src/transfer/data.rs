@@ -126,25 +126,13 @@ impl Labeled {
         let mut items = Vec::new();
         for (dir, name) in dirs.iter().zip(&names) {
             let k = class_index(&classes, name, dir)?;
-            let mut files = Vec::new();
-            let mut stack = vec![dir.clone()];
-            while let Some(d) = stack.pop() {
-                for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
-                    let p = e.map_err(|e| Error::io(&d, e))?.path();
-                    if p.is_dir() {
-                        stack.push(p);
-                    } else if is_image_name(&p.to_string_lossy()) {
-                        files.push(p);
-                    }
-                }
-            }
+            let files = image_files(dir)?;
             if files.is_empty() {
                 return Err(Error::BadInput {
                     path: dir.clone(),
                     msg: "class folder has no images (jpg, jpeg, png, webp)".into(),
                 });
             }
-            files.sort();
             items.extend(files.into_iter().map(|f| (f, k)));
         }
         Ok(Self {
@@ -245,6 +233,24 @@ impl Labeled {
             source: self.source.clone(),
         }
     }
+}
+
+/// Every image file under `dir` (recursively), sorted.
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
+            let p = e.map_err(|e| Error::io(&d, e))?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if is_image_name(&p.to_string_lossy()) {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 fn class_index(classes: &[String], name: &str, path: &Path) -> Result<usize> {

@@ -184,17 +184,7 @@ pub fn evaluate_masks(
     let k = set.rule.classes;
     let mut iou = MeanIou::new(k, set.rule.ignore);
     let prepare = |i: usize, img: image::RgbImage| {
-        let (h, w, mask) = set.load_mask(i)?;
-        if (w as u32, h as u32) != img.dimensions() {
-            return Err(Error::BadInput {
-                path: set.items[i].1.clone(),
-                msg: format!(
-                    "mask is {w}x{h} but its image is {}x{}",
-                    img.width(),
-                    img.height()
-                ),
-            });
-        }
+        let (h, w, mask) = set.mask_for(i, &img)?;
         Ok((whole_image_tensor(&view, &img)?, (h, w, mask)))
     };
     let (images, skipped, secs) = run_batches(model, set, batch, opts, prepare, |kept, logits| {

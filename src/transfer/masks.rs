@@ -12,7 +12,6 @@
 
 use super::data::{parse_split, Crops, View};
 use crate::data::augment::{crop_to_tensor, sample_rng, CropBox};
-use crate::data::tar::is_image_name;
 use crate::data::{ImageSource, RandomResizedCrop};
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -184,6 +183,22 @@ impl MaskSet {
         Ok((h, w, out))
     }
 
+    /// Mask `i` read (as [`MaskSet::load_mask`]) and checked against its image's size.
+    pub fn mask_for(&self, i: usize, img: &image::RgbImage) -> Result<(usize, usize, Vec<u32>)> {
+        let (h, w, mask) = self.load_mask(i)?;
+        if (w as u32, h as u32) != img.dimensions() {
+            return Err(Error::BadInput {
+                path: self.items[i].1.clone(),
+                msg: format!(
+                    "mask is {w}x{h} but its image is {}x{}",
+                    img.width(),
+                    img.height()
+                ),
+            });
+        }
+        Ok((h, w, mask))
+    }
+
     /// The split file naming the set's images (one file name per line).
     pub fn split_text(&self) -> String {
         self.items
@@ -242,25 +257,13 @@ fn folder_images(dir: &Path) -> Result<Vec<PathBuf>> {
     } else {
         dir.to_path_buf()
     };
-    let mut files = Vec::new();
-    let mut stack = vec![base.clone()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
-            let p = e.map_err(|e| Error::io(&d, e))?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if is_image_name(&p.to_string_lossy()) {
-                files.push(p);
-            }
-        }
-    }
+    let files = super::data::image_files(&base)?;
     if files.is_empty() {
         return Err(Error::BadInput {
             path: base,
             msg: "no images (jpg, jpeg, png, webp)".into(),
         });
     }
-    files.sort();
     Ok(files)
 }
 
@@ -382,17 +385,7 @@ pub fn mask_crops(
                     return Ok(None);
                 }
             };
-            let (h, w, mask) = data.load_mask(i)?;
-            if (w as u32, h as u32) != img.dimensions() {
-                return Err(Error::BadInput {
-                    path: data.items[i].1.clone(),
-                    msg: format!(
-                        "mask is {w}x{h} but its image is {}x{}",
-                        img.width(),
-                        img.height()
-                    ),
-                });
-            }
+            let (h, w, mask) = data.mask_for(i, &img)?;
             let crop = rrc.sample(img.dimensions(), &mut sample_rng(seed, epoch, i as u64));
             let ts = views
                 .iter()
