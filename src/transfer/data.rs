@@ -5,7 +5,7 @@
 //! resized crops seen by one or several models (each at its own size and normalisation), and
 //! evaluation inputs.
 
-use crate::data::augment::{crop_to_tensor, sample_rng};
+use crate::data::augment::{crop_to_tensor, sample_rng, CropBox};
 use crate::data::tar::is_image_name;
 use crate::data::{ImageSet, ImageSource, RandomResizedCrop};
 use crate::error::{Error, Result};
@@ -391,8 +391,22 @@ pub fn crops(
     epoch: u64,
     indices: &[usize],
 ) -> Result<Crops> {
-    type Item = Option<Vec<Tensor>>;
-    let items: Vec<Result<Item>> = indices
+    Ok(crops_with(data, views, rrc, seed, epoch, indices, |_, _, _| Ok(()))?.0)
+}
+
+/// [`crops`], with what `extra` makes of each kept item from its index, image and crop (a mask
+/// cut the same way), in the order of `Crops::kept`. An error from `extra` fails the batch.
+pub fn crops_with<T: Send>(
+    data: &dyn ImageSource,
+    views: &[View],
+    rrc: &RandomResizedCrop,
+    seed: u64,
+    epoch: u64,
+    indices: &[usize],
+    extra: impl Fn(usize, &image::RgbImage, &CropBox) -> Result<T> + Sync,
+) -> Result<(Crops, Vec<T>)> {
+    type Item<T> = Option<(Vec<Tensor>, T)>;
+    let items: Vec<Result<Item<T>>> = indices
         .par_iter()
         .map(|&i| {
             let img = match data.load(i) {
@@ -403,20 +417,20 @@ pub fn crops(
                 }
             };
             let crop = rrc.sample(img.dimensions(), &mut sample_rng(seed, epoch, i as u64));
-            views
+            let ts = views
                 .iter()
                 .map(|v| crop_to_tensor(&img, &crop, v.size, v.mean, v.std, &Device::Cpu))
-                .collect::<Result<Vec<_>>>()
-                .map(Some)
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Some((ts, extra(i, &img, &crop)?)))
         })
         .collect();
     let mut per_view: Vec<Vec<Tensor>> = vec![Vec::new(); views.len()];
-    let mut kept = Vec::new();
-    let mut skipped = 0;
+    let (mut kept, mut extras, mut skipped) = (Vec::new(), Vec::new(), 0);
     for (it, &i) in items.into_iter().zip(indices) {
         match it? {
-            Some(ts) => {
+            Some((ts, x)) => {
                 kept.push(i);
+                extras.push(x);
                 for (k, t) in ts.into_iter().enumerate() {
                     per_view[k].push(t);
                 }
@@ -437,11 +451,14 @@ pub fn crops(
         .iter()
         .map(|v| Ok(Tensor::stack(v, 0)?))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Crops {
-        views,
-        kept,
-        skipped,
-    })
+    Ok((
+        Crops {
+            views,
+            kept,
+            skipped,
+        },
+        extras,
+    ))
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@
 //! set holds class indices 0..K-1 with an ignore value. Crops of image and mask are cut
 //! together (the mask resized nearest-neighbour).
 
-use super::data::{parse_split, Crops, View};
-use crate::data::augment::{crop_to_tensor, sample_rng, CropBox};
+use super::data::{crops_with, parse_split, Crops, View};
+use crate::data::augment::CropBox;
 use crate::data::{ImageSource, RandomResizedCrop};
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -374,63 +374,13 @@ pub fn mask_crops(
     indices: &[usize],
 ) -> Result<(Crops, Tensor)> {
     let size = views.first().map_or(0, |v| v.size);
-    type Item = Option<(Vec<Tensor>, Vec<u32>)>;
-    let items: Vec<Result<Item>> = indices
-        .par_iter()
-        .map(|&i| {
-            let img = match data.load(i) {
-                Ok(img) => img,
-                Err(e) => {
-                    tracing::warn!("skipping unreadable image: {e}");
-                    return Ok(None);
-                }
-            };
-            let (h, w, mask) = data.mask_for(i, &img)?;
-            let crop = rrc.sample(img.dimensions(), &mut sample_rng(seed, epoch, i as u64));
-            let ts = views
-                .iter()
-                .map(|v| crop_to_tensor(&img, &crop, v.size, v.mean, v.std, &Device::Cpu))
-                .collect::<Result<Vec<_>>>()?;
-            Ok(Some((ts, crop_mask(&mask, (h, w), &crop, size))))
-        })
-        .collect();
-    let mut per_view: Vec<Vec<Tensor>> = vec![Vec::new(); views.len()];
-    let (mut kept, mut labels, mut skipped) = (Vec::new(), Vec::new(), 0);
-    for (it, &i) in items.into_iter().zip(indices) {
-        match it? {
-            Some((ts, m)) => {
-                kept.push(i);
-                labels.extend(m);
-                for (k, t) in ts.into_iter().enumerate() {
-                    per_view[k].push(t);
-                }
-            }
-            None => skipped += 1,
-        }
-    }
-    if kept.is_empty() {
-        return Err(Error::BadInput {
-            path: data.root(),
-            msg: format!(
-                "none of the {} images of a batch is readable",
-                indices.len()
-            ),
-        });
-    }
-    let n = kept.len();
-    let views = per_view
-        .iter()
-        .map(|v| Ok(Tensor::stack(v, 0)?))
-        .collect::<Result<Vec<_>>>()?;
-    let masks = Tensor::from_vec(labels, (n, size, size), &Device::Cpu)?;
-    Ok((
-        Crops {
-            views,
-            kept,
-            skipped,
-        },
-        masks,
-    ))
+    let (c, masks) = crops_with(data, views, rrc, seed, epoch, indices, |i, img, crop| {
+        let (h, w, mask) = data.mask_for(i, img)?;
+        Ok(crop_mask(&mask, (h, w), crop, size))
+    })?;
+    let n = c.kept.len();
+    let masks = Tensor::from_vec(masks.concat(), (n, size, size), &Device::Cpu)?;
+    Ok((c, masks))
 }
 
 #[cfg(test)]
