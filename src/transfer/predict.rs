@@ -206,10 +206,12 @@ pub fn predict_folder(
         for (j, (i, img, _)) in loaded.iter().enumerate() {
             let name = set.name(*i);
             let stem = safe_stem(&name, *i);
-            let (top, picture, mask) = match m.task {
+            // (top classes, picture and its file, class-map file)
+            let (top, picture, file, mask) = match m.task {
                 TransferTask::Classify => (
                     top_k(&logits.get(j)?.unsqueeze(0)?, &m.classes, k.max(1))?.remove(0),
-                    img.clone(),
+                    crate::viz::photo_tile(img, (160, 160)),
+                    format!("{stem}.png"),
                     None,
                 ),
                 TransferTask::Segment => {
@@ -221,19 +223,12 @@ pub fn predict_folder(
                     (
                         top_areas(&map, &m.classes, k.max(1)),
                         overlay(img, &map),
+                        format!("{stem}.overlay.png"),
                         Some(file),
                     )
                 }
             };
-            let file = match m.task {
-                TransferTask::Classify => format!("{stem}.png"),
-                TransferTask::Segment => format!("{stem}.overlay.png"),
-            };
             let path = out.join(&file);
-            let picture = match m.task {
-                TransferTask::Classify => crate::viz::photo_tile(&picture, (160, 160)),
-                TransferTask::Segment => picture,
-            };
             picture.save(&path).map_err(|e| Error::io(&path, e))?;
             let text = top
                 .iter()
