@@ -82,12 +82,6 @@ pub fn mask_of(image: &Path) -> Option<(PathBuf, bool)> {
     None
 }
 
-/// What the set's own layout says about its labels.
-pub struct LayoutHint {
-    /// masks come from `annotations/` folders (ADE20K)
-    pub ade: bool,
-}
-
 /// Options of a segmentation set (from the recipe).
 #[derive(Clone, Debug, Default)]
 pub struct MaskOptions {
@@ -137,12 +131,9 @@ impl MaskSet {
             ade.get_or_insert(is_ade);
             items.push((img, mask));
         }
-        let hint = LayoutHint {
-            ade: ade.unwrap_or(false),
-        };
         let rule = match rule {
             Some(r) => r.clone(),
-            None => rule_for(opts, &hint, path)?,
+            None => rule_for(opts, ade.unwrap_or(false), path)?,
         };
         let classes = class_names(opts, &rule)?;
         check_sizes(&items)?;
@@ -208,8 +199,9 @@ impl MaskSet {
     }
 }
 
-fn rule_for(opts: &MaskOptions, hint: &LayoutHint, path: &Path) -> Result<LabelRule> {
-    let classes = match (opts.num_classes, hint.ade) {
+/// The label rule of a set whose masks come from `annotations/` folders (ADE20K) when `ade`.
+fn rule_for(opts: &MaskOptions, ade: bool, path: &Path) -> Result<LabelRule> {
+    let classes = match (opts.num_classes, ade) {
         (0, true) => ADE20K_CLASSES,
         (0, false) => {
             return Err(Error::BadInput {
@@ -222,7 +214,7 @@ fn rule_for(opts: &MaskOptions, hint: &LayoutHint, path: &Path) -> Result<LabelR
     Ok(LabelRule {
         classes,
         ignore: opts.ignore_index,
-        reduce_zero_label: opts.reduce_zero_label.unwrap_or(hint.ade),
+        reduce_zero_label: opts.reduce_zero_label.unwrap_or(ade),
     })
 }
 
