@@ -154,6 +154,7 @@ def main():
     demo_assets()
     demo_distill_assets()
     full_size_manifests()
+    embed_refs()
 
 
 def sam_ref(sd, svcfg, case, size, x):
@@ -508,6 +509,47 @@ def timm_fastvit():
             out["logits"] = fused(x).contiguous()
         save_file(out, os.path.join(REFS, f"{fname}.safetensors"))
         print(f"  {fname}: logits {list(out['logits'].shape)}")
+
+
+def image_features(out):
+    """transformers 5 returns an output object from get_image_features; 4.x a tensor."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def embed_refs():
+    """Image-level embeddings of the committed fixture models, as the reference computes them
+    (`gen_fixtures.py embed_refs` needs the model folders written by main()):
+      refs/embed-<name>.safetensors: pixel_values, embedding (not normalised)
+    CLIP: CLIPModel.get_image_features (post_layernorm + visual_projection); SigLIP: the
+    vision tower's pooler_output (attention pooling head; what SiglipModel.get_image_features
+    returns); DINOv2 / ViT: last_hidden_state[:, 0]; timm ViT: forward_head(pre_logits=True)."""
+    import timm
+    from safetensors.torch import load_file
+
+    def save(name, x, e):
+        save_file({"pixel_values": x.contiguous(), "embedding": e.contiguous()},
+                  os.path.join(REFS, f"embed-{name}.safetensors"))
+        print(f"  embed-{name}: input {list(x.shape)} -> {list(e.shape)}")
+
+    with torch.no_grad():
+        m = T.CLIPModel.from_pretrained(os.path.join(MODELS, "clip")).eval()
+        x = pixels(3, 32, 32, 91)
+        save("clip", x, image_features(m.get_image_features(pixel_values=x)))
+        m = T.SiglipVisionModel.from_pretrained(os.path.join(MODELS, "siglip")).eval()
+        x = pixels(3, 32, 32, 92)
+        save("siglip", x, m(pixel_values=x).pooler_output)
+        m = T.Dinov2Model.from_pretrained(os.path.join(MODELS, "dinov2")).eval()
+        x = pixels(2, 35, 49, 93)
+        save("dinov2", x, m(pixel_values=x).last_hidden_state[:, 0])
+        m = T.ViTModel.from_pretrained(os.path.join(MODELS, "vit"), add_pooling_layer=False).eval()
+        x = pixels(2, 32, 32, 94)
+        save("vit", x, m(pixel_values=x).last_hidden_state[:, 0])
+        args = json.load(open(os.path.join(MODELS, "timm-vit", "config.json")))["model_args"]
+        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
+        m.load_state_dict(load_file(os.path.join(MODELS, "timm-vit", "model.safetensors")))
+        m.eval()
+        x = pixels(2, 32, 32, 95)
+        save("timm-vit", x, m.forward_head(m.forward_features(x), pre_logits=True))
 
 
 if __name__ == "__main__":

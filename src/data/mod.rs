@@ -4,6 +4,7 @@ pub mod augment;
 pub mod dense;
 pub mod dense_aug;
 pub mod folder;
+pub mod lists;
 pub mod npy;
 pub mod tar;
 

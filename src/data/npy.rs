@@ -13,7 +13,25 @@ pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     })
 }
 
-fn parse_f32(b: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
+/// The header of a `.npy` array: shape, element kind (`f`, `i`, `u`, `b`) and size in
+/// bytes, and where the data starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub shape: Vec<usize>,
+    pub kind: char,
+    pub size: usize,
+    pub offset: usize,
+}
+
+impl Header {
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Parse a `.npy` header (C order, little-endian) from the start of `b`. Checks that `b` holds
+/// the whole array (so a header declaring a huge shape is refused, not allocated).
+pub fn parse_header(b: &[u8]) -> std::result::Result<Header, String> {
     if b.len() < 10 || &b[..6] != b"\x93NUMPY" {
         return Err("missing the \\x93NUMPY magic".into());
     }
@@ -53,42 +71,62 @@ fn parse_f32(b: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
                 .map_err(|_| format!("bad shape entry {s:?}"))
         })
         .collect::<std::result::Result<_, _>>()?;
-    let n: usize = shape.iter().product();
-    let data = &b[start + hlen..];
     let (endian, kind) = descr.split_at(1.min(descr.len()));
     if endian == ">" {
         return Err("big-endian arrays are not supported".into());
     }
-    let size: usize = kind[1..].parse().map_err(|_| format!("dtype {descr:?}"))?;
-    if data.len() < n * size {
+    let size: usize = kind
+        .get(1..)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("dtype {descr:?}"))?;
+    let h = Header {
+        kind: kind.chars().next().unwrap_or('?'),
+        size,
+        offset: start + hlen,
+        shape,
+    };
+    let bytes = h
+        .shape
+        .iter()
+        .try_fold(size, |a, &d| a.checked_mul(d))
+        .ok_or("the shape overflows")?;
+    let have = b.len() - h.offset.min(b.len());
+    if have < bytes {
         return Err(format!(
-            "{} data bytes for shape {shape:?} of {descr}",
-            data.len()
+            "{have} data bytes for shape {:?} of {descr} ({bytes} needed)",
+            h.shape
         ));
     }
+    Ok(h)
+}
+
+fn parse_f32(b: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
+    let h = parse_header(b)?;
+    let (n, size) = (h.elements(), h.size);
+    let data = &b[h.offset..];
     let c = data[..n * size].chunks_exact(size);
-    let out: Vec<f32> = match (&kind[..1], size) {
-        ("f", 4) => c
+    let out: Vec<f32> = match (h.kind, size) {
+        ('f', 4) => c
             .map(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]]))
             .collect(),
-        ("f", 8) => c
+        ('f', 8) => c
             .map(|v| f64::from_le_bytes(v.try_into().expect("8 bytes")) as f32)
             .collect(),
-        ("f", 2) => c
+        ('f', 2) => c
             .map(|v| half::f16::from_le_bytes([v[0], v[1]]).to_f32())
             .collect(),
-        ("u", 1) | ("b", 1) => c.map(|v| v[0] as f32).collect(),
-        ("u", 2) => c.map(|v| u16::from_le_bytes([v[0], v[1]]) as f32).collect(),
-        ("i", 2) => c.map(|v| i16::from_le_bytes([v[0], v[1]]) as f32).collect(),
-        ("i", 4) => c
+        ('u', 1) | ('b', 1) => c.map(|v| v[0] as f32).collect(),
+        ('u', 2) => c.map(|v| u16::from_le_bytes([v[0], v[1]]) as f32).collect(),
+        ('i', 2) => c.map(|v| i16::from_le_bytes([v[0], v[1]]) as f32).collect(),
+        ('i', 4) => c
             .map(|v| i32::from_le_bytes([v[0], v[1], v[2], v[3]]) as f32)
             .collect(),
-        ("u", 4) => c
+        ('u', 4) => c
             .map(|v| u32::from_le_bytes([v[0], v[1], v[2], v[3]]) as f32)
             .collect(),
-        _ => return Err(format!("unsupported dtype {descr:?}")),
+        (k, n) => return Err(format!("unsupported dtype {k}{n}")),
     };
-    Ok((shape, out))
+    Ok((h.shape, out))
 }
 
 /// Element types [`write_2d`] stores.

@@ -12,6 +12,7 @@ pub mod fastvit;
 pub mod layers;
 pub mod mobilevit;
 pub mod multitask;
+pub mod pooled;
 pub mod resnet;
 pub mod sam;
 pub mod siglip;

@@ -6,8 +6,8 @@
 //! evaluation inputs.
 
 use crate::data::augment::{crop_to_tensor, sample_rng, CropBox};
-use crate::data::tar::is_image_name;
-use crate::data::{ImageSet, ImageSource, RandomResizedCrop};
+pub use crate::data::lists::{image_files, open_unlabeled, parse_split, ListSource, SplitLine};
+use crate::data::{ImageSource, RandomResizedCrop};
 use crate::error::{Error, Result};
 use crate::preprocess::PreprocessConfig;
 use candle_core::{Device, Tensor};
@@ -23,50 +23,6 @@ pub struct Labeled {
     pub classes: Vec<String>,
     /// where it was read from (named in messages)
     pub source: PathBuf,
-}
-
-/// One line of a split file: a file name and, for classification splits, its class.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SplitLine {
-    pub line: usize,
-    pub file: String,
-    pub class: Option<String>,
-}
-
-/// Parse a split file's text (one image per line, `filename[,classname]`, no header; blank
-/// lines and `#` comments skipped). `path` is named in errors.
-pub fn parse_split(text: &str, path: &Path) -> Result<Vec<SplitLine>> {
-    let mut out = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let l = raw.trim();
-        if l.is_empty() || l.starts_with('#') {
-            continue;
-        }
-        let mut parts = l.split(',').map(str::trim);
-        let file = parts.next().unwrap_or_default().to_string();
-        let class = parts.next().map(str::to_string);
-        if file.is_empty() || class.as_deref() == Some("") || parts.next().is_some() {
-            return Err(Error::BadInput {
-                path: path.to_path_buf(),
-                msg: format!(
-                    "line {}: expected `filename` or `filename,classname`, got {l:?}",
-                    i + 1
-                ),
-            });
-        }
-        out.push(SplitLine {
-            line: i + 1,
-            file,
-            class,
-        });
-    }
-    if out.is_empty() {
-        return Err(Error::BadInput {
-            path: path.to_path_buf(),
-            msg: "split file lists no images".into(),
-        });
-    }
-    Ok(out)
 }
 
 impl Labeled {
@@ -235,24 +191,6 @@ impl Labeled {
     }
 }
 
-/// Every image file under `dir` (recursively), sorted.
-pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
-            let p = e.map_err(|e| Error::io(&d, e))?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if is_image_name(&p.to_string_lossy()) {
-                files.push(p);
-            }
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
 fn class_index(classes: &[String], name: &str, path: &Path) -> Result<usize> {
     classes
         .iter()
@@ -279,78 +217,6 @@ impl ImageSource for Labeled {
     fn root(&self) -> PathBuf {
         self.source.clone()
     }
-}
-
-/// Images named in a list file, one path per line (relative paths from the list's folder; the
-/// first comma- or tab-separated field of a line is the path; blank lines and `#` comments
-/// skipped). Paths that do not exist are dropped with a warning; none existing is an error.
-pub struct ListSource {
-    list: PathBuf,
-    files: Vec<PathBuf>,
-}
-
-impl ListSource {
-    pub fn open(list: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(list).map_err(|e| Error::io(list, e))?;
-        let base = list.parent().unwrap_or(Path::new("."));
-        let mut files = Vec::new();
-        let mut missing = 0usize;
-        for l in text.lines() {
-            let l = l.trim();
-            if l.is_empty() || l.starts_with('#') {
-                continue;
-            }
-            let first = l.split([',', '\t']).next().unwrap_or_default().trim();
-            let p = base.join(first);
-            if p.is_file() {
-                files.push(p);
-            } else {
-                missing += 1;
-            }
-        }
-        if missing > 0 {
-            tracing::warn!("{}: {missing} listed images do not exist", list.display());
-        }
-        if files.is_empty() {
-            return Err(Error::BadInput {
-                path: list.to_path_buf(),
-                msg: format!("lists no existing image ({missing} missing)"),
-            });
-        }
-        Ok(Self {
-            list: list.to_path_buf(),
-            files,
-        })
-    }
-}
-
-impl ImageSource for ListSource {
-    fn len(&self) -> usize {
-        self.files.len()
-    }
-    fn name(&self, i: usize) -> String {
-        self.files[i].display().to_string()
-    }
-    fn load(&self, i: usize) -> Result<image::RgbImage> {
-        crate::preprocess::read_image(&self.files[i])
-    }
-    fn root(&self) -> PathBuf {
-        self.list.clone()
-    }
-}
-
-/// The unlabelled transfer set: a list file (`.txt`, `.lst`, `.list`, `.csv`), else any source
-/// [`ImageSet`] reads (folder tree, tar archive, shard pattern).
-pub fn open_unlabeled(path: &Path) -> Result<Box<dyn ImageSource>> {
-    let is_list = path.is_file()
-        && path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-            ["txt", "lst", "list", "csv"].contains(&e.to_ascii_lowercase().as_str())
-        });
-    Ok(if is_list {
-        Box::new(ListSource::open(path)?)
-    } else {
-        Box::new(ImageSet::open(path)?)
-    })
 }
 
 /// How one model sees a crop: square side and normalisation.

@@ -10,7 +10,7 @@
 //! set holds class indices 0..K-1 with an ignore value. Crops of image and mask are cut
 //! together (the mask resized nearest-neighbour).
 
-use super::data::{crops_with, parse_split, Crops, View};
+use super::data::{crops_with, Crops, View};
 use crate::data::augment::CropBox;
 use crate::data::{ImageSource, RandomResizedCrop};
 use crate::error::{Error, Result};
@@ -105,20 +105,7 @@ impl MaskSet {
         opts: &MaskOptions,
         rule: Option<&LabelRule>,
     ) -> Result<Self> {
-        let images = if path.is_dir() {
-            folder_images(path)?
-        } else if path.is_file() {
-            let root = images_root
-                .map(Path::to_path_buf)
-                .or_else(|| path.parent().map(Path::to_path_buf))
-                .unwrap_or_default();
-            split_images(path, &root)?
-        } else {
-            return Err(Error::BadInput {
-                path: path.to_path_buf(),
-                msg: "no such folder (images/ with annotations/ or masks/) or split file".into(),
-            });
-        };
+        let images = crate::data::lists::set_images(path, images_root)?;
         let mut items = Vec::with_capacity(images.len());
         let mut ade = None;
         for img in images {
@@ -240,55 +227,6 @@ fn class_names(opts: &MaskOptions, rule: &LabelRule) -> Result<Vec<String>> {
         });
     }
     Ok(names)
-}
-
-/// Every image under `dir` (a data-set root's `images/` when it has one), sorted.
-fn folder_images(dir: &Path) -> Result<Vec<PathBuf>> {
-    let base = if dir.join("images").is_dir() {
-        dir.join("images")
-    } else {
-        dir.to_path_buf()
-    };
-    let files = super::data::image_files(&base)?;
-    if files.is_empty() {
-        return Err(Error::BadInput {
-            path: base,
-            msg: "no images (jpg, jpeg, png, webp)".into(),
-        });
-    }
-    Ok(files)
-}
-
-/// The images a split file names, found under `root`.
-fn split_images(file: &Path, root: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
-    let lines = parse_split(&text, file)?;
-    let mut subs = vec![root.to_path_buf(), root.join("images")];
-    if let Ok(rd) = std::fs::read_dir(root.join("images")) {
-        let mut s: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        s.sort();
-        subs.extend(s);
-    }
-    lines
-        .iter()
-        .map(|l| {
-            subs.iter()
-                .map(|s| s.join(&l.file))
-                .find(|p| p.is_file())
-                .ok_or_else(|| Error::BadInput {
-                    path: file.to_path_buf(),
-                    msg: format!(
-                        "line {}: {} is not in {} nor its images/ folders",
-                        l.line,
-                        l.file,
-                        root.display()
-                    ),
-                })
-        })
-        .collect()
 }
 
 /// Every mask must have its image's size (read from the headers only).
