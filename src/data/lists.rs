@@ -78,6 +78,14 @@ pub struct ListSource {
 }
 
 impl ListSource {
+    /// Images already found (`source` is named in messages).
+    pub fn from_files(source: &Path, files: Vec<PathBuf>) -> Self {
+        Self {
+            list: source.to_path_buf(),
+            files,
+        }
+    }
+
     pub fn open(list: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(list).map_err(|e| Error::io(list, e))?;
         let base = list.parent().unwrap_or(Path::new("."));

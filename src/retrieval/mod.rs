@@ -114,6 +114,35 @@ const BLOCK: usize = 8192;
 /// Rows read (and converted to f32) per task within a block.
 const READ_CHUNK: usize = 512;
 
+/// Where and how a scan runs.
+#[derive(Clone, Debug)]
+pub struct ScanOptions {
+    /// the device the block products run on
+    pub device: Device,
+    /// advanced by the rows of each block scanned (hidden when not shown)
+    pub progress: indicatif::ProgressBar,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            progress: indicatif::ProgressBar::hidden(),
+        }
+    }
+}
+
+impl ScanOptions {
+    /// A scan on `device` with a progress bar (rows/s) when `show`.
+    pub fn new(device: &Device, show: bool) -> Self {
+        let progress = crate::train::progress_bar(0, 0, show);
+        Self {
+            device: device.clone(),
+            progress,
+        }
+    }
+}
+
 /// Evaluation embeddings whose near-duplicates (cosine >= threshold) leave the pool.
 #[derive(Clone, Copy, Debug)]
 pub struct Exclude<'a> {
@@ -176,8 +205,9 @@ pub fn scan(
     m: usize,
     skip: &HashSet<u64>,
     exclude: Option<&Exclude>,
-    device: &Device,
+    opts: &ScanOptions,
 ) -> Result<Candidates> {
+    let device = &opts.device;
     let d = pool.dim();
     check_dims("queries", queries.dim, d)?;
     if let Some(x) = exclude {
@@ -200,6 +230,9 @@ pub fn scan(
     let mut excluded = HashSet::new();
     let mut scanned = 0;
     let mut buf: Vec<f32> = Vec::new();
+    let t0 = std::time::Instant::now();
+    opts.progress.set_length(pool.rows() as u64);
+    opts.progress.set_position(0);
     for (seg, &(base, rows)) in pool.segments().iter().enumerate() {
         let mut start = 0;
         while start < rows {
@@ -249,6 +282,9 @@ pub fn scan(
             });
             excluded.extend(block_skip);
             scanned += n;
+            opts.progress.inc(n as u64);
+            let rate = scanned as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            opts.progress.set_message(format!("{rate:.0} pool rows/s"));
             start = end;
         }
     }
@@ -435,7 +471,7 @@ pub fn balanced(
     k: usize,
     skip: &HashSet<u64>,
     exclude: Option<&Exclude>,
-    device: &Device,
+    opts: &ScanOptions,
 ) -> Result<Selection> {
     let rows = pool.rows();
     let need = queries.len() * k;
@@ -451,7 +487,7 @@ pub fn balanced(
     let mut scans = 0;
     loop {
         let first = scans == 0;
-        let mut c = scan(queries, pool, m, &skip, exclude.filter(|_| first), device)?;
+        let mut c = scan(queries, pool, m, &skip, exclude.filter(|_| first), opts)?;
         scans += 1;
         if first {
             excluded = std::mem::take(&mut c.excluded);
@@ -485,7 +521,15 @@ pub fn near_duplicates(evals: Rows, pool: &dyn PoolScan, threshold: f32) -> Resu
         dim: evals.dim,
     };
     let x = Exclude { evals, threshold };
-    Ok(scan(none, pool, 1, &HashSet::new(), Some(&x), &Device::Cpu)?.excluded)
+    Ok(scan(
+        none,
+        pool,
+        1,
+        &HashSet::new(),
+        Some(&x),
+        &ScanOptions::default(),
+    )?
+    .excluded)
 }
 
 /// `k` for a total `budget` over `queries` queries (the largest k with queries x k <= budget).
@@ -511,8 +555,8 @@ mod tests {
         v.iter().flat_map(|r| unit(r)).collect()
     }
 
-    fn cpu() -> Device {
-        Device::Cpu
+    fn cpu() -> ScanOptions {
+        ScanOptions::default()
     }
 
     fn ids(hs: &[Hit]) -> Vec<u64> {

@@ -6,12 +6,14 @@ mod cache;
 mod common;
 mod demo;
 mod distill;
+mod embed;
 mod eval;
 mod eval_edges;
 mod features;
 mod info;
 mod predict;
 mod reparameterize;
+mod retrieve;
 mod train;
 mod transfer;
 
@@ -62,6 +64,11 @@ enum Command {
     /// predictions into a small student on unlabelled images, fine-tune the student; with the
     /// task-agnostic, scratch and pretrained baselines and a report
     Transfer(Box<transfer::Args>),
+    /// Pooled, L2-normalised image embeddings of a pool (LAION / clip-retrieval layout:
+    /// img_emb/img_emb_{i}.npy + metadata/metadata_{i}.parquet), sharded and resumable
+    Embed(embed::Args),
+    /// Query-balanced transfer set: k nearest pool images per query, test copies excluded
+    Retrieve(retrieve::Args),
     /// Fold a FastViT's multi-branch training form into its single-branch inference form
     Reparameterize(reparameterize::Args),
 }
@@ -80,6 +87,8 @@ fn run() -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Reparameterize(a) => reparameterize::run(a),
         Command::Transfer(a) => transfer::run(*a),
+        Command::Embed(a) => embed::run(a),
+        Command::Retrieve(a) => retrieve::run(a),
     }
 }
 
