@@ -203,6 +203,7 @@ pub fn retrieve(cfg: &RetrieveConfig, load: &LoadOptions) -> Result<RetrieveSumm
         .iter()
         .map(|(p, why)| format!("{}: {why}", p.display()))
         .collect();
+    let scan_opts = ScanOptions::new(&load.device, cfg.progress);
     if let Some((i, n)) = cfg.part {
         let m = cfg.candidates.unwrap_or((4 * k).max(k + 16));
         let c = super::scan(
@@ -211,8 +212,9 @@ pub fn retrieve(cfg: &RetrieveConfig, load: &LoadOptions) -> Result<RetrieveSumm
             m,
             &HashSet::new(),
             exclude.as_ref(),
-            &ScanOptions::new(&load.device, cfg.progress),
+            &scan_opts,
         )?;
+        scan_opts.progress.finish_and_clear();
         let part = PartFile {
             part: (i, n),
             k,
@@ -240,9 +242,10 @@ pub fn retrieve(cfg: &RetrieveConfig, load: &LoadOptions) -> Result<RetrieveSumm
         k,
         &HashSet::new(),
         exclude.as_ref(),
-        &ScanOptions::new(&load.device, cfg.progress),
+        &scan_opts,
     )
     .map_err(|e| pool_error(&pool, e))?;
+    scan_opts.progress.finish_and_clear();
     let outputs = write_outputs(cfg, &pool, &queries.paths, &sel.picks)?;
     Ok(RetrieveSummary {
         queries: nq,
