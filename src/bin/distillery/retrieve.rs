@@ -1,8 +1,7 @@
 //! `distillery retrieve`: a query-balanced transfer set from an embedding folder.
 
+use crate::common::ComputeArgs;
 use anyhow::Result;
-use distillery::device::{DeviceSpec, Precision};
-use distillery::models::LoadOptions;
 use distillery::retrieval::embed::parse_part;
 use distillery::retrieval::retrieve::{retrieve, RetrieveConfig};
 use std::path::PathBuf;
@@ -51,20 +50,15 @@ pub struct Args {
     /// Queries shown in the contact sheet LIST.png (0: none)
     #[arg(long, default_value_t = 8)]
     sheet_queries: usize,
-    /// Device for embedding queries and scoring: cpu, cuda or cuda:N
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
-    #[arg(long, default_value = "f32")]
-    compute_dtype: Precision,
+    /// Where queries are embedded and the pool is scored
+    #[command(flatten)]
+    compute: ComputeArgs,
     #[arg(long)]
     quiet: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let load = LoadOptions {
-        dtype: a.compute_dtype.dtype(),
-        device: a.device.open()?,
-    };
+    let load = a.compute.load_options()?;
     let cfg = RetrieveConfig {
         pool: a.pool,
         queries: a.queries,
