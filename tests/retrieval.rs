@@ -181,20 +181,11 @@ fn planted_copies_are_first_neighbours_and_evaluation_copies_are_excluded() {
             .is_file());
     }
     let list = p("out/retrieved.txt");
-    let e = run_ok(&[
-        "retrieve",
-        "--pool",
-        &emb,
-        "--queries",
-        &p("q"),
-        "--exclude",
-        &p("ev"),
-        "--k",
-        "3",
-        "--out",
-        &list,
-        "--quiet",
-    ]);
+    // `retrieve --pool EMB`, and that with the queries, evaluation images and k = 3
+    let pool = ["retrieve", "--pool", emb.as_str()];
+    let (q, ev) = (p("q"), p("ev"));
+    let select = [&pool[..], &["--queries", &q, "--exclude", &ev, "--k", "3"]].concat();
+    let e = run_ok(&[&select[..], &["--out", &list, "--quiet"]].concat());
     assert!(e.contains("12 images = 4 queries x k = 3"), "{e}");
     assert!(e.contains("(2 excluded"), "{e}");
     let lines = jsonl(&s.root.join("out/retrieved.jsonl"));
@@ -243,48 +234,34 @@ fn planted_copies_are_first_neighbours_and_evaluation_copies_are_excluded() {
 
     // scanning the pool in two parts and merging gives the same list
     for (i, part) in ["0/2", "1/2"].iter().enumerate() {
-        run_ok(&[
-            "retrieve",
-            "--pool",
-            &emb,
-            "--queries",
-            &p("q"),
-            "--exclude",
-            &p("ev"),
-            "--k",
-            "3",
-            "--shard",
-            part,
-            "--out",
-            &p(&format!("part{i}")),
-            "--quiet",
-        ]);
+        run_ok(
+            &[
+                &select[..],
+                &["--shard", part, "--out", &p(&format!("part{i}")), "--quiet"],
+            ]
+            .concat(),
+        );
     }
     let merged = p("out/merged.txt");
-    run_ok(&[
-        "retrieve",
-        "--pool",
-        &emb,
-        "--merge",
-        &p("part0"),
-        &p("part1"),
-        "--out",
-        &merged,
-        "--quiet",
-    ]);
+    run_ok(
+        &[
+            &pool[..],
+            &[
+                "--merge",
+                &p("part0"),
+                &p("part1"),
+                "--out",
+                &merged,
+                "--quiet",
+            ],
+        ]
+        .concat(),
+    );
     assert_eq!(
         std::fs::read_to_string(&merged).unwrap(),
         std::fs::read_to_string(&list).unwrap()
     );
-    let e = run_err(&[
-        "retrieve",
-        "--pool",
-        &emb,
-        "--merge",
-        &p("part0"),
-        "--out",
-        &merged,
-    ]);
+    let e = run_err(&[&pool[..], &["--merge", &p("part0"), "--out", &merged]].concat());
     assert!(e.contains("part 1/2 is missing"), "{e}");
 
     // queries given as an embedding folder of the same model give the same list
@@ -299,22 +276,25 @@ fn planted_copies_are_first_neighbours_and_evaluation_copies_are_excluded() {
         "--quiet",
     ]);
     let again = p("out/again.txt");
-    run_ok(&[
-        "retrieve",
-        "--pool",
-        &emb,
-        "--queries",
-        &p("qemb"),
-        "--exclude",
-        &p("ev"),
-        "--k",
-        "3",
-        "--out",
-        &again,
-        "--quiet",
-        "--sheet-queries",
-        "0",
-    ]);
+    run_ok(
+        &[
+            &pool[..],
+            &[
+                "--queries",
+                &p("qemb"),
+                "--exclude",
+                &p("ev"),
+                "--k",
+                "3",
+                "--out",
+                &again,
+                "--quiet",
+                "--sheet-queries",
+                "0",
+            ],
+        ]
+        .concat(),
+    );
     let a: Vec<serde_json::Value> = jsonl(&s.root.join("out/again.jsonl"));
     assert_eq!(
         a.iter().map(|l| l["path"].clone()).collect::<Vec<_>>(),
@@ -333,45 +313,32 @@ fn planted_copies_are_first_neighbours_and_evaluation_copies_are_excluded() {
         &p("qclip"),
         "--quiet",
     ]);
-    let e = run_err(&[
-        "retrieve",
-        "--pool",
-        &emb,
-        "--queries",
-        &p("qclip"),
-        "--k",
-        "1",
-        "--out",
-        &again,
-    ]);
+    let e = run_err(
+        &[
+            &pool[..],
+            &["--queries", &p("qclip"), "--k", "1", "--out", &again],
+        ]
+        .concat(),
+    );
     assert!(e.contains("qclip") && e.contains("embedded with"), "{e}");
-    let e = run_err(&[
-        "retrieve",
-        "--pool",
-        &emb,
-        "--queries",
-        &p("q"),
-        "--k",
-        "10",
-        "--out",
-        &again,
-    ]);
+    let e = run_err(
+        &[
+            &pool[..],
+            &["--queries", &p("q"), "--k", "10", "--out", &again],
+        ]
+        .concat(),
+    );
     assert!(e.contains("need 40 pool images, the pool has 22"), "{e}");
     let npy2 = s.root.join("emb/img_emb/img_emb_2.npy");
     let bytes = std::fs::read(&npy2).unwrap();
     std::fs::write(&npy2, &bytes[..bytes.len() - 10]).unwrap();
-    let e = run_ok(&[
-        "retrieve",
-        "--pool",
-        &emb,
-        "--queries",
-        &p("q"),
-        "--k",
-        "1",
-        "--out",
-        &again,
-        "--quiet",
-    ]);
+    let e = run_ok(
+        &[
+            &pool[..],
+            &["--queries", &p("q"), "--k", "1", "--out", &again, "--quiet"],
+        ]
+        .concat(),
+    );
     assert!(
         e.contains("img_emb_2.npy") && e.contains("skipping shard 2"),
         "{e}"
@@ -407,20 +374,7 @@ fn planted_copies_are_first_neighbours_and_evaluation_copies_are_excluded() {
         "--quiet",
     ]);
     assert!(e.contains("1 shards written, 4 kept"), "{e}");
-    run_ok(&[
-        "retrieve",
-        "--pool",
-        &emb,
-        "--queries",
-        &p("q"),
-        "--exclude",
-        &p("ev"),
-        "--k",
-        "3",
-        "--out",
-        &again,
-        "--quiet",
-    ]);
+    run_ok(&[&select[..], &["--out", &again, "--quiet"]].concat());
     assert_eq!(
         std::fs::read_to_string(&again).unwrap(),
         std::fs::read_to_string(&list).unwrap()

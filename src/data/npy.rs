@@ -136,6 +136,31 @@ pub enum NpyType {
     F32,
 }
 
+impl NpyType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            NpyType::F16 => 2,
+            NpyType::F32 => 4,
+        }
+    }
+
+    /// `f16` or `f32`.
+    pub fn name(self) -> &'static str {
+        match self {
+            NpyType::F16 => "f16",
+            NpyType::F32 => "f32",
+        }
+    }
+}
+
+/// FNV-1a (64-bit) over bytes: a stable content fingerprint (not cryptographic).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// The bytes of a C-order 2-D `.npy` array (format 1.0) of `rows` x `cols` values stored as
 /// `ty` (little-endian), readable by `numpy.load`.
 pub fn encode_2d(values: &[f32], rows: usize, cols: usize, ty: NpyType) -> Result<Vec<u8>> {

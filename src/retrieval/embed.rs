@@ -71,15 +71,10 @@ pub fn parse_part(s: &str) -> std::result::Result<(usize, usize), String> {
     Ok((i, n))
 }
 
-/// FNV-1a over the listing (names in order): pools listed differently get different prints.
+/// FNV-1a over the listing (names in order, each ended by a 0 byte): pools listed
+/// differently get different prints.
 pub fn fingerprint<'a>(names: impl Iterator<Item = &'a str>) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for n in names {
-        for b in n.bytes().chain([0u8]) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100_0000_01b3);
-        }
-    }
+    let h = crate::data::npy::fnv1a(names.flat_map(|n| n.bytes().chain([0u8])));
     format!("{h:016x}")
 }
 
@@ -183,10 +178,7 @@ pub fn embed(cfg: &EmbedConfig, load: &LoadOptions) -> Result<EmbedSummary> {
         family: info.family.to_string(),
         pooling: model.head.name().into(),
         dim: model.dim,
-        dtype: match cfg.dtype {
-            NpyType::F16 => "f16".into(),
-            NpyType::F32 => "f32".into(),
-        },
+        dtype: cfg.dtype.name().into(),
         shard_size: cfg.shard_size,
         images: n,
         shards: n.div_ceil(cfg.shard_size),
@@ -313,10 +305,4 @@ fn manifest_difference(old: &Manifest, new: &Manifest) -> Option<String> {
             "fingerprint" => "the folder was embedded from a different listing of images".into(),
             _ => format!("the folder was embedded with {f} = {a}, this run has {b}"),
         })
-}
-
-/// The query or evaluation side of a retrieval, as paths (images found in a folder or split
-/// file). Folders with `images/` use that; split files resolve names under `images_root`.
-pub fn listed_images(path: &Path, images_root: Option<&Path>) -> Result<Vec<PathBuf>> {
-    crate::data::lists::set_images(path, images_root)
 }

@@ -65,8 +65,8 @@ pub trait PoolScan: Sync {
     fn dim(&self) -> usize;
     /// (id of the first row, rows) of each segment, ids ascending
     fn segments(&self) -> Vec<(u64, usize)>;
-    /// Rows `[start, end)` of `segment` as f32, appended to `out`.
-    fn read(&self, segment: usize, start: usize, end: usize, out: &mut Vec<f32>);
+    /// Rows `start ..` of `segment` as f32 into `out` (`out.len() / dim` rows).
+    fn read(&self, segment: usize, start: usize, out: &mut [f32]);
 
     fn rows(&self) -> usize {
         self.segments().iter().map(|s| s.1).sum()
@@ -80,8 +80,9 @@ impl PoolScan for Rows<'_> {
     fn segments(&self) -> Vec<(u64, usize)> {
         vec![(0, self.len())]
     }
-    fn read(&self, _segment: usize, start: usize, end: usize, out: &mut Vec<f32>) {
-        out.extend_from_slice(&self.data[start * self.dim..end * self.dim]);
+    fn read(&self, _segment: usize, start: usize, out: &mut [f32]) {
+        let s = start * self.dim;
+        out.copy_from_slice(&self.data[s..s + out.len()]);
     }
 }
 
@@ -166,14 +167,7 @@ pub struct Candidates {
 
 /// FNV-1a over a row's bits.
 fn row_hash(row: &[f32]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in row {
-        for b in v.to_bits().to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    h
+    crate::data::npy::fnv1a(row.iter().flat_map(|v| v.to_bits().to_le_bytes()))
 }
 
 /// `a [p x d] . b [n x d]^T` on `device` as a row-major `[p x n]` f32 vector.
@@ -242,12 +236,7 @@ pub fn scan(
             buf.resize(n * d, 0.0);
             buf.par_chunks_mut(READ_CHUNK * d)
                 .enumerate()
-                .for_each(|(c, out)| {
-                    let s = start + c * READ_CHUNK;
-                    let mut v = Vec::with_capacity(out.len());
-                    pool.read(seg, s, s + out.len() / d, &mut v);
-                    out.copy_from_slice(&v);
-                });
+                .for_each(|(c, out)| pool.read(seg, start + c * READ_CHUNK, out));
             let mut block_skip: HashSet<u64> = HashSet::new();
             if let Some((e, ne, threshold)) = &et {
                 let s = scores(e, &buf, n, device)?;
@@ -319,8 +308,8 @@ fn candidate_hashes(pool: &dyn PoolScan, hits: &[Vec<Hit>]) -> Result<HashMap<u6
             if id < base || r >= rows {
                 return Err(Error::Invalid(format!("pool id {id} is in no segment")));
             }
-            let mut v = Vec::with_capacity(pool.dim());
-            pool.read(s, r, r + 1, &mut v);
+            let mut v = vec![0.0; pool.dim()];
+            pool.read(s, r, &mut v);
             Ok((id, row_hash(&v)))
         })
         .collect()
@@ -693,9 +682,9 @@ mod tests {
         fn segments(&self) -> Vec<(u64, usize)> {
             vec![(0, self.1), (1 << 32, self.0.len() - self.1)]
         }
-        fn read(&self, seg: usize, start: usize, end: usize, out: &mut Vec<f32>) {
+        fn read(&self, seg: usize, start: usize, out: &mut [f32]) {
             let o = if seg == 0 { 0 } else { self.1 };
-            self.0.read(0, o + start, o + end, out)
+            self.0.read(0, o + start, out)
         }
     }
 
@@ -709,8 +698,8 @@ mod tests {
         fn segments(&self) -> Vec<(u64, usize)> {
             vec![self.0.segments()[self.1]]
         }
-        fn read(&self, _: usize, start: usize, end: usize, out: &mut Vec<f32>) {
-            self.0.read(self.1, start, end, out)
+        fn read(&self, _: usize, start: usize, out: &mut [f32]) {
+            self.0.read(self.1, start, out)
         }
     }
 

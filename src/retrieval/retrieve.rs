@@ -198,11 +198,7 @@ pub fn retrieve(cfg: &RetrieveConfig, load: &LoadOptions) -> Result<RetrieveSumm
     });
     let nq = queries.paths.len();
     let k = k_of(cfg, nq)?;
-    let unusable: Vec<String> = pool
-        .unusable
-        .iter()
-        .map(|(p, why)| format!("{}: {why}", p.display()))
-        .collect();
+    let unusable = pool.unusable_lines();
     let scan_opts = ScanOptions::new(&load.device, cfg.progress);
     if let Some((i, n)) = cfg.part {
         let m = cfg.candidates.unwrap_or((4 * k).max(k + 16));
@@ -638,11 +634,7 @@ fn merge(cfg: &RetrieveConfig, t0: std::time::Instant) -> Result<RetrieveSummary
         excluded: merged.excluded.len(),
         duplicates: merged.duplicates().len(),
         scans: n,
-        unusable_shards: pool
-            .unusable
-            .iter()
-            .map(|(p, why)| format!("{}: {why}", p.display()))
-            .collect(),
+        unusable_shards: pool.unusable_lines(),
         seconds: t0.elapsed().as_secs_f64(),
         outputs,
     })

@@ -68,14 +68,6 @@ impl Manifest {
             .map_err(|e| Error::Invalid(format!("manifest: {e}")))?;
         crate::atomic::write_bytes(&Self::path(root), text.as_bytes())
     }
-
-    pub fn npy_type(&self) -> NpyType {
-        if self.dtype == "f32" {
-            NpyType::F32
-        } else {
-            NpyType::F16
-        }
-    }
 }
 
 /// `img_emb/img_emb_{i}.npy` and `metadata/metadata_{i}.parquet` of shard `i`.
@@ -271,24 +263,22 @@ impl Shard {
         self.cols
     }
 
-    /// Rows `[start, end)` as f32, appended to `out`.
-    pub fn read(&self, dim: usize, start: usize, end: usize, out: &mut Vec<f32>) {
-        let elem = match self.ty {
-            NpyType::F16 => 2,
-            NpyType::F32 => 4,
-        };
-        let bytes = &self.map[self.offset + start * dim * elem..self.offset + end * dim * elem];
+    /// Rows `start ..` as f32 into `out` (`out.len() / dim` rows).
+    pub fn read(&self, start: usize, out: &mut [f32]) {
+        let elem = self.ty.size();
+        let from = self.offset + start * self.cols * elem;
+        let bytes = &self.map[from..from + out.len() * elem];
         match self.ty {
-            NpyType::F16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|v| half::f16::from_le_bytes([v[0], v[1]]).to_f32()),
-            ),
-            NpyType::F32 => out.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]])),
-            ),
+            NpyType::F16 => {
+                for (o, v) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([v[0], v[1]]).to_f32();
+                }
+            }
+            NpyType::F32 => {
+                for (o, v) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+                }
+            }
         }
     }
 }
@@ -387,6 +377,14 @@ impl Embeddings {
         })
     }
 
+    /// The shards set aside, one `file: why` line each.
+    pub fn unusable_lines(&self) -> Vec<String> {
+        self.unusable
+            .iter()
+            .map(|(p, why)| format!("{}: {why}", p.display()))
+            .collect()
+    }
+
     /// Embedding rows in the usable shards.
     pub fn rows(&self) -> usize {
         self.shards.iter().map(|s| s.rows).sum()
@@ -395,10 +393,12 @@ impl Embeddings {
     /// Every row, in shard order, as one matrix (for query and evaluation sets, which are
     /// small), with each row's pool id.
     pub fn load_all(&self) -> (Vec<f32>, Vec<u64>) {
-        let mut data = Vec::with_capacity(self.rows() * self.dim);
+        let mut data = vec![0.0; self.rows() * self.dim];
         let mut ids = Vec::with_capacity(self.rows());
+        let mut at = 0;
         for s in &self.shards {
-            s.read(self.dim, 0, s.rows, &mut data);
+            s.read(0, &mut data[at..at + s.rows * self.dim]);
+            at += s.rows * self.dim;
             ids.extend((0..s.rows).map(|r| pool_id(s.index, r)));
         }
         (data, ids)
@@ -451,8 +451,8 @@ impl PoolScan for Embeddings {
             .collect()
     }
 
-    fn read(&self, segment: usize, start: usize, end: usize, out: &mut Vec<f32>) {
-        self.shards[segment].read(self.dim, start, end, out)
+    fn read(&self, segment: usize, start: usize, out: &mut [f32]) {
+        self.shards[segment].read(start, out)
     }
 }
 

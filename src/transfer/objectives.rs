@@ -333,20 +333,15 @@ mod tests {
         // identical predictions: zero
         assert!(scalar(kd_loss(&t2(&s), &t2(&s), 3.0).unwrap()).abs() < 1e-6);
         // per-pixel maps [B, K, H, W]: the mean over images and pixels
-        let sm = t2(&s)
-            .unsqueeze(2)
-            .unwrap()
-            .unsqueeze(3)
-            .unwrap()
-            .repeat((1, 1, 2, 3))
-            .unwrap();
-        let tm = t2(&t)
-            .unsqueeze(2)
-            .unwrap()
-            .unsqueeze(3)
-            .unwrap()
-            .repeat((1, 1, 2, 3))
-            .unwrap();
+        let map = |x: &Tensor| {
+            x.unsqueeze(2)
+                .unwrap()
+                .unsqueeze(3)
+                .unwrap()
+                .repeat((1, 1, 2, 3))
+                .unwrap()
+        };
+        let (sm, tm) = (map(&t2(&s)), map(&t2(&t)));
         let a = scalar(kd_loss(&sm, &tm, 2.0).unwrap());
         let b = scalar(kd_loss(&t2(&s), &t2(&t), 2.0).unwrap());
         assert!((a - b).abs() < 1e-5);

@@ -1,8 +1,7 @@
 //! `distillery cache`: run teachers once and store their distilled levels.
 
+use crate::common::StoreComputeArgs;
 use anyhow::{bail, Result};
-use distillery::device::{DeviceSpec, Precision};
-use distillery::models::LoadOptions;
 use distillery::train::{cache, stage2};
 use std::path::PathBuf;
 
@@ -37,23 +36,17 @@ pub struct Args {
     /// Storage type of the cached features
     #[arg(long, default_value = "f16", value_parser = ["f16", "bf16", "f32"])]
     dtype: String,
-    /// Dtype the teachers compute in: f32, bf16 or f16
-    #[arg(long, default_value = "f32")]
-    compute_dtype: Precision,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Device the teachers run on: cpu, cuda or cuda:N
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
+    /// Where the teachers run
+    #[command(flatten)]
+    compute: StoreComputeArgs,
     #[arg(long)]
     quiet: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let load = LoadOptions {
-        dtype: a.compute_dtype.dtype(),
-        device: a.device.open()?,
-    };
+    let load = a.compute.load_options()?;
     let bo = cache::BuildOptions {
         image_size: a.image_size,
         variants: a.variants,

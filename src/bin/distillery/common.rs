@@ -31,11 +31,33 @@ pub struct ComputeArgs {
 
 impl ComputeArgs {
     pub fn load_options(&self) -> Result<LoadOptions> {
-        Ok(LoadOptions {
-            dtype: self.dtype.dtype(),
-            device: self.device.open()?,
-        })
+        load_options(self.device, self.dtype)
     }
+}
+
+/// Where and in which precision models run, for verbs whose `--dtype` names how results are
+/// stored (`cache`, `embed`).
+#[derive(clap::Args, Clone, Copy)]
+pub struct StoreComputeArgs {
+    /// Device the models run on: cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Dtype the models compute in: f32, bf16 or f16
+    #[arg(long, default_value = "f32")]
+    pub compute_dtype: Precision,
+}
+
+impl StoreComputeArgs {
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        load_options(self.device, self.compute_dtype)
+    }
+}
+
+fn load_options(device: DeviceSpec, dtype: Precision) -> Result<LoadOptions> {
+    Ok(LoadOptions {
+        dtype: dtype.dtype(),
+        device: device.open()?,
+    })
 }
 
 /// How one training invocation runs (not part of the recipe).

@@ -1,10 +1,9 @@
 //! `distillery embed`: pooled, L2-normalised image embeddings of a pool, in the LAION /
 //! clip-retrieval layout.
 
+use crate::common::StoreComputeArgs;
 use anyhow::Result;
 use distillery::data::npy::NpyType;
-use distillery::device::{DeviceSpec, Precision};
-use distillery::models::LoadOptions;
 use distillery::retrieval::embed::{embed, parse_part, EmbedConfig};
 use std::path::PathBuf;
 
@@ -34,21 +33,15 @@ pub struct Args {
     /// Continue a folder this command started (complete shards are kept)
     #[arg(long)]
     resume: bool,
-    /// Device the model runs on: cpu, cuda or cuda:N
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
-    /// Dtype the model computes in: f32, bf16 or f16
-    #[arg(long, default_value = "f32")]
-    compute_dtype: Precision,
+    /// Where the model runs
+    #[command(flatten)]
+    compute: StoreComputeArgs,
     #[arg(long)]
     quiet: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let load = LoadOptions {
-        dtype: a.compute_dtype.dtype(),
-        device: a.device.open()?,
-    };
+    let load = a.compute.load_options()?;
     let cfg = EmbedConfig {
         model: a.model,
         images: a.images,
