@@ -552,6 +552,41 @@ def embed_refs():
         save("timm-vit", x, m.forward_head(m.forward_features(x), pre_logits=True))
 
 
+def target_norm():
+    """Teacher-feature standardisation statistics as numpy computes them (float64), for
+    `distillery::target_norm` (`gen_fixtures.py target_norm`):
+      refs/target-norm.safetensors: maps.{0,1,2} (f32 [B, C, h, w], correlated channels with
+      distinct means and scales, one nearly constant), mean, var (population), std, whiten,
+      unwhiten (float64). Regulariser: eps = 1e-4 * mean channel variance, added to the
+      variances (standardize) and to the covariance eigenvalues (ZCA whitening)."""
+    import numpy as np
+    from safetensors.numpy import save_file as save_np
+
+    rng = np.random.default_rng(17)
+    c = 8
+    mix = rng.normal(size=(c, c)) * rng.uniform(0.2, 3.0, size=(1, c))
+    mix[:, 5] = 0.0
+    mix[5, :] = 0.0
+    mix[5, 5] = 1e-3
+    offset = rng.normal(scale=4.0, size=c)
+    maps = []
+    for b, h, w in [(2, 3, 5), (1, 4, 4), (3, 2, 3)]:
+        z = rng.normal(size=(b * h * w, c)) @ mix.T + offset
+        maps.append(z.reshape(b, h, w, c).transpose(0, 3, 1, 2).astype(np.float32))
+    tok = np.concatenate([m.transpose(0, 2, 3, 1).reshape(-1, c) for m in maps]).astype(np.float64)
+    mean = tok.mean(0)
+    cov = (tok - mean).T @ (tok - mean) / tok.shape[0]
+    var = np.diag(cov).copy()
+    eps = 1e-4 * var.mean()
+    lam, u = np.linalg.eigh(cov)
+    lam = np.maximum(lam, 0.0) + eps
+    out = {f"maps.{i}": np.ascontiguousarray(m) for i, m in enumerate(maps)}
+    out.update(mean=mean, var=var, std=np.sqrt(var + eps),
+               whiten=(u / np.sqrt(lam)) @ u.T, unwhiten=(u * np.sqrt(lam)) @ u.T)
+    save_np(out, os.path.join(REFS, "target-norm.safetensors"))
+    print(f"  target-norm: {tok.shape[0]} tokens x {c} channels")
+
+
 if __name__ == "__main__":
     # `gen_fixtures.py student_sources` regenerates one section only.
     if len(sys.argv) > 1:

@@ -25,6 +25,7 @@ pub mod models;
 pub mod predict;
 pub mod preprocess;
 pub mod retrieval;
+pub mod target_norm;
 pub mod tasks;
 pub mod teacher;
 pub mod train;
