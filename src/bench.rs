@@ -377,6 +377,7 @@ pub fn time_stage1_step(
             &xs,
             &tx,
             crate::losses::FeatureLoss::CosSmoothL1,
+            None,
         )?;
         let grads = loss.backward()?;
         optim.step(&grads, 1e-4)?;

@@ -110,8 +110,9 @@ pub fn describe(info: &ModelInfo, input_hw: (usize, usize)) -> String {
     )
 }
 
-/// Output tensors of an exported SAK student: per teacher and level the LayerNorm-ed adapter
-/// features `teacher.{t}.level.{k}` `[B, D, h, w]`, and the raw stem tokens at each level
+/// Output tensors of an exported SAK student: per teacher and level its features for that
+/// teacher `teacher.{t}.level.{k}`: the LayerNorm-ed adapter features `[B, D, h, w]`, or, for a
+/// student trained on normalised targets, `[B, C_teacher, h, w]` at the teacher's scale; and the raw stem tokens at each level
 /// `stem.level.{k}` `[B, N, D]`.
 pub fn student_tensors(
     student: &crate::models::student::Student,
@@ -122,7 +123,7 @@ pub fn student_tensors(
     for (k, t) in out.stem.iter().enumerate() {
         m.insert(format!("stem.level.{k}"), t.contiguous()?);
     }
-    for (t, levels) in out.normed.iter().enumerate() {
+    for (t, levels) in out.teacher.iter().enumerate() {
         for (k, f) in levels.iter().enumerate() {
             m.insert(format!("teacher.{t}.level.{k}"), f.contiguous()?);
         }

@@ -74,6 +74,30 @@ pub fn feature_loss(student: &Tensor, teacher: &Tensor, kind: FeatureLoss) -> Re
     })
 }
 
+/// One teacher's distillation loss: a term per level (student map against the teacher map,
+/// normalised by `norms[level]` when the targets are normalised), summed.
+pub fn teacher_loss(
+    student: &[Tensor],
+    teacher: &[Tensor],
+    kind: FeatureLoss,
+    norms: Option<&[crate::target_norm::LevelNorm]>,
+) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for (k, (s, t)) in student.iter().zip(teacher).enumerate() {
+        let t = match norms.and_then(|n| n.get(k)) {
+            Some(n) => n.normalize(t)?,
+            None => t.clone(),
+        };
+        // Losses are computed in f32 whatever the compute dtype.
+        let l = feature_loss(&s.to_dtype(candle_core::DType::F32)?, &t, kind)?;
+        total = Some(match total {
+            Some(a) => (a + l)?,
+            None => l,
+        });
+    }
+    total.ok_or_else(|| Error::Invalid("teacher without levels".into()))
+}
+
 /// Task losses: each task's spec ([`crate::tasks`]) owns its loss and default weight.
 pub mod tasks {
     use crate::error::Result;

@@ -381,3 +381,256 @@ fn mixed_precision_keeps_f32_masters_and_resumes_exactly() {
         "a resumed f16 run reproduces the uninterrupted one"
     );
 }
+
+/// Metric lines of a run that carry held-out evaluations.
+fn eval_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval/loss").is_some())
+        .collect()
+}
+
+/// `--target-norm standardize` estimates and keeps the statistics, logs held-out fidelity
+/// during training, `eval-distill` reproduces the last held-out loss from the checkpoint, and
+/// the exported student returns features at the teacher's scale (the folded output projection
+/// equals de-standardising the trained aligner's output).
+#[test]
+fn standardized_targets_held_out_fidelity_and_teacher_scale_export() {
+    use candle_core::{DType, Device, Tensor};
+    use distillery::target_norm::{TargetNorm, TargetStats, STATS_FILE};
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    write_images(&images);
+    let held = tmp.path().join("held");
+    std::fs::create_dir_all(&held).unwrap();
+    for i in 0..3u32 {
+        let img = image::RgbImage::from_fn(50 + i * 9, 41, |x, y| {
+            image::Rgb([(x * 5 + i * 40) as u8, (y * 6) as u8, ((x + y) * 3) as u8])
+        });
+        img.save(held.join(format!("h{i}.png"))).unwrap();
+    }
+    let run = tmp.path().join("std");
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let o = distill(
+        &images,
+        &run,
+        &[
+            "--target-norm",
+            "standardize",
+            "--target-norm-images",
+            "6",
+            "--eval-images",
+            &s(&held),
+            "--eval-every",
+            "3",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(run.join(STATS_FILE).is_file());
+    let spec = std::fs::read_to_string(run.join("student.json")).unwrap();
+    assert!(spec.contains("\"target_norm\": \"standardize\""), "{spec}");
+
+    // held-out evaluations at steps 3 and 6: loss and a centred cosine per teacher and level
+    let ev = eval_lines(&run);
+    assert_eq!(
+        ev.iter()
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [3, 6]
+    );
+    let centred: Vec<f64> = ev[1]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.ends_with(".centred_cos"))
+        .map(|(_, v)| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(centred.len(), 8, "{}", ev[1]);
+    assert!(centred.iter().all(|c| c.is_finite() && c.abs() <= 1.0));
+
+    // eval-distill on the final checkpoint: the same held-out loss, plus the init baseline
+    let o = Command::new(env!("CARGO_BIN_EXE_distillery"))
+        .args([
+            "eval-distill",
+            &s(&run),
+            "--images",
+            &s(&held),
+            "--baseline",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("centred") && table.contains("init"),
+        "{table}"
+    );
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(run.join("eval-distill.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 16);
+    let student_loss = rows[0]["held_out_loss"].as_f64().unwrap();
+    let last = ev[1]["eval/loss"].as_f64().unwrap();
+    assert!(
+        (student_loss - last).abs() <= 1e-5 * last.abs(),
+        "{student_loss} vs {last}"
+    );
+    let init_loss = rows[15]["held_out_loss"].as_f64().unwrap();
+    assert!(init_loss != student_loss);
+
+    // the exported student (output projections) against the checkpoint's aligners mapped back
+    let exported = distillery::train::stage1::load_student(&run).unwrap();
+    let (tensors, state) =
+        distillery::train::checkpoint::load(&run.join("checkpoint.safetensors"), &Device::Cpu)
+            .unwrap();
+    let spec: distillery::models::student::StudentSpec =
+        serde_json::from_value(state["spec"].clone()).unwrap();
+    assert_eq!(spec.target_norm, TargetNorm::Standardize);
+    let params = tensors
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("model.").map(|n| (n.to_string(), v.clone())))
+        .collect();
+    let trained = distillery::models::student::Student::build(
+        &spec,
+        &distillery::weights::Weights::from_tensors(params, Path::new("ck")).unwrap(),
+    )
+    .unwrap();
+    let widths: Vec<usize> = spec.teachers.iter().map(|t| t.dim).collect();
+    let stats = TargetStats::load(
+        &run.join(STATS_FILE),
+        TargetNorm::Standardize,
+        &widths,
+        4,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let a = exported.forward(&x, false).unwrap();
+    let b = trained.forward(&x, true).unwrap();
+    for (t, &width) in widths.iter().enumerate() {
+        for k in 0..4 {
+            let want = stats
+                .get(t, k)
+                .unwrap()
+                .denormalize(&b.aligned[t][k])
+                .unwrap();
+            assert_eq!(a.teacher[t][k].dims()[1], width);
+            let err = common::rel_err(&a.teacher[t][k].to_dtype(DType::F32).unwrap(), &want);
+            assert!(err < 1e-5, "teacher {t} level {k}: {err}");
+        }
+    }
+
+    // resuming with another normalisation is refused
+    let o = distill(&images, &run, &["--resume", "--target-norm", "whiten"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("target normalisation"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A student that fits standardised targets exactly: its exported features are the teacher's
+/// features at the teacher's scale. The teacher is built from the student's own (perfectly
+/// standardised) output: `T = A' * sigma + mu`, so the statistics estimated from `T` give back
+/// `A'` as the target (loss 0) and the export must undo them.
+#[test]
+fn exact_fit_round_trips_to_the_teacher_scale() {
+    use candle_core::{DType, Device, Tensor};
+    use distillery::models::student::{preset, Student, StudentSpec, TeacherSlot};
+    use distillery::target_norm::{Moments, TargetNorm, TargetStats};
+    use distillery::train::engine::{seeded_params, vars_of, RunPaths};
+    let dev = Device::Cpu;
+    let slots = vec![TeacherSlot {
+        name: "t".into(),
+        dim: 40,
+    }];
+    let mut spec = StudentSpec::new(preset("vit-n8").unwrap(), 32, slots).unwrap();
+    spec.target_norm = TargetNorm::Standardize;
+    let vm = seeded_params(spec.parameters(), 5, &dev, Path::new("init")).unwrap();
+    let build = |vm: &candle_nn::VarMap| {
+        Student::build(
+            &spec,
+            &distillery::weights::Weights::from_vars(vm, Path::new("init")).unwrap(),
+        )
+        .unwrap()
+    };
+    let x = Tensor::randn(0f32, 1f32, (3, 3, 32, 32), &dev).unwrap();
+    // standardise the student's own aligner outputs: W' = W / sd, b' = (b - mu) / sd
+    let out = build(&vm).forward(&x, true).unwrap();
+    let vars = vars_of(&vm).unwrap();
+    for k in 0..4 {
+        let mut m = Moments::new(40, false);
+        m.add_map(&out.aligned[0][k]).unwrap();
+        let mu = Tensor::new(m.mean().iter().map(|&v| v as f32).collect::<Vec<_>>(), &dev).unwrap();
+        let sd = Tensor::new(
+            m.variance()
+                .iter()
+                .map(|&v| v.sqrt() as f32)
+                .collect::<Vec<_>>(),
+            &dev,
+        )
+        .unwrap();
+        let w = &vars[&format!("tsap.0.aligners.{k}.weight")];
+        let b = &vars[&format!("tsap.0.aligners.{k}.bias")];
+        w.set(
+            &w.as_tensor()
+                .broadcast_div(&sd.unsqueeze(1).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        b.set(&((b.as_tensor() - &mu).unwrap() / &sd).unwrap())
+            .unwrap();
+    }
+    let fitted = build(&vm).forward(&x, true).unwrap();
+    // the teacher: the standardised output at another scale and offset per channel
+    let sigma = Tensor::rand(0.5f32, 4.0, 40, &dev).unwrap();
+    let mu = Tensor::randn(0f32, 3.0, 40, &dev).unwrap();
+    let teacher: Vec<Tensor> = fitted.aligned[0]
+        .iter()
+        .map(|a| {
+            a.broadcast_mul(&sigma.reshape((1, 40, 1, 1)).unwrap())
+                .unwrap()
+                .broadcast_add(&mu.reshape((1, 40, 1, 1)).unwrap())
+                .unwrap()
+        })
+        .collect();
+    let moments: Vec<Moments> = teacher
+        .iter()
+        .map(|t| {
+            let mut m = Moments::new(40, false);
+            m.add_map(t).unwrap();
+            m
+        })
+        .collect();
+    let stats = TargetStats::from_moments(&[moments], TargetNorm::Standardize, &dev).unwrap();
+    let loss = distillery::losses::teacher_loss(
+        &fitted.aligned[0],
+        &teacher,
+        distillery::losses::FeatureLoss::Mse,
+        Some(&stats.levels[0]),
+    )
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap();
+    assert!(
+        loss < 1e-6,
+        "the student fits the standardised targets: {loss}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = RunPaths::new(tmp.path());
+    distillery::train::stage1::export_student(&paths, &spec, &vars, Some(&stats)).unwrap();
+    let exported = distillery::train::stage1::load_student(tmp.path()).unwrap();
+    let got = exported.forward(&x, false).unwrap();
+    for (k, t) in teacher.iter().enumerate() {
+        let err = common::rel_err(&got.teacher[0][k].to_dtype(DType::F32).unwrap(), t);
+        assert!(
+            err < 1e-3,
+            "level {k}: exported features off the teacher by {err}"
+        );
+    }
+}

@@ -429,6 +429,7 @@ fn routers_and_heads_match_torch() {
             .map(|i| (0..4).map(|k| get(&format!("in.normed.{i}.{k}"))).collect())
             .collect(),
         aligned: vec![],
+        teacher: vec![],
         grid: (3, 5),
     };
     let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {

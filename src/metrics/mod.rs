@@ -1,6 +1,7 @@
 //! Evaluation metrics for the dense-prediction tasks (SPEC.md section 6), one file per family.
 
 pub mod boundary;
+pub mod fidelity;
 pub mod geometry;
 pub mod saliency;
 pub mod segmentation;

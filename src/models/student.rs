@@ -6,7 +6,9 @@
 //!
 //! Parameter names: `stem.*` (timm ViT names), `tsap.{t}.adapters.{l}.{down,up}.{weight,bias}`,
 //! `tsap.{t}.adapters.{l}.scale`, `tsap.{t}.norms.{k}.{weight,bias}`,
-//! `tsap.{t}.aligners.{k}.{weight,bias}` (dropped at export).
+//! `tsap.{t}.aligners.{k}.{weight,bias}` (dropped at export); a student trained on normalised
+//! targets (`target_norm`) exports `tsap.{t}.outputs.{k}.{weight,bias}`: the aligner with the
+//! inverse normalisation folded in, mapping its features back to the teacher's scale.
 
 use super::backbone::{Backbone, FeatureInfo, ViTSpec};
 use super::encoder::{TokenEncoder, VitArch};
@@ -14,6 +16,7 @@ use super::layers::{LayerNorm, Linear};
 use super::{evenly_spaced_blocks, FeatureRequest, VisionEncoder};
 use crate::error::{Error, Result};
 use crate::preprocess::{IMAGENET_MEAN, IMAGENET_STD};
+use crate::target_norm::TargetNorm;
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -43,6 +46,9 @@ pub struct StudentSpec {
     pub levels: Vec<usize>,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// how the distillation targets were normalised (the exported output projections undo it)
+    #[serde(default, skip_serializing_if = "TargetNorm::is_none")]
+    pub target_norm: TargetNorm,
 }
 
 /// Student stem presets (see [`super::backbone::vit_preset`]).
@@ -76,6 +82,7 @@ impl StudentSpec {
             teachers,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
+            target_norm: TargetNorm::None,
         })
     }
 
@@ -235,6 +242,8 @@ struct Path {
     adapters: Vec<Adapter>,
     norms: Vec<LayerNorm>,
     aligners: Vec<Option<Linear>>,
+    /// exported output projections to the teacher's scale (target-normalised students)
+    outputs: Vec<Option<Linear>>,
 }
 
 /// Student outputs for one batch.
@@ -246,6 +255,9 @@ pub struct StudentOutput {
     pub normed: Vec<Vec<Tensor>>,
     /// `[teacher][level]`: the same after the aligner (teacher width), when requested
     pub aligned: Vec<Vec<Tensor>>,
+    /// `[teacher][level]`: what the student outputs for the teacher: the exported output
+    /// projection's maps (teacher width and scale) when it has them, else `normed`
+    pub teacher: Vec<Vec<Tensor>>,
     pub grid: (usize, usize),
 }
 
@@ -280,6 +292,7 @@ impl Student {
                 .collect::<Result<Vec<_>>>()?;
             let mut norms = Vec::new();
             let mut aligners = Vec::new();
+            let mut outputs = Vec::new();
             for k in 0..spec.levels.len() {
                 norms.push(LayerNorm::load(&pw.pp(format!("norms.{k}")), a.dim, 1e-5)?);
                 let al = pw.pp(format!("aligners.{k}"));
@@ -288,11 +301,18 @@ impl Student {
                 } else {
                     None
                 });
+                let o = pw.pp(format!("outputs.{k}"));
+                outputs.push(if o.contains("weight") {
+                    Some(super::layers::linear(&o, a.dim, teacher.dim, true)?)
+                } else {
+                    None
+                });
             }
             paths.push(Path {
                 adapters,
                 norms,
                 aligners,
+                outputs,
             });
         }
         Ok(Self {
@@ -337,6 +357,7 @@ impl Student {
             .collect::<Result<_>>()?;
         let mut normed = Vec::new();
         let mut al = Vec::new();
+        let mut teacher = Vec::new();
         for path in &self.paths {
             // R_0 = a_0(X_0), R_l = a_l(R_{l-1} + X_l)
             let mut r = vec![path.adapters[0].forward(x[0])?];
@@ -346,6 +367,7 @@ impl Student {
             }
             let mut per_level = Vec::new();
             let mut per_level_al = Vec::new();
+            let mut per_level_out = Vec::new();
             for (k, &b) in self.spec.levels.iter().enumerate() {
                 let rl = &r[b + 1];
                 let n = path.norms[k].forward(&patches(rl)?)?;
@@ -356,15 +378,22 @@ impl Student {
                     };
                     per_level_al.push(tokens_to_map(&a, 0, out.grid)?);
                 }
-                per_level.push(tokens_to_map(&n, 0, out.grid)?);
+                let map = tokens_to_map(&n, 0, out.grid)?;
+                per_level_out.push(match &path.outputs[k] {
+                    Some(o) => tokens_to_map(&o.forward(&n)?, 0, out.grid)?,
+                    None => map.clone(),
+                });
+                per_level.push(map);
             }
             normed.push(per_level);
             al.push(per_level_al);
+            teacher.push(per_level_out);
         }
         Ok(StudentOutput {
             stem,
             normed,
             aligned: al,
+            teacher,
             grid: out.grid,
         })
     }

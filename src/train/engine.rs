@@ -414,6 +414,11 @@ pub trait Objective {
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(Vec::new())
     }
+    /// A held-out evaluation after `step` steps, logged as its own metrics line; None when
+    /// the objective has nothing to evaluate.
+    fn evaluate(&mut self, _step: u64) -> Result<Option<Vec<(String, f64)>>> {
+        Ok(None)
+    }
 }
 
 /// The recipe-level settings of the step loop.
@@ -428,6 +433,8 @@ pub struct LoopConfig<'a> {
     pub checkpoint_every: u64,
     /// learning rate at a step
     pub schedule: &'a dyn Fn(u64) -> f64,
+    /// steps between [`Objective::evaluate`] calls (0: only after the last step)
+    pub eval_every: u64,
 }
 
 /// What a checkpoint's header records besides tensors: enough to check and rebuild the run.
@@ -644,6 +651,15 @@ impl<'r> Trainer<'r> {
             bar.set_message(format!("loss {loss_v:.4} {ips:.1} img/s"));
             bar.inc(1);
             let done = step + 1;
+            if (lc.eval_every > 0 && done % lc.eval_every == 0) || done == end {
+                if let Some(parts) = objective.evaluate(done)? {
+                    let mut rec = serde_json::json!({ "step": done });
+                    for (name, v) in parts {
+                        rec[name] = serde_json::json!(v);
+                    }
+                    writeln!(metrics, "{rec}").map_err(|e| Error::io(paths.metrics(), e))?;
+                }
+            }
             if done % lc.checkpoint_every.max(1) == 0 || done == end {
                 metrics.flush().map_err(|e| Error::io(paths.metrics(), e))?;
                 self.save(objective, lc.format, done, config, spec)?;

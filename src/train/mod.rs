@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod engine;
+pub mod heldout;
 pub mod optim;
 pub mod plot;
 pub mod schedule;

@@ -1,4 +1,5 @@
-//! Loss curves as a PNG, from a run's `metrics.jsonl` (total loss and every `loss/...` key).
+//! Loss curves as a PNG, from a run's `metrics.jsonl` (total loss, every `loss/...` key and the
+//! held-out loss `eval/loss`).
 //! Text is rendered with a bundled DejaVu Sans Mono, so no system fonts are needed.
 
 use crate::error::{Error, Result};
@@ -30,7 +31,7 @@ pub fn read_series(metrics: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>> 
         };
         if let Some(obj) = v.as_object() {
             for (k, val) in obj {
-                if k == "loss" || k.starts_with("loss/") {
+                if k == "loss" || k.starts_with("loss/") || k == "eval/loss" {
                     if let Some(y) = val.as_f64() {
                         series.entry(k.clone()).or_default().push((step, y));
                     }
@@ -82,7 +83,10 @@ pub fn plot_losses(metrics: &Path, png: &Path, title: &str) -> Result<()> {
         .map_err(|e| err(e.to_string()))?;
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let width = if name == "loss" { 3 } else { 1 };
+        let width = match name.as_str() {
+            "loss" | "eval/loss" => 3,
+            _ => 1,
+        };
         chart
             .draw_series(LineSeries::new(
                 pts.iter().copied(),

@@ -9,25 +9,30 @@
 use crate::data::augment::{crop_to_tensor, sample_rng, RandomResizedCrop};
 use crate::data::{ImageSet, ImageSource};
 use crate::error::{Error, Result};
-use crate::losses::{feature_loss, FeatureLoss};
+use crate::losses::{teacher_loss, FeatureLoss};
 use crate::models::encoder::{resample_pos_table, VitArch};
 use crate::models::student::{preset, Student, StudentSpec, TeacherSlot};
 use crate::models::{self, LoadOptions};
+use crate::target_norm::{Moments, TargetNorm, TargetStats, STATS_FILE};
 pub use crate::teacher::{dedup_names, parse_teacher_arg, short_name, Teacher};
 use crate::train::cache::FeatureCache;
 use crate::train::engine::{
     self, DataPlan, LoopConfig, Objective, RunFolder, RunOptions, RunPaths, RunSummary, StepLoss,
     StepModel, Trainer,
 };
+use crate::train::heldout::HeldOut;
 use crate::train::schedule::CosineSchedule;
 use crate::weights::Weights;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Held-out images evaluated during `distill` (the first ones of `eval_images`).
+pub const EVAL_MAX_IMAGES: usize = 256;
 
 /// Files a stage-1 run exports.
 pub const STUDENT_WEIGHTS: &str = "student.safetensors";
@@ -70,6 +75,15 @@ pub struct DistillConfig {
     pub crop_variants: u64,
     /// teacher-feature cache folder (`distillery cache`); teachers are then not run
     pub cache: Option<PathBuf>,
+    /// normalisation of the teachers' features before the loss (`none` = the SAK reference)
+    pub target_norm: TargetNorm,
+    /// images (epoch-0 crops) the target statistics are estimated on
+    pub target_norm_images: usize,
+    /// held-out images evaluated every `eval_every` steps (fidelity metrics, held-out loss)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_images: Option<PathBuf>,
+    /// steps between held-out evaluations (0: at the end only, when `eval_images` is set)
+    pub eval_every: u64,
 }
 
 impl Default for DistillConfig {
@@ -96,6 +110,10 @@ impl Default for DistillConfig {
             strict_images: false,
             crop_variants: 0,
             cache: None,
+            target_norm: TargetNorm::None,
+            target_norm_images: 256,
+            eval_images: None,
+            eval_every: 0,
         }
     }
 }
@@ -128,6 +146,9 @@ impl DistillConfig {
         if !self.teacher_sizes.is_empty() && self.teacher_sizes.len() != self.teachers.len() {
             return bad("teacher_sizes needs one entry per teacher".into());
         }
+        if !self.target_norm.is_none() && self.target_norm_images == 0 {
+            return bad("target_norm_images must be positive to estimate target statistics".into());
+        }
         Ok(())
     }
 }
@@ -148,6 +169,14 @@ pub struct Batch {
 }
 
 impl TeacherBatch {
+    /// Teacher `k`'s feature maps for the batch: run online, or as cached.
+    pub fn features(&self, k: usize, teachers: &[Teacher]) -> Result<Vec<Tensor>> {
+        match self {
+            TeacherBatch::Pixels(px) => teachers[k].features(&px[k]),
+            TeacherBatch::Features(f) => Ok(f[k].clone()),
+        }
+    }
+
     fn to_device(&self, dev: &Device) -> Result<Self> {
         Ok(match self {
             TeacherBatch::Pixels(p) => TeacherBatch::Pixels(p.clone()),
@@ -189,10 +218,42 @@ pub fn recipe(
 
 /// Input geometry of a batch: the student's square size and normalisation, and per teacher its
 /// square size and normalisation.
-struct Geometry {
-    student_size: usize,
-    student_norm: ([f32; 3], [f32; 3]),
-    teachers: Vec<(usize, [f32; 3], [f32; 3])>,
+pub(crate) struct Geometry {
+    pub student_size: usize,
+    pub student_norm: ([f32; 3], [f32; 3]),
+    pub teachers: Vec<(usize, [f32; 3], [f32; 3])>,
+}
+
+impl Geometry {
+    pub fn new(spec: &StudentSpec, teachers: &[Teacher]) -> Self {
+        Self {
+            student_size: spec.image_size,
+            student_norm: (spec.mean, spec.std),
+            teachers: teachers
+                .iter()
+                .map(|t| {
+                    let (m, s) = t.norm();
+                    (t.size(), m, s)
+                })
+                .collect(),
+        }
+    }
+
+    /// One crop of `img` as the student's input `[3, S, S]` and each teacher's.
+    pub fn inputs(
+        &self,
+        img: &image::RgbImage,
+        crop: &crate::data::augment::CropBox,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let (m, s) = self.student_norm;
+        let st = crop_to_tensor(img, crop, self.student_size, m, s, &Device::Cpu)?;
+        let ts = self
+            .teachers
+            .iter()
+            .map(|&(size, m, s)| crop_to_tensor(img, crop, size, m, s, &Device::Cpu))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((st, ts))
+    }
 }
 
 fn make_batch(
@@ -231,14 +292,7 @@ fn make_batch(
                 img.dimensions(),
                 &mut sample_rng(seed, crop_epoch, i as u64),
             );
-            let (m, s) = geo.student_norm;
-            let st = crop_to_tensor(&img, &crop, geo.student_size, m, s, &Device::Cpu)?;
-            let ts = geo
-                .teachers
-                .iter()
-                .map(|&(size, m, s)| crop_to_tensor(&img, &crop, size, m, s, &Device::Cpu))
-                .collect::<Result<Vec<_>>>()?;
-            Ok(Some((st, ts)))
+            Ok(Some(geo.inputs(&img, &crop)?))
         })
         .collect();
     let mut student = Vec::new();
@@ -412,6 +466,9 @@ struct Distill<'a> {
     teachers: &'a [Teacher],
     slots: &'a [TeacherSlot],
     kind: FeatureLoss,
+    stats: Option<&'a TargetStats>,
+    /// held-out images evaluated during training
+    held_out: Option<HeldOut>,
     device: Device,
 }
 
@@ -421,13 +478,35 @@ impl Objective for Distill<'_> {
         let dtype = self.student.dtype();
         let x = b.student.to_device(&self.device)?.to_dtype(dtype)?;
         let tb = b.teachers.to_device(&self.device)?;
-        let (loss, per) = distill_loss(self.student.step()?, self.teachers, &x, &tb, self.kind)?;
+        let (loss, per) = distill_loss(
+            self.student.step()?,
+            self.teachers,
+            &x,
+            &tb,
+            self.kind,
+            self.stats,
+        )?;
         Ok(StepLoss {
             loss,
             parts: self.slots.iter().map(|s| s.name.clone()).zip(per).collect(),
             images: x.dim(0)?,
             skipped: b.skipped,
         })
+    }
+
+    fn evaluate(&mut self, _step: u64) -> Result<Option<Vec<(String, f64)>>> {
+        let Some(h) = &self.held_out else {
+            return Ok(None);
+        };
+        let dtype = self.student.dtype();
+        let e = h.evaluate(
+            self.student.model(),
+            dtype,
+            "student",
+            self.kind,
+            self.stats,
+        )?;
+        Ok(Some(e.metrics()))
     }
 }
 
@@ -480,6 +559,14 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
             (spec, run.saved.is_none().then_some(src))
         }
     };
+    let spec = StudentSpec {
+        target_norm: if run.saved.is_some() {
+            spec.target_norm
+        } else {
+            cfg.target_norm
+        },
+        ..spec
+    };
     let plan = DataPlan {
         n: data.len(),
         batch_size: cfg.batch_size,
@@ -508,8 +595,9 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
                 && saved.image_size == cfg.image_size
                 && saved.batch_size == cfg.batch_size
                 && saved.seed == cfg.seed
+                && saved.target_norm == cfg.target_norm
         },
-        "other teachers/student/image size/batch size/seed",
+        "other teachers/student/image size/batch size/seed/target normalisation",
     )?;
     let build_spec = spec.clone();
     let student = StepModel::new(
@@ -519,16 +607,48 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         &run.paths.checkpoint(),
         move |w, _| Student::build(&build_spec, w),
     )?;
-    let geo = Geometry {
-        student_size: spec.image_size,
-        student_norm: (spec.mean, spec.std),
-        teachers: teachers
-            .iter()
-            .map(|t| {
-                let (m, s) = t.norm();
-                (t.size(), m, s)
-            })
-            .collect(),
+    let geo = Geometry::new(&spec, &teachers);
+    let stats = target_stats(
+        cfg,
+        &run,
+        &spec,
+        &data,
+        &geo,
+        cache.as_deref(),
+        &teachers,
+        opts,
+    )?;
+    let held_out = match &cfg.eval_images {
+        Some(dir) => {
+            // a cached run has no teachers loaded: the held-out images need them
+            let loaded;
+            let ts = if teachers.is_empty() {
+                loaded = Teacher::load_all(
+                    &cfg.teachers,
+                    cfg.image_size,
+                    &cfg.teacher_sizes,
+                    &load_opts,
+                )?;
+                &loaded
+            } else {
+                &teachers
+            };
+            let h = HeldOut::prepare(
+                &ImageSet::open(dir)?,
+                &spec,
+                ts,
+                EVAL_MAX_IMAGES,
+                cfg.batch_size,
+                dev,
+            )?;
+            tracing::info!(
+                "held-out evaluation on {} images of {}",
+                h.images,
+                dir.display()
+            );
+            Some(h)
+        }
+        None => None,
     };
     let (seed, strict) = (cfg.seed, cfg.strict_images);
     let producer_cache = cache.clone();
@@ -548,6 +668,8 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         teachers: &teachers,
         slots: &slots,
         kind: cfg.loss,
+        stats: stats.as_ref(),
+        held_out,
         device: dev.clone(),
     };
     let summary = trainer.run(
@@ -561,45 +683,36 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
             clip_grad: cfg.clip_grad,
             checkpoint_every: cfg.checkpoint_every,
             schedule: &|s| schedule.at(s),
+            eval_every: cfg.eval_every,
         },
         cfg,
         &spec,
         opts,
     )?;
     if summary.finished() {
-        export_student(&run.paths, &spec, trainer.vars())?;
+        export_student(&run.paths, &spec, trainer.vars(), stats.as_ref())?;
     }
     Ok(summary)
 }
 
 /// The stage-1 objective for one batch: the student's stem once, every adapter path, every
-/// teacher at its own input; one term per (teacher, level), summed. Returns the total and the
-/// per-teacher sums.
+/// teacher at its own input; one term per (teacher, level), summed (targets normalised by
+/// `stats` when given). Returns the total and the per-teacher sums.
 pub fn distill_loss(
     student: &Student,
     teachers: &[Teacher],
     student_pixels: &Tensor,
     teacher_batch: &TeacherBatch,
     kind: FeatureLoss,
+    stats: Option<&TargetStats>,
 ) -> Result<(Tensor, Vec<f64>)> {
     let out = student.forward(student_pixels, true)?;
     let mut total: Option<Tensor> = None;
     let mut per_teacher = Vec::with_capacity(out.aligned.len());
     for k in 0..out.aligned.len() {
-        let feats = match teacher_batch {
-            TeacherBatch::Pixels(px) => teachers[k].features(&px[k])?,
-            TeacherBatch::Features(f) => f[k].clone(),
-        };
-        let mut tl: Option<Tensor> = None;
-        for (s, t) in out.aligned[k].iter().zip(&feats) {
-            // Losses are computed in f32 whatever the compute dtype.
-            let l = feature_loss(&s.to_dtype(DType::F32)?, t, kind)?;
-            tl = Some(match tl {
-                Some(a) => (a + l)?,
-                None => l,
-            });
-        }
-        let tl = tl.ok_or_else(|| Error::Invalid("teacher without levels".into()))?;
+        let feats = teacher_batch.features(k, teachers)?;
+        let norms = stats.and_then(|s| s.levels.get(k)).map(Vec::as_slice);
+        let tl = teacher_loss(&out.aligned[k], &feats, kind, norms)?;
         per_teacher.push(tl.to_scalar::<f32>()? as f64);
         total = Some(match total {
             Some(a) => (a + tl)?,
@@ -610,14 +723,85 @@ pub fn distill_loss(
     Ok((total, per_teacher))
 }
 
-/// Save the student without aligners: `student.safetensors` + `student.json`.
+/// Save the student without aligners: `student.safetensors` + `student.json`. A student
+/// trained on normalised targets gets, per teacher and level, an output projection
+/// `tsap.{t}.outputs.{k}` (the aligner, or the identity, with the inverse normalisation folded
+/// in) so its exported features are at the teacher's scale.
 pub fn export_student(
     paths: &RunPaths,
     spec: &StudentSpec,
     vars: &std::collections::HashMap<String, candle_core::Var>,
+    stats: Option<&TargetStats>,
 ) -> Result<()> {
-    crate::atomic::write_safetensors(&engine::export_tensors(vars), &paths.file(STUDENT_WEIGHTS))?;
+    let mut tensors = engine::export_tensors(vars);
+    if let Some(stats) = stats {
+        for t in 0..spec.teachers.len() {
+            for k in 0..spec.levels.len() {
+                let name = |what: &str| format!("tsap.{t}.{what}.{k}");
+                let w = vars.get(&format!("{}.weight", name("aligners")));
+                let b = vars.get(&format!("{}.bias", name("aligners")));
+                let (w2, b2) = stats
+                    .get(t, k)?
+                    .fold(w.map(|v| v.as_tensor()), b.map(|v| v.as_tensor()))?;
+                tensors.insert(format!("{}.weight", name("outputs")), w2);
+                tensors.insert(format!("{}.bias", name("outputs")), b2);
+            }
+        }
+    }
+    crate::atomic::write_safetensors(&tensors, &paths.file(STUDENT_WEIGHTS))?;
     engine::write_json(&paths.file(STUDENT_SPEC), spec)
+}
+
+/// The run's target statistics (None for raw targets): estimated on a fresh run from the
+/// teachers' features on the first `target_norm_images` images of epoch 0 (their training
+/// crops; read from the cache when there is one) and saved in the run folder; read back when
+/// resuming.
+#[allow(clippy::too_many_arguments)]
+fn target_stats(
+    cfg: &DistillConfig,
+    run: &RunFolder,
+    spec: &StudentSpec,
+    data: &ImageSet,
+    geo: &Geometry,
+    cache: Option<&FeatureCache>,
+    teachers: &[Teacher],
+    opts: &RunOptions,
+) -> Result<Option<TargetStats>> {
+    let kind = spec.target_norm;
+    if kind.is_none() {
+        return Ok(None);
+    }
+    let path = run.paths.file(STATS_FILE);
+    let widths: Vec<usize> = spec.teachers.iter().map(|t| t.dim).collect();
+    if run.saved.is_some() {
+        return TargetStats::load(&path, kind, &widths, spec.levels.len(), &opts.device).map(Some);
+    }
+    let n = cfg.target_norm_images.min(data.len());
+    let order = engine::epoch_order(cfg.seed, 0, data.len());
+    let mut moments: Vec<Vec<Moments>> = widths
+        .iter()
+        .map(|&c| vec![Moments::for_kind(c, kind); spec.levels.len()])
+        .collect();
+    let bar = crate::train::progress_bar(n as u64, 0, opts.progress);
+    bar.set_message("target statistics");
+    for idx in order[..n].chunks(cfg.batch_size.max(1)) {
+        let b = make_batch(data, geo, cache, cfg.seed, 0, idx, cfg.strict_images)?;
+        for (k, m) in moments.iter_mut().enumerate() {
+            let feats = b.teachers.features(k, teachers)?;
+            for (m, f) in m.iter_mut().zip(&feats) {
+                m.add_map(f)?;
+            }
+        }
+        bar.inc(idx.len() as u64);
+    }
+    bar.finish_and_clear();
+    let stats = TargetStats::from_moments(&moments, kind, &opts.device)?;
+    stats.save(&path)?;
+    tracing::info!(
+        "target statistics ({kind:?}) from {n} images written to {}",
+        path.display()
+    );
+    Ok(Some(stats))
 }
 
 /// Load an exported student from a run folder.

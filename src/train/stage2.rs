@@ -9,7 +9,7 @@ use crate::data::augment::sample_rng;
 use crate::data::dense::{self, DenseDataset, Task};
 use crate::data::dense_aug::{prepare_eval, DenseAugment, Normalize, Prepared};
 use crate::error::{Error, Result};
-use crate::losses::{feature_loss, FeatureLoss};
+use crate::losses::{teacher_loss, FeatureLoss};
 use crate::metrics::boundary::BoundaryOptions;
 use crate::models::encoder::resample_pos_table;
 use crate::models::multitask::{MultiTaskModel, MultiTaskSpec, RouterKind};
@@ -17,6 +17,7 @@ use crate::models::student::Init;
 use crate::models::student::{preset, StudentSpec, TeacherSlot};
 use crate::models::vit::TIMM_POS_KERNEL;
 use crate::models::LoadOptions;
+use crate::target_norm::{TargetStats, STATS_FILE};
 use crate::tasks::{MetricContext, Target, TaskMetric};
 use crate::teacher::Teacher;
 use crate::train::cache::FeatureCache;
@@ -526,6 +527,8 @@ struct MultiTask<'a> {
     cfg: &'a TrainConfig,
     norm: Normalize,
     distilling: bool,
+    /// the stage-1 run's target normalisation, kept for the distillation term
+    stats: Option<TargetStats>,
     device: Device,
 }
 
@@ -565,7 +568,7 @@ impl Objective for MultiTask<'_> {
         }
         if self.distilling {
             let mut dl: Option<Tensor> = None;
-            for k in 0..out.aligned.len() {
+            for (k, aligned) in out.aligned.iter().enumerate() {
                 let feats = match &batch.teacher_feats {
                     Some(f) => f[k]
                         .iter()
@@ -576,13 +579,12 @@ impl Objective for MultiTask<'_> {
                         t.features(&t.input_from(&pixels, (self.norm.mean, self.norm.std))?)?
                     }
                 };
-                for (s, f) in out.aligned[k].iter().zip(&feats) {
-                    let l = feature_loss(&s.to_dtype(DType::F32)?, f, cfg.distill_loss)?;
-                    dl = Some(match dl {
-                        Some(a) => (a + l)?,
-                        None => l,
-                    });
-                }
+                let norms = self.stats.as_ref().and_then(|s| s.levels.get(k));
+                let l = teacher_loss(aligned, &feats, cfg.distill_loss, norms.map(Vec::as_slice))?;
+                dl = Some(match dl {
+                    Some(a) => (a + l)?,
+                    None => l,
+                });
             }
             if let Some(dl) = dl {
                 add("distill", dl, cfg.distill_weight)?;
@@ -681,6 +683,19 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             hw.0, hw.1, sspec.arch.patch
         )));
     }
+    // A student distilled on normalised targets keeps them: its aligners predict them.
+    let stats = if distilling && !sspec.target_norm.is_none() {
+        let widths: Vec<usize> = sspec.teachers.iter().map(|t| t.dim).collect();
+        Some(TargetStats::load(
+            &Path::new(&cfg.init).join(STATS_FILE),
+            sspec.target_norm,
+            &widths,
+            sspec.levels.len(),
+            dev,
+        )?)
+    } else {
+        None
+    };
     let init_grid = sspec.grid_hw();
     sspec.image_hw = Some(hw);
     let spec = MultiTaskSpec {
@@ -769,6 +784,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         cfg,
         norm,
         distilling,
+        stats,
         device: dev.clone(),
     };
     let mut summary = trainer.run(
@@ -782,6 +798,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             clip_grad: cfg.clip_grad,
             checkpoint_every: cfg.checkpoint_every,
             schedule: &|s| schedule.at(s),
+            eval_every: 0,
         },
         cfg,
         &spec,

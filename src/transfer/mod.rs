@@ -761,6 +761,7 @@ impl Ctx<'_> {
                 clip_grad: self.cfg.clip_grad,
                 checkpoint_every: self.cfg.checkpoint_every,
                 schedule: &|s| schedule.at(s),
+                eval_every: 0,
             },
             self.cfg,
             spec,

@@ -51,6 +51,21 @@ pub struct Args {
     /// Reuse K fixed crop variants per image (epoch e uses variant e mod K); a cache sets it
     #[arg(long)]
     crop_variants: Option<u64>,
+    /// Normalise the teachers' features before the loss: none (the SAK reference),
+    /// standardize (per channel) or whiten (ZCA); the exported student maps back to the
+    /// teacher's scale
+    #[arg(long, value_enum)]
+    target_norm: Option<distillery::target_norm::TargetNorm>,
+    /// Images (epoch-0 crops) the target statistics are estimated on
+    #[arg(long)]
+    target_norm_images: Option<usize>,
+    /// Held-out images evaluated during training (raw/centred cosine per teacher and level,
+    /// held-out loss in metrics.jsonl and loss.png)
+    #[arg(long)]
+    eval_images: Option<PathBuf>,
+    /// Steps between held-out evaluations (default: only at the end)
+    #[arg(long)]
+    eval_every: Option<u64>,
     /// TOML file with any DistillConfig field; flags override it
     #[arg(long)]
     config: Option<PathBuf>,
@@ -83,8 +98,14 @@ pub fn run(a: Args) -> Result<()> {
         loss,
         seed,
         checkpoint_every,
-        crop_variants
+        crop_variants,
+        target_norm,
+        target_norm_images,
+        eval_every
     );
+    if a.eval_images.is_some() {
+        cfg.eval_images = a.eval_images;
+    }
     if a.cache.is_some() {
         cfg.cache = a.cache;
     }

@@ -8,6 +8,7 @@ mod demo;
 mod distill;
 mod embed;
 mod eval;
+mod eval_distill;
 mod eval_edges;
 mod features;
 mod info;
@@ -54,6 +55,10 @@ enum Command {
     Eval(eval::Args),
     /// Predict every image of a folder with a stage-2 run: PNGs per task + index.html
     Predict(predict::Args),
+    /// What a distilled student learned, on held-out images: per teacher and level raw and
+    /// centred cosine (teacher mean removed) with the teacher's features; --baseline adds
+    /// the untrained initialisation
+    EvalDistill(eval_distill::Args),
     /// Boundary benchmark (BSDS500 boundaryBench without MATLAB): ODS F, OIS F, AP
     EvalEdges(eval_edges::Args),
     /// Show what a model folder or hub id contains
@@ -83,6 +88,7 @@ fn run() -> Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Predict(a) => predict::run(a),
         Command::EvalEdges(a) => eval_edges::run(a),
+        Command::EvalDistill(a) => eval_distill::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Reparameterize(a) => reparameterize::run(a),
