@@ -244,8 +244,32 @@ fn cached_teachers_match_online_teachers() {
             );
         }
     }
-    // A cache built with other crops is refused.
+    // Target statistics estimated from the cache are the online ones: the same whitened losses.
     let cache = tmp.path().join("cache-f32");
+    let whiten = ["--target-norm", "whiten", "--target-norm-images", "5"];
+    let online_w = tmp.path().join("online-whiten");
+    let o = distill(
+        &images,
+        &online_w,
+        &[&["--crop-variants", "2"][..], &whiten[..]].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cached_w = tmp.path().join("cached-whiten");
+    let o = distill(
+        &images,
+        &cached_w,
+        &[&["--cache", &s(&cache)][..], &whiten[..]].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (losses_of(&online_w), losses_of(&cached_w));
+    assert_ne!(a, losses_of(&online), "whitened targets change the loss");
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs(),
+            "online {a:?} vs cached {b:?}"
+        );
+    }
+    // A cache built with other crops is refused.
     let run = tmp.path().join("wrong-seed");
     let o = distill(&images, &run, &["--cache", &s(&cache), "--seed", "5"]);
     assert!(!o.status.success());
@@ -523,6 +547,18 @@ fn standardized_targets_held_out_fidelity_and_teacher_scale_export() {
             assert!(err < 1e-5, "teacher {t} level {k}: {err}");
         }
     }
+
+    // not a run folder: one line naming the missing checkpoint
+    let o = Command::new(env!("CARGO_BIN_EXE_distillery"))
+        .args(["eval-distill", &s(&held), "--images", &s(&held)])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("checkpoint.safetensors") && e.contains("no checkpoint"),
+        "{e}"
+    );
 
     // resuming with another normalisation is refused
     let o = distill(&images, &run, &["--resume", "--target-norm", "whiten"]);

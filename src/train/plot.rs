@@ -93,7 +93,11 @@ pub fn plot_losses(metrics: &Path, png: &Path, title: &str) -> Result<()> {
                 color.stroke_width(width),
             ))
             .map_err(|e| err(e.to_string()))?
-            .label(name.as_str())
+            .label(if name == "eval/loss" {
+                "held-out loss"
+            } else {
+                name.as_str()
+            })
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
             });
