@@ -92,7 +92,11 @@ normals = 50.0
 
 /// A one-step stage-1 run with the given tiny teachers and a timm ViT student (patch 8).
 fn stage1(t: &Path, teachers: &[&str]) -> PathBuf {
-    let s1 = t.join("s1");
+    stage1_with(t, "s1", teachers, &[])
+}
+
+fn stage1_with(t: &Path, name: &str, teachers: &[&str], extra: &[&str]) -> PathBuf {
+    let s1 = t.join(name);
     let s = |p: &Path| p.to_string_lossy().to_string();
     let mut args = vec!["distill".to_string()];
     for name in teachers {
@@ -117,9 +121,39 @@ fn stage1(t: &Path, teachers: &[&str]) -> PathBuf {
             "32",
             "--quiet",
         ],
+        extra,
     ]
     .concat()));
     s1
+}
+
+/// Stage 2 from a stage-1 run trained on standardised targets keeps its statistics for the
+/// distillation term (the aligners predict standardised features): without the run's
+/// statistics file it refuses to start, naming it.
+#[test]
+fn stage2_keeps_the_stage1_target_normalisation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let s1 = stage1_with(t, "s1-std", &["dinov2"], &["--target-norm", "standardize"]);
+    let cfg = t.join("std.toml");
+    write_config_extra(&cfg, &t.join("run"), &s1, 2, "eval_at_end = false");
+    ok(&bin(&["train", "--config", &s(&cfg), "--quiet"]));
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(t.join("run/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(first["loss/distill"].as_f64().unwrap().is_finite());
+    std::fs::remove_file(s1.join("target-norm.safetensors")).unwrap();
+    write_config_extra(&cfg, &t.join("run2"), &s1, 2, "eval_at_end = false");
+    let o = bin(&["train", "--config", &s(&cfg), "--quiet"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("target-norm.safetensors"), "{e}");
 }
 
 #[test]
