@@ -22,6 +22,7 @@ pub mod macs;
 pub mod mat;
 pub mod metrics;
 pub mod models;
+pub mod onnx;
 pub mod predict;
 pub mod preprocess;
 pub mod retrieval;

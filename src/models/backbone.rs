@@ -89,6 +89,18 @@ pub trait Backbone: Send + Sync {
     }
     /// Its classifier, preprocessing and device.
     fn head(&self) -> &Head;
+    /// The eval-mode pyramid as ONNX nodes reading `x` (same order as
+    /// [`Backbone::forward_intermediates`]); families without an exporter say so.
+    fn onnx_intermediates(&self, _g: &mut crate::onnx::Graph, _x: &str) -> Result<Vec<String>> {
+        Err(Error::Invalid(
+            "ONNX export is not available for this model family yet".into(),
+        ))
+    }
+    /// Pooled features `[B, C]` as ONNX nodes from the last level (default: spatial mean, as
+    /// [`Backbone::pool`]).
+    fn onnx_pool(&self, g: &mut crate::onnx::Graph, last: &str) -> Result<String> {
+        Ok(g.global_pool(last))
+    }
     /// The classifier's logits `[B, classes]` from pooled features, when it has one.
     fn classify(&self, pooled: &Tensor) -> Result<Option<Tensor>> {
         self.head()
@@ -188,6 +200,23 @@ pub fn spec_at_default(name: &str) -> Option<Box<dyn BackboneSpec>> {
     FAMILIES
         .iter()
         .find_map(|f| (f.resolve)(name, f.default_hw))
+}
+
+/// A registered name (not an existing path) at random init (seed 0), or a timm folder / hub id
+/// of a registered family; `Ok(None)` when `model` is neither.
+pub fn open(model: &str, opts: &super::LoadOptions) -> Result<Option<Loaded>> {
+    match spec_at_default(model).filter(|_| !std::path::Path::new(model).exists()) {
+        Some(spec) => {
+            let (_, _, net) = crate::train::engine::random_backbone(
+                spec.as_ref(),
+                0,
+                &opts.device,
+                candle_core::DType::F32,
+            )?;
+            Ok(Some((spec, net)))
+        }
+        None => load(model, opts),
+    }
 }
 
 /// Total number of values in a parameter (or buffer) list.

@@ -251,6 +251,18 @@ impl BatchNorm2d {
         })
     }
 
+    /// Fold the eval-mode normalisation into the convolution before it: `W * s` per output
+    /// channel and bias `beta - mean * s`, with `s = gamma / sqrt(var + eps)` (f32).
+    pub fn fold_into(&self, conv_weight: &Tensor) -> Result<(Tensor, Tensor)> {
+        use candle_core::DType;
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let var = f(self.running_var.as_tensor())?;
+        let scale = f(&self.weight)?.div(&(var + self.eps)?.sqrt()?)?;
+        let weight = f(conv_weight)?.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+        let bias = (f(&self.bias)? - f(self.running_mean.as_tensor())?.mul(&scale)?)?;
+        Ok((weight, bias))
+    }
+
     /// `{name}.running_mean` and `{name}.running_var`, current values.
     pub fn state_tensors(&self, name: &str) -> Vec<(String, Tensor)> {
         vec![
@@ -399,6 +411,15 @@ impl ConvBn {
     /// The same unit followed by `act` (fused into the BatchNorm pass).
     pub fn with_act(self, act: crate::kernels::Act) -> Self {
         Self { act, ..self }
+    }
+
+    /// The unit in eval mode as ONNX nodes reading `x`: one `Conv` with the BatchNorm folded
+    /// into its weight and bias, then the activation.
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<String> {
+        let (weight, bias) = self.norm.fold_into(&self.weight)?;
+        let k = self.weight.dim(3)?;
+        let y = g.conv(x, &weight, Some(&bias), self.stride, k / 2, self.groups)?;
+        Ok(g.act(&y, self.act))
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {

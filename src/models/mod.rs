@@ -8,6 +8,7 @@ pub mod backbone;
 pub mod clip;
 pub mod dinov2;
 pub mod encoder;
+pub mod export;
 pub mod fastvit;
 pub mod layers;
 pub mod mobilevit;

@@ -342,6 +342,37 @@ impl Backbone for ResNet {
     fn head(&self) -> &Head {
         &self.head
     }
+
+    fn onnx_intermediates(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<Vec<String>> {
+        let stem = self.stem.onnx(g, x)?;
+        let mut out = vec![stem.clone()];
+        // inputs are >= 0 after the ReLU: MaxPool's -inf padding equals the zero padding here
+        let mut x = g.node(
+            "MaxPool",
+            &[&stem],
+            vec![
+                ("kernel_shape", crate::onnx::Attr::Ints(vec![3, 3])),
+                ("strides", crate::onnx::Attr::Ints(vec![2, 2])),
+                ("pads", crate::onnx::Attr::Ints(vec![1; 4])),
+            ],
+        );
+        for stage in &self.stages {
+            for block in stage {
+                let mut h = x.clone();
+                for u in &block.branch {
+                    h = u.onnx(g, &h)?;
+                }
+                let skip = match &block.shortcut {
+                    Some(u) => u.onnx(g, &x)?,
+                    None => x.clone(),
+                };
+                let sum = g.node("Add", &[&h, &skip], vec![]);
+                x = g.node("Relu", &[&sum], vec![]);
+            }
+            out.push(x.clone());
+        }
+        Ok(out)
+    }
 }
 
 /// The registry's resolver.

@@ -15,19 +15,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(m) = &a.model.model {
         let opts = a.model.compute.load_options()?;
         // a registered student name (not a folder): its architecture at random init
-        let named = match backbone::spec_at_default(m).filter(|_| !std::path::Path::new(m).exists())
-        {
-            Some(spec) => {
-                let (_, _, net) = distillery::train::engine::random_backbone(
-                    spec.as_ref(),
-                    0,
-                    &opts.device,
-                    candle_core::DType::F32,
-                )?;
-                Some((spec, net))
-            }
-            None => backbone::load(m, &opts)?,
-        };
+        let named = backbone::open(m, &opts)?;
         if let Some((spec, net)) = named {
             println!("model: {m}");
             println!("architecture: {}", spec.arch_name());

@@ -10,6 +10,7 @@ mod embed;
 mod eval;
 mod eval_distill;
 mod eval_edges;
+mod export;
 mod features;
 mod info;
 mod predict;
@@ -61,6 +62,8 @@ enum Command {
     EvalDistill(eval_distill::Args),
     /// Boundary benchmark (BSDS500 boundaryBench without MATLAB): ODS F, OIS F, AP
     EvalEdges(eval_edges::Args),
+    /// Write a model as an ONNX file (pyramid, pooled features, logits; dynamic batch)
+    Export(export::Args),
     /// Show what a model folder or hub id contains
     Info(info::Args),
     /// Time a ViT-B/16-size forward pass, or a SAK stage-1 training step (random weights)
@@ -90,6 +93,7 @@ fn run() -> Result<()> {
         Command::EvalEdges(a) => eval_edges::run(a),
         Command::EvalDistill(a) => eval_distill::run(a),
         Command::Info(a) => info::run(a),
+        Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Reparameterize(a) => reparameterize::run(a),
         Command::Transfer(a) => transfer::run(*a),

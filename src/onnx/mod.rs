@@ -1,0 +1,358 @@
+//! ONNX export and execution.
+//!
+//! Export: a family writes its inference graph into a [`Graph`] (ONNX nodes over named values,
+//! weights as initializers, opset 17, a symbolic batch dimension); [`Graph::save`] encodes the
+//! `ModelProto` with the protobuf messages `tract-onnx` ships (prost; no protoc at build time)
+//! and writes it atomically, with the preprocessing in `metadata_props`.
+//!
+//! Execution: [`OnnxModel`] runs an ONNX file with `tract-onnx` (pure Rust), for checking an
+//! export against the candle forward and for ONNX teachers.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use prost::Message;
+use std::path::{Path, PathBuf};
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+/// The operator set exported graphs use.
+pub const OPSET: i64 = 17;
+/// ONNX IR version of opset 17 (ONNX 1.12).
+const IR_VERSION: i64 = 8;
+/// Name of the symbolic batch dimension.
+pub const BATCH: &str = "batch";
+
+/// An attribute value.
+pub enum Attr {
+    Int(i64),
+    Ints(Vec<i64>),
+    Float(f32),
+    Str(&'static str),
+}
+
+/// An ONNX graph under construction: nodes in topological order, initializers, one image
+/// input `[batch, 3, H, W]` and named outputs.
+pub struct Graph {
+    nodes: Vec<pb::NodeProto>,
+    initializers: Vec<pb::TensorProto>,
+    input: pb::ValueInfoProto,
+    outputs: Vec<pb::ValueInfoProto>,
+    counter: usize,
+}
+
+fn value_info(name: &str, dims: &[Option<usize>]) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{dimension::Value as Dim, Dimension};
+    let dim = dims
+        .iter()
+        .map(|d| Dimension {
+            denotation: String::new(),
+            value: Some(match d {
+                Some(n) => Dim::DimValue(*n as i64),
+                None => Dim::DimParam(BATCH.into()),
+            }),
+        })
+        .collect();
+    pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            denotation: String::new(),
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: pb::tensor_proto::DataType::Float as i32,
+                shape: Some(pb::TensorShapeProto { dim }),
+            })),
+        }),
+        doc_string: String::new(),
+    }
+}
+
+impl Graph {
+    /// A graph whose input `name` is `[batch, channels, h, w]` f32.
+    pub fn new(name: &str, channels: usize, (h, w): (usize, usize)) -> Self {
+        Self {
+            nodes: Vec::new(),
+            initializers: Vec::new(),
+            input: value_info(name, &[None, Some(channels), Some(h), Some(w)]),
+            outputs: Vec::new(),
+            counter: 0,
+        }
+    }
+
+    /// The input's name.
+    pub fn input(&self) -> String {
+        self.input.name.clone()
+    }
+
+    fn fresh(&mut self, hint: &str) -> String {
+        self.counter += 1;
+        format!("{hint}_{}", self.counter)
+    }
+
+    /// A constant tensor (stored as f32, or i64 for shapes/axes), named after `hint`.
+    pub fn constant(&mut self, hint: &str, t: &Tensor) -> Result<String> {
+        let name = self.fresh(hint);
+        let dims = t.dims().iter().map(|&d| d as i64).collect();
+        let proto = match t.dtype() {
+            DType::I64 => pb::TensorProto {
+                dims,
+                data_type: pb::tensor_proto::DataType::Int64 as i32,
+                int64_data: t.flatten_all()?.to_vec1::<i64>()?,
+                name: name.clone(),
+                ..Default::default()
+            },
+            _ => {
+                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                pb::TensorProto {
+                    dims,
+                    data_type: pb::tensor_proto::DataType::Float as i32,
+                    raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    name: name.clone(),
+                    ..Default::default()
+                }
+            }
+        };
+        self.initializers.push(proto);
+        Ok(name)
+    }
+
+    /// An i64 vector constant (shapes, axes, pads).
+    pub fn ints(&mut self, hint: &str, v: &[i64]) -> Result<String> {
+        let t = Tensor::new(v, &Device::Cpu)?;
+        self.constant(hint, &t)
+    }
+
+    /// Append a node `op(inputs)` with `attrs`; returns its (single) output's name.
+    pub fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
+        let out = self.fresh(&op.to_lowercase());
+        self.push(op, inputs, attrs, out.clone());
+        out
+    }
+
+    fn push(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>, out: String) {
+        use pb::attribute_proto::AttributeType as T;
+        let attribute = attrs
+            .into_iter()
+            .map(|(name, a)| {
+                let mut p = pb::AttributeProto {
+                    name: name.into(),
+                    ..Default::default()
+                };
+                match a {
+                    Attr::Int(i) => {
+                        p.r#type = T::Int as i32;
+                        p.i = i;
+                    }
+                    Attr::Ints(v) => {
+                        p.r#type = T::Ints as i32;
+                        p.ints = v;
+                    }
+                    Attr::Float(f) => {
+                        p.r#type = T::Float as i32;
+                        p.f = f;
+                    }
+                    Attr::Str(s) => {
+                        p.r#type = T::String as i32;
+                        p.s = s.as_bytes().to_vec();
+                    }
+                }
+                p
+            })
+            .collect();
+        self.nodes.push(pb::NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.clone()],
+            name: out.clone(),
+            op_type: op.into(),
+            attribute,
+            ..Default::default()
+        });
+    }
+
+    /// Name `value` as a graph output (`rank` dimensions, the first the batch).
+    pub fn output(&mut self, name: &str, value: &str, rank: usize) {
+        self.push("Identity", &[value], vec![], name.to_string());
+        let mut dims = vec![None];
+        dims.extend(std::iter::repeat_n(Some(0usize), rank - 1));
+        let mut vi = value_info(name, &dims);
+        // only the rank and the batch are declared; other sizes are left to inference
+        if let Some(pb::type_proto::Value::TensorType(t)) =
+            vi.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            if let Some(s) = t.shape.as_mut() {
+                for d in s.dim.iter_mut().skip(1) {
+                    d.value = None;
+                }
+            }
+        }
+        self.outputs.push(vi);
+    }
+
+    // ---- layers built from nodes ----
+
+    /// `Conv` with weight `[out, in/groups, k, k]` and bias, symmetric padding `pad`.
+    pub fn conv(
+        &mut self,
+        x: &str,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        pad: usize,
+        groups: usize,
+    ) -> Result<String> {
+        let w = self.constant("w", weight)?;
+        let mut inputs = vec![x.to_string(), w];
+        if let Some(b) = bias {
+            inputs.push(self.constant("b", b)?);
+        }
+        let k = weight.dims()[2] as i64;
+        let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        Ok(self.node(
+            "Conv",
+            &refs,
+            vec![
+                ("kernel_shape", Attr::Ints(vec![k, weight.dims()[3] as i64])),
+                ("strides", Attr::Ints(vec![stride as i64; 2])),
+                ("pads", Attr::Ints(vec![pad as i64; 4])),
+                ("group", Attr::Int(groups as i64)),
+            ],
+        ))
+    }
+
+    /// An activation after a convolution or normalisation.
+    pub fn act(&mut self, x: &str, act: crate::kernels::Act) -> String {
+        use crate::kernels::Act;
+        match act {
+            Act::Identity => x.to_string(),
+            Act::Relu => self.node("Relu", &[x], vec![]),
+            Act::Silu => {
+                let s = self.node("Sigmoid", &[x], vec![]);
+                self.node("Mul", &[x, &s], vec![])
+            }
+        }
+    }
+
+    /// Mean over the spatial axes of `[B, C, H, W]`: `[B, C]`.
+    pub fn global_pool(&mut self, x: &str) -> String {
+        let p = self.node("GlobalAveragePool", &[x], vec![]);
+        self.node("Flatten", &[&p], vec![("axis", Attr::Int(1))])
+    }
+
+    /// `x W^T + b` over the last axis (`MatMul` + `Add`), `W` `[out, in]`.
+    pub fn linear(&mut self, x: &str, weight: &Tensor, bias: Option<&Tensor>) -> Result<String> {
+        let wt = self.constant("wt", &weight.t()?.contiguous()?)?;
+        let y = self.node("MatMul", &[x, &wt], vec![]);
+        Ok(match bias {
+            Some(b) => {
+                let b = self.constant("b", b)?;
+                self.node("Add", &[&y, &b], vec![])
+            }
+            None => y,
+        })
+    }
+
+    /// Write the model: `outputs` declared, `metadata` as `metadata_props`.
+    pub fn save(self, path: &Path, doc: &str, metadata: &[(String, String)]) -> Result<()> {
+        let model = pb::ModelProto {
+            ir_version: IR_VERSION,
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: OPSET,
+            }],
+            producer_name: "distillery".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            doc_string: doc.into(),
+            graph: Some(pb::GraphProto {
+                node: self.nodes,
+                name: "distillery".into(),
+                initializer: self.initializers,
+                input: vec![self.input],
+                output: self.outputs,
+                ..Default::default()
+            }),
+            metadata_props: metadata
+                .iter()
+                .map(|(k, v)| pb::StringStringEntryProto {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        crate::atomic::write_bytes(path, &model.encode_to_vec())
+    }
+}
+
+/// An ONNX model made runnable by tract for a fixed input shape.
+pub struct OnnxModel {
+    path: PathBuf,
+    plan: TypedRunnableModel<TypedModel>,
+    outputs: Vec<String>,
+}
+
+fn tract_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::BadInput {
+        path: path.to_path_buf(),
+        msg: format!("{e:#}").replace('\n', "; "),
+    }
+}
+
+impl OnnxModel {
+    /// Load `path` for inputs of `shape` (the batch included).
+    pub fn load(path: &Path, shape: &[usize]) -> Result<Self> {
+        let model = tract_onnx::onnx()
+            .model_for_path(path)
+            .map_err(|e| tract_err(path, format!("not a readable ONNX model: {e:#}")))?;
+        let outputs = model
+            .output_outlets()
+            .map_err(|e| tract_err(path, e))?
+            .iter()
+            .map(|o| model.node(o.node).name.clone())
+            .collect::<Vec<_>>();
+        let outputs = outputs
+            .iter()
+            .zip(model.outputs.iter())
+            .map(|(n, o)| {
+                model
+                    .outlet_label(*o)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| n.clone())
+            })
+            .collect();
+        let plan = model
+            .with_input_fact(0, f32::fact(shape).into())
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| tract_err(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            plan,
+            outputs,
+        })
+    }
+
+    /// Output names, in order.
+    pub fn outputs(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// Run on `x` (f32, the loaded shape); every output as a candle tensor.
+    pub fn run(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let dims = x.dims().to_vec();
+        let data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let input = tract_ndarray::ArrayD::from_shape_vec(dims, data)
+            .map_err(|e| tract_err(&self.path, e))?;
+        let out = self
+            .plan
+            .run(tvec!(tract_onnx::prelude::Tensor::from(input).into()))
+            .map_err(|e| tract_err(&self.path, e))?;
+        out.iter()
+            .map(|t| {
+                let a = t
+                    .to_array_view::<f32>()
+                    .map_err(|e| tract_err(&self.path, e))?;
+                let shape = a.shape().to_vec();
+                let v: Vec<f32> = a.iter().copied().collect();
+                Ok(candle_core::Tensor::from_vec(v, shape, &Device::Cpu)?)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,53 @@
+//! ONNX export: each exported family run by tract (pure Rust ONNX runtime) agrees with the
+//! candle forward on the same random pixels, at batch 1 and 3, for every output (pyramid,
+//! pooled features, logits).
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::model_dir;
+use distillery::models::LoadOptions;
+use distillery::onnx::OnnxModel;
+
+fn check_family(folder: &str, hw: (usize, usize)) {
+    let (_, net) = distillery::models::backbone::load(
+        &model_dir(folder).to_string_lossy(),
+        &LoadOptions::default(),
+    )
+    .unwrap()
+    .expect("a registered family");
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("model.onnx");
+    distillery::models::export::export_onnx(net.as_ref(), hw, folder, &path).unwrap();
+    for batch in [1usize, 3] {
+        let x = Tensor::randn(0f32, 1.0, (batch, 3, hw.0, hw.1), &Device::Cpu).unwrap();
+        let mut want = net.forward_intermediates(&x, false).unwrap();
+        let pooled = net.pool(want.last().unwrap(), false).unwrap();
+        let logits = net.classify(&pooled).unwrap();
+        let logits_present = logits.is_some();
+        want.push(pooled);
+        want.extend(logits);
+        let model = OnnxModel::load(&path, &[batch, 3, hw.0, hw.1]).unwrap();
+        let got = model.run(&x).unwrap();
+        let names = model.outputs().to_vec();
+        let mut expected: Vec<String> = (0..want.len() - 1 - usize::from(logits_present))
+            .map(|i| format!("stages.{i}"))
+            .collect();
+        expected.push("pre_logits".into());
+        if logits_present {
+            expected.push("logits".into());
+        }
+        assert_eq!(names, expected, "{folder}");
+        assert_eq!(got.len(), want.len(), "{folder}: outputs {names:?}");
+        for ((g, w), name) in got.iter().zip(&want).zip(&names) {
+            let err = common::rel_err(g, w);
+            assert!(err <= 1e-4, "{folder} batch {batch} {name}: rel err {err}");
+        }
+    }
+}
+
+#[test]
+fn resnet_exports_match_candle() {
+    check_family("timm-resnet-basic", (45, 38));
+    check_family("timm-resnet-bottleneck", (40, 56));
+}
