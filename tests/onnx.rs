@@ -9,13 +9,17 @@ use common::model_dir;
 use distillery::models::LoadOptions;
 use distillery::onnx::OnnxModel;
 
+/// `folder`: a fixture model folder, or a registered name (random init).
 fn check_family(folder: &str, hw: (usize, usize)) {
-    let (_, net) = distillery::models::backbone::load(
-        &model_dir(folder).to_string_lossy(),
-        &LoadOptions::default(),
-    )
-    .unwrap()
-    .expect("a registered family");
+    let dir = model_dir(folder);
+    let id = if dir.exists() {
+        dir.to_string_lossy().to_string()
+    } else {
+        folder.to_string()
+    };
+    let (_, net) = distillery::models::backbone::open(&id, &LoadOptions::default())
+        .unwrap()
+        .expect("a registered family");
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("model.onnx");
     distillery::models::export::export_onnx(net.as_ref(), hw, folder, &path).unwrap();
@@ -50,4 +54,11 @@ fn check_family(folder: &str, hw: (usize, usize)) {
 fn resnet_exports_match_candle() {
     check_family("timm-resnet-basic", (45, 38));
     check_family("timm-resnet-bottleneck", (40, 56));
+}
+
+#[test]
+fn vit_exports_match_candle() {
+    // the registered ViT presets at random init (class token, timm naming), non-square inputs
+    check_family("vit-t16", (32, 48));
+    check_family("vit-n8", (24, 40));
 }

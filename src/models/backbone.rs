@@ -500,6 +500,10 @@ impl Backbone for ViTBackbone {
     fn head(&self) -> &Head {
         &self.head
     }
+    fn onnx_intermediates(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<Vec<String>> {
+        let hw = g.input_hw();
+        self.encoder.onnx_levels(g, x, hw, &self.levels)
+    }
 }
 
 impl BackboneSpec for ViTSpec {

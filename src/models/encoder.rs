@@ -129,33 +129,94 @@ impl TokenEncoder {
         let (patches, grid) = self.patch_embed.forward(pixels)?;
         let (b, _, d) = patches.dims3()?;
         let patches = patches.broadcast_add(&self.pos.for_grid(grid)?)?;
-        let mut prefix = Vec::new();
-        if let Some(cls) = &self.cls {
-            prefix.push(cls.broadcast_as((b, 1, d))?);
-        }
-        if let Some(reg) = &self.registers {
-            prefix.push(reg.broadcast_as((b, reg.dim(1)?, d))?);
-        }
-        let mut x = if prefix.is_empty() {
-            patches
-        } else {
-            let mut pre = Tensor::cat(&prefix, 1)?;
-            if let Some(p) = self.pos.prefix()? {
-                let k = p.dim(1)?;
-                let n = pre.dim(1)?;
-                let with_pos = pre.narrow(1, 0, k)?.broadcast_add(&p)?;
-                pre = if k == n {
-                    with_pos
-                } else {
-                    Tensor::cat(&[&with_pos, &pre.narrow(1, k, n - k)?], 1)?
-                };
-            }
-            Tensor::cat(&[&pre, &patches], 1)?
+        let mut x = match self.prefix_tokens()? {
+            None => patches,
+            Some(pre) => Tensor::cat(&[&pre.broadcast_as((b, pre.dim(1)?, d))?, &patches], 1)?,
         };
         if let Some(norm) = &self.pre_norm {
             x = norm.forward(&x)?;
         }
         Ok((x, grid))
+    }
+
+    /// The prefix tokens `[1, P, D]` (cls, registers) with their positions added, the same
+    /// for every image; None without prefix tokens.
+    fn prefix_tokens(&self) -> Result<Option<Tensor>> {
+        let mut prefix = Vec::new();
+        if let Some(cls) = &self.cls {
+            prefix.push(cls.clone());
+        }
+        if let Some(reg) = &self.registers {
+            prefix.push(reg.clone());
+        }
+        if prefix.is_empty() {
+            return Ok(None);
+        }
+        let mut pre = Tensor::cat(&prefix, 1)?;
+        if let Some(p) = self.pos.prefix()? {
+            let k = p.dim(1)?;
+            let n = pre.dim(1)?;
+            let with_pos = pre.narrow(1, 0, k)?.broadcast_add(&p)?;
+            pre = if k == n {
+                with_pos
+            } else {
+                Tensor::cat(&[&with_pos, &pre.narrow(1, k, n - k)?], 1)?
+            };
+        }
+        Ok(Some(pre))
+    }
+
+    /// The encoder for `[batch, C, h, w]` pixels as ONNX nodes reading `x`: the patch maps
+    /// `[B, D, h/p, w/p]` after each of `levels` (0-based blocks), no final norm.
+    pub fn onnx_levels(
+        &self,
+        g: &mut crate::onnx::Graph,
+        x: &str,
+        (h, w): (usize, usize),
+        levels: &[usize],
+    ) -> Result<Vec<String>> {
+        let p = self.patch_embed.patch();
+        if h % p != 0 || w % p != 0 {
+            return Err(crate::Error::Invalid(format!(
+                "ONNX export: input {h}x{w} must be a multiple of the patch ({p})"
+            )));
+        }
+        let grid = (h / p, w / p);
+        let d = self.info.width as i64;
+        let (weight, bias) = self.patch_embed.conv_weights();
+        let maps = g.conv(x, weight, bias, p, 0, 1)?;
+        let tokens = g.reshape(&maps, &[0, d, -1])?;
+        let tokens = g.transpose(&tokens, &[0, 2, 1]);
+        let pos = g.constant("pos", &self.pos.for_grid(grid)?)?;
+        let mut t = g.node("Add", &[&tokens, &pos], vec![]);
+        let prefix = match self.prefix_tokens()? {
+            Some(pre) => {
+                let n = pre.dim(1)?;
+                let c = g.expand_batch(&pre, &t)?;
+                t = g.node(
+                    "Concat",
+                    &[&c, &t],
+                    vec![("axis", crate::onnx::Attr::Int(1))],
+                );
+                n
+            }
+            None => 0,
+        };
+        if let Some(norm) = &self.pre_norm {
+            t = norm.onnx(g, &t)?;
+        }
+        let last = levels.iter().copied().max().unwrap_or(0);
+        let mut out = Vec::new();
+        for (i, blk) in self.blocks.iter().take(last + 1).enumerate() {
+            t = blk.onnx(g, &t)?;
+            if levels.contains(&i) {
+                let n = (prefix + grid.0 * grid.1) as i64;
+                let patches = g.slice(&t, 1, prefix as i64, n)?;
+                let m = g.transpose(&patches, &[0, 2, 1]);
+                out.push(g.reshape(&m, &[0, d, grid.0 as i64, grid.1 as i64])?);
+            }
+        }
+        Ok(out)
     }
 
     /// The architecture of this encoder as a student stem records it; only plain ViTs (no

@@ -18,6 +18,10 @@ impl Linear {
         Self { weight, bias }
     }
 
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<String> {
+        g.linear(x, &self.weight, self.bias.as_ref())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         count_linear(x, &self.weight);
         Ok(crate::kernels::linear(x, &self.weight, self.bias.as_ref())?)
@@ -93,6 +97,10 @@ impl LayerNorm {
 
     pub fn eps(&self) -> f64 {
         self.eps
+    }
+
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<String> {
+        g.layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 
     /// `{name}.weight` and `{name}.bias`.
@@ -445,6 +453,39 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// The activations of the token families, from elementary operators (opset 17 has no
+    /// `Gelu`): exact GELU `0.5 x (1 + erf(x / sqrt 2))`, its tanh form, `x sigmoid(1.702 x)`.
+    pub fn onnx(self, g: &mut crate::onnx::Graph, x: &str) -> Result<String> {
+        use Activation as A;
+        let act = self;
+        Ok(match act {
+            A::Relu => g.node("Relu", &[x], vec![]),
+            A::Silu => g.act(x, crate::kernels::Act::Silu),
+            A::QuickGelu => {
+                let z = g.scale(x, 1.702)?;
+                let s = g.node("Sigmoid", &[&z], vec![]);
+                g.node("Mul", &[x, &s], vec![])
+            }
+            A::Gelu | A::GeluTanh => {
+                let inner = if act == A::Gelu {
+                    let z = g.scale(x, std::f32::consts::FRAC_1_SQRT_2)?;
+                    g.node("Erf", &[&z], vec![])
+                } else {
+                    let x3 = g.node("Mul", &[x, x], vec![]);
+                    let x3 = g.node("Mul", &[&x3, x], vec![]);
+                    let c = g.scale(&x3, 0.044715)?;
+                    let u = g.node("Add", &[x, &c], vec![]);
+                    let u = g.scale(&u, (2.0f32 / std::f32::consts::PI).sqrt())?;
+                    g.node("Tanh", &[&u], vec![])
+                };
+                let one = g.scalar("one", 1.0)?;
+                let p = g.node("Add", &[&inner, &one], vec![]);
+                let h = g.scale(x, 0.5)?;
+                g.node("Mul", &[&h, &p], vec![])
+            }
+        })
+    }
+
     /// Parse a `hidden_act` string of a transformers config.
     pub fn from_hf(name: &str) -> Option<Self> {
         Some(match name {
@@ -478,6 +519,33 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Multi-head self-attention of `[B, N, D]` tokens as ONNX nodes (q, k and v as three
+    /// projections cut from the fused one).
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<String> {
+        let d = self.proj.weight.dim(0)?;
+        let h = self.num_heads as i64;
+        let hd = d as i64 / h;
+        let mut heads = |i: usize| -> Result<String> {
+            let w = self.qkv.weight.narrow(0, i * d, d)?;
+            let b = match &self.qkv.bias {
+                Some(b) => Some(b.narrow(0, i * d, d)?),
+                None => None,
+            };
+            let t = g.linear(x, &w, b.as_ref())?;
+            let t = g.reshape(&t, &[0, -1, h, hd])?;
+            Ok(g.transpose(&t, &[0, 2, 1, 3])) // [B, H, N, hd]
+        };
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let kt = g.transpose(&k, &[0, 1, 3, 2]);
+        let s = g.node("MatMul", &[&q, &kt], vec![]);
+        let s = g.scale(&s, self.scale as f32)?;
+        let p = g.node("Softmax", &[&s], vec![("axis", crate::onnx::Attr::Int(-1))]);
+        let o = g.node("MatMul", &[&p, &v], vec![]);
+        let o = g.transpose(&o, &[0, 2, 1, 3]);
+        let o = g.reshape(&o, &[0, -1, d as i64])?;
+        self.proj.onnx(g, &o)
+    }
+
     pub fn new(qkv: Linear, proj: Linear, num_heads: usize, head_dim: usize) -> Self {
         Self {
             qkv,
@@ -512,6 +580,25 @@ pub enum Mlp {
 }
 
 impl Mlp {
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<String> {
+        match self {
+            Mlp::Plain { fc1, fc2, act } => {
+                let h = fc1.onnx(g, x)?;
+                let h = act.onnx(g, &h)?;
+                fc2.onnx(g, &h)
+            }
+            Mlp::SwiGlu { w_in, w_out } => {
+                let h = w_in.onnx(g, x)?;
+                let half = (w_in.weight.dim(0)? / 2) as i64;
+                let x1 = g.slice(&h, -1, 0, half)?;
+                let x2 = g.slice(&h, -1, half, 2 * half)?;
+                let s = g.act(&x1, crate::kernels::Act::Silu);
+                let m = g.node("Mul", &[&s, &x2], vec![]);
+                w_out.onnx(g, &m)
+            }
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Mlp::Plain { fc1, fc2, act } => {
@@ -672,6 +759,27 @@ impl Block {
         v
     }
 
+    /// The block as ONNX nodes on `[B, N, D]` tokens.
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<String> {
+        let scaled = |g: &mut crate::onnx::Graph, y: String, ls: &Option<Tensor>| {
+            Ok::<_, crate::error::Error>(match ls {
+                Some(gamma) => {
+                    let c = g.constant("ls", gamma)?;
+                    g.node("Mul", &[&y, &c], vec![])
+                }
+                None => y,
+            })
+        };
+        let n1 = self.norm1.onnx(g, x)?;
+        let a = self.attn.onnx(g, &n1)?;
+        let a = scaled(g, a, &self.ls1)?;
+        let x = g.node("Add", &[x, &a], vec![]);
+        let n2 = self.norm2.onnx(g, &x)?;
+        let m = self.mlp.onnx(g, &n2)?;
+        let m = scaled(g, m, &self.ls2)?;
+        Ok(g.node("Add", &[&x, &m], vec![]))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let scale = |y: Tensor, ls: &Option<Tensor>| -> Result<Tensor> {
             Ok(match ls {
@@ -717,6 +825,11 @@ impl PatchEmbed {
 
     pub fn has_bias(&self) -> bool {
         self.bias.is_some()
+    }
+
+    /// The convolution's weight `[D, C, p, p]` and bias.
+    pub fn conv_weights(&self) -> (&Tensor, Option<&Tensor>) {
+        (&self.weight, self.bias.as_ref())
     }
 
     /// `{name}.weight` `[D, C, p, p]` and the bias.

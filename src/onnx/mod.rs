@@ -37,6 +37,7 @@ pub struct Graph {
     initializers: Vec<pb::TensorProto>,
     input: pb::ValueInfoProto,
     outputs: Vec<pb::ValueInfoProto>,
+    hw: (usize, usize),
     counter: usize,
 }
 
@@ -73,6 +74,7 @@ impl Graph {
             initializers: Vec::new(),
             input: value_info(name, &[None, Some(channels), Some(h), Some(w)]),
             outputs: Vec::new(),
+            hw: (h, w),
             counter: 0,
         }
     }
@@ -80,6 +82,11 @@ impl Graph {
     /// The input's name.
     pub fn input(&self) -> String {
         self.input.name.clone()
+    }
+
+    /// The input's (height, width).
+    pub fn input_hw(&self) -> (usize, usize) {
+        self.hw
     }
 
     fn fresh(&mut self, hint: &str) -> String {
@@ -230,6 +237,68 @@ impl Graph {
         }
     }
 
+    /// A scalar f32 constant.
+    pub fn scalar(&mut self, hint: &str, v: f32) -> Result<String> {
+        let t = Tensor::new(&[v], &Device::Cpu)?;
+        self.constant(hint, &t)
+    }
+
+    /// `x * k`
+    pub fn scale(&mut self, x: &str, k: f32) -> Result<String> {
+        let c = self.scalar("k", k)?;
+        Ok(self.node("Mul", &[x, &c], vec![]))
+    }
+
+    /// `LayerNormalization` over the last axis.
+    pub fn layer_norm(
+        &mut self,
+        x: &str,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f64,
+    ) -> Result<String> {
+        let w = self.constant("ln_w", weight)?;
+        let b = self.constant("ln_b", bias)?;
+        Ok(self.node(
+            "LayerNormalization",
+            &[x, &w, &b],
+            vec![
+                ("axis", Attr::Int(-1)),
+                ("epsilon", Attr::Float(eps as f32)),
+            ],
+        ))
+    }
+
+    /// `Reshape` to `shape` (0 copies the input's dimension, -1 is inferred).
+    pub fn reshape(&mut self, x: &str, shape: &[i64]) -> Result<String> {
+        let s = self.ints("shape", shape)?;
+        Ok(self.node("Reshape", &[x, &s], vec![]))
+    }
+
+    pub fn transpose(&mut self, x: &str, perm: &[i64]) -> String {
+        self.node("Transpose", &[x], vec![("perm", Attr::Ints(perm.to_vec()))])
+    }
+
+    /// A constant `[1, ...]` tensor repeated along a first axis as long as `like`'s.
+    pub fn expand_batch(&mut self, t: &Tensor, like: &str) -> Result<String> {
+        let c = self.constant("const", t)?;
+        let shape = self.node("Shape", &[like], vec![]);
+        let zero = self.ints("idx", &[0])?;
+        let b = self.node("Gather", &[&shape, &zero], vec![("axis", Attr::Int(0))]);
+        let rest: Vec<i64> = t.dims()[1..].iter().map(|&d| d as i64).collect();
+        let rest = self.ints("dims", &rest)?;
+        let full = self.node("Concat", &[&b, &rest], vec![("axis", Attr::Int(0))]);
+        Ok(self.node("Expand", &[&c, &full], vec![]))
+    }
+
+    /// `x[:, start..end]` along `axis`.
+    pub fn slice(&mut self, x: &str, axis: i64, start: i64, end: i64) -> Result<String> {
+        let s = self.ints("start", &[start])?;
+        let e = self.ints("end", &[end])?;
+        let a = self.ints("axis", &[axis])?;
+        Ok(self.node("Slice", &[x, &s, &e, &a], vec![]))
+    }
+
     /// Mean over the spatial axes of `[B, C, H, W]`: `[B, C]`.
     pub fn global_pool(&mut self, x: &str) -> String {
         let p = self.node("GlobalAveragePool", &[x], vec![]);
@@ -298,6 +367,22 @@ fn tract_err(path: &Path, e: impl std::fmt::Display) -> Error {
 impl OnnxModel {
     /// Load `path` for inputs of `shape` (the batch included).
     pub fn load(path: &Path, shape: &[usize]) -> Result<Self> {
+        // tract's optimiser has unimplemented corners that panic; a model it cannot take is an
+        // error naming the file, not a crash
+        std::panic::catch_unwind(|| Self::load_unguarded(path, shape)).unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown failure".into());
+            Err(tract_err(
+                path,
+                format!("tract cannot run this model: {msg}"),
+            ))
+        })
+    }
+
+    fn load_unguarded(path: &Path, shape: &[usize]) -> Result<Self> {
         let model = tract_onnx::onnx()
             .model_for_path(path)
             .map_err(|e| tract_err(path, format!("not a readable ONNX model: {e:#}")))?;
