@@ -62,3 +62,39 @@ fn vit_exports_match_candle() {
     check_family("vit-t16", (32, 48));
     check_family("vit-n8", (24, 40));
 }
+
+#[test]
+fn bad_onnx_input_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let junk = tmp.path().join("junk.onnx");
+    std::fs::write(&junk, b"definitely not protobuf \xff\xff\xff").unwrap();
+    let e = OnnxModel::load(&junk, &[1, 3, 8, 8])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("junk.onnx") && e.contains("not a readable ONNX model"),
+        "{e}"
+    );
+    // a teacher family without an ONNX exporter, and a family the zoo does not export
+    let out = tmp.path().join("m.onnx");
+    let o = common::bin(&[
+        "export",
+        "--model",
+        &model_dir("timm-mobilevitv2-050").to_string_lossy(),
+        "--out",
+        &out.to_string_lossy(),
+    ]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("not available for this model family"), "{e}");
+    let o = common::bin(&[
+        "export",
+        "--model",
+        &model_dir("dinov2").to_string_lossy(),
+        "--out",
+        &out.to_string_lossy(),
+    ]);
+    assert!(!o.status.success());
+    assert!(!out.exists(), "nothing written on failure");
+}
