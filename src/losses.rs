@@ -19,6 +19,16 @@ pub enum FeatureLoss {
     Mse,
 }
 
+/// The grid a student grid and a teacher grid are compared on: the larger (by cells); equal
+/// sizes keep the student's.
+pub fn compare_grid(student: (usize, usize), teacher: (usize, usize)) -> (usize, usize) {
+    if student.0 * student.1 < teacher.0 * teacher.1 {
+        teacher
+    } else {
+        student
+    }
+}
+
 /// Bring two `[B, C, h, w]` maps to the same grid: the smaller is bilinearly resized to the
 /// larger (align_corners = false).
 pub fn match_grids(student: &Tensor, teacher: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -32,10 +42,10 @@ pub fn match_grids(student: &Tensor, teacher: &Tensor) -> Result<(Tensor, Tensor
         )));
     }
     // The smaller grid goes to the larger; equal-size but different shapes go to the student's.
-    Ok(if hs * ws < ht * wt {
-        (resize_bilinear(student, (ht, wt))?, teacher.clone())
-    } else {
+    Ok(if compare_grid((hs, ws), (ht, wt)) == (hs, ws) {
         (student.clone(), resize_bilinear(teacher, (hs, ws))?)
+    } else {
+        (resize_bilinear(student, (ht, wt))?, teacher.clone())
     })
 }
 

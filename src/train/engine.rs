@@ -94,6 +94,14 @@ impl Saved {
     }
 }
 
+/// The parameters of a checkpoint's tensors (`model.*`), by parameter name.
+pub fn model_tensors(tensors: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    tensors
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("model.").map(|n| (n.to_string(), v.clone())))
+        .collect()
+}
+
 /// A run folder opened for training: created if needed; when resuming its checkpoint (which
 /// must exist) is read onto `device`; a fresh run refuses to start over an existing checkpoint.
 pub struct RunFolder {

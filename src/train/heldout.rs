@@ -15,10 +15,10 @@ use super::stage1::{new_student_params, DistillConfig, Geometry, StemSource};
 use crate::data::{CropBox, ImageSet, ImageSource};
 use crate::error::{Error, Result};
 use crate::interp::resize_bilinear;
-use crate::losses::{teacher_loss, FeatureLoss};
+use crate::losses::{compare_grid, teacher_loss, FeatureLoss};
 use crate::metrics::fidelity::{token_mean, Fidelity, FidelityReport};
 use crate::models::student::{preset, Student, StudentSpec};
-use crate::target_norm::{TargetStats, STATS_FILE};
+use crate::target_norm::TargetStats;
 use crate::teacher::Teacher;
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
@@ -82,16 +82,6 @@ fn centre_square((w, h): (u32, u32)) -> CropBox {
         height: side,
         width: side,
         flip: false,
-    }
-}
-
-/// Grid the loss compares a student grid and a teacher grid on (the larger, as
-/// [`crate::losses::match_grids`] does).
-fn compare_grid(student: (usize, usize), teacher: (usize, usize)) -> (usize, usize) {
-    if student.0 * student.1 < teacher.0 * teacher.1 {
-        teacher
-    } else {
-        student
     }
 }
 
@@ -285,11 +275,7 @@ pub fn eval_distill(cfg: &EvalDistillConfig) -> Result<(HeldOut, Vec<HeldOutEval
         path: ck.clone(),
         msg: "checkpoint has no student spec".into(),
     })?;
-    let params = saved
-        .tensors
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix("model.").map(|n| (n.to_string(), v.clone())))
-        .collect();
+    let params = engine::model_tensors(&saved.tensors);
     let student = Student::build(&spec, &Weights::from_tensors(params, &ck)?)?;
     let load = crate::models::LoadOptions {
         dtype: DType::F32,
@@ -311,18 +297,7 @@ pub fn eval_distill(cfg: &EvalDistillConfig) -> Result<(HeldOut, Vec<HeldOutEval
             ),
         });
     }
-    let stats = if spec.target_norm.is_none() {
-        None
-    } else {
-        let widths: Vec<usize> = spec.teachers.iter().map(|t| t.dim).collect();
-        Some(TargetStats::load(
-            &paths.file(STATS_FILE),
-            spec.target_norm,
-            &widths,
-            spec.levels.len(),
-            &cfg.device,
-        )?)
-    };
+    let stats = super::stage1::load_target_stats(&cfg.run, &spec, &cfg.device)?;
     let data = ImageSet::open(&cfg.images)?;
     let held = HeldOut::prepare(
         &data,

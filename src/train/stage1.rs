@@ -752,6 +752,27 @@ pub fn export_student(
     engine::write_json(&paths.file(STUDENT_SPEC), spec)
 }
 
+/// The target statistics a stage-1 run folder keeps for `spec` (None when its targets are
+/// raw); every tensor's presence and shape is checked against the spec's teachers and levels.
+pub fn load_target_stats(
+    dir: &Path,
+    spec: &StudentSpec,
+    device: &Device,
+) -> Result<Option<TargetStats>> {
+    if spec.target_norm.is_none() {
+        return Ok(None);
+    }
+    let widths: Vec<usize> = spec.teachers.iter().map(|t| t.dim).collect();
+    TargetStats::load(
+        &dir.join(STATS_FILE),
+        spec.target_norm,
+        &widths,
+        spec.levels.len(),
+        device,
+    )
+    .map(Some)
+}
+
 /// The run's target statistics (None for raw targets): estimated on a fresh run from the
 /// teachers' features on the first `target_norm_images` images of epoch 0 (their training
 /// crops; read from the cache when there is one) and saved in the run folder; read back when
@@ -771,16 +792,16 @@ fn target_stats(
     if kind.is_none() {
         return Ok(None);
     }
-    let path = run.paths.file(STATS_FILE);
-    let widths: Vec<usize> = spec.teachers.iter().map(|t| t.dim).collect();
     if run.saved.is_some() {
-        return TargetStats::load(&path, kind, &widths, spec.levels.len(), &opts.device).map(Some);
+        return load_target_stats(&run.paths.dir, spec, &opts.device);
     }
+    let path = run.paths.file(STATS_FILE);
     let n = cfg.target_norm_images.min(data.len());
     let order = engine::epoch_order(cfg.seed, 0, data.len());
-    let mut moments: Vec<Vec<Moments>> = widths
+    let mut moments: Vec<Vec<Moments>> = spec
+        .teachers
         .iter()
-        .map(|&c| vec![Moments::for_kind(c, kind); spec.levels.len()])
+        .map(|t| vec![Moments::for_kind(t.dim, kind); spec.levels.len()])
         .collect();
     let bar = crate::train::progress_bar(n as u64, 0, opts.progress);
     bar.set_message("target statistics");

@@ -17,7 +17,7 @@ use crate::models::student::Init;
 use crate::models::student::{preset, StudentSpec, TeacherSlot};
 use crate::models::vit::TIMM_POS_KERNEL;
 use crate::models::LoadOptions;
-use crate::target_norm::{TargetStats, STATS_FILE};
+use crate::target_norm::TargetStats;
 use crate::tasks::{MetricContext, Target, TaskMetric};
 use crate::teacher::Teacher;
 use crate::train::cache::FeatureCache;
@@ -250,11 +250,7 @@ fn stage1_params(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let mut params = HashMap::new();
     if ck.is_file() {
         let (t, _) = checkpoint::load(&ck, &Device::Cpu)?;
-        for (k, v) in t {
-            if let Some(n) = k.strip_prefix("model.") {
-                params.insert(n.to_string(), v);
-            }
-        }
+        params = engine::model_tensors(&t);
     } else {
         let w = Weights::open_file(&dir.join("student.safetensors"))?;
         for n in w.names().map(str::to_string).collect::<Vec<_>>() {
@@ -684,15 +680,8 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         )));
     }
     // A student distilled on normalised targets keeps them: its aligners predict them.
-    let stats = if distilling && !sspec.target_norm.is_none() {
-        let widths: Vec<usize> = sspec.teachers.iter().map(|t| t.dim).collect();
-        Some(TargetStats::load(
-            &Path::new(&cfg.init).join(STATS_FILE),
-            sspec.target_norm,
-            &widths,
-            sspec.levels.len(),
-            dev,
-        )?)
+    let stats = if distilling {
+        super::stage1::load_target_stats(Path::new(&cfg.init), &sspec, dev)?
     } else {
         None
     };
