@@ -19,12 +19,13 @@
 
 use super::backbone::{Backbone, BackboneSpec, FeatureInfo, Head};
 use super::layers::{
-    conv1x1_linear, conv2d, pointwise, Attention, BatchNorm2d, ConvBn, Linear, BN_EPS,
+    conv1x1_linear, conv2d, pointwise, Activation, Attention, BatchNorm2d, ConvBn, Linear, BN_EPS,
 };
 use super::student::Init;
 use crate::config::Cfg;
 use crate::error::{Error, Result};
 use crate::kernels::gelu_erf;
+use crate::onnx::Graph;
 use crate::preprocess::TimmDataConfig;
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
@@ -319,6 +320,9 @@ impl MobileOnePlan {
                 )
             };
             Branches::Train {
+                k: self.k,
+                stride: self.stride,
+                groups: self.groups,
                 identity: self
                     .identity
                     .then(|| bn(w, state, &format!("{n}.identity"), self.inp))
@@ -410,6 +414,9 @@ impl LargeKernelPlan {
             let cb =
                 |b: &str, k| conv_bn(w, state, &format!("{n}.{b}"), self.shape(k), 2, self.inp);
             Branches::Train {
+                k: DOWN_KERNEL,
+                stride: 2,
+                groups: self.inp,
                 identity: None,
                 kxk: Some(cb("large_conv", DOWN_KERNEL)?),
                 scale: Some(cb("small_conv", DOWN_SMALL_KERNEL)?),
@@ -503,13 +510,11 @@ impl RepMixerPlan {
     }
 
     fn fuse(&self, t: &Tensors) -> Result<(Tensor, Tensor)> {
-        let (mk, mb) = self.mixer().fuse(t)?;
-        let (nk, nb) = self.norm().fuse(t)?;
-        let g = t.get(&self.gamma())?;
-        let id = identity_kernel(self.dim, self.dim, MIXER_KERNEL)?;
-        let k = (id + (mk - nk)?.broadcast_mul(&g.unsqueeze(3)?)?)?;
-        let b = (mb - nb)?.mul(&g.flatten_all()?)?;
-        Ok((k, b))
+        fold_repmixer(
+            self.mixer().fuse(t)?,
+            self.norm().fuse(t)?,
+            t.get(&self.gamma())?,
+        )
     }
 }
 
@@ -550,8 +555,7 @@ impl RepCpePlan {
     }
 
     fn fuse(&self, t: &Tensors) -> Result<(Tensor, Tensor)> {
-        let id = identity_kernel(self.dim, self.dim, POS_KERNEL)?;
-        let k = (id + t.get(&format!("{}.pos_enc.weight", self.name))?)?;
+        let k = plus_identity(t.get(&format!("{}.pos_enc.weight", self.name))?)?;
         Ok((k, t.get(&format!("{}.pos_enc.bias", self.name))?.clone()))
     }
 }
@@ -794,6 +798,26 @@ fn identity_kernel(c: usize, groups: usize, k: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, (c, per, k, k), &Device::Cpu)?)
 }
 
+/// RepMixer's `x + g * (mixer(x) - norm(x))` as one depthwise convolution, from the mixer's
+/// and the norm's folded (kernel, bias) and the layer scale `g` `[dim, 1, 1]`.
+fn fold_repmixer(
+    (mk, mb): (Tensor, Tensor),
+    (nk, nb): (Tensor, Tensor),
+    g: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let g = g.to_dtype(DType::F32)?;
+    let id = identity_kernel(g.dim(0)?, g.dim(0)?, mk.dim(3)?)?;
+    let k = (id + (mk - nk)?.broadcast_mul(&g.unsqueeze(3)?)?)?;
+    let b = (mb - nb)?.mul(&g.flatten_all()?)?;
+    Ok((k, b))
+}
+
+/// A depthwise kernel `[c, 1, k, k]` plus the identity (a residual folded in).
+fn plus_identity(kernel: &Tensor) -> Result<Tensor> {
+    let (c, k) = (kernel.dim(0)?, kernel.dim(3)?);
+    Ok((identity_kernel(c, c, k)? + kernel.to_dtype(DType::F32)?)?)
+}
+
 /// Zero-pad a `[o, i, s, s]` kernel to `[o, i, k, k]`, centred.
 fn pad_kernel(kernel: &Tensor, k: usize) -> Result<Tensor> {
     let p = (k - kernel.dim(3)?) / 2;
@@ -830,6 +854,7 @@ fn conv_bn(
 }
 
 /// A convolution with bias (the inference form's `reparam_conv`).
+#[derive(Clone)]
 struct ConvBias {
     weight: Tensor,
     bias: Tensor,
@@ -852,11 +877,33 @@ impl ConvBias {
         let y = conv2d(x, &self.weight, k / 2, self.stride, self.groups)?;
         Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
     }
+
+    /// The convolution as an ONNX node reading `x` of side `hw`; the output and its side.
+    fn onnx(&self, g: &mut Graph, x: &str, hw: Side) -> Result<(String, Side)> {
+        let k = self.weight.dim(3)?;
+        let side = |n: usize| (n + 2 * (k / 2) - k) / self.stride + 1;
+        let y = g.conv(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            self.stride,
+            k / 2,
+            self.groups,
+        )?;
+        Ok((y, (side(hw.0), side(hw.1))))
+    }
 }
+
+/// A map's (height, width) while an ONNX graph is built.
+type Side = (usize, usize);
 
 /// Summed branches (training form) or their single fused convolution.
 enum Branches {
     Train {
+        /// kernel size, stride and groups of the fused convolution
+        k: usize,
+        stride: usize,
+        groups: usize,
         identity: Option<BatchNorm2d>,
         kxk: Option<ConvBn>,
         scale: Option<ConvBn>,
@@ -872,6 +919,7 @@ impl Branches {
                 identity,
                 kxk,
                 scale,
+                ..
             } => {
                 let mut outs = Vec::new();
                 if let Some(b) = identity {
@@ -896,6 +944,61 @@ impl Branches {
     }
 }
 
+impl Branches {
+    /// The one convolution equal to the branches in evaluation (the re-parameterisation).
+    fn folded(&self) -> Result<ConvBias> {
+        match self {
+            Branches::Fused(c) => Ok(c.clone()),
+            Branches::Train {
+                k,
+                stride,
+                groups,
+                identity,
+                kxk,
+                scale,
+            } => {
+                let mut parts = Vec::new();
+                if let Some(b) = identity {
+                    parts.push(b.fold_into(&identity_kernel(b.channels()?, *groups, *k)?)?);
+                }
+                if let Some(c) = kxk {
+                    parts.push(c.folded()?);
+                }
+                if let Some(c) = scale {
+                    let (w, b) = c.folded()?;
+                    parts.push((pad_kernel(&w, *k)?, b));
+                }
+                let (weight, bias) = sum_parts(parts)?;
+                Ok(ConvBias {
+                    weight,
+                    bias,
+                    stride: *stride,
+                    groups: *groups,
+                })
+            }
+        }
+    }
+}
+
+/// A linear layer `[out, in]` with bias as a 1x1 convolution node.
+fn onnx_pointwise(g: &mut Graph, x: &str, l: &Linear) -> Result<String> {
+    let (o, i) = l.weight.dims2()?;
+    g.conv(
+        x,
+        &l.weight.reshape((o, i, 1, 1))?,
+        l.bias.as_ref(),
+        1,
+        0,
+        1,
+    )
+}
+
+/// `x * gamma` with `gamma` `[C, 1, 1]`.
+fn onnx_layer_scale(g: &mut Graph, x: &str, gamma: &Tensor) -> Result<String> {
+    let c = g.constant("gamma", gamma)?;
+    Ok(g.node("Mul", &[x, &c], vec![]))
+}
+
 struct MobileOne {
     branches: Branches,
     se: Option<(Linear, Linear)>,
@@ -911,6 +1014,23 @@ impl MobileOne {
             y = y.broadcast_mul(&gate.unsqueeze(2)?.unsqueeze(3)?)?;
         }
         Ok(if self.act { gelu_erf(&y)? } else { y })
+    }
+
+    /// The block, re-parameterised, as ONNX nodes.
+    fn onnx(&self, g: &mut Graph, x: &str, hw: Side) -> Result<(String, Side)> {
+        let (mut y, side) = self.branches.folded()?.onnx(g, x, hw)?;
+        if let Some((fc1, fc2)) = &self.se {
+            let s = g.node("GlobalAveragePool", &[&y], vec![]);
+            let s = onnx_pointwise(g, &s, fc1)?;
+            let s = g.node("Relu", &[&s], vec![]);
+            let s = onnx_pointwise(g, &s, fc2)?;
+            let gate = g.node("Sigmoid", &[&s], vec![]);
+            y = g.node("Mul", &[&y, &gate], vec![]);
+        }
+        if self.act {
+            y = Activation::Gelu.onnx(g, &y)?;
+        }
+        Ok((y, side))
     }
 }
 
@@ -932,6 +1052,22 @@ impl RepMixer {
             RepMixer::Train(b) => {
                 let d = (b.mixer.forward(x, train)? - b.norm.forward(x, train)?)?;
                 Ok((x + layer_scale(&d, &b.gamma)?)?)
+            }
+        }
+    }
+}
+
+impl RepMixer {
+    /// The mixer as one depthwise convolution (the re-parameterisation).
+    fn folded(&self) -> Result<ConvBias> {
+        match self {
+            RepMixer::Fused(c) => Ok(c.clone()),
+            RepMixer::Train(b) => {
+                let m = b.mixer.branches.folded()?;
+                let n = b.norm.branches.folded()?;
+                let (weight, bias) =
+                    fold_repmixer((m.weight, m.bias), (n.weight, n.bias), &b.gamma)?;
+                Ok(ConvBias { weight, bias, ..m })
             }
         }
     }
@@ -959,6 +1095,13 @@ impl Mlp {
         };
         let h = gelu_erf(&with_bias(&self.fc1, &x)?)?;
         with_bias(&self.fc2, &h)
+    }
+
+    fn onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let x = self.conv.onnx(g, x)?;
+        let h = onnx_pointwise(g, &x, &self.fc1)?;
+        let h = Activation::Gelu.onnx(g, &h)?;
+        onnx_pointwise(g, &h, &self.fc2)
     }
 }
 
@@ -1000,6 +1143,40 @@ impl Block {
                 let a = attn.forward(&t)?.transpose(1, 2)?.reshape((b, c, h, w))?;
                 let x = (x + layer_scale(&a, gamma1)?)?;
                 Ok((&x + layer_scale(&mlp.forward(&x, train)?, gamma2)?)?)
+            }
+        }
+    }
+
+    /// The block (its token mixer re-parameterised) as ONNX nodes reading `x` of side `hw`.
+    fn onnx(&self, g: &mut Graph, x: &str, hw: Side) -> Result<String> {
+        let residual_mlp = |g: &mut Graph, x: &str, mlp: &Mlp, gamma: &Tensor| {
+            let m = mlp.onnx(g, x)?;
+            let m = onnx_layer_scale(g, &m, gamma)?;
+            Ok::<_, Error>(g.node("Add", &[x, &m], vec![]))
+        };
+        match self {
+            Block::RepMixer { mixer, mlp, gamma } => {
+                let (x, _) = mixer.folded()?.onnx(g, x, hw)?;
+                residual_mlp(g, &x, mlp, gamma)
+            }
+            Block::Attention {
+                norm,
+                attn,
+                gamma1,
+                mlp,
+                gamma2,
+            } => {
+                let c = gamma1.dim(0)? as i64;
+                let (h, w) = (hw.0 as i64, hw.1 as i64);
+                let t = norm.onnx(g, x)?;
+                let t = g.reshape(&t, &[0, c, h * w])?;
+                let t = g.transpose(&t, &[0, 2, 1]);
+                let a = attn.onnx(g, &t)?;
+                let a = g.transpose(&a, &[0, 2, 1]);
+                let a = g.reshape(&a, &[0, c, h, w])?;
+                let a = onnx_layer_scale(g, &a, gamma1)?;
+                let x = g.node("Add", &[x, &a], vec![]);
+                residual_mlp(g, &x, mlp, gamma2)
             }
         }
     }
@@ -1051,6 +1228,45 @@ impl Backbone for FastVit {
     fn pool(&self, last: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.final_conv.forward(last, train)?;
         Ok(y.mean(3)?.mean(2)?)
+    }
+
+    /// The re-parameterised (inference) form whichever form was loaded: every multi-branch
+    /// block is one convolution.
+    fn onnx_intermediates(&self, g: &mut Graph, x: &str) -> Result<Vec<String>> {
+        let mut side = g.input_hw();
+        let mut x = x.to_string();
+        for m in &self.stem {
+            (x, side) = m.onnx(g, &x, side)?;
+        }
+        let mut out = Vec::with_capacity(4);
+        for s in &self.stages {
+            if let Some((lk, m)) = &s.downsample {
+                (x, side) = lk.folded()?.onnx(g, &x, side)?;
+                (x, side) = m.onnx(g, &x, side)?;
+            }
+            if let Some((pe, residual)) = &s.pos_emb {
+                let pe = if *residual {
+                    ConvBias {
+                        weight: plus_identity(&pe.weight)?,
+                        ..pe.clone()
+                    }
+                } else {
+                    pe.clone()
+                };
+                (x, side) = pe.onnx(g, &x, side)?;
+            }
+            for b in &s.blocks {
+                x = b.onnx(g, &x, side)?;
+            }
+            out.push(x.clone());
+        }
+        Ok(out)
+    }
+
+    fn onnx_pool(&self, g: &mut Graph, last: &str) -> Result<String> {
+        // the final convolution keeps the side (3x3, stride 1)
+        let (y, _) = self.final_conv.onnx(g, last, (1, 1))?;
+        Ok(g.global_pool(&y))
     }
 
     fn head(&self) -> &Head {

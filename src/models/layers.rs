@@ -271,6 +271,20 @@ impl BatchNorm2d {
         Ok((weight, bias))
     }
 
+    /// The number of channels.
+    pub fn channels(&self) -> Result<usize> {
+        Ok(self.weight.dim(0)?)
+    }
+
+    /// The eval-mode normalisation as ONNX nodes: a depthwise 1x1 `Conv` carrying the scale
+    /// and shift.
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<String> {
+        let c = self.channels()?;
+        let ones = Tensor::ones((c, 1, 1, 1), candle_core::DType::F32, self.weight.device())?;
+        let (w, b) = self.fold_into(&ones)?;
+        g.conv(x, &w, Some(&b), 1, 0, c)
+    }
+
     /// `{name}.running_mean` and `{name}.running_var`, current values.
     pub fn state_tensors(&self, name: &str) -> Vec<(String, Tensor)> {
         vec![
@@ -339,6 +353,11 @@ impl GroupNorm1 {
             bias: w.get(channels, "bias")?,
             eps,
         })
+    }
+
+    /// The normalisation as ONNX nodes over a channels-last `x` of `rank` axes.
+    pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, rank: usize) -> Result<String> {
+        g.group_norm1(x, rank, &self.weight, &self.bias, self.eps)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -421,10 +440,21 @@ impl ConvBn {
         Self { act, ..self }
     }
 
+    /// The output side of this unit for an input side `n` (padding `k / 2`).
+    pub fn out_side(&self, n: usize) -> usize {
+        let k = self.weight.dims().get(3).copied().unwrap_or(1);
+        (n + 2 * (k / 2) - k) / self.stride + 1
+    }
+
+    /// The convolution with the eval-mode BatchNorm folded in: (weight, bias), f32.
+    pub fn folded(&self) -> Result<(Tensor, Tensor)> {
+        self.norm.fold_into(&self.weight)
+    }
+
     /// The unit in eval mode as ONNX nodes reading `x`: one `Conv` with the BatchNorm folded
     /// into its weight and bias, then the activation.
     pub fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<String> {
-        let (weight, bias) = self.norm.fold_into(&self.weight)?;
+        let (weight, bias) = self.folded()?;
         let k = self.weight.dim(3)?;
         let y = g.conv(x, &weight, Some(&bias), self.stride, k / 2, self.groups)?;
         Ok(g.act(&y, self.act))

@@ -470,6 +470,29 @@ impl TransformerLayer {
         })
     }
 
+    /// The layer as ONNX nodes over tokens `[B, P, N, D]`.
+    fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, dim: usize) -> Result<String> {
+        use crate::onnx::Attr;
+        let d = dim as i64;
+        let n1 = self.norm1.onnx(g, x, 4)?;
+        let qkv = self.qkv.onnx(g, &n1)?;
+        let q = g.slice(&qkv, 3, 0, 1)?;
+        let scores = g.node("Softmax", &[&q], vec![("axis", Attr::Int(2))]);
+        let key = g.slice(&qkv, 3, 1, 1 + d)?;
+        let value = g.slice(&qkv, 3, 1 + d, 1 + 2 * d)?;
+        let weighted = g.node("Mul", &[&key, &scores], vec![]);
+        let context = g.reduce_sum(&weighted, &[2])?;
+        let v = g.node("Relu", &[&value], vec![]);
+        let attn = g.node("Mul", &[&v, &context], vec![]);
+        let o = self.out.onnx(g, &attn)?;
+        let x = g.node("Add", &[x, &o], vec![]);
+        let n2 = self.norm2.onnx(g, &x, 4)?;
+        let h = self.fc1.onnx(g, &n2)?;
+        let h = g.act(&h, Act::Silu);
+        let h = self.fc2.onnx(g, &h)?;
+        Ok(g.node("Add", &[&x, &h], vec![]))
+    }
+
     fn forward(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
         let (b, p, n, _) = x.dims4()?;
         let qkv = self.qkv.forward(&self.norm1.forward(x)?)?;
@@ -496,6 +519,30 @@ struct MobileVitBlock {
 }
 
 impl MobileVitBlock {
+    /// The block as ONNX nodes reading `x` `[B, C, h, w]`.
+    fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, (h, w): (usize, usize)) -> Result<String> {
+        let (nh, nw) = (h.div_ceil(PATCH), w.div_ceil(PATCH));
+        let x = if (nh * PATCH, nw * PATCH) == (h, w) {
+            x.to_string()
+        } else {
+            g.resize_bilinear(x, (nh * PATCH, nw * PATCH), true)?
+        };
+        let x = self.local.onnx(g, &x)?;
+        let x = g.pointwise(&x, &self.conv_1x1)?;
+        let (d, p, nh, nw) = (self.dim as i64, PATCH as i64, nh as i64, nw as i64);
+        let t = g.reshape(&x, &[0, d, nh, p, nw, p])?;
+        let t = g.transpose(&t, &[0, 3, 5, 2, 4, 1]);
+        let mut t = g.reshape(&t, &[0, p * p, nh * nw, d])?;
+        for layer in &self.layers {
+            t = layer.onnx(g, &t, self.dim)?;
+        }
+        let t = self.norm.onnx(g, &t, 4)?;
+        let t = g.reshape(&t, &[0, p, p, nh, nw, d])?;
+        let t = g.transpose(&t, &[0, 5, 3, 1, 4, 2]);
+        let x = g.reshape(&t, &[0, d, nh * p, nw * p])?;
+        self.proj.onnx(g, &x)
+    }
+
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         let (nh, nw) = (h.div_ceil(PATCH), w.div_ceil(PATCH));
@@ -527,6 +574,34 @@ enum Block {
 }
 
 impl Block {
+    /// The block as ONNX nodes reading `x` of side `hw`; the output and its side.
+    fn onnx(
+        &self,
+        g: &mut crate::onnx::Graph,
+        x: &str,
+        hw: (usize, usize),
+    ) -> Result<(String, (usize, usize))> {
+        match self {
+            Block::InvertedResidual { units, residual } => {
+                let (mut h, mut side) = (x.to_string(), hw);
+                for u in units {
+                    h = u.onnx(g, &h)?;
+                    side = (u.out_side(side.0), u.out_side(side.1));
+                }
+                let y = if *residual {
+                    g.node("Add", &[&h, x], vec![])
+                } else {
+                    h
+                };
+                Ok((y, side))
+            }
+            Block::MobileVit(m) => {
+                let side = (hw.0.div_ceil(PATCH) * PATCH, hw.1.div_ceil(PATCH) * PATCH);
+                Ok((m.onnx(g, x, hw)?, side))
+            }
+        }
+    }
+
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
             Block::InvertedResidual { units, residual } => {
@@ -568,6 +643,20 @@ impl Backbone for MobileVitV2 {
 
     fn head(&self) -> &Head {
         &self.head
+    }
+
+    fn onnx_intermediates(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<Vec<String>> {
+        let (h, w) = g.input_hw();
+        let mut side = (self.stem.out_side(h), self.stem.out_side(w));
+        let mut x = self.stem.onnx(g, x)?;
+        let mut out = Vec::with_capacity(self.stages.len());
+        for stage in &self.stages {
+            for block in stage {
+                (x, side) = block.onnx(g, &x, side)?;
+            }
+            out.push(x.clone());
+        }
+        Ok(out)
     }
 }
 

@@ -305,6 +305,82 @@ impl Graph {
         self.node("Flatten", &[&p], vec![("axis", Attr::Int(1))])
     }
 
+    /// `ReduceMean` over `axes`, dimensions kept (opset 17 takes the axes as an attribute).
+    pub fn reduce_mean(&mut self, x: &str, axes: &[i64]) -> String {
+        self.node(
+            "ReduceMean",
+            &[x],
+            vec![
+                ("axes", Attr::Ints(axes.to_vec())),
+                ("keepdims", Attr::Int(1)),
+            ],
+        )
+    }
+
+    /// `ReduceSum` over `axes`, dimensions kept (the axes are an input since opset 13).
+    pub fn reduce_sum(&mut self, x: &str, axes: &[i64]) -> Result<String> {
+        let a = self.ints("axes", axes)?;
+        Ok(self.node("ReduceSum", &[x, &a], vec![("keepdims", Attr::Int(1))]))
+    }
+
+    /// Bilinear resize of `[B, C, H, W]` to `(h, w)`: `align_corners` as PyTorch's flag
+    /// (`false` is ONNX's `half_pixel`, PyTorch's default for upsampling).
+    pub fn resize_bilinear(
+        &mut self,
+        x: &str,
+        (h, w): (usize, usize),
+        align_corners: bool,
+    ) -> Result<String> {
+        let shape = self.node("Shape", &[x], vec![]);
+        let bc = self.slice(&shape, 0, 0, 2)?;
+        let hw = self.ints("hw", &[h as i64, w as i64])?;
+        let sizes = self.node("Concat", &[&bc, &hw], vec![("axis", Attr::Int(0))]);
+        let mode = if align_corners {
+            "align_corners"
+        } else {
+            "half_pixel"
+        };
+        Ok(self.node(
+            "Resize",
+            &[x, "", "", &sizes],
+            vec![
+                ("mode", Attr::Str("linear")),
+                ("coordinate_transformation_mode", Attr::Str(mode)),
+            ],
+        ))
+    }
+
+    /// GroupNorm with one group over a channels-last `x` of `rank` axes: every sample
+    /// normalised over all its values, then `* weight + bias` on the last axis.
+    pub fn group_norm1(
+        &mut self,
+        x: &str,
+        rank: usize,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f64,
+    ) -> Result<String> {
+        let axes: Vec<i64> = (1..rank as i64).collect();
+        let mean = self.reduce_mean(x, &axes);
+        let c = self.node("Sub", &[x, &mean], vec![]);
+        let sq = self.node("Mul", &[&c, &c], vec![]);
+        let var = self.reduce_mean(&sq, &axes);
+        let e = self.scalar("eps", eps as f32)?;
+        let ve = self.node("Add", &[&var, &e], vec![]);
+        let sd = self.node("Sqrt", &[&ve], vec![]);
+        let y = self.node("Div", &[&c, &sd], vec![]);
+        let w = self.constant("gn_w", weight)?;
+        let b = self.constant("gn_b", bias)?;
+        let y = self.node("Mul", &[&y, &w], vec![]);
+        Ok(self.node("Add", &[&y, &b], vec![]))
+    }
+
+    /// A 1x1 convolution with weight `[out, in]` (no bias).
+    pub fn pointwise(&mut self, x: &str, weight: &Tensor) -> Result<String> {
+        let (o, i) = weight.dims2()?;
+        self.conv(x, &weight.reshape((o, i, 1, 1))?, None, 1, 0, 1)
+    }
+
     /// `x W^T + b` over the last axis (`MatMul` + `Add`), `W` `[out, in]`.
     pub fn linear(&mut self, x: &str, weight: &Tensor, bias: Option<&Tensor>) -> Result<String> {
         let wt = self.constant("wt", &weight.t()?.contiguous()?)?;
