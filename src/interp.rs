@@ -172,8 +172,9 @@ fn linear_taps_corners(n: usize, on: usize) -> Vec<(usize, usize, f32, f32)> {
         .collect()
 }
 
-/// The `[on, n]` matrix of linear interpolation from n to on samples.
-fn linear_matrix(n: usize, on: usize, corners: bool, device: &Device) -> Result<Tensor> {
+/// The `[on, n]` matrix of linear interpolation from n to on samples (`corners`: PyTorch's
+/// `align_corners=True`).
+pub fn linear_matrix(n: usize, on: usize, corners: bool, device: &Device) -> Result<Tensor> {
     let mut m = vec![0f32; on * n];
     let taps = if corners {
         linear_taps_corners(n, on)

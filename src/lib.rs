@@ -13,6 +13,7 @@ pub mod demo;
 pub mod device;
 pub mod embedded;
 pub mod error;
+pub mod export;
 pub mod features;
 pub mod hub;
 pub mod interp;

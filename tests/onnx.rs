@@ -127,3 +127,101 @@ fn bad_onnx_input_is_named() {
     assert!(!o.status.success());
     assert!(!out.exists(), "nothing written on failure");
 }
+
+/// A transfer student stage folder for `source` (a fixture folder's weights), `task` with
+/// `classes` classes, its task head at random init, written as the transfer pipeline does.
+fn transfer_student(
+    dir: &std::path::Path,
+    source: &str,
+    task: distillery::transfer::models::TransferTask,
+    classes: usize,
+) {
+    use distillery::transfer::models as tm;
+    let source = model_dir(source).to_string_lossy().to_string();
+    let (arch, own) = tm::student_arch(&source, 64, task, classes, 16, &Device::Cpu).unwrap();
+    let (params, buffers) =
+        tm::student_params(&arch, own.as_ref(), false, vec![], 11, &Device::Cpu).unwrap();
+    let rec = tm::StudentRecord {
+        source,
+        task,
+        image_size: 64,
+        classes: (0..classes).map(|i| format!("class, {i}")).collect(),
+        decoder_width: 16,
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    tm::export_student(dir, &rec, &params, &buffers).unwrap();
+}
+
+/// Export a transfer student and compare the ONNX `logits` (tract) with the candle model's,
+/// segmentation logits resized to the input as the tool's own predictions are; with the
+/// preprocessing baked in the ONNX input is uint8 NHWC and candle gets the normalised pixels.
+fn check_transfer_student(dir: &std::path::Path, hw: (usize, usize), baked: bool) {
+    use distillery::transfer::models::{load_student, Predictor};
+    let out = dir.join(if baked { "baked.onnx" } else { "plain.onnx" });
+    let done = distillery::export::export(&distillery::export::ExportConfig {
+        model: dir.to_string_lossy().to_string(),
+        out: out.clone(),
+        size: Some(hw),
+        include_preprocessing: baked,
+        load: LoadOptions::default(),
+    })
+    .unwrap();
+    assert_eq!(done.hw, hw);
+    let (rec, net) = load_student(dir, &LoadOptions::default()).unwrap();
+    let p = net.net.preprocess().clone();
+    for batch in [1usize, 3] {
+        let img = Tensor::rand(0f32, 255.0, (batch, hw.0, hw.1, 3), &Device::Cpu)
+            .unwrap()
+            .floor()
+            .unwrap();
+        let nchw = img.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
+        let per = |v: [f32; 3]| Tensor::new(&v, &Device::Cpu).unwrap().reshape((1, 3, 1, 1));
+        let x = ((nchw * p.rescale as f64).unwrap())
+            .broadcast_sub(&per(p.mean).unwrap())
+            .unwrap()
+            .broadcast_div(&per(p.std).unwrap())
+            .unwrap();
+        let mut want = net.logits(&x, false).unwrap();
+        if want.rank() == 4 {
+            want = distillery::interp::resize_bilinear(&want, hw).unwrap();
+        }
+        let model = if baked {
+            OnnxModel::load(&out, &[batch, hw.0, hw.1, 3]).unwrap()
+        } else {
+            OnnxModel::load(&out, &[batch, 3, hw.0, hw.1]).unwrap()
+        };
+        let got = model.run(if baked { &img } else { &x }).unwrap();
+        let i = model
+            .outputs()
+            .iter()
+            .position(|n| n == "logits")
+            .expect("a logits output");
+        assert_eq!(got[i].dims()[1], rec.classes.len());
+        let err = common::rel_err(&got[i], &want);
+        assert!(
+            err <= 1e-4,
+            "{} batch {batch}: rel err {err}",
+            out.display()
+        );
+    }
+}
+
+#[test]
+fn transfer_students_export_with_their_task_heads() {
+    use distillery::transfer::models::TransferTask;
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, task, hw) in [
+        ("timm-resnet-basic", TransferTask::Classify, (40, 36)),
+        ("timm-mobilevitv2-050", TransferTask::Segment, (45, 38)),
+        ("timm-fastvit-sa12", TransferTask::Segment, (64, 64)),
+    ] {
+        let dir = tmp.path().join(name);
+        transfer_student(&dir, name, task, 4);
+        check_transfer_student(&dir, hw, false);
+        check_transfer_student(&dir, hw, true);
+    }
+    // the class names and the task travel in the metadata
+    let bytes = std::fs::read(tmp.path().join("timm-mobilevitv2-050/plain.onnx")).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains("segmentation") && text.contains("[\"class, 0\""));
+}

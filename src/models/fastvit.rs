@@ -980,19 +980,6 @@ impl Branches {
     }
 }
 
-/// A linear layer `[out, in]` with bias as a 1x1 convolution node.
-fn onnx_pointwise(g: &mut Graph, x: &str, l: &Linear) -> Result<String> {
-    let (o, i) = l.weight.dims2()?;
-    g.conv(
-        x,
-        &l.weight.reshape((o, i, 1, 1))?,
-        l.bias.as_ref(),
-        1,
-        0,
-        1,
-    )
-}
-
 /// `x * gamma` with `gamma` `[C, 1, 1]`.
 fn onnx_layer_scale(g: &mut Graph, x: &str, gamma: &Tensor) -> Result<String> {
     let c = g.constant("gamma", gamma)?;
@@ -1021,9 +1008,9 @@ impl MobileOne {
         let (mut y, side) = self.branches.folded()?.onnx(g, x, hw)?;
         if let Some((fc1, fc2)) = &self.se {
             let s = g.node("GlobalAveragePool", &[&y], vec![]);
-            let s = onnx_pointwise(g, &s, fc1)?;
+            let s = fc1.onnx_pointwise(g, &s)?;
             let s = g.node("Relu", &[&s], vec![]);
-            let s = onnx_pointwise(g, &s, fc2)?;
+            let s = fc2.onnx_pointwise(g, &s)?;
             let gate = g.node("Sigmoid", &[&s], vec![]);
             y = g.node("Mul", &[&y, &gate], vec![]);
         }
@@ -1099,9 +1086,9 @@ impl Mlp {
 
     fn onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
         let x = self.conv.onnx(g, x)?;
-        let h = onnx_pointwise(g, &x, &self.fc1)?;
+        let h = self.fc1.onnx_pointwise(g, &x)?;
         let h = Activation::Gelu.onnx(g, &h)?;
-        onnx_pointwise(g, &h, &self.fc2)
+        self.fc2.onnx_pointwise(g, &h)
     }
 }
 

@@ -22,6 +22,11 @@ impl Linear {
         g.linear(x, &self.weight, self.bias.as_ref())
     }
 
+    /// The layer over the channels of an NCHW map: a 1x1 `Conv`.
+    pub fn onnx_pointwise(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<String> {
+        g.pointwise(x, &self.weight, self.bias.as_ref())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         count_linear(x, &self.weight);
         Ok(crate::kernels::linear(x, &self.weight, self.bias.as_ref())?)

@@ -522,13 +522,9 @@ impl MobileVitBlock {
     /// The block as ONNX nodes reading `x` `[B, C, h, w]`.
     fn onnx(&self, g: &mut crate::onnx::Graph, x: &str, (h, w): (usize, usize)) -> Result<String> {
         let (nh, nw) = (h.div_ceil(PATCH), w.div_ceil(PATCH));
-        let x = if (nh * PATCH, nw * PATCH) == (h, w) {
-            x.to_string()
-        } else {
-            g.resize_bilinear(x, (nh * PATCH, nw * PATCH), true)?
-        };
+        let x = g.resize_bilinear(x, (h, w), (nh * PATCH, nw * PATCH), true)?;
         let x = self.local.onnx(g, &x)?;
-        let x = g.pointwise(&x, &self.conv_1x1)?;
+        let x = g.pointwise(&x, &self.conv_1x1, None)?;
         let (d, p, nh, nw) = (self.dim as i64, PATCH as i64, nh as i64, nw as i64);
         let t = g.reshape(&x, &[0, d, nh, p, nw, p])?;
         let t = g.transpose(&t, &[0, 3, 5, 2, 4, 1]);

@@ -42,6 +42,14 @@ pub struct Graph {
 }
 
 fn value_info(name: &str, dims: &[Option<usize>]) -> pb::ValueInfoProto {
+    typed_value_info(name, dims, pb::tensor_proto::DataType::Float)
+}
+
+fn typed_value_info(
+    name: &str,
+    dims: &[Option<usize>],
+    elem: pb::tensor_proto::DataType,
+) -> pb::ValueInfoProto {
     use pb::tensor_shape_proto::{dimension::Value as Dim, Dimension};
     let dim = dims
         .iter()
@@ -58,7 +66,7 @@ fn value_info(name: &str, dims: &[Option<usize>]) -> pb::ValueInfoProto {
         r#type: Some(pb::TypeProto {
             denotation: String::new(),
             value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: pb::tensor_proto::DataType::Float as i32,
+                elem_type: elem as i32,
                 shape: Some(pb::TensorShapeProto { dim }),
             })),
         }),
@@ -77,6 +85,24 @@ impl Graph {
             hw: (h, w),
             counter: 0,
         }
+    }
+
+    /// A graph whose input `name` is an 8-bit RGB image batch `[batch, h, w, 3]` (uint8).
+    pub fn new_image_u8(name: &str, (h, w): (usize, usize)) -> Self {
+        Self {
+            input: typed_value_info(
+                name,
+                &[None, Some(h), Some(w), Some(3)],
+                pb::tensor_proto::DataType::Uint8,
+            ),
+            ..Self::new(name, 3, (h, w))
+        }
+    }
+
+    /// `x` as f32.
+    pub fn cast_f32(&mut self, x: &str) -> String {
+        let to = pb::tensor_proto::DataType::Float as i64;
+        self.node("Cast", &[x], vec![("to", Attr::Int(to))])
     }
 
     /// The input's name.
@@ -323,31 +349,27 @@ impl Graph {
         Ok(self.node("ReduceSum", &[x, &a], vec![("keepdims", Attr::Int(1))]))
     }
 
-    /// Bilinear resize of `[B, C, H, W]` to `(h, w)`: `align_corners` as PyTorch's flag
-    /// (`false` is ONNX's `half_pixel`, PyTorch's default for upsampling).
+    /// Bilinear resize of `[B, C, h, w]` (`from`) to `to`, with PyTorch's weights
+    /// (`F.interpolate(mode="bilinear", align_corners)`), as two products with constant
+    /// interpolation matrices: every runtime computes the same thing (ONNX `Resize`
+    /// implementations differ at the borders; tract extrapolates `half_pixel` there).
     pub fn resize_bilinear(
         &mut self,
         x: &str,
-        (h, w): (usize, usize),
+        from: (usize, usize),
+        to: (usize, usize),
         align_corners: bool,
     ) -> Result<String> {
-        let shape = self.node("Shape", &[x], vec![]);
-        let bc = self.slice(&shape, 0, 0, 2)?;
-        let hw = self.ints("hw", &[h as i64, w as i64])?;
-        let sizes = self.node("Concat", &[&bc, &hw], vec![("axis", Attr::Int(0))]);
-        let mode = if align_corners {
-            "align_corners"
-        } else {
-            "half_pixel"
-        };
-        Ok(self.node(
-            "Resize",
-            &[x, "", "", &sizes],
-            vec![
-                ("mode", Attr::Str("linear")),
-                ("coordinate_transformation_mode", Attr::Str(mode)),
-            ],
-        ))
+        if from == to {
+            return Ok(x.to_string());
+        }
+        let cpu = &Device::Cpu;
+        let rx = crate::interp::linear_matrix(from.1, to.1, align_corners, cpu)?;
+        let ry = crate::interp::linear_matrix(from.0, to.0, align_corners, cpu)?;
+        let rxt = self.constant("resize_w", &rx.t()?.contiguous()?)?;
+        let ry = self.constant("resize_h", &ry)?;
+        let y = self.node("MatMul", &[x, &rxt], vec![]);
+        Ok(self.node("MatMul", &[&ry, &y], vec![]))
     }
 
     /// GroupNorm with one group over a channels-last `x` of `rank` axes: every sample
@@ -375,10 +397,10 @@ impl Graph {
         Ok(self.node("Add", &[&y, &b], vec![]))
     }
 
-    /// A 1x1 convolution with weight `[out, in]` (no bias).
-    pub fn pointwise(&mut self, x: &str, weight: &Tensor) -> Result<String> {
+    /// A 1x1 convolution with weight `[out, in]`.
+    pub fn pointwise(&mut self, x: &str, weight: &Tensor, bias: Option<&Tensor>) -> Result<String> {
         let (o, i) = weight.dims2()?;
-        self.conv(x, &weight.reshape((o, i, 1, 1))?, None, 1, 0, 1)
+        self.conv(x, &weight.reshape((o, i, 1, 1))?, bias, 1, 0, 1)
     }
 
     /// `x W^T + b` over the last axis (`MatMul` + `Add`), `W` `[out, in]`.
@@ -431,6 +453,8 @@ pub struct OnnxModel {
     path: PathBuf,
     plan: TypedRunnableModel<TypedModel>,
     outputs: Vec<String>,
+    /// whether the input is uint8 (images with the preprocessing inside) rather than f32
+    u8_input: bool,
 }
 
 fn tract_err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -478,8 +502,19 @@ impl OnnxModel {
                     .unwrap_or_else(|| n.clone())
             })
             .collect();
+        use tract_onnx::tract_hir::infer::Factoid;
+        let u8_input = model
+            .input_fact(0)
+            .ok()
+            .and_then(|f| f.datum_type.concretize())
+            == Some(u8::datum_type());
+        let fact = if u8_input {
+            u8::fact(shape)
+        } else {
+            f32::fact(shape)
+        };
         let plan = model
-            .with_input_fact(0, f32::fact(shape).into())
+            .with_input_fact(0, fact.into())
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(|e| tract_err(path, e))?;
@@ -487,6 +522,7 @@ impl OnnxModel {
             path: path.to_path_buf(),
             plan,
             outputs,
+            u8_input,
         })
     }
 
@@ -495,15 +531,26 @@ impl OnnxModel {
         &self.outputs
     }
 
-    /// Run on `x` (f32, the loaded shape); every output as a candle tensor.
+    /// Run on `x` (the loaded shape; f32, or u8 values for a uint8 input); every output as a
+    /// candle tensor.
     pub fn run(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let dims = x.dims().to_vec();
-        let data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let input = tract_ndarray::ArrayD::from_shape_vec(dims, data)
-            .map_err(|e| tract_err(&self.path, e))?;
+        let input = if self.u8_input {
+            let data = x.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
+            tract_onnx::prelude::Tensor::from(
+                tract_ndarray::ArrayD::from_shape_vec(dims, data)
+                    .map_err(|e| tract_err(&self.path, e))?,
+            )
+        } else {
+            let data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            tract_onnx::prelude::Tensor::from(
+                tract_ndarray::ArrayD::from_shape_vec(dims, data)
+                    .map_err(|e| tract_err(&self.path, e))?,
+            )
+        };
         let out = self
             .plan
-            .run(tvec!(tract_onnx::prelude::Tensor::from(input).into()))
+            .run(tvec!(input.into()))
             .map_err(|e| tract_err(&self.path, e))?;
         out.iter()
             .map(|t| {

@@ -269,6 +269,39 @@ impl SegDecoder {
     }
 }
 
+impl crate::models::export::OnnxHead for SegDecoder {
+    /// Class logits `logits` `[B, K, H, W]` at the input's resolution (bilinear, as
+    /// `F.interpolate(align_corners=False)` from the finest level read).
+    fn onnx(
+        &self,
+        g: &mut crate::onnx::Graph,
+        levels: &[String],
+        sides: &[(usize, usize)],
+        _pooled: &str,
+    ) -> Result<Vec<(String, String, usize)>> {
+        let mut maps = Vec::with_capacity(self.levels.len());
+        let mut size = None;
+        for (&l, conv) in self.levels.iter().zip(&self.convs) {
+            let (Some(x), Some(&side)) = (levels.get(l), sides.get(l)) else {
+                return Err(Error::Invalid(format!(
+                    "decoder reads level {l}, the backbone gave {}",
+                    levels.len()
+                )));
+            };
+            let y = conv.onnx(g, x)?;
+            let hw = *size.get_or_insert(side);
+            maps.push(g.resize_bilinear(&y, side, hw, false)?);
+        }
+        let refs: Vec<&str> = maps.iter().map(String::as_str).collect();
+        let cat = g.node("Concat", &refs, vec![("axis", crate::onnx::Attr::Int(1))]);
+        let fused = self.fusion.onnx(g, &cat)?;
+        let logits = self.cls.onnx_pointwise(g, &fused)?;
+        let from = size.ok_or_else(|| Error::Invalid("decoder without levels".into()))?;
+        let logits = g.resize_bilinear(&logits, from, g.input_hw(), false)?;
+        Ok(vec![("logits".into(), logits, 4)])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

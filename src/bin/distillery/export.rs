@@ -11,6 +11,8 @@ enum Format {
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// A transfer student stage folder (`RUN/<mode>/finetune`), a timm folder or hub id of
+    /// the student zoo, or a registered name (random init)
     #[command(flatten)]
     model: ModelArgs,
     #[arg(long, value_enum, default_value = "onnx")]
@@ -18,32 +20,36 @@ pub struct Args {
     /// Output file
     #[arg(long)]
     out: PathBuf,
-    /// Input height,width (default: the model's preprocessing crop)
+    /// Input height,width (default: the model's training size or preprocessing crop)
     #[arg(long, value_parser = parse_hw)]
     size: Option<(usize, usize)>,
+    /// Take uint8 RGB images [batch, H, W, 3] and normalise inside the graph
+    #[arg(long)]
+    include_preprocessing: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let Some(m) = &a.model.model else {
-        bail!("give --model (a timm folder or hub id, or a registered name at random init)");
+        bail!(
+            "give --model (a transfer stage folder, a timm folder or hub id, or a registered name)"
+        );
     };
     let Format::Onnx = a.format;
-    let opts = a.model.compute.load_options()?;
-    let Some((spec, net)) = distillery::models::backbone::open(m, &opts)? else {
-        bail!("{m}: ONNX export covers the student zoo's families (timm folders or names); this model is not one of them");
-    };
-    let hw = a
-        .size
-        .unwrap_or_else(|| net.preprocess().crop.unwrap_or((224, 224)));
-    distillery::models::export::export_onnx(net.as_ref(), hw, &spec.arch_name(), &a.out)?;
-    let bytes = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    let done = distillery::export::export(&distillery::export::ExportConfig {
+        model: m.clone(),
+        out: a.out.clone(),
+        size: a.size,
+        include_preprocessing: a.include_preprocessing,
+        load: a.model.compute.load_options()?,
+    })?;
     eprintln!(
-        "wrote {} ({:.1} MB; input pixel_values [batch, 3, {}, {}]; outputs stages.*, pre_logits{})",
-        a.out.display(),
-        bytes as f64 / 1e6,
-        hw.0,
-        hw.1,
-        if net.head().fc.is_some() { ", logits" } else { "" }
+        "wrote {} ({:.1} MB): {}; input {} at {}x{}, dynamic batch",
+        done.path.display(),
+        done.bytes as f64 / 1e6,
+        done.description,
+        done.input,
+        done.hw.0,
+        done.hw.1,
     );
     Ok(())
 }

@@ -1,0 +1,108 @@
+//! `distillery export`: any model the tool makes or loads, as an ONNX file.
+//!
+//! - a student of task-oriented transfer (a stage folder with `student.json` and
+//!   `student.safetensors`): its backbone with the task head — classification `logits`
+//!   `[B, K]`, or segmentation `logits` `[B, K, H, W]` at the input's resolution — and the class
+//!   names and task in the metadata;
+//! - a student-zoo backbone (a timm folder or hub id of a registered family, or a registered
+//!   name at random init): pyramid, pooled features and its classifier when it has one.
+//!
+//! The input is normalised pixels, or uint8 RGB NHWC images with the preprocessing baked in
+//! (`include_preprocessing`); the batch dimension is symbolic.
+
+use crate::error::{Error, Result};
+use crate::models::export::{export_onnx_with, ExportOptions, OnnxHead, IMAGE_INPUT, INPUT};
+use crate::models::LoadOptions;
+use crate::transfer::models as transfer;
+use std::path::{Path, PathBuf};
+
+/// What to export, and how.
+#[derive(Clone, Debug)]
+pub struct ExportConfig {
+    /// a transfer stage folder, a timm folder / hub id, or a registered name
+    pub model: String,
+    pub out: PathBuf,
+    /// input (height, width); default: the model's training or preprocessing size
+    pub size: Option<(usize, usize)>,
+    pub include_preprocessing: bool,
+    pub load: LoadOptions,
+}
+
+/// What was written.
+#[derive(Clone, Debug)]
+pub struct Exported {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub input: String,
+    pub hw: (usize, usize),
+    /// what the model is (`mobilevitv2_050 student (segmentation, 21 classes)`)
+    pub description: String,
+}
+
+fn is_transfer_student(dir: &Path) -> bool {
+    dir.join(transfer::STUDENT_SPEC).is_file() && dir.join(transfer::STUDENT_WEIGHTS).is_file()
+}
+
+/// Export `cfg.model` to `cfg.out` (written atomically; nothing is written on failure).
+pub fn export(cfg: &ExportConfig) -> Result<Exported> {
+    let dir = Path::new(&cfg.model);
+    let (description, hw) = if is_transfer_student(dir) {
+        let (rec, net) = transfer::load_student(dir, &cfg.load)?;
+        let hw = cfg.size.unwrap_or((rec.image_size, rec.image_size));
+        let task = match rec.task {
+            transfer::TransferTask::Classify => "classification",
+            transfer::TransferTask::Segment => "segmentation",
+        };
+        let mut opts = options(cfg, &rec.source, hw);
+        opts.metadata.push(("task".into(), task.into()));
+        opts.metadata.push((
+            "labels".into(),
+            serde_json::to_string(&rec.classes)
+                .map_err(|e| Error::Invalid(format!("class names: {e}")))?,
+        ));
+        let head = net.seg.as_ref().map(|s| s as &dyn OnnxHead);
+        export_onnx_with(net.net.as_ref(), &opts, head, &cfg.out)?;
+        let d = format!(
+            "{} student ({task}, {} classes)",
+            rec.source,
+            rec.classes.len()
+        );
+        (d, hw)
+    } else {
+        let Some((spec, net)) = crate::models::backbone::open(&cfg.model, &cfg.load)? else {
+            return Err(Error::Invalid(format!(
+                "{}: ONNX export covers transfer students (a stage folder with {}) and the student zoo's families (timm folders, hub ids or registered names); this model is neither",
+                cfg.model,
+                transfer::STUDENT_SPEC
+            )));
+        };
+        let hw = cfg
+            .size
+            .unwrap_or_else(|| net.preprocess().crop.unwrap_or((224, 224)));
+        let opts = options(cfg, &spec.arch_name(), hw);
+        export_onnx_with(net.as_ref(), &opts, None, &cfg.out)?;
+        (spec.arch_name(), hw)
+    };
+    let bytes = std::fs::metadata(&cfg.out)
+        .map_err(|e| Error::io(&cfg.out, e))?
+        .len();
+    Ok(Exported {
+        path: cfg.out.clone(),
+        bytes,
+        input: if cfg.include_preprocessing {
+            IMAGE_INPUT
+        } else {
+            INPUT
+        }
+        .into(),
+        hw,
+        description,
+    })
+}
+
+fn options(cfg: &ExportConfig, name: &str, hw: (usize, usize)) -> ExportOptions {
+    ExportOptions {
+        include_preprocessing: cfg.include_preprocessing,
+        ..ExportOptions::new(name, hw)
+    }
+}
