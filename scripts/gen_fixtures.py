@@ -587,6 +587,56 @@ def target_norm():
     print(f"  target-norm: {tok.shape[0]} tokens x {c} channels")
 
 
+def onnx_teacher():
+    """A user's teacher as ONNX (`gen_fixtures.py onnx_teacher`): a tiny random timm ViT saved
+    both as a timm folder (models/onnx-teacher: config.json, model.safetensors) and, exported by
+    torch.onnx.export (opset 17, dynamic batch, 32x32 input), as models/onnx-teacher/teacher.onnx
+    with two outputs: `features` (tokens after the last block, no final norm: what the folder's
+    teacher distils at its last level) and `pooled` (the final norm's class token); the
+    preprocessing (mean, std, rescale, input_size) in metadata_props.
+    refs/onnx-teacher.safetensors: pixel_values [2,3,32,32], features, pooled (torch)."""
+    import onnx
+    import timm
+    from timm.models import _hub
+
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
+    randomize(m, 23)
+    d = fresh("onnx-teacher")
+    _hub.save_for_hf(m, d, model_args=args, safe_serialization=True)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, vit):
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, pixel_values):
+            h = self.vit.norm_pre(self.vit._pos_embed(self.vit.patch_embed(pixel_values)))
+            for blk in self.vit.blocks:
+                h = blk(h)
+            return h, self.vit.norm(h)[:, 0]
+
+    w = Wrapper(m).eval()
+    x = pixels(2, 32, 32, 91)
+    path = os.path.join(d, "teacher.onnx")
+    torch.onnx.export(w, (x,), path, input_names=["pixel_values"],
+                      output_names=["features", "pooled"], opset_version=17,
+                      dynamic_axes={"pixel_values": {0: "batch"}, "features": {0: "batch"},
+                                    "pooled": {0: "batch"}}, dynamo=False)
+    model = onnx.load(path)
+    for k, v in [("mean", "0.5,0.5,0.5"), ("std", "0.5,0.5,0.5"), ("rescale", str(1 / 255)),
+                 ("input_size", "32,32")]:
+        p = model.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.save(model, path)
+    with torch.no_grad():
+        f, pooled = w(x)
+    save_file({"pixel_values": x.contiguous(), "features": f.contiguous(),
+               "pooled": pooled.contiguous()}, os.path.join(REFS, "onnx-teacher.safetensors"))
+    print(f"  onnx-teacher: {os.path.getsize(path)} bytes, ops "
+          f"{sorted({n.op_type for n in model.graph.node})}")
+
+
 if __name__ == "__main__":
     # `gen_fixtures.py student_sources` regenerates one section only.
     if len(sys.argv) > 1:

@@ -86,6 +86,12 @@ pub fn short_name(info: &ModelInfo, id: &str) -> String {
         Family::Clip => "clip",
         Family::Siglip => "siglip",
         Family::Sam => "sam",
+        Family::Onnx => {
+            // the file's stem (`teacher.onnx:feat` -> `teacher`)
+            let file = models::onnx_teacher::parse_spec(id).map_or(id, |(f, _)| f);
+            let stem = Path::new(file).file_stem().and_then(|s| s.to_str());
+            return stem.unwrap_or("onnx").to_string();
+        }
     };
     let size = match info.width {
         192 => Some("ti"),

@@ -13,6 +13,7 @@ pub mod fastvit;
 pub mod layers;
 pub mod mobilevit;
 pub mod multitask;
+pub mod onnx_teacher;
 pub mod pooled;
 pub mod resnet;
 pub mod sam;
@@ -44,6 +45,8 @@ pub enum Family {
     Siglip,
     /// SAM image encoder
     Sam,
+    /// a user's ONNX model (one named output), run by tract
+    Onnx,
 }
 
 impl fmt::Display for Family {
@@ -56,6 +59,7 @@ impl fmt::Display for Family {
             Family::Clip => "clip",
             Family::Siglip => "siglip",
             Family::Sam => "sam",
+            Family::Onnx => "onnx",
         })
     }
 }
@@ -359,6 +363,11 @@ pub fn build(files: &ModelFiles, w: &Weights) -> Result<Box<dyn VisionEncoder>> 
         Family::Clip => Box::new(clip::load(&cfg, pre.as_ref(), w, files)?),
         Family::Siglip => Box::new(siglip::load(&cfg, pre.as_ref(), w, files)?),
         Family::Sam => Box::new(sam::load(&cfg, pre.as_ref(), w, files)?),
+        Family::Onnx => {
+            return Err(Error::Invalid(
+                "ONNX models are opened from their file (PATH.onnx[:OUTPUT])".into(),
+            ))
+        }
     };
     Ok(enc)
 }
@@ -366,7 +375,12 @@ pub fn build(files: &ModelFiles, w: &Weights) -> Result<Box<dyn VisionEncoder>> 
 /// Load an encoder from a local folder or a hub id (`org/name`, optionally `org/name@revision`).
 /// A path that exists locally always wins; otherwise the id is resolved through the hub cache
 /// (respecting `HF_HOME` and `HF_HUB_OFFLINE`).
+///
+/// `PATH.onnx[:OUTPUT]` is a user's ONNX model ([`onnx_teacher::OnnxEncoder`]).
 pub fn load(model: &str, opts: &LoadOptions) -> Result<Box<dyn VisionEncoder>> {
+    if onnx_teacher::parse_spec(model).is_some() {
+        return Ok(Box::new(onnx_teacher::OnnxEncoder::open(model)?));
+    }
     let files = resolve(model)?;
     load_from_files(&files, opts)
 }

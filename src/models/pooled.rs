@@ -103,6 +103,10 @@ pub enum PoolHead {
     ClipProjection { norm: LayerNorm, proj: Linear },
     /// SigLIP: attention pooling
     Map(Box<MapHead>),
+    /// an ONNX model's vector output, as it is
+    Vector,
+    /// the spatial mean of an ONNX model's feature map
+    MeanMap,
 }
 
 impl PoolHead {
@@ -113,6 +117,8 @@ impl PoolHead {
             PoolHead::MeanPatch => "mean-patch",
             PoolHead::ClipProjection { .. } => "clip-projection",
             PoolHead::Map(_) => "siglip-map",
+            PoolHead::Vector => "output",
+            PoolHead::MeanMap => "mean-map",
         }
     }
 }
@@ -145,6 +151,8 @@ impl ImageEmbedder {
                 proj.forward(&norm.forward(&last.narrow(1, 0, 1)?.squeeze(1)?)?)?
             }
             PoolHead::Map(h) => h.forward(&last)?,
+            PoolHead::Vector => last.squeeze(1)?,
+            PoolHead::MeanMap => last.mean(3)?.mean(2)?,
         })
     }
 }
@@ -171,6 +179,11 @@ pub fn load_embedder(files: &ModelFiles, opts: &super::LoadOptions) -> Result<Im
         msg: format!("{what}: no tensor {name}"),
     };
     let (head, dim) = match family {
+        Family::Onnx => {
+            return Err(Error::Invalid(
+                "ONNX models are opened from their file (PATH.onnx[:OUTPUT])".into(),
+            ))
+        }
         Family::Sam => return Err(Error::BadInput {
             path: files.config.clone(),
             msg: "SAM has no image-level embedding; embed with a ViT, DINOv2, CLIP or SigLIP model"
@@ -214,6 +227,25 @@ pub fn load_embedder(files: &ModelFiles, opts: &super::LoadOptions) -> Result<Im
         }
     };
     Ok(ImageEmbedder { encoder, head, dim })
+}
+
+/// A user's ONNX model (`PATH.onnx[:OUTPUT]`) as an embedder: a vector output as it is, tokens
+/// by their first (class) token when there are prefix tokens else their mean, a feature map by
+/// its spatial mean.
+pub fn onnx_embedder(spec: &str) -> Result<ImageEmbedder> {
+    let enc = super::onnx_teacher::OnnxEncoder::open(spec)?;
+    let head = match enc.output_rank() {
+        2 => PoolHead::Vector,
+        3 if enc.info().prefix_tokens > 0 => PoolHead::Cls,
+        3 => PoolHead::MeanPatch,
+        _ => PoolHead::MeanMap,
+    };
+    let dim = enc.info().width;
+    Ok(ImageEmbedder {
+        encoder: Box::new(enc),
+        head,
+        dim,
+    })
 }
 
 fn encoder_has_cls(e: &dyn VisionEncoder) -> bool {

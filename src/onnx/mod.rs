@@ -11,7 +11,9 @@
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use prost::Message;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
@@ -448,14 +450,21 @@ impl Graph {
     }
 }
 
-/// An ONNX model made runnable by tract for a fixed input shape.
+/// An ONNX model run by tract: parsed once, made runnable (optimised) per input shape on
+/// first use.
 pub struct OnnxModel {
     path: PathBuf,
-    plan: TypedRunnableModel<TypedModel>,
+    model: InferenceModel,
     outputs: Vec<String>,
+    /// the input's declared dimensions (`None`: symbolic)
+    input_dims: Vec<Option<usize>>,
     /// whether the input is uint8 (images with the preprocessing inside) rather than f32
     u8_input: bool,
+    metadata: Vec<(String, String)>,
+    plans: Mutex<HashMap<Vec<usize>, Arc<Plan>>>,
 }
+
+type Plan = TypedRunnableModel<TypedModel>;
 
 fn tract_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::BadInput {
@@ -464,66 +473,208 @@ fn tract_err(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// Run `f`, turning a panic inside tract (its optimiser has unimplemented corners) into an
+/// error naming the file.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown failure".into());
+        Err(tract_err(
+            path,
+            format!("tract cannot run this model: {msg}"),
+        ))
+    })
+}
+
 impl OnnxModel {
-    /// Load `path` for inputs of `shape` (the batch included).
+    /// Parse `path`; `outputs` keeps only those outputs (by name; empty: all). Operators tract
+    /// does not implement are named with their node; a missing output lists the available ones.
+    pub fn open(path: &Path, outputs: &[&str]) -> Result<Self> {
+        guarded(path, || Self::open_unguarded(path, outputs))
+    }
+
+    /// [`OnnxModel::open`] with every output, made runnable for inputs of `shape`.
     pub fn load(path: &Path, shape: &[usize]) -> Result<Self> {
-        // tract's optimiser has unimplemented corners that panic; a model it cannot take is an
-        // error naming the file, not a crash
-        std::panic::catch_unwind(|| Self::load_unguarded(path, shape)).unwrap_or_else(|p| {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown failure".into());
-            Err(tract_err(
+        let m = Self::open(path, &[])?;
+        m.plan(shape)?;
+        Ok(m)
+    }
+
+    fn open_unguarded(path: &Path, keep: &[&str]) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let proto = pb::ModelProto::decode(bytes.as_slice())
+            .map_err(|e| tract_err(path, format!("not a readable ONNX model: {e}")))?;
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| tract_err(path, "not a readable ONNX model: it has no graph"))?;
+        let onnx = tract_onnx::onnx();
+        if let Some(n) = graph
+            .node
+            .iter()
+            .find(|n| !onnx.op_register.0.contains_key(&n.op_type))
+        {
+            let domain = if n.domain.is_empty() {
+                String::new()
+            } else {
+                format!(" (domain {})", n.domain)
+            };
+            return Err(tract_err(
                 path,
-                format!("tract cannot run this model: {msg}"),
-            ))
+                format!(
+                    "node {:?} uses operator {}{domain}, which tract cannot run",
+                    n.name, n.op_type
+                ),
+            ));
+        }
+        let declared: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+        for k in keep {
+            if !declared.iter().any(|d| d == k) {
+                return Err(tract_err(
+                    path,
+                    format!(
+                        "no output named {k:?}; the model's outputs are {}",
+                        declared.join(", ")
+                    ),
+                ));
+            }
+        }
+        let initializers: std::collections::HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let input = graph
+            .input
+            .iter()
+            .find(|i| !initializers.contains(i.name.as_str()))
+            .ok_or_else(|| tract_err(path, "the model has no input"))?;
+        let (input_dims, elem) = match input.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+            Some(pb::type_proto::Value::TensorType(t)) => (
+                t.shape
+                    .as_ref()
+                    .map(|s| {
+                        s.dim
+                            .iter()
+                            .map(|d| match d.value {
+                                Some(pb::tensor_shape_proto::dimension::Value::DimValue(v))
+                                    if v > 0 =>
+                                {
+                                    Some(v as usize)
+                                }
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                t.elem_type,
+            ),
+            _ => (Vec::new(), pb::tensor_proto::DataType::Float as i32),
+        };
+        let u8_input = elem == pb::tensor_proto::DataType::Uint8 as i32;
+        if !u8_input && elem != pb::tensor_proto::DataType::Float as i32 {
+            return Err(tract_err(
+                path,
+                format!(
+                    "input {:?} has element type {elem}; float32 images or uint8 images are supported",
+                    input.name
+                ),
+            ));
+        }
+        let dir = path.parent().and_then(|d| d.to_str());
+        let parsed = onnx
+            .parse(&proto, dir)
+            .map_err(|e| tract_err(path, format!("not a readable ONNX model: {e:#}")))?;
+        let mut model = parsed.model;
+        if !keep.is_empty() {
+            let outlets = keep
+                .iter()
+                .map(|k| {
+                    model
+                        .find_outlet_label(k)
+                        .ok_or_else(|| tract_err(path, format!("no output named {k:?}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            model
+                .set_output_outlets(&outlets)
+                .map_err(|e| tract_err(path, e))?;
+        }
+        let outputs = if keep.is_empty() {
+            declared
+        } else {
+            keep.iter().map(|k| k.to_string()).collect()
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            model,
+            outputs,
+            input_dims,
+            u8_input,
+            metadata: proto
+                .metadata_props
+                .iter()
+                .map(|p| (p.key.clone(), p.value.clone()))
+                .collect(),
+            plans: Mutex::new(HashMap::new()),
         })
     }
 
-    fn load_unguarded(path: &Path, shape: &[usize]) -> Result<Self> {
-        let model = tract_onnx::onnx()
-            .model_for_path(path)
-            .map_err(|e| tract_err(path, format!("not a readable ONNX model: {e:#}")))?;
-        let outputs = model
-            .output_outlets()
-            .map_err(|e| tract_err(path, e))?
+    /// The runnable plan for inputs of `shape` (built on first use).
+    fn plan(&self, shape: &[usize]) -> Result<Arc<Plan>> {
+        if let Some(p) = self.plans.lock().ok().and_then(|m| m.get(shape).cloned()) {
+            return Ok(p);
+        }
+        if self.input_dims.len() != shape.len()
+            || self
+                .input_dims
+                .iter()
+                .zip(shape)
+                .any(|(d, s)| d.is_some_and(|d| d != *s))
+        {
+            return Err(tract_err(
+                &self.path,
+                format!(
+                    "input of shape {shape:?} given; the model takes {}",
+                    self.describe_input()
+                ),
+            ));
+        }
+        let plan = guarded(&self.path, || {
+            let fact = if self.u8_input {
+                u8::fact(shape)
+            } else {
+                f32::fact(shape)
+            };
+            self.model
+                .clone()
+                .with_input_fact(0, fact.into())
+                .and_then(|m| m.into_optimized())
+                .and_then(|m| m.into_runnable())
+                .map_err(|e| tract_err(&self.path, e))
+        })?;
+        let plan = Arc::new(plan);
+        if let Ok(mut m) = self.plans.lock() {
+            m.insert(shape.to_vec(), plan.clone());
+        }
+        Ok(plan)
+    }
+
+    fn describe_input(&self) -> String {
+        let dims: Vec<String> = self
+            .input_dims
             .iter()
-            .map(|o| model.node(o.node).name.clone())
-            .collect::<Vec<_>>();
-        let outputs = outputs
-            .iter()
-            .zip(model.outputs.iter())
-            .map(|(n, o)| {
-                model
-                    .outlet_label(*o)
-                    .map(str::to_string)
-                    .unwrap_or_else(|| n.clone())
-            })
+            .map(|d| d.map_or_else(|| "?".to_string(), |d| d.to_string()))
             .collect();
-        use tract_onnx::tract_hir::infer::Factoid;
-        let u8_input = model
-            .input_fact(0)
-            .ok()
-            .and_then(|f| f.datum_type.concretize())
-            == Some(u8::datum_type());
-        let fact = if u8_input {
-            u8::fact(shape)
-        } else {
-            f32::fact(shape)
-        };
-        let plan = model
-            .with_input_fact(0, fact.into())
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| tract_err(path, e))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            plan,
-            outputs,
-            u8_input,
-        })
+        format!(
+            "[{}] {}",
+            dims.join(", "),
+            if self.u8_input { "uint8" } else { "float32" }
+        )
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Output names, in order.
@@ -531,10 +682,30 @@ impl OnnxModel {
         &self.outputs
     }
 
-    /// Run on `x` (the loaded shape; f32, or u8 values for a uint8 input); every output as a
-    /// candle tensor.
+    /// The input's declared dimensions (`None`: symbolic).
+    pub fn input_dims(&self) -> &[Option<usize>] {
+        &self.input_dims
+    }
+
+    /// Whether the input is uint8 images (NHWC) rather than float pixels.
+    pub fn u8_input(&self) -> bool {
+        self.u8_input
+    }
+
+    /// A `metadata_props` value.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Run on `x` (f32, or u8 values for a uint8 input); every kept output as a candle tensor
+    /// on the CPU.
     pub fn run(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let dims = x.dims().to_vec();
+        let plan = self.plan(&dims)?;
+        let x = x.to_device(&Device::Cpu)?;
         let input = if self.u8_input {
             let data = x.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
             tract_onnx::prelude::Tensor::from(
@@ -548,8 +719,7 @@ impl OnnxModel {
                     .map_err(|e| tract_err(&self.path, e))?,
             )
         };
-        let out = self
-            .plan
+        let out = plan
             .run(tvec!(input.into()))
             .map_err(|e| tract_err(&self.path, e))?;
         out.iter()

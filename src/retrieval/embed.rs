@@ -92,6 +92,9 @@ pub fn model_key(model: &str) -> String {
 
 /// The embedding model of `model` and its manifest fields.
 pub fn open_model(model: &str, load: &LoadOptions) -> Result<ImageEmbedder> {
+    if crate::models::onnx_teacher::parse_spec(model).is_some() {
+        return crate::models::pooled::onnx_embedder(model);
+    }
     let files = crate::models::resolve(model)?;
     load_embedder(&files, load)
 }

@@ -559,13 +559,40 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
             (spec, run.saved.is_none().then_some(src))
         }
     };
-    let spec = StudentSpec {
-        target_norm: if run.saved.is_some() {
-            spec.target_norm
-        } else {
-            cfg.target_norm
-        },
-        ..spec
+    // every teacher gives the same number of levels; the student distils that many
+    let counts: Vec<(String, usize)> = match &cache {
+        Some(c) => c
+            .manifest
+            .teachers
+            .iter()
+            .map(|t| (t.name.clone(), t.levels.len()))
+            .collect(),
+        None => teachers
+            .iter()
+            .map(|t| (t.name.clone(), t.levels.len()))
+            .collect(),
+    };
+    let n_levels = counts.first().map_or(spec.levels.len(), |c| c.1);
+    if counts.iter().any(|c| c.1 != n_levels) {
+        let list: Vec<String> = counts.iter().map(|(n, c)| format!("{n}: {c}")).collect();
+        return Err(Error::Invalid(format!(
+            "the teachers give different numbers of levels ({}); the student distils the same number from each",
+            list.join(", ")
+        )));
+    }
+    let spec = if run.saved.is_some() {
+        if spec.levels.len() != n_levels {
+            return Err(Error::Invalid(format!(
+                "the saved student distils {} levels, the teachers give {n_levels}",
+                spec.levels.len()
+            )));
+        }
+        spec
+    } else {
+        StudentSpec {
+            target_norm: cfg.target_norm,
+            ..spec.with_level_count(n_levels)?
+        }
     };
     let plan = DataPlan {
         n: data.len(),

@@ -43,6 +43,14 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     if let Some(m) = &a.model.model {
+        if distillery::models::onnx_teacher::parse_spec(m).is_some() {
+            if a.pca.is_some() {
+                bail!("--pca draws a ViT's patch features; {m} is an ONNX model");
+            }
+            return onnx(m, &a);
+        }
+    }
+    if let Some(m) = &a.model.model {
         let opts = a.model.compute.load_options()?;
         if let Some((_, net)) = distillery::models::backbone::load(m, &opts)? {
             if a.pca.is_some() {
@@ -113,6 +121,33 @@ fn backbone(
         "forward: {secs:.3} s ({:.1} images/s)",
         x.dim(0)? as f64 / secs
     );
+    emit(&tensors, a.out.as_deref())
+}
+
+/// `features --model PATH.onnx[:OUTPUT]`: the named output, under its name, as the model gives
+/// it.
+fn onnx(spec: &str, a: &Args) -> Result<()> {
+    use distillery::VisionEncoder;
+    let enc = distillery::models::onnx_teacher::OnnxEncoder::open(spec)?;
+    let cpu = candle_core::Device::Cpu;
+    let x = match (&a.pixels, a.image.is_empty()) {
+        (Some(p), _) => read_pixels(p, &cpu)?,
+        (None, false) => read_images(&a.image, &enc.info().preprocess, &cpu)?,
+        (None, true) => {
+            let sample = distillery::embedded::sample_image()?;
+            eprintln!("input: embedded sample image {}", sample.display());
+            read_images(&[sample], &enc.info().preprocess, &cpu)?
+        }
+    };
+    eprintln!("model: {spec} (output {}, run by tract)", enc.output_name());
+    let t0 = std::time::Instant::now();
+    let y = enc.forward_raw(&x)?;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "forward: {secs:.3} s ({:.1} images/s)",
+        x.dim(0)? as f64 / secs
+    );
+    let tensors = std::collections::HashMap::from([(enc.output_name().to_string(), y)]);
     emit(&tensors, a.out.as_deref())
 }
 
