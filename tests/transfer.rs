@@ -328,3 +328,61 @@ fn cached_teacher_logits_match_the_online_teacher() {
         assert_eq!(std::fs::metadata(f).unwrap().len(), 300 * 10 * 2);
     }
 }
+
+/// A user's fine-tuned teacher as ONNX (`--teacher model.onnx:logits`): task-oriented transfer
+/// takes it as it is — the teacher stage only evaluates it (the same scores as the model it was
+/// exported from) — and distils its logits. The ONNX teacher here is a student trained by a
+/// scratch transfer and exported by `distillery export`.
+#[test]
+fn an_onnx_teacher_is_distilled_as_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first");
+    ok(&bin(&transfer_args(
+        &first,
+        &["--mode", "scratch", "--finetune-epochs", "4"],
+    )));
+    let onnx = dir.path().join("teacher.onnx");
+    ok(&bin(&[
+        "export",
+        "--model",
+        first.join("scratch/finetune").to_str().unwrap(),
+        "--out",
+        onnx.to_str().unwrap(),
+        "--size",
+        "32",
+    ]));
+    let out = dir.path().join("second");
+    let mut a = transfer_args(
+        &out,
+        &[
+            "--mode",
+            "task-oriented",
+            "--distill-epochs",
+            "2",
+            "--finetune-epochs",
+            "1",
+        ],
+    );
+    let i = a.iter().position(|x| x == "--teacher").unwrap();
+    a[i + 1] = format!("{}:logits", onnx.display());
+    let i = a.iter().position(|x| x == "--teacher-image-size").unwrap();
+    a[i + 1] = "32".into();
+    ok(&bin(&a));
+    let (before, after) = (report(&first), report(&out));
+    let source = before
+        .row(Mode::Scratch, Stage::Finetune, "test")
+        .unwrap()
+        .top1
+        .unwrap();
+    let teacher = after
+        .row(Mode::TaskOriented, Stage::Teacher, "test")
+        .unwrap();
+    assert_eq!(teacher.model, "teacher (ONNX, as given)");
+    assert!(
+        (teacher.top1.unwrap() - source).abs() < 1e-9,
+        "ONNX teacher {:?} vs its source {source}",
+        teacher.top1
+    );
+    let distill = after.row(Mode::TaskOriented, Stage::Distill, "test");
+    assert!(distill.is_some_and(|r| r.teacher_forward_passes > 0));
+}

@@ -901,10 +901,29 @@ fn student_model(
     )
 }
 
-/// Stage 1: fine-tune the teacher with a linear head on the labelled set.
+/// Stage 1: fine-tune the teacher with a linear head on the labelled set; a user's ONNX
+/// teacher (already fine-tuned) is only evaluated.
 fn teacher_stage(ctx: &Ctx, dir: &Path) -> Result<Outcome> {
     let (cfg, opts) = (ctx.cfg, ctx.opts);
     let t0 = Instant::now();
+    if models::is_onnx_teacher(&cfg.teacher) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let net = models::onnx_task_teacher(&cfg.teacher, Some(ctx.classes()))?;
+        let view = net.view(cfg.teacher_size());
+        let mut r = StageRecord {
+            mode: Mode::TaskOriented,
+            stage: Stage::Teacher,
+            model: "teacher (ONNX, as given)".into(),
+            steps: 0,
+            seconds: 0.0,
+            images_per_s: 0.0,
+            teacher_forward_passes: 0,
+            evals: Vec::new(),
+        };
+        r.evals = ctx.evaluate(&net, view, dir, "teacher")?;
+        r.seconds = t0.elapsed().as_secs_f64();
+        return finish(dir, r);
+    }
     let run = open_run(dir, opts)?;
     let k = ctx.classes();
     let parts = models::teacher_parts(
@@ -993,19 +1012,10 @@ fn distill_stage(ctx: &Ctx, mode: Mode, dir: &Path) -> Result<Outcome> {
         .ok_or_else(|| Error::Invalid("distillation needs the transfer set: --transfer".into()))?;
     let data: Arc<dyn crate::data::ImageSource> = Arc::from(open_unlabeled(transfer_path)?);
     let (teacher, target) = match mode {
-        Mode::TaskOriented => {
-            let tdir = ctx.stage_dir(mode, Stage::Teacher);
-            if !tdir.join(models::TEACHER_SPEC).is_file() {
-                return Err(Error::BadInput {
-                    path: tdir,
-                    msg: "no fine-tuned teacher: run the teacher stage first".into(),
-                });
-            }
-            (
-                models::load_teacher(&tdir, &ctx.load())?.1,
-                Target::Predictions(cfg.temperature),
-            )
-        }
+        Mode::TaskOriented => (
+            task_teacher(cfg, ctx.out, Some(ctx.classes()), &ctx.load())?,
+            Target::Predictions(cfg.temperature),
+        ),
         _ => (
             models::frozen_teacher(&cfg.teacher, cfg.pool, &ctx.load())?,
             Target::Features(cfg.feature_loss),
@@ -1196,6 +1206,27 @@ pub struct CacheSummary {
     pub teacher_forward_passes: u64,
 }
 
+/// The fine-tuned teacher of a task-oriented transfer into `out`: the user's ONNX model as
+/// given (its logits checked against `classes` when known), else the teacher stage's.
+fn task_teacher(
+    cfg: &TransferConfig,
+    out: &Path,
+    classes: Option<usize>,
+    load: &LoadOptions,
+) -> Result<models::TeacherNet> {
+    if models::is_onnx_teacher(&cfg.teacher) {
+        return models::onnx_task_teacher(&cfg.teacher, classes);
+    }
+    let tdir = out.join("teacher");
+    if !tdir.join(models::TEACHER_SPEC).is_file() {
+        return Err(Error::BadInput {
+            path: tdir,
+            msg: "no fine-tuned teacher: run the teacher stage first".into(),
+        });
+    }
+    Ok(models::load_teacher(&tdir, load)?.1)
+}
+
 /// `distillery cache --transfer RUN`: build the teacher-logit cache of a transfer run whose
 /// teacher stage has finished, from the run's recipe (`RUN/config.toml`; it needs
 /// `crop_variants` > 0). A later `distillery transfer --out RUN --resume` with `cache_teacher`
@@ -1221,15 +1252,8 @@ pub fn build_teacher_cache(out: &Path, load: &LoadOptions, progress: bool) -> Re
         path: own.clone(),
         msg: "the recipe names no transfer set".into(),
     })?;
-    let tdir = out.join("teacher");
-    if !tdir.join(models::TEACHER_SPEC).is_file() {
-        return Err(Error::BadInput {
-            path: tdir,
-            msg: "no fine-tuned teacher: run the teacher stage first".into(),
-        });
-    }
+    let teacher = task_teacher(&cfg, out, None, load)?;
     let data = open_unlabeled(&transfer)?;
-    let (_, teacher) = models::load_teacher(&tdir, load)?;
     let (_, passes) = teacher_logit_cache(&cfg, out, &teacher, &*data, &transfer, load, progress)?;
     Ok(CacheSummary {
         images: data.len(),

@@ -114,6 +114,8 @@ pub enum TeacherHead {
     Linear(Linear),
     /// segmentation head on the last blocks' patch tokens
     Seg(LevelHead),
+    /// the model's own output is the logits (a user's fine-tuned ONNX model)
+    Output,
 }
 
 /// A foundation model with (optionally) a task head.
@@ -156,6 +158,23 @@ impl Predictor for TeacherNet {
         match &self.head {
             Some(TeacherHead::Linear(l)) => l.forward(&self.features(x)?),
             Some(TeacherHead::Seg(h)) => h.logits(&*self.encoder, x),
+            Some(TeacherHead::Output) => {
+                let out = self
+                    .encoder
+                    .forward_features(x, &FeatureRequest::last_only())?;
+                let last = out
+                    .last_hidden_state
+                    .ok_or_else(|| Error::Invalid("encoder returned no final output".into()))?;
+                match last.rank() {
+                    // a vector output comes as one token
+                    3 if last.dim(1)? == 1 => Ok(last.squeeze(1)?),
+                    4 => Ok(last),
+                    _ => Err(Error::Invalid(format!(
+                        "the teacher's output {:?} is neither logits [B, K] nor a logit map [B, K, h, w]",
+                        last.dims()
+                    ))),
+                }
+            }
             None => Err(Error::Invalid("teacher has no task head".into())),
         }
     }
@@ -364,6 +383,28 @@ pub fn load_teacher(dir: &Path, opts: &LoadOptions) -> Result<(TeacherRecord, Te
         &w,
     )?;
     Ok((rec, net))
+}
+
+/// Whether the teacher is a user's ONNX model (`PATH.onnx[:OUTPUT]`).
+pub fn is_onnx_teacher(source: &str) -> bool {
+    models::onnx_teacher::parse_spec(source).is_some()
+}
+
+/// A user's fine-tuned teacher as ONNX whose output is the task's logits (`[B, K]`, or
+/// `[B, K, h, w]` for segmentation): task-oriented transfer uses it as it is.
+pub fn onnx_task_teacher(source: &str, classes: Option<usize>) -> Result<TeacherNet> {
+    let enc = models::onnx_teacher::OnnxEncoder::open(source)?;
+    let k = enc.info().width;
+    if let Some(classes) = classes.filter(|&c| c != k) {
+        return Err(Error::Invalid(format!(
+            "{source}: the ONNX teacher gives {k} logits per image or pixel; the task has {classes} classes"
+        )));
+    }
+    Ok(TeacherNet {
+        encoder: Arc::new(enc),
+        pool: Pool::Mean,
+        head: Some(TeacherHead::Output),
+    })
 }
 
 /// A frozen foundation model without a head (task-agnostic distillation's target).
