@@ -90,7 +90,9 @@ impl StudentSpec {
     /// many as each teacher gives (an ONNX teacher's one output is distilled at the last block).
     pub fn with_level_count(self, n: usize) -> Result<Self> {
         if n == 0 {
-            return Err(Error::Invalid("the teachers give no levels to distil".into()));
+            return Err(Error::Invalid(
+                "the teachers give no levels to distil".into(),
+            ));
         }
         Ok(Self {
             levels: evenly_spaced_blocks(self.arch.depth, n),
