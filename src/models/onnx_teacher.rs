@@ -49,19 +49,25 @@ pub struct OnnxEncoder {
     single: bool,
 }
 
-fn triple(path: &Path, key: &str, v: &str) -> Result<[f32; 3]> {
-    let parts: Vec<f32> = v
-        .split(',')
-        .map(|p| p.trim().parse::<f32>())
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| Error::BadInput {
+/// A metadata value of `n` comma-separated numbers.
+fn metadata_list<T: std::str::FromStr>(
+    path: &Path,
+    key: &str,
+    v: &str,
+    n: usize,
+) -> Result<Vec<T>> {
+    let parts: Option<Vec<T>> = v.split(',').map(|p| p.trim().parse::<T>().ok()).collect();
+    parts
+        .filter(|p| p.len() == n)
+        .ok_or_else(|| Error::BadInput {
             path: path.to_path_buf(),
-            msg: format!("metadata {key}={v:?} is not three numbers"),
-        })?;
-    parts.try_into().map_err(|_| Error::BadInput {
-        path: path.to_path_buf(),
-        msg: format!("metadata {key}={v:?} is not three numbers"),
-    })
+            msg: format!("metadata {key}={v:?} is not {n} comma-separated numbers"),
+        })
+}
+
+fn triple(path: &Path, key: &str, v: &str) -> Result<[f32; 3]> {
+    let p = metadata_list::<f32>(path, key, v, 3)?;
+    Ok([p[0], p[1], p[2]])
 }
 
 /// The preprocessing of an ONNX model (see the module doc) at `declared` (h, w) when the
@@ -70,25 +76,15 @@ fn preprocessing(model: &OnnxModel, declared: Option<(usize, usize)>) -> Result<
     let path = model.path();
     if let (Some(m), Some(s)) = (model.metadata("mean"), model.metadata("std")) {
         let hw = match model.metadata("input_size") {
-            Some(v) => {
-                let d: Vec<usize> = v
-                    .split(',')
-                    .map(|p| p.trim().parse::<usize>())
-                    .collect::<std::result::Result<_, _>>()
-                    .map_err(|_| Error::BadInput {
+            Some(v) => match metadata_list::<usize>(path, "input_size", v, 2)?.as_slice() {
+                &[h, w] if h > 0 && w > 0 => (h, w),
+                _ => {
+                    return Err(Error::BadInput {
                         path: path.to_path_buf(),
-                        msg: format!("metadata input_size={v:?} is not H,W"),
-                    })?;
-                match d.as_slice() {
-                    [h, w] if *h > 0 && *w > 0 => (*h, *w),
-                    _ => {
-                        return Err(Error::BadInput {
-                            path: path.to_path_buf(),
-                            msg: format!("metadata input_size={v:?} is not H,W"),
-                        })
-                    }
+                        msg: format!("metadata input_size={v:?} is not a positive H,W"),
+                    })
                 }
-            }
+            },
             None => declared.unwrap_or((224, 224)),
         };
         let mut p = PreprocessConfig::exact(
@@ -347,5 +343,35 @@ impl VisionEncoder for OnnxEncoder {
             grid,
             prefix_tokens: prefix,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_name_the_file_and_the_output() {
+        assert_eq!(parse_spec("m.onnx"), Some(("m.onnx", None)));
+        assert_eq!(
+            parse_spec("d/M.ONNX:feat"),
+            Some(("d/M.ONNX", Some("feat")))
+        );
+        assert_eq!(
+            parse_spec(r"C:\m\t.onnx:last_hidden_state"),
+            Some((r"C:\m\t.onnx", Some("last_hidden_state")))
+        );
+        assert_eq!(parse_spec("m.onnx:"), None);
+        assert_eq!(parse_spec("facebook/dinov2-small"), None);
+        assert_eq!(parse_spec("a:b"), None);
+    }
+
+    #[test]
+    fn metadata_lists_are_checked() {
+        let p = Path::new("t.onnx");
+        assert_eq!(triple(p, "mean", "0.5, 0.25,1").unwrap(), [0.5, 0.25, 1.0]);
+        let e = triple(p, "std", "0.5,0.5").unwrap_err().to_string();
+        assert!(e.contains("t.onnx") && e.contains("std"), "{e}");
+        assert!(metadata_list::<usize>(p, "input_size", "224,x", 2).is_err());
     }
 }
