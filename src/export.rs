@@ -4,6 +4,9 @@
 //!   `student.safetensors`): its backbone with the task head — classification `logits`
 //!   `[B, K]`, or segmentation `logits` `[B, K, H, W]` at the input's resolution — and the class
 //!   names and task in the metadata;
+//! - a SAK student (a stage-1 run folder): per teacher and level its features
+//!   `teacher.{t}.level.{k}` and the stem's patch tokens `stem.level.{k}`, as `features` names
+//!   them; teachers and levels in the metadata;
 //! - a student-zoo backbone (a timm folder or hub id of a registered family, or a registered
 //!   name at random init): pyramid, pooled features and its classifier when it has one.
 //!
@@ -11,7 +14,9 @@
 //! (`include_preprocessing`); the batch dimension is symbolic.
 
 use crate::error::{Error, Result};
-use crate::models::export::{export_onnx_with, ExportOptions, OnnxHead, IMAGE_INPUT, INPUT};
+use crate::models::export::{
+    export_graph, export_onnx_with, ExportOptions, OnnxHead, IMAGE_INPUT, INPUT,
+};
 use crate::models::LoadOptions;
 use crate::transfer::models as transfer;
 use std::path::{Path, PathBuf};
@@ -39,6 +44,16 @@ pub struct Exported {
     pub description: String,
 }
 
+/// A SAK student folder (a stage-1 run): `student.json` names teachers and levels.
+fn is_sak_student(dir: &Path) -> bool {
+    let spec = dir.join(crate::train::stage1::STUDENT_SPEC);
+    dir.join(crate::train::stage1::STUDENT_WEIGHTS).is_file()
+        && std::fs::read_to_string(spec)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v.get("teachers").is_some() && v.get("levels").is_some())
+}
+
 fn is_transfer_student(dir: &Path) -> bool {
     dir.join(transfer::STUDENT_SPEC).is_file() && dir.join(transfer::STUDENT_WEIGHTS).is_file()
 }
@@ -46,7 +61,33 @@ fn is_transfer_student(dir: &Path) -> bool {
 /// Export `cfg.model` to `cfg.out` (written atomically; nothing is written on failure).
 pub fn export(cfg: &ExportConfig) -> Result<Exported> {
     let dir = Path::new(&cfg.model);
-    let (description, hw) = if is_transfer_student(dir) {
+    let (description, hw) = if is_sak_student(dir) {
+        let student = crate::train::stage1::load_student(dir)?;
+        let spec = &student.spec;
+        let hw = cfg.size.unwrap_or(spec.hw());
+        let mut opts = options(cfg, "SAK student", hw);
+        let teachers: Vec<serde_json::Value> = spec
+            .teachers
+            .iter()
+            .map(|t| serde_json::json!({"name": t.name, "dim": t.dim}))
+            .collect();
+        opts.metadata.push((
+            "teachers".into(),
+            serde_json::Value::Array(teachers).to_string(),
+        ));
+        opts.metadata
+            .push(("levels".into(), serde_json::json!(spec.levels).to_string()));
+        let p = student.as_backbone().preprocess().clone();
+        export_graph(&p, &opts, &cfg.out, |g, x| student.onnx_outputs(g, x))?;
+        let d = format!(
+            "SAK student (width {}, depth {}, {} teachers, levels {:?})",
+            spec.arch.dim,
+            spec.arch.depth,
+            spec.teachers.len(),
+            spec.levels
+        );
+        (d, hw)
+    } else if is_transfer_student(dir) {
         let (rec, net) = transfer::load_student(dir, &cfg.load)?;
         let hw = cfg.size.unwrap_or((rec.image_size, rec.image_size));
         let task = match rec.task {

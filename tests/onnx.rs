@@ -225,3 +225,69 @@ fn transfer_students_export_with_their_task_heads() {
     let text = String::from_utf8_lossy(&bytes);
     assert!(text.contains("segmentation") && text.contains("[\"class, 0\""));
 }
+
+/// A SAK student (two teachers, the first with output projections to its width as a
+/// target-normalised student exports them) exported from its run folder: every output matches
+/// what `distillery features` computes for the student, under the same names.
+#[test]
+fn sak_student_exports_its_teacher_features() {
+    use distillery::models::student::{preset, StudentSpec, TeacherSlot};
+    use distillery::train::engine::{vars_of, RunPaths};
+    use distillery::train::stage1;
+    let slots = vec![
+        TeacherSlot {
+            name: "a".into(),
+            dim: 48,
+        },
+        TeacherSlot {
+            name: "b".into(),
+            dim: 96,
+        },
+    ];
+    let spec = StudentSpec::new(preset("vit-n8").unwrap(), 32, slots).unwrap();
+    let vm = stage1::new_student_params(&spec, None, 3, &Device::Cpu).unwrap();
+    let vars = vars_of(&vm).unwrap();
+    // move every parameter off its init (adapters start near the identity)
+    for v in vars.values() {
+        let t = v.as_tensor();
+        let noise = Tensor::randn(0f32, 0.2, t.shape(), &Device::Cpu).unwrap();
+        v.set(&(t + noise).unwrap()).unwrap();
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    stage1::export_student(&RunPaths::new(&run), &spec, &vars, None).unwrap();
+    // output projections for teacher 0 (what a target-normalised run exports)
+    let wpath = run.join(stage1::STUDENT_WEIGHTS);
+    let mut w = candle_core::safetensors::load(&wpath, &Device::Cpu).unwrap();
+    let d = spec.arch.dim;
+    for k in 0..spec.levels.len() {
+        let r = |s: &[usize]| Tensor::randn(0f32, 0.3, s, &Device::Cpu).unwrap();
+        w.insert(format!("tsap.0.outputs.{k}.weight"), r(&[48, d]));
+        w.insert(format!("tsap.0.outputs.{k}.bias"), r(&[48]));
+    }
+    candle_core::safetensors::save(&w, &wpath).unwrap();
+    let out = tmp.path().join("sak.onnx");
+    distillery::export::export(&distillery::export::ExportConfig {
+        model: run.to_string_lossy().to_string(),
+        out: out.clone(),
+        size: None,
+        include_preprocessing: false,
+        load: LoadOptions::default(),
+    })
+    .unwrap();
+    let student = stage1::load_student(&run).unwrap();
+    for batch in [1usize, 3] {
+        let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &Device::Cpu).unwrap();
+        let want = distillery::features::student_tensors(&student, &x).unwrap();
+        let model = OnnxModel::load(&out, &[batch, 3, 32, 32]).unwrap();
+        let got = model.run(&x).unwrap();
+        assert_eq!(got.len(), want.len());
+        assert_eq!(got.len(), 3 * spec.levels.len());
+        for (name, g) in model.outputs().iter().zip(&got) {
+            let err = common::rel_err(g, &want[name]);
+            assert!(err <= 1e-4, "batch {batch} {name}: rel err {err}");
+        }
+        assert_eq!(got[4].dims(), &[batch, 48, 4, 4]);
+    }
+}

@@ -166,15 +166,16 @@ impl TokenEncoder {
         Ok(Some(pre))
     }
 
-    /// The encoder for `[batch, C, h, w]` pixels as ONNX nodes reading `x`: the patch maps
-    /// `[B, D, h/p, w/p]` after each of `levels` (0-based blocks), no final norm.
-    pub fn onnx_levels(
+    /// The encoder for `[batch, C, h, w]` pixels as ONNX nodes reading `x`: the token
+    /// sequences after the embeddings (index 0) and after each of the first `blocks` blocks
+    /// (index i: block i-1), no final norm.
+    pub fn onnx_hidden_states(
         &self,
         g: &mut crate::onnx::Graph,
         x: &str,
         (h, w): (usize, usize),
-        levels: &[usize],
-    ) -> Result<Vec<String>> {
+        blocks: usize,
+    ) -> Result<OnnxTokens> {
         let p = self.patch_embed.patch();
         if h % p != 0 || w % p != 0 {
             return Err(crate::Error::Invalid(format!(
@@ -205,18 +206,36 @@ impl TokenEncoder {
         if let Some(norm) = &self.pre_norm {
             t = norm.onnx(g, &t)?;
         }
-        let last = levels.iter().copied().max().unwrap_or(0);
-        let mut out = Vec::new();
-        for (i, blk) in self.blocks.iter().take(last + 1).enumerate() {
+        let mut hidden = vec![t.clone()];
+        for blk in self.blocks.iter().take(blocks) {
             t = blk.onnx(g, &t)?;
-            if levels.contains(&i) {
-                let n = (prefix + grid.0 * grid.1) as i64;
-                let patches = g.slice(&t, 1, prefix as i64, n)?;
-                let m = g.transpose(&patches, &[0, 2, 1]);
-                out.push(g.reshape(&m, &[0, d, grid.0 as i64, grid.1 as i64])?);
-            }
+            hidden.push(t.clone());
         }
-        Ok(out)
+        Ok(OnnxTokens {
+            hidden,
+            prefix,
+            grid,
+            width: self.info.width,
+        })
+    }
+
+    /// The patch maps `[B, D, h/p, w/p]` after each of `levels` (0-based blocks) as ONNX nodes.
+    pub fn onnx_levels(
+        &self,
+        g: &mut crate::onnx::Graph,
+        x: &str,
+        hw: (usize, usize),
+        levels: &[usize],
+    ) -> Result<Vec<String>> {
+        let last = levels.iter().copied().max().unwrap_or(0);
+        let t = self.onnx_hidden_states(g, x, hw, last + 1)?;
+        levels
+            .iter()
+            .map(|&b| {
+                let patches = t.patches(g, &t.hidden[b + 1])?;
+                t.map(g, &patches)
+            })
+            .collect()
     }
 
     /// The architecture of this encoder as a student stem records it; only plain ViTs (no
@@ -513,4 +532,28 @@ pub fn load_blocks(
     (0..depth)
         .map(|i| Block::load(&layers.pp(i.to_string()), names, spec))
         .collect()
+}
+
+/// A token encoder's hidden states in an ONNX graph.
+pub struct OnnxTokens {
+    /// `[B, P + h*w, D]` after the embeddings (0) and after each block run
+    pub hidden: Vec<String>,
+    /// class and register tokens in front
+    pub prefix: usize,
+    pub grid: (usize, usize),
+    pub width: usize,
+}
+
+impl OnnxTokens {
+    /// The patch tokens `[B, h*w, D]` of a sequence (prefix tokens dropped).
+    pub fn patches(&self, g: &mut crate::onnx::Graph, t: &str) -> Result<String> {
+        let n = (self.prefix + self.grid.0 * self.grid.1) as i64;
+        g.slice(t, 1, self.prefix as i64, n)
+    }
+
+    /// Patch tokens `[B, h*w, C]` as a map `[B, C, h, w]`.
+    pub fn map(&self, g: &mut crate::onnx::Graph, patches: &str) -> Result<String> {
+        let m = g.transpose(patches, &[0, 2, 1]);
+        g.reshape(&m, &[0, -1, self.grid.0 as i64, self.grid.1 as i64])
+    }
 }

@@ -75,8 +75,40 @@ pub fn export_onnx_with(
     head: Option<&dyn OnnxHead>,
     path: &Path,
 ) -> Result<()> {
+    export_graph(&net.head().preprocess, opts, path, |g, x| {
+        let levels = net.onnx_intermediates(g, x)?;
+        let mut outputs: Vec<(String, String, usize)> = levels
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("stages.{i}"), v.clone(), 4))
+            .collect();
+        let last = levels
+            .last()
+            .ok_or_else(|| Error::Invalid("backbone without levels".into()))?;
+        let pooled = net.onnx_pool(g, last)?;
+        outputs.push(("pre_logits".into(), pooled.clone(), 2));
+        if let Some(fc) = &net.head().fc {
+            let logits = g.linear(&pooled, &fc.weight, fc.bias.as_ref())?;
+            outputs.push(("logits".into(), logits, 2));
+        }
+        if let Some(h) = head {
+            let sides = pyramid_sides(net, opts.hw)?;
+            outputs.extend(h.onnx(g, &levels, &sides, &pooled)?);
+        }
+        Ok(outputs)
+    })
+}
+
+/// Write an ONNX model whose nodes `body` adds, reading normalised pixels (the value it is
+/// given) and returning its outputs (name, value, rank); the input — normalised pixels or
+/// uint8 images normalised with `p` inside the graph — and the metadata as `opts` says.
+pub fn export_graph(
+    p: &crate::preprocess::PreprocessConfig,
+    opts: &ExportOptions,
+    path: &Path,
+    body: impl FnOnce(&mut Graph, &str) -> Result<Vec<(String, String, usize)>>,
+) -> Result<()> {
     let hw = opts.hw;
-    let p = &net.head().preprocess;
     let (mut g, x) = if opts.include_preprocessing {
         let mut g = Graph::new_image_u8(IMAGE_INPUT, hw);
         let x = normalise(&mut g, p)?;
@@ -86,24 +118,8 @@ pub fn export_onnx_with(
         let x = g.input();
         (g, x)
     };
-    let levels = net.onnx_intermediates(&mut g, &x)?;
-    for (i, v) in levels.iter().enumerate() {
-        g.output(&format!("stages.{i}"), v, 4);
-    }
-    let last = levels
-        .last()
-        .ok_or_else(|| Error::Invalid("backbone without levels".into()))?;
-    let pooled = net.onnx_pool(&mut g, last)?;
-    g.output("pre_logits", &pooled, 2);
-    if let Some(fc) = &net.head().fc {
-        let logits = g.linear(&pooled, &fc.weight, fc.bias.as_ref())?;
-        g.output("logits", &logits, 2);
-    }
-    if let Some(h) = head {
-        let sides = pyramid_sides(net, hw)?;
-        for (name, value, rank) in h.onnx(&mut g, &levels, &sides, &pooled)? {
-            g.output(&name, &value, rank);
-        }
+    for (name, value, rank) in body(&mut g, &x)? {
+        g.output(&name, &value, rank);
     }
     let list = |v: &[f32; 3]| format!("{},{},{}", v[0], v[1], v[2]);
     let mut meta = vec![

@@ -240,6 +240,16 @@ impl Adapter {
         })
     }
 
+    /// The adapter as ONNX nodes over tokens `[B, N, D]`.
+    fn onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<String> {
+        let h = self.down.onnx(g, x)?;
+        let h = super::layers::Activation::Gelu.onnx(g, &h)?;
+        let y = self.up.onnx(g, &h)?;
+        let s = g.constant("adapter_scale", &self.scale)?;
+        let y = g.node("Mul", &[&y, &s], vec![]);
+        Ok(g.node("Add", &[x, &y], vec![]))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let bias = self
             .down
@@ -413,6 +423,46 @@ impl Student {
     }
 }
 
+impl Student {
+    /// What the student computes for its teachers, as ONNX nodes reading normalised pixels
+    /// `x` of the graph's input size, named as `distillery features` names them: the raw stem
+    /// patch tokens `stem.level.{k}` `[B, h*w, D]` and per teacher `teacher.{t}.level.{k}`
+    /// `[B, C, h, w]` (the LayerNorm-ed adapter features, through the output projection to
+    /// the teacher's width and scale when the student has one). (name, value, rank) each.
+    pub fn onnx_outputs(
+        &self,
+        g: &mut crate::onnx::Graph,
+        x: &str,
+    ) -> Result<Vec<(String, String, usize)>> {
+        let depth = self.spec.arch.depth;
+        let hw = g.input_hw();
+        let t = self.stem.onnx_hidden_states(g, x, hw, depth)?;
+        let mut out = Vec::new();
+        for (k, &b) in self.spec.levels.iter().enumerate() {
+            let p = t.patches(g, &t.hidden[b + 1])?;
+            out.push((format!("stem.level.{k}"), p, 3));
+        }
+        for (ti, path) in self.paths.iter().enumerate() {
+            // R_0 = a_0(X_0), R_l = a_l(R_{l-1} + X_l)
+            let mut r = vec![path.adapters[0].onnx(g, &t.hidden[0])?];
+            for l in 1..=depth {
+                let s = g.node("Add", &[&r[l - 1], &t.hidden[l]], vec![]);
+                r.push(path.adapters[l].onnx(g, &s)?);
+            }
+            for (k, &b) in self.spec.levels.iter().enumerate() {
+                let p = t.patches(g, &r[b + 1])?;
+                let n = path.norms[k].onnx(g, &p)?;
+                let n = match &path.outputs[k] {
+                    Some(o) => o.onnx(g, &n)?,
+                    None => n,
+                };
+                out.push((format!("teacher.{ti}.level.{k}"), t.map(g, &n)?, 4));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// The SAK student as a backbone: its pyramid is the shared stem's patch features at the
 /// distilled levels (what the task routers read).
 impl Backbone for Student {
@@ -424,6 +474,10 @@ impl Backbone for Student {
     }
     fn head(&self) -> &super::backbone::Head {
         &self.head
+    }
+    fn onnx_intermediates(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<Vec<String>> {
+        let hw = g.input_hw();
+        self.stem.onnx_levels(g, x, hw, &self.spec.levels)
     }
 }
 
