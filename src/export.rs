@@ -4,6 +4,8 @@
 //!   `student.safetensors`): its backbone with the task head — classification `logits`
 //!   `[B, K]`, or segmentation `logits` `[B, K, H, W]` at the input's resolution — and the class
 //!   names and task in the metadata;
+//! - a SAK multi-task model (a stage-2 run folder): every task's logits `logits.{task}`
+//!   `[B, C, H, W]` at the input resolution (routers with clean gates, heads in eval mode);
 //! - a SAK student (a stage-1 run folder): per teacher and level its features
 //!   `teacher.{t}.level.{k}` and the stem's patch tokens `stem.level.{k}`, as `features` names
 //!   them; teachers and levels in the metadata;
@@ -44,6 +46,12 @@ pub struct Exported {
     pub description: String,
 }
 
+/// A SAK stage-2 run folder with its exported model.
+fn is_stage2_run(dir: &Path) -> bool {
+    use crate::train::stage2::{MODEL_SPEC, MODEL_WEIGHTS};
+    dir.join(MODEL_SPEC).is_file() && dir.join(MODEL_WEIGHTS).is_file()
+}
+
 /// A SAK student folder (a stage-1 run): `student.json` names teachers and levels.
 fn is_sak_student(dir: &Path) -> bool {
     let spec = dir.join(crate::train::stage1::STUDENT_SPEC);
@@ -61,7 +69,24 @@ fn is_transfer_student(dir: &Path) -> bool {
 /// Export `cfg.model` to `cfg.out` (written atomically; nothing is written on failure).
 pub fn export(cfg: &ExportConfig) -> Result<Exported> {
     let dir = Path::new(&cfg.model);
-    let (description, hw) = if is_sak_student(dir) {
+    let (description, hw) = if is_stage2_run(dir) {
+        let (model, info, _) = crate::train::stage2::load_run(dir)?;
+        let hw = cfg.size.unwrap_or(info.input_hw);
+        let mut opts = options(cfg, "SAK multi-task model", hw);
+        let tasks: Vec<serde_json::Value> = model
+            .spec
+            .tasks
+            .iter()
+            .map(|(t, c)| serde_json::json!({"task": t.name(), "channels": c}))
+            .collect();
+        opts.metadata
+            .push(("tasks".into(), serde_json::Value::Array(tasks).to_string()));
+        opts.metadata.push(("dataset".into(), info.dataset.clone()));
+        let p = model.student.as_backbone().preprocess().clone();
+        export_graph(&p, &opts, &cfg.out, |g, x| model.onnx_outputs(g, x))?;
+        let names: Vec<&str> = model.spec.tasks.iter().map(|(t, _)| t.name()).collect();
+        (format!("SAK multi-task model ({})", names.join(", ")), hw)
+    } else if is_sak_student(dir) {
         let student = crate::train::stage1::load_student(dir)?;
         let spec = &student.spec;
         let hw = cfg.size.unwrap_or(spec.hw());

@@ -350,6 +350,8 @@ fn train_resume_eval_predict() {
             .unwrap();
     assert_eq!(at_end["semseg"], r["semseg"]);
 
+    check_onnx_export(&full, t);
+
     // Predictions: one PNG per task per image at the image's size, and a contact sheet.
     let pred = t.join("pred");
     ok(&bin(&[
@@ -544,6 +546,29 @@ edge_thresholds = 5
     assert!(rmse.is_finite() && rmse > 0.0, "{r}");
     assert_eq!(r["edge"]["max_dist"], 0.011);
     assert!(r["semseg"]["per_class_iou"].as_array().unwrap().len() == 40);
+    // a non-square model with plain-sum routing exports too
+    check_onnx_export(&run, t);
+}
+
+/// `distillery export` of a stage-2 run: every task's logits (`logits.{task}`) as the model
+/// computes them, at batch 2.
+fn check_onnx_export(run: &Path, tmp: &Path) {
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let onnx = tmp.join("model.onnx");
+    ok(&bin(&["export", "--model", &s(run), "--out", &s(&onnx)]));
+    let (model, info, _) = distillery::train::stage2::load_run(run).unwrap();
+    let (h, w) = info.input_hw;
+    let dev = candle_core::Device::Cpu;
+    let x = candle_core::Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
+    let want = model.forward(&x, false, false, None).unwrap().logits;
+    let m = distillery::onnx::OnnxModel::load(&onnx, &[2, 3, h, w]).unwrap();
+    let got = m.run(&x).unwrap();
+    assert_eq!(got.len(), want.len());
+    for ((name, g), (task, l)) in m.outputs().iter().zip(&got).zip(&want) {
+        assert_eq!(name, &format!("logits.{}", task.name()));
+        let err = common::rel_err(g, l);
+        assert!(err <= 1e-4, "{name}: rel err {err}");
+    }
 }
 
 #[test]

@@ -321,6 +321,85 @@ impl Decoder {
     }
 }
 
+impl MultiTaskModel {
+    /// Every task's logits at the input resolution, `logits.{task}` `[B, C, H, W]`, as ONNX
+    /// nodes reading normalised pixels `x` (eval mode: running BatchNorm statistics folded into
+    /// the head convolutions, clean gates).
+    pub fn onnx_outputs(
+        &self,
+        g: &mut crate::onnx::Graph,
+        x: &str,
+    ) -> Result<Vec<(String, String, usize)>> {
+        let f = self.student.onnx_forward(g, x)?;
+        self.decoder.onnx(g, &f)
+    }
+}
+
+impl Decoder {
+    fn onnx(
+        &self,
+        g: &mut crate::onnx::Graph,
+        f: &super::student::OnnxStudent,
+    ) -> Result<Vec<(String, String, usize)>> {
+        let (ih, iw) = g.input_hw();
+        let grid = f.tokens.grid;
+        let (qh, qw) = (ih.div_ceil(4), iw.div_ceil(4));
+        let n_exp = self.spec.experts() as i64;
+        let mut out = Vec::new();
+        for (ti, (task, _)) in self.spec.tasks.iter().enumerate() {
+            let head = &self.heads[ti];
+            let mut parts = Vec::new();
+            for (k, proj) in head.proj.iter().enumerate() {
+                // the experts: the stem's tokens and every teacher path's
+                let mut experts = vec![f.stem[k].clone()];
+                experts.extend(f.normed.iter().map(|path| path[k].clone()));
+                let mixed = match self.spec.router {
+                    RouterKind::None => {
+                        let refs: Vec<&str> = experts.iter().map(String::as_str).collect();
+                        g.node("Sum", &refs, vec![])
+                    }
+                    RouterKind::Mor => {
+                        let r = &self.routers[k][ti];
+                        let h = r.fc1.onnx(g, &f.stem[k])?;
+                        let h = r.norm.onnx(g, &h)?;
+                        let h = super::layers::Activation::Gelu.onnx(g, &h)?;
+                        let h = r.fc2.onnx(g, &h)?;
+                        let logits = g.reduce_mean(&h, &[1]); // [B, 1, 2E]
+                        let clean = g.slice(&logits, 2, 0, n_exp)?;
+                        let p = g.node(
+                            "Softmax",
+                            &[&clean],
+                            vec![("axis", crate::onnx::Attr::Int(2))],
+                        );
+                        let mut acc: Option<String> = None;
+                        for (e, ex) in experts.iter().enumerate() {
+                            let pe = g.slice(&p, 2, e as i64, e as i64 + 1)?; // [B, 1, 1]
+                            let term = g.node("Mul", &[ex, &pe], vec![]);
+                            acc = Some(match acc {
+                                Some(a) => g.node("Add", &[&a, &term], vec![]),
+                                None => term,
+                            });
+                        }
+                        acc.ok_or_else(|| crate::Error::Invalid("a router without experts".into()))?
+                    }
+                };
+                let t = proj.onnx(g, &mixed)?;
+                let map = f.tokens.map(g, &t)?;
+                parts.push(g.resize_bilinear(&map, grid, (qh, qw), false)?);
+            }
+            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+            let x = g.node("Concat", &refs, vec![("axis", crate::onnx::Attr::Int(1))]);
+            let (w, b) = head.bn.fold_into(&head.conv)?;
+            let x = g.conv(&x, &w, Some(&b), 1, 1, 1)?;
+            let x = super::layers::Activation::Gelu.onnx(g, &x)?;
+            let x = g.conv(&x, &head.cls_w, Some(&head.cls_b), 1, 0, 1)?;
+            let x = g.resize_bilinear(&x, (qh, qw), (ih, iw), false)?;
+            out.push((format!("logits.{}", task.name()), x, 4));
+        }
+        Ok(out)
+    }
+}
+
 /// Router gate probabilities from the token-averaged router output `[B, 2E]` (clean logits, then
 /// noise logits): `softmax(clean + eps * (softplus(noise) + 0.01))` with `eps ~ N(0, 1)` given
 /// (training), `softmax(clean)` without.

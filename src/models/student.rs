@@ -423,40 +423,79 @@ impl Student {
     }
 }
 
+/// The student's forward pass in an ONNX graph (token values `[B, h*w, C]`, patch tokens
+/// only).
+pub struct OnnxStudent {
+    pub tokens: super::encoder::OnnxTokens,
+    /// per level the raw stem patch tokens
+    pub stem: Vec<String>,
+    /// `[teacher][level]` the LayerNorm-ed adapter tokens
+    pub normed: Vec<Vec<String>>,
+    /// `[teacher][level]` through the output projection where the student has one
+    pub teacher: Vec<Vec<String>>,
+}
+
 impl Student {
-    /// What the student computes for its teachers, as ONNX nodes reading normalised pixels
-    /// `x` of the graph's input size, named as `distillery features` names them: the raw stem
-    /// patch tokens `stem.level.{k}` `[B, h*w, D]` and per teacher `teacher.{t}.level.{k}`
-    /// `[B, C, h, w]` (the LayerNorm-ed adapter features, through the output projection to
-    /// the teacher's width and scale when the student has one). (name, value, rank) each.
-    pub fn onnx_outputs(
-        &self,
-        g: &mut crate::onnx::Graph,
-        x: &str,
-    ) -> Result<Vec<(String, String, usize)>> {
+    /// The forward pass as ONNX nodes reading normalised pixels `x` of the graph's input size.
+    pub fn onnx_forward(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<OnnxStudent> {
         let depth = self.spec.arch.depth;
         let hw = g.input_hw();
         let t = self.stem.onnx_hidden_states(g, x, hw, depth)?;
-        let mut out = Vec::new();
-        for (k, &b) in self.spec.levels.iter().enumerate() {
-            let p = t.patches(g, &t.hidden[b + 1])?;
-            out.push((format!("stem.level.{k}"), p, 3));
-        }
-        for (ti, path) in self.paths.iter().enumerate() {
+        let stem = self
+            .spec
+            .levels
+            .iter()
+            .map(|&b| t.patches(g, &t.hidden[b + 1]))
+            .collect::<Result<_>>()?;
+        let (mut normed, mut teacher) = (Vec::new(), Vec::new());
+        for path in &self.paths {
             // R_0 = a_0(X_0), R_l = a_l(R_{l-1} + X_l)
             let mut r = vec![path.adapters[0].onnx(g, &t.hidden[0])?];
             for l in 1..=depth {
                 let s = g.node("Add", &[&r[l - 1], &t.hidden[l]], vec![]);
                 r.push(path.adapters[l].onnx(g, &s)?);
             }
+            let (mut n_t, mut o_t) = (Vec::new(), Vec::new());
             for (k, &b) in self.spec.levels.iter().enumerate() {
                 let p = t.patches(g, &r[b + 1])?;
                 let n = path.norms[k].onnx(g, &p)?;
-                let n = match &path.outputs[k] {
+                o_t.push(match &path.outputs[k] {
                     Some(o) => o.onnx(g, &n)?,
-                    None => n,
-                };
-                out.push((format!("teacher.{ti}.level.{k}"), t.map(g, &n)?, 4));
+                    None => n.clone(),
+                });
+                n_t.push(n);
+            }
+            normed.push(n_t);
+            teacher.push(o_t);
+        }
+        Ok(OnnxStudent {
+            tokens: t,
+            stem,
+            normed,
+            teacher,
+        })
+    }
+
+    /// What the student computes for its teachers, as ONNX nodes, named as `distillery
+    /// features` names them: the raw stem patch tokens `stem.level.{k}` `[B, h*w, D]` and per
+    /// teacher `teacher.{t}.level.{k}` `[B, C, h, w]` (the LayerNorm-ed adapter features,
+    /// through the output projection to the teacher's width and scale when the student has
+    /// one). (name, value, rank) each.
+    pub fn onnx_outputs(
+        &self,
+        g: &mut crate::onnx::Graph,
+        x: &str,
+    ) -> Result<Vec<(String, String, usize)>> {
+        let f = self.onnx_forward(g, x)?;
+        let mut out: Vec<(String, String, usize)> = f
+            .stem
+            .iter()
+            .enumerate()
+            .map(|(k, v)| (format!("stem.level.{k}"), v.clone(), 3))
+            .collect();
+        for (ti, levels) in f.teacher.iter().enumerate() {
+            for (k, v) in levels.iter().enumerate() {
+                out.push((format!("teacher.{ti}.level.{k}"), f.tokens.map(g, v)?, 4));
             }
         }
         Ok(out)
