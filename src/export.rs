@@ -32,6 +32,9 @@ pub struct ExportConfig {
     /// input (height, width); default: the model's training or preprocessing size
     pub size: Option<(usize, usize)>,
     pub include_preprocessing: bool,
+    /// preprocessing to write into a user's ONNX model (`mean`, `std`, `rescale`; only for an
+    /// ONNX `model`, which is then copied with these in its metadata)
+    pub preprocessing: Vec<(String, String)>,
     pub load: LoadOptions,
 }
 
@@ -69,6 +72,15 @@ fn is_transfer_student(dir: &Path) -> bool {
 /// Export `cfg.model` to `cfg.out` (written atomically; nothing is written on failure).
 pub fn export(cfg: &ExportConfig) -> Result<Exported> {
     let dir = Path::new(&cfg.model);
+    if let Some((file, _)) = crate::models::onnx_teacher::parse_spec(&cfg.model) {
+        return stamp(cfg, Path::new(file));
+    }
+    if !cfg.preprocessing.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: --mean/--std/--rescale describe a user's ONNX model; distillery's own exports write the model's preprocessing",
+            cfg.model
+        )));
+    }
     let (description, hw) = if is_stage2_run(dir) {
         let (model, info, _) = crate::train::stage2::load_run(dir)?;
         let hw = cfg.size.unwrap_or(info.input_hw);
@@ -163,6 +175,47 @@ pub fn export(cfg: &ExportConfig) -> Result<Exported> {
         .into(),
         hw,
         description,
+    })
+}
+
+/// A user's ONNX model copied with its preprocessing (`cfg.preprocessing`, `input_size` from
+/// `cfg.size`) in `metadata_props`, where ONNX teachers read it.
+fn stamp(cfg: &ExportConfig, file: &Path) -> Result<Exported> {
+    let mut entries = cfg.preprocessing.clone();
+    if let Some((h, w)) = cfg.size {
+        entries.push(("input_size".into(), format!("{h},{w}")));
+    }
+    if entries.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: an ONNX model is only re-written with its preprocessing: give --mean/--std (and --rescale, --size)",
+            file.display()
+        )));
+    }
+    crate::onnx::stamp_metadata(file, &cfg.out, &entries)?;
+    // the copy must still be a model tract can run
+    let m = crate::onnx::OnnxModel::open(&cfg.out, &[])?;
+    let dims = m.input_dims();
+    let hw = match (
+        cfg.size,
+        dims.get(2).copied().flatten(),
+        dims.get(3).copied().flatten(),
+    ) {
+        (Some(hw), _, _) => hw,
+        (None, Some(h), Some(w)) => (h, w),
+        _ => (0, 0),
+    };
+    let bytes = std::fs::metadata(&cfg.out)
+        .map_err(|e| Error::io(&cfg.out, e))?
+        .len();
+    Ok(Exported {
+        path: cfg.out.clone(),
+        bytes,
+        input: "as the model declares".into(),
+        hw,
+        description: format!(
+            "{} with its preprocessing in metadata_props",
+            file.display()
+        ),
     })
 }
 

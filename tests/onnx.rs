@@ -163,6 +163,7 @@ fn check_transfer_student(dir: &std::path::Path, hw: (usize, usize), baked: bool
         out: out.clone(),
         size: Some(hw),
         include_preprocessing: baked,
+        preprocessing: Vec::new(),
         load: LoadOptions::default(),
     })
     .unwrap();
@@ -273,6 +274,7 @@ fn sak_student_exports_its_teacher_features() {
         out: out.clone(),
         size: None,
         include_preprocessing: false,
+        preprocessing: Vec::new(),
         load: LoadOptions::default(),
     })
     .unwrap();

@@ -209,3 +209,62 @@ fn bad_onnx_teachers_are_named() {
         .to_string();
     assert!(e.contains("no such ONNX file"), "{e}");
 }
+
+/// A user's ONNX model gets its preprocessing written into a copy's metadata by `export
+/// --mean/--std/--rescale/--size`; the copy opens as a teacher with it and computes the same.
+#[test]
+fn export_stamps_preprocessing_into_a_users_onnx_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("stamped.onnx");
+    let o = common::bin(&[
+        "export",
+        "--model",
+        &onnx_file(),
+        "--out",
+        &out.to_string_lossy(),
+        "--mean",
+        "0.1,0.2,0.3",
+        "--std",
+        "0.5, 0.6, 0.7",
+        "--rescale",
+        "0.5",
+        "--size",
+        "32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let enc = OnnxEncoder::open(&format!("{}:features", out.display())).unwrap();
+    let p = &enc.info().preprocess;
+    assert_eq!(
+        (p.mean, p.std, p.rescale),
+        ([0.1, 0.2, 0.3], [0.5, 0.6, 0.7], 0.5)
+    );
+    let r = reference("onnx-teacher");
+    assert!(
+        rel_err(
+            &enc.forward_raw(&r["pixel_values"]).unwrap(),
+            &r["features"]
+        ) <= 1e-4
+    );
+    // the flags describe a user's model only; a user's model needs them
+    let o = common::bin(&[
+        "export",
+        "--model",
+        "resnet18",
+        "--out",
+        &tmp.path().join("r.onnx").to_string_lossy(),
+        "--mean",
+        "0.1,0.2,0.3",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("user's ONNX model"));
+    let o = common::bin(&[
+        "export",
+        "--model",
+        &onnx_file(),
+        "--out",
+        &tmp.path().join("x.onnx").to_string_lossy(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--mean/--std"));
+    assert!(!tmp.path().join("x.onnx").exists());
+}

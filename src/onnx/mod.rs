@@ -450,6 +450,24 @@ impl Graph {
     }
 }
 
+/// Copy the ONNX model `src` to `dst` with `entries` set in its `metadata_props` (replacing
+/// keys it already has); nothing else changes. `dst` is written atomically.
+pub fn stamp_metadata(src: &Path, dst: &Path, entries: &[(String, String)]) -> Result<()> {
+    let bytes = std::fs::read(src).map_err(|e| Error::io(src, e))?;
+    let mut model = pb::ModelProto::decode(bytes.as_slice())
+        .map_err(|e| tract_err(src, format!("not a readable ONNX model: {e}")))?;
+    model
+        .metadata_props
+        .retain(|p| !entries.iter().any(|(k, _)| *k == p.key));
+    model
+        .metadata_props
+        .extend(entries.iter().map(|(k, v)| pb::StringStringEntryProto {
+            key: k.clone(),
+            value: v.clone(),
+        }));
+    crate::atomic::write_bytes(dst, &model.encode_to_vec())
+}
+
 /// An ONNX model run by tract: parsed once, made runnable (optimised) per input shape on
 /// first use.
 pub struct OnnxModel {

@@ -11,8 +11,9 @@ enum Format {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A transfer student stage folder (`RUN/<mode>/finetune`), a timm folder or hub id of
-    /// the student zoo, or a registered name (random init)
+    /// A transfer student stage folder (`RUN/<mode>/finetune`), a SAK stage-1 or stage-2 run,
+    /// a timm folder or hub id of the student zoo, a registered name (random init), or a
+    /// user's ONNX model to copy with --mean/--std/--rescale/--size in its metadata
     #[command(flatten)]
     model: ModelArgs,
     #[arg(long, value_enum, default_value = "onnx")]
@@ -26,6 +27,16 @@ pub struct Args {
     /// Take uint8 RGB images [batch, H, W, 3] and normalise inside the graph
     #[arg(long)]
     include_preprocessing: bool,
+    /// With a user's ONNX model as --model: its normalisation mean R,G,B, written into a copy's
+    /// metadata (with --std, --rescale and --size) so that it can serve as a teacher
+    #[arg(long, value_parser = parse_triple)]
+    mean: Option<String>,
+    /// With a user's ONNX model: its normalisation std R,G,B
+    #[arg(long, value_parser = parse_triple)]
+    std: Option<String>,
+    /// With a user's ONNX model: the factor pixel values 0..255 are multiplied by (1/255)
+    #[arg(long)]
+    rescale: Option<f32>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -40,6 +51,14 @@ pub fn run(a: Args) -> Result<()> {
         out: a.out.clone(),
         size: a.size,
         include_preprocessing: a.include_preprocessing,
+        preprocessing: [
+            ("mean", a.mean.clone()),
+            ("std", a.std.clone()),
+            ("rescale", a.rescale.map(|r| r.to_string())),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect(),
         load: a.model.compute.load_options()?,
     })?;
     eprintln!(
@@ -52,6 +71,19 @@ pub fn run(a: Args) -> Result<()> {
         done.hw.1,
     );
     Ok(())
+}
+
+/// Three comma-separated numbers (`0.485,0.456,0.406`).
+fn parse_triple(s: &str) -> std::result::Result<String, String> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|p| p.trim().parse::<f32>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    if v.len() != 3 || v.iter().any(|x| !x.is_finite()) {
+        return Err(format!("{s:?}: give three numbers R,G,B"));
+    }
+    Ok(v.iter().map(f32::to_string).collect::<Vec<_>>().join(","))
 }
 
 /// `H,W` or `S` (square).
