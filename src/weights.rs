@@ -147,9 +147,12 @@ impl Weights {
             .lock()
             .map_err(|_| Error::Invalid("parameter store lock poisoned".into()))?
             .clone();
+        // the parameters' dtype: a float one (checkpoints carry integer counters such as
+        // BatchNorm's `num_batches_tracked`, which must not decide how floats are read)
         let (device, dtype) = data
             .values()
-            .next()
+            .find(|v| v.dtype().is_float())
+            .or_else(|| data.values().next())
             .map(|v| (v.device().clone(), dtype.unwrap_or(v.dtype())))
             .unwrap_or((Device::Cpu, dtype.unwrap_or(DType::F32)));
         Ok(Self {
@@ -371,4 +374,32 @@ fn check_safetensors(path: &Path) -> std::result::Result<(), String> {
 pub(crate) fn clean_candle_msg(e: &candle_core::Error) -> String {
     let s = e.to_string();
     s.lines().next().unwrap_or("").trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_memory_weights_read_floats_as_floats_beside_integer_counters() {
+        // a timm checkpoint: f32 parameters and i64 `num_batches_tracked` counters, in a map
+        // whose order is arbitrary (each map draws its own)
+        for _ in 0..8 {
+            let mut t = HashMap::new();
+            t.insert(
+                "conv.weight".to_string(),
+                Tensor::new(&[3.25f32, -1.5], &Device::Cpu).unwrap(),
+            );
+            for i in 0..6 {
+                t.insert(
+                    format!("bn{i}.num_batches_tracked"),
+                    Tensor::new(&[7i64], &Device::Cpu).unwrap(),
+                );
+            }
+            let w = Weights::from_tensors(t, Path::new("ckpt")).unwrap();
+            assert_eq!(w.dtype(), DType::F32);
+            let v = w.get_any("conv.weight").unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(v, vec![3.25, -1.5]);
+        }
+    }
 }
