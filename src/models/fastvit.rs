@@ -343,33 +343,6 @@ impl MobileOnePlan {
             act: self.act,
         })
     }
-
-    /// The single convolution (weight, bias) equal to this block's branches in evaluation.
-    fn fuse(&self, t: &Tensors) -> Result<(Tensor, Tensor)> {
-        let n = &self.name;
-        let mut parts = Vec::new();
-        if self.identity {
-            parts.push(fuse_bn(
-                &identity_kernel(self.inp, self.groups, self.k)?,
-                t,
-                &format!("{n}.identity"),
-            )?);
-        }
-        if self.kxk {
-            let c = format!("{n}.conv_kxk.0");
-            parts.push(fuse_bn(
-                t.get(&format!("{c}.conv.weight"))?,
-                t,
-                &format!("{c}.bn"),
-            )?);
-        }
-        if self.scale {
-            let c = format!("{n}.conv_scale");
-            let (k, b) = fuse_bn(t.get(&format!("{c}.conv.weight"))?, t, &format!("{c}.bn"))?;
-            parts.push((pad_kernel(&k, self.k)?, b));
-        }
-        sum_parts(parts)
-    }
 }
 
 /// The patch embedding's large-kernel convolution: 7x7 and 3x3 conv+BN branches, no activation.
@@ -422,21 +395,6 @@ impl LargeKernelPlan {
                 scale: Some(cb("small_conv", DOWN_SMALL_KERNEL)?),
             }
         })
-    }
-
-    fn fuse(&self, t: &Tensors) -> Result<(Tensor, Tensor)> {
-        let n = &self.name;
-        let (lk, lb) = fuse_bn(
-            t.get(&format!("{n}.large_conv.conv.weight"))?,
-            t,
-            &format!("{n}.large_conv.bn"),
-        )?;
-        let (sk, sb) = fuse_bn(
-            t.get(&format!("{n}.small_conv.conv.weight"))?,
-            t,
-            &format!("{n}.small_conv.bn"),
-        )?;
-        sum_parts(vec![(lk, lb), (pad_kernel(&sk, DOWN_KERNEL)?, sb)])
     }
 }
 
@@ -508,14 +466,6 @@ impl RepMixerPlan {
             }))
         })
     }
-
-    fn fuse(&self, t: &Tensors) -> Result<(Tensor, Tensor)> {
-        fold_repmixer(
-            self.mixer().fuse(t)?,
-            self.norm().fuse(t)?,
-            t.get(&self.gamma())?,
-        )
-    }
 }
 
 /// Conditional position encoding: `x + dwconv7x7(x)` (with bias).
@@ -552,11 +502,6 @@ impl RepCpePlan {
             self.dim,
         )?;
         Ok((conv, !self.fused))
-    }
-
-    fn fuse(&self, t: &Tensors) -> Result<(Tensor, Tensor)> {
-        let k = plus_identity(t.get(&format!("{}.pos_enc.weight", self.name))?)?;
-        Ok((k, t.get(&format!("{}.pos_enc.bias", self.name))?.clone()))
     }
 }
 
@@ -737,55 +682,33 @@ impl Plan {
         self.final_conv.pieces(v);
     }
 
-    /// Every `reparam_conv` of the inference form from the training form's tensors.
-    fn fuse(&self, t: &Tensors) -> Result<Vec<(String, (Tensor, Tensor))>> {
+    /// Every `reparam_conv` of the inference form: the training form's modules loaded from
+    /// `w` and folded ([`Branches::folded`], [`RepMixer::folded`], [`pos_emb_folded`]).
+    fn fuse(&self, w: &Weights) -> Result<Vec<(String, ConvBias)>> {
         let mut out = Vec::new();
-        let mobile = |m: &MobileOnePlan, out: &mut Vec<_>| -> Result<()> {
-            out.push((m.name.clone(), m.fuse(t)?));
-            Ok(())
+        let mobile = |m: &MobileOnePlan| -> Result<(String, ConvBias)> {
+            Ok((m.name.clone(), m.load(w, w)?.branches.folded()?))
         };
         for m in &self.stem {
-            mobile(m, &mut out)?;
+            out.push(mobile(m)?);
         }
         for s in &self.stages {
             if let Some((lk, m)) = &s.downsample {
-                out.push((lk.name.clone(), lk.fuse(t)?));
-                mobile(m, &mut out)?;
+                out.push((lk.name.clone(), lk.load(w, w)?.folded()?));
+                out.push(mobile(m)?);
             }
             if let Some(p) = &s.pos_emb {
-                out.push((p.name.clone(), p.fuse(t)?));
+                out.push((p.name.clone(), pos_emb_folded(&p.load(w)?)?));
             }
             for b in &s.blocks {
                 if let BlockPlan::RepMixer { mixer, .. } = b {
-                    out.push((mixer.name.clone(), mixer.fuse(t)?));
+                    out.push((mixer.name.clone(), mixer.load(w, w)?.folded()?));
                 }
             }
         }
-        mobile(&self.final_conv, &mut out)?;
+        out.push(mobile(&self.final_conv)?);
         Ok(out)
     }
-}
-
-/// Train-form tensors by name, with errors that name the missing one.
-struct Tensors<'a>(&'a HashMap<String, Tensor>);
-
-impl Tensors<'_> {
-    fn get(&self, name: &str) -> Result<&Tensor> {
-        self.0
-            .get(name)
-            .ok_or_else(|| Error::Invalid(format!("FastViT checkpoint lacks {name}")))
-    }
-}
-
-/// `kernel * gamma / sqrt(var + eps)` and `beta - mean * gamma / sqrt(var + eps)`.
-fn fuse_bn(kernel: &Tensor, t: &Tensors, bn: &str) -> Result<(Tensor, Tensor)> {
-    let f = |s: &str| -> Result<Tensor> { Ok(t.get(&format!("{bn}.{s}"))?.to_dtype(DType::F32)?) };
-    let scale = f("weight")?.div(&(f("running_var")? + BN_EPS)?.sqrt()?)?;
-    let k = kernel
-        .to_dtype(DType::F32)?
-        .broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
-    let b = (f("bias")? - f("running_mean")?.mul(&scale)?)?;
-    Ok((k, b))
 }
 
 /// The identity as a grouped convolution kernel `[c, c / groups, k, k]`.
@@ -810,6 +733,19 @@ fn fold_repmixer(
     let k = (id + (mk - nk)?.broadcast_mul(&g.unsqueeze(3)?)?)?;
     let b = (mb - nb)?.mul(&g.flatten_all()?)?;
     Ok((k, b))
+}
+
+/// The position encoding as one convolution: the training form's residual `x + conv(x)`
+/// folded into the kernel; the inference form as it is.
+fn pos_emb_folded((conv, residual): &(ConvBias, bool)) -> Result<ConvBias> {
+    Ok(if *residual {
+        ConvBias {
+            weight: plus_identity(&conv.weight)?,
+            ..conv.clone()
+        }
+    } else {
+        conv.clone()
+    })
 }
 
 /// A depthwise kernel `[c, 1, k, k]` plus the identity (a residual folded in).
@@ -1231,16 +1167,8 @@ impl Backbone for FastVit {
                 (x, side) = lk.folded()?.onnx(g, &x, side)?;
                 (x, side) = m.onnx(g, &x, side)?;
             }
-            if let Some((pe, residual)) = &s.pos_emb {
-                let pe = if *residual {
-                    ConvBias {
-                        weight: plus_identity(&pe.weight)?,
-                        ..pe.clone()
-                    }
-                } else {
-                    pe.clone()
-                };
-                (x, side) = pe.onnx(g, &x, side)?;
+            if let Some(pe) = &s.pos_emb {
+                (x, side) = pos_emb_folded(pe)?.onnx(g, &x, side)?;
             }
             for b in &s.blocks {
                 x = b.onnx(g, &x, side)?;
@@ -1367,9 +1295,8 @@ pub fn reparameterize(
             spec.arch
         )));
     }
-    let t = Tensors(tensors);
-    let fused_convs: HashMap<String, (Tensor, Tensor)> =
-        spec.plan().fuse(&t)?.into_iter().collect();
+    let w = Weights::from_tensors(tensors.clone(), std::path::Path::new(&spec.arch))?;
+    let fused_convs: HashMap<String, ConvBias> = spec.plan().fuse(&w)?.into_iter().collect();
     let fused = FastVitSpec {
         fused: true,
         ..spec.clone()
@@ -1377,10 +1304,10 @@ pub fn reparameterize(
     let mut out = HashMap::new();
     for (name, _, _) in fused.parameters().into_iter().chain(fused.buffers()) {
         let value = match name.strip_suffix(".reparam_conv.weight") {
-            Some(block) => fused_convs.get(block).map(|(k, _)| k.clone()),
+            Some(block) => fused_convs.get(block).map(|c| c.weight.clone()),
             None => match name.strip_suffix(".reparam_conv.bias") {
-                Some(block) => fused_convs.get(block).map(|(_, b)| b.clone()),
-                None => Some(t.get(&name)?.clone()),
+                Some(block) => fused_convs.get(block).map(|c| c.bias.clone()),
+                None => Some(w.get_any(&name)?),
             },
         };
         let value = value.ok_or_else(|| Error::Invalid(format!("no fused value for {name}")))?;
