@@ -161,18 +161,28 @@ pub fn export(cfg: &ExportConfig) -> Result<Exported> {
         export_onnx_with(net.as_ref(), &opts, None, &cfg.out)?;
         (spec.arch_name(), hw)
     };
+    let input = if cfg.include_preprocessing {
+        IMAGE_INPUT
+    } else {
+        INPUT
+    };
+    written(cfg, input, hw, description)
+}
+
+/// What was written to `cfg.out` (its size read back).
+fn written(
+    cfg: &ExportConfig,
+    input: &str,
+    hw: (usize, usize),
+    description: String,
+) -> Result<Exported> {
     let bytes = std::fs::metadata(&cfg.out)
         .map_err(|e| Error::io(&cfg.out, e))?
         .len();
     Ok(Exported {
         path: cfg.out.clone(),
         bytes,
-        input: if cfg.include_preprocessing {
-            IMAGE_INPUT
-        } else {
-            INPUT
-        }
-        .into(),
+        input: input.into(),
         hw,
         description,
     })
@@ -194,29 +204,16 @@ fn stamp(cfg: &ExportConfig, file: &Path) -> Result<Exported> {
     crate::onnx::stamp_metadata(file, &cfg.out, &entries)?;
     // the copy must still be a model tract can run
     let m = crate::onnx::OnnxModel::open(&cfg.out, &[])?;
-    let dims = m.input_dims();
-    let hw = match (
-        cfg.size,
-        dims.get(2).copied().flatten(),
-        dims.get(3).copied().flatten(),
-    ) {
-        (Some(hw), _, _) => hw,
-        (None, Some(h), Some(w)) => (h, w),
-        _ => (0, 0),
-    };
-    let bytes = std::fs::metadata(&cfg.out)
-        .map_err(|e| Error::io(&cfg.out, e))?
-        .len();
-    Ok(Exported {
-        path: cfg.out.clone(),
-        bytes,
-        input: "as the model declares".into(),
+    let hw = cfg.size.or(m.image_hw()).unwrap_or_default();
+    written(
+        cfg,
+        "as the model declares",
         hw,
-        description: format!(
+        format!(
             "{} with its preprocessing in metadata_props",
             file.display()
         ),
-    })
+    )
 }
 
 fn options(cfg: &ExportConfig, name: &str, hw: (usize, usize)) -> ExportOptions {

@@ -137,25 +137,24 @@ impl OnnxEncoder {
                 msg: "no such ONNX file".into(),
             });
         }
+        // parsed once; the output chosen afterwards
+        let all = OnnxModel::open(path, &[])?;
         let output = match output {
             Some(o) => o.to_string(),
-            None => {
-                let all = OnnxModel::open(path, &[])?;
-                match all.outputs() {
-                    [one] => one.clone(),
-                    many => {
-                        return Err(Error::BadInput {
-                            path: path.to_path_buf(),
-                            msg: format!(
-                                "the model has several outputs ({}); name one: {file}:OUTPUT",
-                                many.join(", ")
-                            ),
-                        })
-                    }
+            None => match all.outputs() {
+                [one] => one.clone(),
+                many => {
+                    return Err(Error::BadInput {
+                        path: path.to_path_buf(),
+                        msg: format!(
+                            "the model has several outputs ({}); name one: {file}:OUTPUT",
+                            many.join(", ")
+                        ),
+                    })
                 }
-            }
+            },
         };
-        let model = OnnxModel::open(path, &[output.as_str()])?;
+        let model = all.select(&[output.as_str()])?;
         let dims = model.input_dims().to_vec();
         if dims.len() != 4 {
             return Err(Error::BadInput {
@@ -166,12 +165,7 @@ impl OnnxEncoder {
                 ),
             });
         }
-        let (hd, wd) = if model.u8_input() {
-            (dims[1], dims[2])
-        } else {
-            (dims[2], dims[3])
-        };
-        let declared = hd.zip(wd);
+        let declared = model.image_hw();
         let preprocess = preprocessing(&model, declared)?;
         let hw = declared.unwrap_or_else(|| preprocess.output_size((256, 256)));
         let single = dims[0] == Some(1);

@@ -453,9 +453,7 @@ impl Graph {
 /// Copy the ONNX model `src` to `dst` with `entries` set in its `metadata_props` (replacing
 /// keys it already has); nothing else changes. `dst` is written atomically.
 pub fn stamp_metadata(src: &Path, dst: &Path, entries: &[(String, String)]) -> Result<()> {
-    let bytes = std::fs::read(src).map_err(|e| Error::io(src, e))?;
-    let mut model = pb::ModelProto::decode(bytes.as_slice())
-        .map_err(|e| tract_err(src, format!("not a readable ONNX model: {e}")))?;
+    let mut model = read_proto(src)?;
     model
         .metadata_props
         .retain(|p| !entries.iter().any(|(k, _)| *k == p.key));
@@ -491,6 +489,24 @@ fn tract_err(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// The `ModelProto` of an ONNX file.
+fn read_proto(path: &Path) -> Result<pb::ModelProto> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    pb::ModelProto::decode(bytes.as_slice())
+        .map_err(|e| tract_err(path, format!("not a readable ONNX model: {e}")))
+}
+
+/// A candle tensor as a tract tensor of element type `T` (shape kept).
+fn to_tract<T: candle_core::WithDType + tract_onnx::prelude::Datum>(
+    x: &Tensor,
+    path: &Path,
+) -> Result<tract_onnx::prelude::Tensor> {
+    let data = x.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?;
+    let a = tract_ndarray::ArrayD::from_shape_vec(x.dims().to_vec(), data)
+        .map_err(|e| tract_err(path, e))?;
+    Ok(a.into())
+}
+
 /// Run `f`, turning a panic inside tract (its optimiser has unimplemented corners) into an
 /// error naming the file.
 fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -511,7 +527,40 @@ impl OnnxModel {
     /// Parse `path`; `outputs` keeps only those outputs (by name; empty: all). Operators tract
     /// does not implement are named with their node; a missing output lists the available ones.
     pub fn open(path: &Path, outputs: &[&str]) -> Result<Self> {
-        guarded(path, || Self::open_unguarded(path, outputs))
+        guarded(path, || Self::open_unguarded(path))?.select(outputs)
+    }
+
+    /// The same model computing only the outputs named in `keep` (empty: all of them).
+    pub fn select(mut self, keep: &[&str]) -> Result<Self> {
+        if keep.is_empty() {
+            return Ok(self);
+        }
+        let path = self.path.clone();
+        let outlets = keep
+            .iter()
+            .map(|k| {
+                self.model
+                    .find_outlet_label(k)
+                    .filter(|_| self.outputs.iter().any(|o| o == k))
+                    .ok_or_else(|| {
+                        tract_err(
+                            &path,
+                            format!(
+                                "no output named {k:?}; the model's outputs are {}",
+                                self.outputs.join(", ")
+                            ),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.model
+            .set_output_outlets(&outlets)
+            .map_err(|e| tract_err(&path, e))?;
+        self.outputs = keep.iter().map(|k| k.to_string()).collect();
+        if let Ok(mut plans) = self.plans.lock() {
+            plans.clear();
+        }
+        Ok(self)
     }
 
     /// [`OnnxModel::open`] with every output, made runnable for inputs of `shape`.
@@ -521,10 +570,8 @@ impl OnnxModel {
         Ok(m)
     }
 
-    fn open_unguarded(path: &Path, keep: &[&str]) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let proto = pb::ModelProto::decode(bytes.as_slice())
-            .map_err(|e| tract_err(path, format!("not a readable ONNX model: {e}")))?;
+    fn open_unguarded(path: &Path) -> Result<Self> {
+        let proto = read_proto(path)?;
         let graph = proto
             .graph
             .as_ref()
@@ -548,18 +595,7 @@ impl OnnxModel {
                 ),
             ));
         }
-        let declared: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
-        for k in keep {
-            if !declared.iter().any(|d| d == k) {
-                return Err(tract_err(
-                    path,
-                    format!(
-                        "no output named {k:?}; the model's outputs are {}",
-                        declared.join(", ")
-                    ),
-                ));
-            }
-        }
+        let outputs: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
         let initializers: std::collections::HashSet<&str> =
             graph.initializer.iter().map(|t| t.name.as_str()).collect();
         let input = graph
@@ -603,28 +639,9 @@ impl OnnxModel {
         let parsed = onnx
             .parse(&proto, dir)
             .map_err(|e| tract_err(path, format!("not a readable ONNX model: {e:#}")))?;
-        let mut model = parsed.model;
-        if !keep.is_empty() {
-            let outlets = keep
-                .iter()
-                .map(|k| {
-                    model
-                        .find_outlet_label(k)
-                        .ok_or_else(|| tract_err(path, format!("no output named {k:?}")))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            model
-                .set_output_outlets(&outlets)
-                .map_err(|e| tract_err(path, e))?;
-        }
-        let outputs = if keep.is_empty() {
-            declared
-        } else {
-            keep.iter().map(|k| k.to_string()).collect()
-        };
         Ok(Self {
             path: path.to_path_buf(),
-            model,
+            model: parsed.model,
             outputs,
             input_dims,
             u8_input,
@@ -705,6 +722,21 @@ impl OnnxModel {
         &self.input_dims
     }
 
+    /// The input's declared image (height, width): NHWC for uint8 images, NCHW otherwise;
+    /// `None` when it is not a fixed-size 4-d image batch.
+    pub fn image_hw(&self) -> Option<(usize, usize)> {
+        let d = &self.input_dims;
+        if d.len() != 4 {
+            return None;
+        }
+        let (h, w) = if self.u8_input {
+            (d[1], d[2])
+        } else {
+            (d[2], d[3])
+        };
+        h.zip(w)
+    }
+
     /// Whether the input is uint8 images (NHWC) rather than float pixels.
     pub fn u8_input(&self) -> bool {
         self.u8_input
@@ -725,17 +757,9 @@ impl OnnxModel {
         let plan = self.plan(&dims)?;
         let x = x.to_device(&Device::Cpu)?;
         let input = if self.u8_input {
-            let data = x.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
-            tract_onnx::prelude::Tensor::from(
-                tract_ndarray::ArrayD::from_shape_vec(dims, data)
-                    .map_err(|e| tract_err(&self.path, e))?,
-            )
+            to_tract::<u8>(&x, &self.path)?
         } else {
-            let data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            tract_onnx::prelude::Tensor::from(
-                tract_ndarray::ArrayD::from_shape_vec(dims, data)
-                    .map_err(|e| tract_err(&self.path, e))?,
-            )
+            to_tract::<f32>(&x, &self.path)?
         };
         let out = plan
             .run(tvec!(input.into()))
