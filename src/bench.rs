@@ -136,11 +136,7 @@ pub fn time_forward(
 ) -> Result<BenchResult> {
     let req = FeatureRequest::last_only();
     time_fn(
-        &|x| {
-            enc.forward_features(x, &req)?
-                .last_hidden_state
-                .ok_or_else(|| Error::Invalid("no output".into()))
-        },
+        &|x| Ok(enc.forward_features(x, &req)?.last()?.clone()),
         (batch, image, warmup, iters),
         opts,
     )

@@ -207,6 +207,13 @@ pub struct EncoderOutput {
 }
 
 impl EncoderOutput {
+    /// The final output (asked for with `FeatureRequest::last`).
+    pub fn last(&self) -> Result<&Tensor> {
+        self.last_hidden_state
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("the encoder returned no final output".into()))
+    }
+
     /// A hidden state as a `[B, C, h, w]` feature map of patch tokens (prefix tokens dropped).
     pub fn feature_map(&self, index: usize) -> Result<Tensor> {
         let t = self

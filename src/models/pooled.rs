@@ -137,9 +137,7 @@ impl ImageEmbedder {
         let out = self
             .encoder
             .forward_features(pixels, &FeatureRequest::last_only())?;
-        let last = out
-            .last_hidden_state
-            .ok_or_else(|| Error::Invalid("the encoder returned no final output".into()))?;
+        let last = out.last()?;
         Ok(match &self.head {
             PoolHead::Cls => last.narrow(1, 0, 1)?.squeeze(1)?,
             PoolHead::MeanPatch => {
@@ -150,7 +148,7 @@ impl ImageEmbedder {
             PoolHead::ClipProjection { norm, proj } => {
                 proj.forward(&norm.forward(&last.narrow(1, 0, 1)?.squeeze(1)?)?)?
             }
-            PoolHead::Map(h) => h.forward(&last)?,
+            PoolHead::Map(h) => h.forward(last)?,
             PoolHead::Vector => last.squeeze(1)?,
             PoolHead::MeanMap => last.mean(3)?.mean(2)?,
         })

@@ -104,10 +104,7 @@ impl LevelHead {
 /// The final output of an encoder as a `[B, C, h, w]` map of patch features (SAM's neck output
 /// is one already).
 pub fn final_map(out: &EncoderOutput) -> Result<Tensor> {
-    let last = out
-        .last_hidden_state
-        .as_ref()
-        .ok_or_else(|| Error::Invalid("encoder returned no final output".into()))?;
+    let last = out.last()?;
     if last.rank() == 4 {
         return Ok(last.clone());
     }

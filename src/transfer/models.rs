@@ -71,10 +71,7 @@ impl Pool {
 /// Pooled image features `[B, F]` of an encoder's final output (`[B, N, C]` tokens, or a
 /// `[B, C, H, W]` map such as SAM's neck, which has only the mean).
 pub fn pooled_tokens(out: &EncoderOutput, pool: Pool) -> Result<Tensor> {
-    let last = out
-        .last_hidden_state
-        .as_ref()
-        .ok_or_else(|| Error::Invalid("encoder returned no final output".into()))?;
+    let last = out.last()?;
     if last.rank() == 4 {
         return match pool {
             Pool::Mean => Ok(last.mean(3)?.mean(2)?),
@@ -162,13 +159,11 @@ impl Predictor for TeacherNet {
                 let out = self
                     .encoder
                     .forward_features(x, &FeatureRequest::last_only())?;
-                let last = out
-                    .last_hidden_state
-                    .ok_or_else(|| Error::Invalid("encoder returned no final output".into()))?;
+                let last = out.last()?;
                 match last.rank() {
                     // a vector output comes as one token
                     3 if last.dim(1)? == 1 => Ok(last.squeeze(1)?),
-                    4 => Ok(last),
+                    4 => Ok(last.clone()),
                     _ => Err(Error::Invalid(format!(
                         "the teacher's output {:?} is neither logits [B, K] nor a logit map [B, K, h, w]",
                         last.dims()
