@@ -5,7 +5,11 @@ step of a ViT-S/16 student (timm, final norm unused) with one adapter path per t
 ViTModel, random weights, no_grad), loss 0.9(1-cos) + 0.1 SmoothL1 per (teacher, level),
 backward and AdamW. Run by hand in the same session as the Rust benchmark.
 
-    .refenv/bin/python scripts/bench_torch_stage1.py [--teachers 3] [--iters 3]
+    .refenv/bin/python scripts/bench_torch_stage1.py [--teachers 3] [--iters 3] [--cached]
+
+The JSON line has the median of each phase (teachers, student forward, loss, backward,
+optimizer) as `distillery bench --task stage1-step --breakdown` prints them; --cached computes
+the teachers' features once and reuses them (the cached path's step).
 """
 import argparse
 import json
@@ -69,6 +73,7 @@ def main():
     ap.add_argument("--image", type=int, default=224)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--cached", action="store_true")
     a = ap.parse_args()
     cfg = T.ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                       image_size=a.image, patch_size=16)
@@ -76,23 +81,38 @@ def main():
     student = Student(a.teachers, 768)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.01)
     x = torch.randn(a.batch, 3, a.image, a.image)
-    times = []
+    phases = ["teachers", "student forward", "loss", "backward", "optimizer"]
+    times, per_phase = [], {p: [] for p in phases}
+
+    def teacher_feats():
+        with torch.no_grad():
+            return [[o.hidden_states[b + 1][:, 1:] for b in (2, 5, 8, 11)]
+                    for o in (t(pixel_values=x, output_hidden_states=True) for t in teachers)]
+
+    cached = teacher_feats() if a.cached else None
     for i in range(a.warmup + a.iters):
         t0 = time.perf_counter()
-        with torch.no_grad():
-            feats = [[o.hidden_states[b + 1][:, 1:] for b in (2, 5, 8, 11)]
-                     for o in (t(pixel_values=x, output_hidden_states=True) for t in teachers)]
+        feats = cached if a.cached else teacher_feats()
+        marks = [time.perf_counter()]
         outs = student(x)
+        marks.append(time.perf_counter())
         loss = sum(term(s, t) for so, to in zip(outs, feats) for s, t in zip(so, to))
+        marks.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        marks.append(time.perf_counter())
         opt.step()
+        marks.append(time.perf_counter())
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
+            for p, m0, m1 in zip(phases, [t0] + marks, marks):
+                per_phase[p].append(m1 - m0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
                       "teachers": a.teachers, "batch": a.batch, "image": a.image,
-                      "median_s": statistics.median(times), "min_s": min(times), "peak_rss_mib": peak}))
+                      "cached": a.cached, "median_s": statistics.median(times), "min_s": min(times),
+                      "phases": {p: statistics.median(v) for p, v in per_phase.items()},
+                      "peak_rss_mib": peak}))
 
 
 if __name__ == "__main__":

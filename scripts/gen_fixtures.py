@@ -637,6 +637,38 @@ def onnx_teacher():
           f"{sorted({n.op_type for n in model.graph.node})}")
 
 
+def feature_loss():
+    """Distillation feature losses and their gradients as torch computes them
+    (`gen_fixtures.py feature_loss`), for `distillery::losses::feature_loss`:
+      refs/feature-loss.safetensors, per case `a` (student 5x7 grid upsampled to the teacher's
+      9x13) and `b` (teacher 5x7 upsampled to the student's 9x13), 61 channels:
+      {case}.student, {case}.teacher (f32 maps), and per loss kind (cos_smooth_l1, cosine, mse)
+      {case}.{kind}.loss and {case}.{kind}.grad (d loss / d student). Bilinear resizing with
+      align_corners=False; cosine over each image's flattened map; SmoothL1 beta 1; mean MSE."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(29)
+    out = {}
+    for case, (b, sh, th) in {"a": (3, (5, 7), (9, 13)), "b": (2, (9, 13), (5, 7))}.items():
+        s = (torch.randn(b, 61, *sh, generator=g) * 0.8).double()
+        t = (torch.randn(b, 61, *th, generator=g) * 1.3 + 0.2).double()
+        s, t = s.float(), t.float()
+        out[f"{case}.student"], out[f"{case}.teacher"] = s.contiguous(), t.contiguous()
+        for kind in ["cos_smooth_l1", "cosine", "mse"]:
+            sv = s.clone().requires_grad_(True)
+            size = max(sh, th, key=lambda x: x[0] * x[1])
+            ss = F.interpolate(sv, size=size, mode="bilinear", align_corners=False) if sh != size else sv
+            tt = F.interpolate(t, size=size, mode="bilinear", align_corners=False) if th != size else t
+            cos = 1 - F.cosine_similarity(ss.flatten(1), tt.flatten(1), dim=1, eps=1e-8).mean()
+            loss = {"cos_smooth_l1": 0.9 * cos + 0.1 * F.smooth_l1_loss(ss, tt, beta=1.0),
+                    "cosine": cos, "mse": F.mse_loss(ss, tt)}[kind]
+            loss.backward()
+            out[f"{case}.{kind}.loss"] = loss.detach().reshape(1)
+            out[f"{case}.{kind}.grad"] = sv.grad.contiguous()
+    save_file(out, os.path.join(REFS, "feature-loss.safetensors"))
+    print(f"  feature-loss: {len(out)} tensors")
+
+
 if __name__ == "__main__":
     # `gen_fixtures.py student_sources` regenerates one section only.
     if len(sys.argv) > 1:

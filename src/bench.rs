@@ -170,9 +170,8 @@ fn time_fn(
         times.push(t0.elapsed().as_secs_f64());
     }
     let mut sorted = times.clone();
-    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = median(&mut sorted);
     let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let median = sorted[sorted.len() / 2];
     Ok(BenchResult {
         batch,
         image,
@@ -299,27 +298,50 @@ pub struct StepBench {
     pub teachers: usize,
     pub batch: usize,
     pub image: usize,
+    /// teacher features read from memory (as from a cache) instead of running the teachers
+    pub cached: bool,
     pub iters: usize,
     pub median_s: f64,
     pub min_s: f64,
+    /// median seconds of each phase of the step, in order
+    pub phases: Vec<(String, f64)>,
     pub peak_rss_mib: Option<f64>,
 }
 
+/// The phases of a stage-1 step, timed separately.
+pub const STEP_PHASES: [&str; 5] = [
+    "teachers",
+    "student forward",
+    "loss",
+    "backward",
+    "optimizer",
+];
+
+/// Median of `v`, sorted in place (NaN when empty).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// One stage-1 step (student forward + every teacher + loss + backward + AdamW) of a ViT-S/16
-/// student with `n_teachers` ViT-B/16-size teachers (random weights) at `image` px.
+/// student with `n_teachers` ViT-B/16-size teachers (random weights) at `image` px; with
+/// `cached`, the teachers' features are computed once before timing and the step reads them
+/// (the `--cache` path's step).
+#[allow(clippy::too_many_arguments)]
 pub fn time_stage1_step(
     n_teachers: usize,
     batch: usize,
     image: usize,
     warmup: usize,
     iters: usize,
+    cached: bool,
     dev: &Device,
     precision: crate::device::Precision,
 ) -> Result<StepBench> {
     use crate::models::student::{preset, Student, StudentSpec, TeacherSlot};
     use crate::teacher::Teacher;
     use crate::train::engine::StepModel;
-    use crate::train::stage1::{distill_loss, new_student_params};
+    use crate::train::stage1::{distill_terms, new_student_params, TeacherBatch};
     let opts = LoadOptions {
         device: dev.clone(),
         dtype: precision.dtype(),
@@ -358,38 +380,58 @@ pub fn time_stage1_step(
     let vars = crate::train::engine::vars_of(&vm)?;
     let mut optim = crate::train::optim::AdamW::new(&vars, 0.01)?;
     let x = Tensor::randn(0f32, 1f32, (batch, 3, image, image), dev)?;
-    let tx =
-        crate::train::stage1::TeacherBatch::Pixels((0..n_teachers).map(|_| x.clone()).collect());
+    let mut tx = TeacherBatch::Pixels((0..n_teachers).map(|_| x.clone()).collect());
+    if cached {
+        tx = TeacherBatch::Features(tx.all_features(&teachers)?);
+    }
     let mut times = Vec::new();
+    let mut phases = vec![Vec::new(); STEP_PHASES.len()];
     // Peak memory of the step itself, not of writing the random teacher checkpoints above
     // (Linux: "5" resets the peak resident size).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     for i in 0..warmup + iters.max(1) {
         let t0 = Instant::now();
+        let mut marks = Vec::with_capacity(STEP_PHASES.len());
+        // Asynchronous devices finish a phase before it is timed.
+        let mark = || -> Result<Instant> {
+            dev.synchronize()?;
+            Ok(Instant::now())
+        };
+        let feats = tx.all_features(&teachers)?;
+        marks.push(mark()?);
         let xs = x.to_dtype(student.dtype())?;
-        let (loss, _) = distill_loss(
-            student.step()?,
-            &teachers,
-            &xs,
-            &tx,
-            crate::losses::FeatureLoss::CosSmoothL1,
-            None,
-        )?;
+        let out = student.step()?.forward(&xs, true)?;
+        marks.push(mark()?);
+        let (loss, _) = distill_terms(&out, &feats, crate::losses::FeatureLoss::CosSmoothL1, None)?;
+        marks.push(mark()?);
         let grads = loss.backward()?;
+        marks.push(mark()?);
         optim.step(&grads, 1e-4)?;
+        marks.push(mark()?);
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
+            let mut prev = t0;
+            for (p, m) in phases.iter_mut().zip(marks) {
+                p.push((m - prev).as_secs_f64());
+                prev = m;
+            }
         }
     }
-    times.sort_by(|a, b| a.total_cmp(b));
+    let median_s = median(&mut times);
     Ok(StepBench {
         precision: format!("{precision:?}").to_lowercase(),
         teachers: n_teachers,
         batch,
         image,
+        cached,
         iters: times.len(),
-        median_s: times[times.len() / 2],
+        median_s,
         min_s: times[0],
+        phases: STEP_PHASES
+            .iter()
+            .zip(phases.iter_mut())
+            .map(|(n, p)| (n.to_string(), median(p)))
+            .collect(),
         peak_rss_mib: peak_rss_mib(),
     })
 }

@@ -19,6 +19,22 @@ pub enum FeatureLoss {
     Mse,
 }
 
+impl FeatureLoss {
+    /// The weights of the cosine, smooth-L1 and MSE terms.
+    pub fn weights(self) -> crate::kernels::LossWeights {
+        let (cosine, smooth_l1, mse) = match self {
+            FeatureLoss::CosSmoothL1 => (0.9, 0.1, 0.0),
+            FeatureLoss::Cosine => (1.0, 0.0, 0.0),
+            FeatureLoss::Mse => (0.0, 0.0, 1.0),
+        };
+        crate::kernels::LossWeights {
+            cosine,
+            smooth_l1,
+            mse,
+        }
+    }
+}
+
 /// The grid a student grid and a teacher grid are compared on: the larger (by cells); equal
 /// sizes keep the student's.
 pub fn compare_grid(student: (usize, usize), teacher: (usize, usize)) -> (usize, usize) {
@@ -75,13 +91,22 @@ pub fn smooth_l1(s: &Tensor, t: &Tensor) -> Result<Tensor> {
 pub fn feature_loss(student: &Tensor, teacher: &Tensor, kind: FeatureLoss) -> Result<Tensor> {
     let (s, t) = match_grids(student, teacher)?;
     let t = t.detach();
-    Ok(match kind {
-        FeatureLoss::CosSmoothL1 => {
-            ((cosine_distance(&s, &t)? * 0.9)? + (smooth_l1(&s, &t)? * 0.1)?)?
-        }
-        FeatureLoss::Cosine => cosine_distance(&s, &t)?,
-        FeatureLoss::Mse => (&s - &t)?.sqr()?.mean_all()?,
-    })
+    let w = kind.weights();
+    if let Some(l) = crate::kernels::fused_feature_loss(&s, &t, w)? {
+        return Ok(l);
+    }
+    // Off the CPU fast path: the same terms from candle ops.
+    let mut total = Tensor::zeros((), s.dtype(), s.device())?;
+    if w.cosine != 0.0 {
+        total = (total + (cosine_distance(&s, &t)? * w.cosine)?)?;
+    }
+    if w.smooth_l1 != 0.0 {
+        total = (total + (smooth_l1(&s, &t)? * w.smooth_l1)?)?;
+    }
+    if w.mse != 0.0 {
+        total = (total + ((&s - &t)?.sqr()?.mean_all()? * w.mse)?)?;
+    }
+    Ok(total)
 }
 
 /// One teacher's distillation loss: a term per level (student map against the teacher map,
@@ -170,6 +195,57 @@ mod tests {
                 .unwrap();
             assert!((got - want).abs() < 1e-5, "{kind:?}: {got} vs {want}");
             // the teacher map is the larger one here; swapping roles resizes the other way
+        }
+    }
+
+    /// Loss and student gradient against torch (`gen_fixtures.py feature_loss`): f32 runs the
+    /// fused CPU kernel, f64 the composition of candle ops used off the fast path.
+    #[test]
+    fn loss_and_gradient_match_torch() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/refs/feature-loss.safetensors");
+        let refs = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+        let kinds = [
+            ("cos_smooth_l1", FeatureLoss::CosSmoothL1),
+            ("cosine", FeatureLoss::Cosine),
+            ("mse", FeatureLoss::Mse),
+        ];
+        for case in ["a", "b"] {
+            for dtype in [candle_core::DType::F32, candle_core::DType::F64] {
+                let s = refs[&format!("{case}.student")].to_dtype(dtype).unwrap();
+                let t = refs[&format!("{case}.teacher")].to_dtype(dtype).unwrap();
+                for (name, kind) in kinds {
+                    let sv = candle_core::Var::from_tensor(&s).unwrap();
+                    let loss = feature_loss(sv.as_tensor(), &t, kind).unwrap();
+                    let got = loss.to_dtype(candle_core::DType::F64).unwrap();
+                    let got = got.to_scalar::<f64>().unwrap();
+                    let want = refs[&format!("{case}.{name}.loss")]
+                        .to_dtype(candle_core::DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap()[0];
+                    let what = format!("{case} {name} {dtype:?}");
+                    assert!(
+                        (got - want).abs() < 1e-5 * want.abs(),
+                        "{what}: {got} vs {want}"
+                    );
+                    let g = loss.backward().unwrap();
+                    let g = g.get(sv.as_tensor()).unwrap();
+                    let g = g.to_dtype(candle_core::DType::F64).unwrap();
+                    let want = &refs[&format!("{case}.{name}.grad")];
+                    let want = want.to_dtype(candle_core::DType::F64).unwrap();
+                    let scale = want.abs().unwrap().max_all().unwrap();
+                    let scale = scale.to_scalar::<f64>().unwrap();
+                    let err = (g - want).unwrap().abs().unwrap().max_all().unwrap();
+                    let err = err.to_scalar::<f64>().unwrap();
+                    assert!(
+                        scale > 0.0 && err < 1e-4 * scale,
+                        "{what}: grad {err} vs {scale}"
+                    );
+                }
+            }
         }
     }
 }

@@ -72,6 +72,10 @@ macro_rules! multiversion {
 
 mod affine;
 pub use affine::{channel_affine_act, channel_stats, Act};
+mod adamw;
+pub use adamw::{adamw_update, AdamStep};
+mod feature_loss;
+pub use feature_loss::{fused_feature_loss, LossWeights};
 
 #[inline(always)]
 fn gelu_body(src: &[f32], dst: &mut [f32]) {
@@ -390,9 +394,12 @@ impl candle_core::CustomOp3 for LinearBias {
     }
 }
 
-/// `gelu(x @ w^T + b)` in one pass over memory on CPU (`nn.Linear` then exact GELU).
+/// `gelu(x @ w^T + b)` (`nn.Linear` then exact GELU): in one pass over memory on CPU when no
+/// gradient is asked; when training, the product is kept as the GELU's input so the backward
+/// pass does not recompute it (a fused op's backward would run the product a second time).
 pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    if fast_path(x) && fast_path(w) && fast_path(b) {
+    let training = tracked(x) || tracked(w) || tracked(b);
+    if fast_path(x) && fast_path(w) && fast_path(b) && !training {
         let dims = x.dims().to_vec();
         let k = *dims.last().unwrap_or(&1);
         let m = x.elem_count() / k.max(1);

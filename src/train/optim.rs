@@ -27,6 +27,23 @@ struct Param {
     v: Tensor,
 }
 
+/// One AdamW update `(w', m', v')` from candle ops (any device or dtype); the fused CPU kernel
+/// [`crate::kernels::adamw_update`] does the same arithmetic in one pass.
+fn composed_update(
+    w: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    s: &crate::kernels::AdamStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let w = (w * s.keep)?;
+    let m = ((m * s.beta1)? + (g * (1.0 - s.beta1))?)?;
+    let v = ((v * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
+    let denom = ((v.sqrt()? * s.inv_sqrt_bc2)? + s.eps)?;
+    let upd = ((&m / denom)? * s.step_size)?;
+    Ok(((w - upd)?, m, v))
+}
+
 impl AdamW {
     /// Parameters in name order. Weight decay applies to matrices and kernels (rank >= 2),
     /// not to biases, norms, scales, tokens or position tables of rank < 2.
@@ -99,15 +116,26 @@ impl AdamW {
             let g = g.detach();
             let g = &g;
             let lr = lr * p.lr_scale;
-            let mut w = p.var.as_tensor().detach();
-            if p.decay && self.weight_decay > 0.0 {
-                w = (w * (1.0 - lr * self.weight_decay))?;
-            }
-            p.m = ((&p.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            p.v = ((&p.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let denom = ((p.v.sqrt()? / bc2.sqrt())? + self.eps)?;
-            let upd = ((&p.m / denom)? * (lr / bc1))?;
-            p.var.set(&(w - upd)?)?;
+            let decays = p.decay && self.weight_decay > 0.0;
+            let step = crate::kernels::AdamStep {
+                keep: if decays {
+                    1.0 - lr * self.weight_decay
+                } else {
+                    1.0
+                },
+                beta1: self.beta1,
+                beta2: self.beta2,
+                inv_sqrt_bc2: 1.0 / bc2.sqrt(),
+                eps: self.eps,
+                step_size: lr / bc1,
+            };
+            let w = p.var.as_tensor().detach();
+            let (w2, m, v) = match crate::kernels::adamw_update(&w, g, &p.m, &p.v, &step)? {
+                Some(r) => r,
+                None => composed_update(&w, g, &p.m, &p.v, &step)?,
+            };
+            (p.m, p.v) = (m, v);
+            p.var.set(&w2)?;
         }
         Ok(())
     }
@@ -278,6 +306,44 @@ mod tests {
             LossScaler::from_state(&HashMap::new()).unwrap(),
             LossScaler::default()
         );
+    }
+
+    /// The fused CPU update gives the composition's bits (with and without decay).
+    #[test]
+    fn fused_update_equals_the_composition() {
+        let dev = Device::Cpu;
+        let n = 40_000; // several of the kernel's chunks and a partial one
+        let w = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let g = Tensor::randn(0f32, 0.1, n, &dev).unwrap();
+        let m = Tensor::randn(0f32, 0.05, n, &dev).unwrap();
+        let v = Tensor::randn(0f32, 0.01, n, &dev).unwrap().sqr().unwrap();
+        for keep in [1.0, 1.0 - 1e-3 * 0.05] {
+            let s = crate::kernels::AdamStep {
+                keep,
+                beta1: 0.9,
+                beta2: 0.999,
+                inv_sqrt_bc2: 1.0 / (1.0f64 - 0.999f64.powi(3)).sqrt(),
+                eps: 1e-8,
+                step_size: 1e-3 / (1.0 - 0.9f64.powi(3)),
+            };
+            let fused = crate::kernels::adamw_update(&w, &g, &m, &v, &s)
+                .unwrap()
+                .expect("CPU f32 takes the fused path");
+            let composed = composed_update(&w, &g, &m, &v, &s).unwrap();
+            for (a, b) in [
+                (&fused.0, &composed.0),
+                (&fused.1, &composed.1),
+                (&fused.2, &composed.2),
+            ] {
+                let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+                let differ = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits());
+                assert_eq!(differ.count(), 0, "keep {keep}");
+            }
+            assert_ne!(
+                fused.0.to_vec1::<f32>().unwrap(),
+                w.to_vec1::<f32>().unwrap()
+            );
+        }
     }
 
     /// torch 2.15: p = tensor([1., -2.]), AdamW(lr=0.1, wd=0.01), grads g1 = [0.5, -1.0] then

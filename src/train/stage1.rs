@@ -172,8 +172,28 @@ impl TeacherBatch {
     /// Teacher `k`'s feature maps for the batch: run online, or as cached.
     pub fn features(&self, k: usize, teachers: &[Teacher]) -> Result<Vec<Tensor>> {
         match self {
-            TeacherBatch::Pixels(px) => teachers[k].features(&px[k]),
-            TeacherBatch::Features(f) => Ok(f[k].clone()),
+            TeacherBatch::Pixels(px) => match (teachers.get(k), px.get(k)) {
+                (Some(t), Some(px)) => t.features(px),
+                _ => Err(Error::Invalid(format!("no teacher {k} in this batch"))),
+            },
+            TeacherBatch::Features(f) => f
+                .get(k)
+                .cloned()
+                .ok_or_else(|| Error::Invalid(format!("no cached features of teacher {k}"))),
+        }
+    }
+
+    /// Every teacher's feature maps, `[teacher][level]`.
+    pub fn all_features(&self, teachers: &[Teacher]) -> Result<Vec<Vec<Tensor>>> {
+        (0..self.len())
+            .map(|k| self.features(k, teachers))
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            TeacherBatch::Pixels(p) => p.len(),
+            TeacherBatch::Features(f) => f.len(),
         }
     }
 
@@ -733,13 +753,25 @@ pub fn distill_loss(
     kind: FeatureLoss,
     stats: Option<&TargetStats>,
 ) -> Result<(Tensor, Vec<f64>)> {
+    // Teachers first: their activations are freed before the student's are built.
+    let feats = teacher_batch.all_features(teachers)?;
     let out = student.forward(student_pixels, true)?;
+    distill_terms(&out, &feats, kind, stats)
+}
+
+/// The loss of a student output against every teacher's feature maps (`[teacher][level]`):
+/// the sum of the per-teacher losses, and each of them.
+pub fn distill_terms(
+    out: &crate::models::student::StudentOutput,
+    feats: &[Vec<Tensor>],
+    kind: FeatureLoss,
+    stats: Option<&TargetStats>,
+) -> Result<(Tensor, Vec<f64>)> {
     let mut total: Option<Tensor> = None;
     let mut per_teacher = Vec::with_capacity(out.aligned.len());
-    for k in 0..out.aligned.len() {
-        let feats = teacher_batch.features(k, teachers)?;
+    for (k, (aligned, feats)) in out.aligned.iter().zip(feats).enumerate() {
         let norms = stats.and_then(|s| s.levels.get(k)).map(Vec::as_slice);
-        let tl = teacher_loss(&out.aligned[k], &feats, kind, norms)?;
+        let tl = teacher_loss(aligned, feats, kind, norms)?;
         per_teacher.push(tl.to_scalar::<f32>()? as f64);
         total = Some(match total {
             Some(a) => (a + tl)?,

@@ -27,6 +27,14 @@ pub struct Args {
     /// Teachers for --task stage1-step
     #[arg(long, default_value_t = 3)]
     teachers: usize,
+    /// With --task stage1-step: print the median time of each phase (teachers, student
+    /// forward, loss, backward, optimizer)
+    #[arg(long)]
+    breakdown: bool,
+    /// With --task stage1-step: the teachers' features are computed once and read by every step
+    /// (the step of `distill --cache`)
+    #[arg(long)]
+    cached: bool,
     #[arg(long, default_value_t = 8)]
     batch: usize,
     #[arg(long, default_value_t = 224)]
@@ -53,6 +61,7 @@ pub fn run(a: Args) -> Result<()> {
                 a.image,
                 a.warmup,
                 a.iters,
+                a.cached,
                 &opts.device,
                 dtype,
             )?;
@@ -60,7 +69,8 @@ pub fn run(a: Args) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "SAK stage-1 step, ViT-S/16 student + {} ViT-B/16 teachers, batch {}, {} px, {dtype:?}: median {:.3} s, min {:.3} s, peak RSS {:.0} MiB",
+                    "SAK stage-1 step{}, ViT-S/16 student + {} ViT-B/16 teachers, batch {}, {} px, {dtype:?}: median {:.3} s, min {:.3} s, peak RSS {:.0} MiB",
+                    if a.cached { " (cached teacher features)" } else { "" },
                     a.teachers,
                     a.batch,
                     a.image,
@@ -68,6 +78,14 @@ pub fn run(a: Args) -> Result<()> {
                     r.min_s,
                     r.peak_rss_mib.unwrap_or(f64::NAN)
                 );
+                if a.breakdown {
+                    for (phase, s) in &r.phases {
+                        println!(
+                            "  {phase:<16} {s:>7.3} s  {:>5.1} %",
+                            100.0 * s / r.median_s
+                        );
+                    }
+                }
             }
         }
         Task::TrainStep => {

@@ -127,6 +127,26 @@ fn tune_allocator() {
     }
 }
 
+/// Run `f` on a worker of rayon's global pool (one thread per core, large stacks for candle's
+/// recursive backward pass) instead of on the main thread. The parallel kernels then use the
+/// calling worker and the others, and the main thread sleeps: on a 2-core machine the main
+/// thread doing candle's serial work next to two busy rayon workers (and candle's own
+/// element-wise pool) put three or four busy threads on two cores.
+/// `DISTILLERY_MAIN_THREAD=1` runs on the main thread as before (for comparison).
+fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if std::env::var_os("DISTILLERY_MAIN_THREAD").is_some() {
+        return f();
+    }
+    // Thread count: RAYON_NUM_THREADS, else one per logical CPU (rayon's rule).
+    let built = rayon::ThreadPoolBuilder::new()
+        .stack_size(256 << 20)
+        .build_global();
+    if built.is_err() {
+        return f();
+    }
+    rayon::scope(|_| f())
+}
+
 fn main() {
     tune_allocator();
     tracing_subscriber::fmt()
@@ -137,7 +157,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Err(e) = run() {
+    if let Err(e) = on_compute_pool(run) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

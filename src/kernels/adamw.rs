@@ -1,0 +1,92 @@
+//! One AdamW update in one pass over memory (CPU, f32): the parameter, its gradient and both
+//! moments are read once and the new parameter and moments written once, instead of the ~12
+//! whole-tensor temporaries the composition of candle ops allocates per parameter. The
+//! arithmetic is the composition's, operation for operation in f32 (scalars rounded to f32 as
+//! candle's affine ops round them), so both give the same bits.
+
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+use rayon::prelude::*;
+
+/// The step's scalars.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep {
+    /// `1 - lr * weight_decay` (1 without decay)
+    pub keep: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// `1 / sqrt(1 - beta2^t)`
+    pub inv_sqrt_bc2: f64,
+    pub eps: f64,
+    /// `lr / (1 - beta1^t)`
+    pub step_size: f64,
+}
+
+const CHUNK: usize = 16 * 1024;
+
+/// `[w, g, m, v]` -> `[w', m', v']`.
+fn update([w, g, m, v]: [&[f32]; 4], [wo, mo, vo]: [&mut [f32]; 3], s: &AdamStep) {
+    let keep = s.keep as f32;
+    let (b1, c1) = (s.beta1 as f32, (1.0 - s.beta1) as f32);
+    let (b2, c2) = (s.beta2 as f32, (1.0 - s.beta2) as f32);
+    let (ib, eps, step) = (s.inv_sqrt_bc2 as f32, s.eps as f32, s.step_size as f32);
+    for i in 0..w.len() {
+        let gi = g[i];
+        let mi = m[i] * b1 + gi * c1;
+        let vi = v[i] * b2 + (gi * gi) * c2;
+        let denom = vi.sqrt() * ib + eps;
+        mo[i] = mi;
+        vo[i] = vi;
+        wo[i] = w[i] * keep - (mi / denom) * step;
+    }
+}
+
+/// `(w', m', v')` after one AdamW step on CPU f32 tensors of one shape; `None` elsewhere (the
+/// caller composes the step from candle ops).
+pub fn adamw_update(
+    w: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    s: &AdamStep,
+) -> candle_core::Result<Option<(Tensor, Tensor, Tensor)>> {
+    let shape = w.shape();
+    if [g, m, v].iter().any(|t| t.shape() != shape)
+        || [w, g, m, v]
+            .iter()
+            .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32)
+    {
+        return Ok(None);
+    }
+    let (w, g, m, v) = (
+        w.contiguous()?,
+        g.contiguous()?,
+        m.contiguous()?,
+        v.contiguous()?,
+    );
+    let guards = [&w, &g, &m, &v].map(|t| t.storage_and_layout());
+    let mut views = Vec::with_capacity(4);
+    for (st, l) in &guards {
+        match (&**st, l.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(d)), Some((a, b))) => views.push(&d[a..b]),
+            _ => return Ok(None),
+        }
+    }
+    let [wv, gv, mv, vv] = [views[0], views[1], views[2], views[3]];
+    let n = wv.len();
+    let (mut wo, mut mo, mut vo) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    wo.par_chunks_mut(CHUNK)
+        .zip(mo.par_chunks_mut(CHUNK).zip(vo.par_chunks_mut(CHUNK)))
+        .enumerate()
+        .for_each(|(c, (wo, (mo, vo)))| {
+            let r = c * CHUNK..(c * CHUNK + wo.len());
+            let inputs = [&wv[r.clone()], &gv[r.clone()], &mv[r.clone()], &vv[r]];
+            update(inputs, [wo, mo, vo], s);
+        });
+    drop(guards);
+    let dev = w.device();
+    Ok(Some((
+        Tensor::from_vec(wo, shape, dev)?,
+        Tensor::from_vec(mo, shape, dev)?,
+        Tensor::from_vec(vo, shape, dev)?,
+    )))
+}
