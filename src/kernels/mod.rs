@@ -33,18 +33,24 @@ fn exp_approx(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// `(Phi(x), exp(-x^2 / 2))`: the normal CDF through erf(x / sqrt 2) (A&S 7.1.26) and the
+/// exponential it uses, which the derivative needs again.
 #[inline(always)]
-fn gelu_one(x: f32) -> f32 {
-    // erf(z) for z = x / sqrt(2) via A&S 7.1.26.
+fn normal_cdf_and_exp(x: f32) -> (f32, f32) {
     let z = x * std::f32::consts::FRAC_1_SQRT_2;
     let a = z.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = ((((1.061_405_4 * t - 1.453_152) * t + 1.421_413_7) * t - 0.284_496_74) * t
         + 0.254_829_6)
         * t;
-    let erf_abs = 1.0 - poly * exp_approx(-a * a);
-    let erf = erf_abs.copysign(z);
-    0.5 * x * (1.0 + erf)
+    let e = exp_approx(-a * a);
+    let erf = (1.0 - poly * e).copysign(z);
+    (0.5 * (1.0 + erf), e)
+}
+
+#[inline(always)]
+fn gelu_one(x: f32) -> f32 {
+    x * normal_cdf_and_exp(x).0
 }
 
 macro_rules! multiversion {
@@ -95,11 +101,9 @@ multiversion!(gelu_slice_inplace, gelu_inplace_body, (x: &mut [f32]));
 
 #[inline(always)]
 fn gelu_grad_one(x: f32) -> f32 {
-    // Phi(x) + x phi(x)
-    let gx = gelu_one(x);
-    let cdf = if x != 0.0 { gx / x } else { 0.5 };
-    let pdf = exp_approx(-0.5 * x * x) * 0.398_942_3;
-    cdf + x * pdf
+    // Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi): one exponential for both
+    let (cdf, e) = normal_cdf_and_exp(x);
+    cdf + x * (e * 0.398_942_3)
 }
 
 #[inline(always)]
@@ -269,21 +273,48 @@ fn gemm_xwt(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: u
             }
             o
         }
-        None => vec![0f32; m * n],
+        // SAFETY: the product below writes every element without reading them
+        // (`accumulate` is false without a bias).
+        None => return unsafe { written_by(m * n, |dst| gemm_xwt_raw(dst, x, w, false, (m, n, k))) },
     };
-    // SAFETY: the pointers cover m*k, n*k and m*n elements with the strides given.
-    unsafe {
-        sgemm_with(
-            (m, n, k),
-            (out.as_mut_ptr(), 1, n as isize),
-            (x.as_ptr(), 1, k as isize),
-            (w.as_ptr(), k as isize, 1),
-            1.0,
-            bias.is_some(),
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
+    // SAFETY: `out` holds m*n initialised elements.
+    unsafe { gemm_xwt_raw(out.as_mut_ptr(), x, w, true, (m, n, k)) };
     out
+}
+
+/// `dst (+)= x w^T` for `x: [m, k]`, `w: [n, k]` row-major into `m * n` values at `dst`.
+///
+/// # Safety
+/// `dst` must be valid for `m * n` writes (and reads when `accumulate`), not overlapping the
+/// operands.
+unsafe fn gemm_xwt_raw(
+    dst: *mut f32,
+    x: &[f32],
+    w: &[f32],
+    accumulate: bool,
+    (m, n, k): (usize, usize, usize),
+) {
+    assert!(x.len() >= m * k && w.len() >= n * k, "linear kernel: operands too small");
+    sgemm_with(
+        (m, n, k),
+        (dst, 1, n as isize),
+        (x.as_ptr(), 1, k as isize),
+        (w.as_ptr(), k as isize, 1),
+        1.0,
+        accumulate,
+        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+    );
+}
+
+/// `n` values written by `fill` through the pointer it is given, with no zeroing pass first.
+///
+/// # Safety
+/// `fill` must write every one of the `n` elements and read none before writing it.
+unsafe fn written_by(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    fill(v.as_mut_ptr());
+    v.set_len(n);
+    v
 }
 
 fn linear_dims(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize)> {
@@ -448,8 +479,12 @@ impl candle_core::CustomOp2 for Gemm2 {
         if k != k2 {
             candle_core::bail!("gemm kernel: inner dimensions {k} and {k2} differ")
         }
-        let mut out = vec![0f32; m * n];
-        gemm_into(&mut out, a, b, (m, k, n), self.ta, self.tb, false);
+        // SAFETY: a product that does not accumulate writes all m*n elements, reading none.
+        let out = unsafe {
+            written_by(m * n, |dst| {
+                gemm_raw(dst, a, b, (m, k, n), self.ta, self.tb, false)
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
@@ -467,8 +502,30 @@ fn gemm_into(
     accumulate: bool,
 ) {
     assert!(
-        a.len() >= rows * k && b.len() >= k * cols && dst.len() >= rows * cols,
-        "gemm_into: operands smaller than {rows}x{k} @ {k}x{cols}"
+        dst.len() >= rows * cols,
+        "gemm_into: destination smaller than {rows}x{cols}"
+    );
+    // SAFETY: dst holds rows*cols initialised elements.
+    unsafe { gemm_raw(dst.as_mut_ptr(), a, b, (rows, k, cols), ta, tb, accumulate) }
+}
+
+/// [`gemm_into`] writing through a pointer.
+///
+/// # Safety
+/// `dst` must be valid for `rows * cols` writes (and reads when `accumulate`), not overlapping
+/// the operands.
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    a: &[f32],
+    b: &[f32],
+    (rows, k, cols): (usize, usize, usize),
+    ta: bool,
+    tb: bool,
+    accumulate: bool,
+) {
+    assert!(
+        a.len() >= rows * k && b.len() >= k * cols,
+        "gemm: operands smaller than {rows}x{k} @ {k}x{cols}"
     );
     // stored [rows, k] (column stride 1, row stride k) or, transposed, [k, rows]
     let (a_cs, a_rs) = if ta {
@@ -481,18 +538,15 @@ fn gemm_into(
     } else {
         (1, cols as isize)
     };
-    // SAFETY: the lengths were checked against the extents these strides address.
-    unsafe {
-        sgemm_with(
-            (rows, cols, k),
-            (dst.as_mut_ptr(), 1, cols as isize),
-            (a.as_ptr(), a_cs, a_rs),
-            (b.as_ptr(), b_cs, b_rs),
-            1.0,
-            accumulate,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
+    sgemm_with(
+        (rows, cols, k),
+        (dst, 1, cols as isize),
+        (a.as_ptr(), a_cs, a_rs),
+        (b.as_ptr(), b_cs, b_rs),
+        1.0,
+        accumulate,
+        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+    );
 }
 
 /// `op(a) @ op(b)` for 2-D tensors (fast path on CPU f32).
