@@ -257,7 +257,18 @@ impl Adapter {
             .as_ref()
             .ok_or_else(|| Error::Invalid("adapter down projection without bias".into()))?;
         let h = crate::kernels::linear_gelu(x, &self.down.weight, bias)?;
-        let y = self.up.forward(&h)?.broadcast_mul(&self.scale)?;
+        // s * up(h) with the scale folded into the up projection's (small) weight and bias:
+        // one pass over the activations fewer, forward and backward.
+        let up_bias = self
+            .up
+            .bias
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("adapter up projection without bias".into()))?;
+        let scaled = super::layers::Linear {
+            weight: self.up.weight.broadcast_mul(&self.scale)?,
+            bias: Some(up_bias.broadcast_mul(&self.scale)?),
+        };
+        let y = scaled.forward(&h)?;
         Ok((x + y)?)
     }
 }
