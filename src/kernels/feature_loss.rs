@@ -135,15 +135,21 @@ multiversion!(grad_block, grad_body, (s: &[f32], t: &[f32], out: &mut [f32], c: 
 
 struct FeatureLossOp(LossWeights);
 
-fn same_shape(a: &Layout, b: &Layout) -> candle_core::Result<usize> {
-    if a.dims() != b.dims() || a.dims().is_empty() {
+/// The batch size and the student and teacher values of same-shape contiguous f32 maps.
+fn operands<'a>(
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+) -> candle_core::Result<(usize, &'a [f32], &'a [f32])> {
+    if l1.dims() != l2.dims() || l1.dims().is_empty() {
         candle_core::bail!(
             "feature loss: student {:?} and teacher {:?} differ in shape",
-            a.dims(),
-            b.dims()
+            l1.dims(),
+            l2.dims()
         )
     }
-    Ok(a.dims()[0])
+    let s = f32_arg(s1, l1, "feature loss student")?;
+    let t = f32_arg(s2, l2, "feature loss teacher")?;
+    Ok((l1.dims()[0], s, t))
 }
 
 impl candle_core::CustomOp2 for FeatureLossOp {
@@ -158,9 +164,7 @@ impl candle_core::CustomOp2 for FeatureLossOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let b = same_shape(l1, l2)?;
-        let s = f32_arg(s1, l1, "feature loss student")?;
-        let t = f32_arg(s2, l2, "feature loss teacher")?;
+        let (b, s, t) = operands((s1, l1), (s2, l2))?;
         let v = self.0.value(&image_sums(s, t, b), s.len());
         Ok((CpuStorage::F32(vec![v as f32]), Shape::from(())))
     }
@@ -193,9 +197,7 @@ impl candle_core::CustomOp2 for FeatureLossGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let b = same_shape(l1, l2)?;
-        let s = f32_arg(s1, l1, "feature loss student")?;
-        let t = f32_arg(s2, l2, "feature loss teacher")?;
+        let (b, s, t) = operands((s1, l1), (s2, l2))?;
         let n = s.len();
         let m = n / b;
         let coef = self.0.cosine_coefficients(&image_sums(s, t, b));

@@ -275,7 +275,9 @@ fn gemm_xwt(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: u
         }
         // SAFETY: the product below writes every element without reading them
         // (`accumulate` is false without a bias).
-        None => return unsafe { written_by(m * n, |dst| gemm_xwt_raw(dst, x, w, false, (m, n, k))) },
+        None => {
+            return unsafe { written_by(m * n, |dst| gemm_xwt_raw(dst, x, w, false, (m, n, k))) }
+        }
     };
     // SAFETY: `out` holds m*n initialised elements.
     unsafe { gemm_xwt_raw(out.as_mut_ptr(), x, w, true, (m, n, k)) };
@@ -294,7 +296,10 @@ unsafe fn gemm_xwt_raw(
     accumulate: bool,
     (m, n, k): (usize, usize, usize),
 ) {
-    assert!(x.len() >= m * k && w.len() >= n * k, "linear kernel: operands too small");
+    assert!(
+        x.len() >= m * k && w.len() >= n * k,
+        "linear kernel: operands too small"
+    );
     sgemm_with(
         (m, n, k),
         (dst, 1, n as isize),
