@@ -490,15 +490,55 @@ struct Distill<'a> {
     /// held-out images evaluated during training
     held_out: Option<HeldOut>,
     device: Device,
+    cache_hint: CacheHint,
+}
+
+/// Tells the user once when online teachers take most of each step: `distillery cache` runs
+/// them once per crop variant instead of once per step.
+#[derive(Default)]
+struct CacheHint {
+    /// when the previous step's loss began
+    last: Option<std::time::Instant>,
+    given: bool,
+}
+
+impl CacheHint {
+    /// After the first steps (warm-up), compare the teachers' time with a whole step's.
+    /// Whether the hint was given now.
+    fn observe(
+        &mut self,
+        step: u64,
+        started: std::time::Instant,
+        teachers: std::time::Duration,
+    ) -> bool {
+        let period = self.last.map(|p| started - p);
+        self.last = Some(started);
+        let Some(period) = period else {
+            return false;
+        };
+        if self.given || step < 2 || teachers * 2 < period {
+            return false;
+        }
+        self.given = true;
+        tracing::warn!(
+            "the teachers take {:.2} s of each {:.2} s step ({:.0} %); `distillery cache` computes \
+             their features once per crop variant and `distill --cache` trains from them",
+            teachers.as_secs_f64(),
+            period.as_secs_f64(),
+            100.0 * teachers.as_secs_f64() / period.as_secs_f64()
+        );
+        true
+    }
 }
 
 impl Objective for Distill<'_> {
     type Batch = Batch;
-    fn loss(&mut self, b: Batch, _step: u64) -> Result<StepLoss> {
+    fn loss(&mut self, b: Batch, step: u64) -> Result<StepLoss> {
         let dtype = self.student.dtype();
         let x = b.student.to_device(&self.device)?.to_dtype(dtype)?;
         let tb = b.teachers.to_device(&self.device)?;
-        let (loss, per) = distill_loss(
+        let started = std::time::Instant::now();
+        let ((loss, per), teacher_time) = distill_loss_timed(
             self.student.step()?,
             self.teachers,
             &x,
@@ -506,6 +546,9 @@ impl Objective for Distill<'_> {
             self.kind,
             self.stats,
         )?;
+        if matches!(tb, TeacherBatch::Pixels(_)) {
+            self.cache_hint.observe(step, started, teacher_time);
+        }
         Ok(StepLoss {
             loss,
             parts: self.slots.iter().map(|s| s.name.clone()).zip(per).collect(),
@@ -718,6 +761,7 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         stats: stats.as_ref(),
         held_out,
         device: dev.clone(),
+        cache_hint: CacheHint::default(),
     };
     let summary = trainer.run(
         &mut objective,
@@ -753,10 +797,32 @@ pub fn distill_loss(
     kind: FeatureLoss,
     stats: Option<&TargetStats>,
 ) -> Result<(Tensor, Vec<f64>)> {
+    let (r, _) = distill_loss_timed(
+        student,
+        teachers,
+        student_pixels,
+        teacher_batch,
+        kind,
+        stats,
+    )?;
+    Ok(r)
+}
+
+/// [`distill_loss`] and the time the teachers took (reading cached features or running them).
+pub fn distill_loss_timed(
+    student: &Student,
+    teachers: &[Teacher],
+    student_pixels: &Tensor,
+    teacher_batch: &TeacherBatch,
+    kind: FeatureLoss,
+    stats: Option<&TargetStats>,
+) -> Result<((Tensor, Vec<f64>), std::time::Duration)> {
     // Teachers first: their activations are freed before the student's are built.
+    let started = std::time::Instant::now();
     let feats = teacher_batch.all_features(teachers)?;
+    let teacher_time = started.elapsed();
     let out = student.forward(student_pixels, true)?;
-    distill_terms(&out, &feats, kind, stats)
+    Ok((distill_terms(&out, &feats, kind, stats)?, teacher_time))
 }
 
 /// The loss of a student output against every teacher's feature maps (`[teacher][level]`):
@@ -890,4 +956,29 @@ pub fn load_student(dir: &Path) -> Result<Student> {
     let spec: StudentSpec = engine::read_json(&paths.file(STUDENT_SPEC))?;
     let w = Weights::open_file(&paths.file(STUDENT_WEIGHTS))?;
     Student::build(&spec, &w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CacheHint;
+    use std::time::{Duration, Instant};
+
+    /// The cache hint comes once, after warm-up, when the teachers take at least half a step.
+    #[test]
+    fn cache_hint_once_when_teachers_dominate() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut h = CacheHint::default();
+        // steps 10 s apart; teachers 4 s: no hint
+        assert!(!h.observe(0, at(0), Duration::from_secs(4)));
+        assert!(!h.observe(1, at(10), Duration::from_secs(4)));
+        assert!(!h.observe(2, at(20), Duration::from_secs(4)));
+        // warm-up steps do not count even when the teachers dominate
+        let mut w = CacheHint::default();
+        assert!(!w.observe(0, at(0), Duration::from_secs(9)));
+        assert!(!w.observe(1, at(10), Duration::from_secs(9)));
+        // teachers 6 s of a 10 s step: the hint, once
+        assert!(h.observe(3, at(30), Duration::from_secs(6)));
+        assert!(!h.observe(4, at(40), Duration::from_secs(6)));
+    }
 }
