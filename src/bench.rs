@@ -402,7 +402,12 @@ pub fn time_stage1_step(
         let xs = x.to_dtype(student.dtype())?;
         let out = student.step()?.forward(&xs, true)?;
         marks.push(mark()?);
-        let (loss, _) = distill_terms(&out, &feats, crate::losses::FeatureLoss::CosSmoothL1, None)?;
+        let (loss, _) = distill_terms(
+            &out.aligned,
+            &feats,
+            crate::losses::FeatureLoss::CosSmoothL1,
+            None,
+        )?;
         marks.push(mark()?);
         let grads = loss.backward()?;
         marks.push(mark()?);

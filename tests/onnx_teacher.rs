@@ -81,7 +81,7 @@ fn onnx_and_safetensors_teachers_give_the_same_distillation_loss() {
     let x = Tensor::randn(0f32, 1.0, (3, 3, 32, 32), &Device::Cpu).unwrap();
     let batch = TeacherBatch::Pixels(vec![x.clone()]);
     for kind in [FeatureLoss::CosSmoothL1, FeatureLoss::Mse] {
-        let (a, _) = distill_loss(
+        let (a, _, _) = distill_loss(
             &student,
             std::slice::from_ref(&onnx),
             &x,
@@ -90,7 +90,7 @@ fn onnx_and_safetensors_teachers_give_the_same_distillation_loss() {
             None,
         )
         .unwrap();
-        let (b, _) = distill_loss(
+        let (b, _, _) = distill_loss(
             &student,
             std::slice::from_ref(&twin),
             &x,

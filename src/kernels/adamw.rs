@@ -4,7 +4,8 @@
 //! arithmetic is the composition's, operation for operation in f32 (scalars rounded to f32 as
 //! candle's affine ops round them), so both give the same bits.
 
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use super::{contiguous_f32, fast_path};
+use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
 
 /// The step's scalars.
@@ -50,11 +51,7 @@ pub fn adamw_update(
     s: &AdamStep,
 ) -> candle_core::Result<Option<(Tensor, Tensor, Tensor)>> {
     let shape = w.shape();
-    if [g, m, v].iter().any(|t| t.shape() != shape)
-        || [w, g, m, v]
-            .iter()
-            .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32)
-    {
+    if [g, m, v].iter().any(|t| t.shape() != shape) || ![w, g, m, v].iter().all(|t| fast_path(t)) {
         return Ok(None);
     }
     let (w, g, m, v) = (
@@ -66,8 +63,11 @@ pub fn adamw_update(
     let guards = [&w, &g, &m, &v].map(|t| t.storage_and_layout());
     let mut views = Vec::with_capacity(4);
     for (st, l) in &guards {
-        match (&**st, l.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(d)), Some((a, b))) => views.push(&d[a..b]),
+        match &**st {
+            Storage::Cpu(cpu) => match contiguous_f32(cpu, l) {
+                Some(d) => views.push(d),
+                None => return Ok(None),
+            },
             _ => return Ok(None),
         }
     }

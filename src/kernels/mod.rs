@@ -276,39 +276,16 @@ fn gemm_xwt(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: u
         // SAFETY: the product below writes every element without reading them
         // (`accumulate` is false without a bias).
         None => {
-            return unsafe { written_by(m * n, |dst| gemm_xwt_raw(dst, x, w, false, (m, n, k))) }
+            return unsafe {
+                written_by(m * n, |dst| {
+                    gemm_raw(dst, x, w, (m, k, n), false, true, false)
+                })
+            }
         }
     };
     // SAFETY: `out` holds m*n initialised elements.
-    unsafe { gemm_xwt_raw(out.as_mut_ptr(), x, w, true, (m, n, k)) };
+    unsafe { gemm_raw(out.as_mut_ptr(), x, w, (m, k, n), false, true, true) };
     out
-}
-
-/// `dst (+)= x w^T` for `x: [m, k]`, `w: [n, k]` row-major into `m * n` values at `dst`.
-///
-/// # Safety
-/// `dst` must be valid for `m * n` writes (and reads when `accumulate`), not overlapping the
-/// operands.
-unsafe fn gemm_xwt_raw(
-    dst: *mut f32,
-    x: &[f32],
-    w: &[f32],
-    accumulate: bool,
-    (m, n, k): (usize, usize, usize),
-) {
-    assert!(
-        x.len() >= m * k && w.len() >= n * k,
-        "linear kernel: operands too small"
-    );
-    sgemm_with(
-        (m, n, k),
-        (dst, 1, n as isize),
-        (x.as_ptr(), 1, k as isize),
-        (w.as_ptr(), k as isize, 1),
-        1.0,
-        accumulate,
-        gemm::Parallelism::Rayon(rayon::current_num_threads()),
-    );
 }
 
 /// `n` values written by `fill` through the pointer it is given, with no zeroing pass first.

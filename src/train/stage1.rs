@@ -538,7 +538,7 @@ impl Objective for Distill<'_> {
         let x = b.student.to_device(&self.device)?.to_dtype(dtype)?;
         let tb = b.teachers.to_device(&self.device)?;
         let started = std::time::Instant::now();
-        let ((loss, per), teacher_time) = distill_loss_timed(
+        let (loss, per, teacher_time) = distill_loss(
             self.student.step()?,
             self.teachers,
             &x,
@@ -786,9 +786,10 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
     Ok(summary)
 }
 
-/// The stage-1 objective for one batch: the student's stem once, every adapter path, every
-/// teacher at its own input; one term per (teacher, level), summed (targets normalised by
-/// `stats` when given). Returns the total and the per-teacher sums.
+/// The stage-1 objective for one batch: every teacher at its own input (or its cached
+/// features), then the student's stem once and every adapter path; one term per (teacher,
+/// level), summed (targets normalised by `stats` when given). Returns the total, the
+/// per-teacher sums and the time the teachers took.
 pub fn distill_loss(
     student: &Student,
     teachers: &[Teacher],
@@ -796,53 +797,39 @@ pub fn distill_loss(
     teacher_batch: &TeacherBatch,
     kind: FeatureLoss,
     stats: Option<&TargetStats>,
-) -> Result<(Tensor, Vec<f64>)> {
-    let (r, _) = distill_loss_timed(
-        student,
-        teachers,
-        student_pixels,
-        teacher_batch,
-        kind,
-        stats,
-    )?;
-    Ok(r)
-}
-
-/// [`distill_loss`] and the time the teachers took (reading cached features or running them).
-pub fn distill_loss_timed(
-    student: &Student,
-    teachers: &[Teacher],
-    student_pixels: &Tensor,
-    teacher_batch: &TeacherBatch,
-    kind: FeatureLoss,
-    stats: Option<&TargetStats>,
-) -> Result<((Tensor, Vec<f64>), std::time::Duration)> {
+) -> Result<(Tensor, Vec<f64>, std::time::Duration)> {
     // Teachers first: their activations are freed before the student's are built.
     let started = std::time::Instant::now();
     let feats = teacher_batch.all_features(teachers)?;
     let teacher_time = started.elapsed();
     let out = student.forward(student_pixels, true)?;
-    Ok((distill_terms(&out, &feats, kind, stats)?, teacher_time))
+    let (total, per_teacher) = distill_terms(&out.aligned, &feats, kind, stats)?;
+    let per_teacher = per_teacher
+        .iter()
+        .map(|l| Ok(l.to_scalar::<f32>()? as f64))
+        .collect::<Result<_>>()?;
+    Ok((total, per_teacher, teacher_time))
 }
 
-/// The loss of a student output against every teacher's feature maps (`[teacher][level]`):
-/// the sum of the per-teacher losses, and each of them.
+/// The loss of the student's aligned maps against every teacher's feature maps (both
+/// `[teacher][level]`): the sum of the per-teacher losses, and each of them. Stage 1 and the
+/// distillation term of stage 2.
 pub fn distill_terms(
-    out: &crate::models::student::StudentOutput,
+    aligned: &[Vec<Tensor>],
     feats: &[Vec<Tensor>],
     kind: FeatureLoss,
     stats: Option<&TargetStats>,
-) -> Result<(Tensor, Vec<f64>)> {
+) -> Result<(Tensor, Vec<Tensor>)> {
     let mut total: Option<Tensor> = None;
-    let mut per_teacher = Vec::with_capacity(out.aligned.len());
-    for (k, (aligned, feats)) in out.aligned.iter().zip(feats).enumerate() {
+    let mut per_teacher = Vec::with_capacity(aligned.len());
+    for (k, (aligned, feats)) in aligned.iter().zip(feats).enumerate() {
         let norms = stats.and_then(|s| s.levels.get(k)).map(Vec::as_slice);
         let tl = teacher_loss(aligned, feats, kind, norms)?;
-        per_teacher.push(tl.to_scalar::<f32>()? as f64);
         total = Some(match total {
-            Some(a) => (a + tl)?,
-            None => tl,
+            Some(a) => (a + &tl)?,
+            None => tl.clone(),
         });
+        per_teacher.push(tl);
     }
     let total = total.ok_or_else(|| Error::Invalid("no teachers".into()))?;
     Ok((total, per_teacher))

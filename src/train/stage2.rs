@@ -9,7 +9,7 @@ use crate::data::augment::sample_rng;
 use crate::data::dense::{self, DenseDataset, Task};
 use crate::data::dense_aug::{prepare_eval, DenseAugment, Normalize, Prepared};
 use crate::error::{Error, Result};
-use crate::losses::{teacher_loss, FeatureLoss};
+use crate::losses::FeatureLoss;
 use crate::metrics::boundary::BoundaryOptions;
 use crate::models::encoder::resample_pos_table;
 use crate::models::multitask::{MultiTaskModel, MultiTaskSpec, RouterKind};
@@ -27,7 +27,7 @@ use crate::train::engine::{
     StepModel, Trainer,
 };
 use crate::train::schedule::PolySchedule;
-use crate::train::stage1::STUDENT_SPEC;
+use crate::train::stage1::{distill_terms, STUDENT_SPEC};
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -563,26 +563,21 @@ impl Objective for MultiTask<'_> {
             )?;
         }
         if self.distilling {
-            let mut dl: Option<Tensor> = None;
-            for (k, aligned) in out.aligned.iter().enumerate() {
-                let feats = match &batch.teacher_feats {
+            let feats = (0..out.aligned.len())
+                .map(|k| match &batch.teacher_feats {
                     Some(f) => f[k]
                         .iter()
                         .map(|t| Ok(t.to_device(&self.device)?))
-                        .collect::<Result<Vec<_>>>()?,
+                        .collect::<Result<Vec<_>>>(),
                     None => {
                         let t = &self.teachers[k];
-                        t.features(&t.input_from(&pixels, (self.norm.mean, self.norm.std))?)?
+                        t.features(&t.input_from(&pixels, (self.norm.mean, self.norm.std))?)
                     }
-                };
-                let norms = self.stats.as_ref().and_then(|s| s.levels.get(k));
-                let l = teacher_loss(aligned, &feats, cfg.distill_loss, norms.map(Vec::as_slice))?;
-                dl = Some(match dl {
-                    Some(a) => (a + l)?,
-                    None => l,
-                });
-            }
-            if let Some(dl) = dl {
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if !feats.is_empty() {
+                let (dl, _) =
+                    distill_terms(&out.aligned, &feats, cfg.distill_loss, self.stats.as_ref())?;
                 add("distill", dl, cfg.distill_weight)?;
             }
         }
