@@ -2,6 +2,7 @@
 //! out (`models--org--name/{refs/main, snapshots/<commit>/...}`), located through `HF_HOME`.
 //! One test in this binary: it sets process environment variables.
 
+#[path = "it/common.rs"]
 mod common;
 
 use common::{model_dir, reference, rel_err};

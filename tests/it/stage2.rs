@@ -2,7 +2,7 @@
 //! student; training with distillation, exact resume, evaluation and predictions through the
 //! CLI; task losses against torch.
 
-mod common;
+use crate::common;
 use common::{bin, ok};
 
 use common::model_dir;

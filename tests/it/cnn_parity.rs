@@ -4,7 +4,7 @@
 //! `forward_intermediates` map, `pre_logits` and `logits`; train mode, one step: logits with
 //! batch statistics, the moved running statistics and gradients of mean(logits^2).
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{model_dir, reference, rel_err};

@@ -1,7 +1,7 @@
 //! Retrieval end to end: pooled embeddings against the reference implementations, then
 //! `distillery embed` + `distillery retrieve` on real photos with planted altered copies.
 
-mod common;
+use crate::common;
 
 use common::{bin, model_dir, reference, rel_err};
 use distillery::models::pooled::load_embedder;

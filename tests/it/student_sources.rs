@@ -4,7 +4,7 @@
 //! rows). The stem must reproduce the reference implementation's block outputs, and a run must
 //! train, resume, export and load back in `features` and stage 2 with every field kept.
 
-mod common;
+use crate::common;
 use common::{bin, ok};
 
 use common::{fixtures, model_dir, reference, rel_err};

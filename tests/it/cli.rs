@@ -1,7 +1,7 @@
 //! The `distillery` binary: the acceptance form of `features`, and bad input (one clear error
 //! line naming the file, non-zero exit, no panic, nothing clobbered).
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use common::{model_dir, reference, rel_err};

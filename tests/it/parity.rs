@@ -3,7 +3,7 @@
 //! than the checkpoint's, up- and down-sampling the position tables, square and non-square.
 //! References are produced by scripts/gen_fixtures.py.
 
-mod common;
+use crate::common;
 
 use common::{model_dir, reference, rel_err};
 use distillery::models::{self, FeatureRequest, LoadOptions};

@@ -2,7 +2,7 @@
 //! candle forward on the same random pixels, at batch 1 and 3, for every output (pyramid,
 //! pooled features, logits).
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use common::model_dir;

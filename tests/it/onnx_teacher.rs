@@ -3,7 +3,7 @@
 //! `pooled`) next to the same model as a timm folder. tract runs the file as torch does, the
 //! file and its safetensors twin give the same distillation loss, and the verbs take it.
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use common::{model_dir, reference, rel_err};

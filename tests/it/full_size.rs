@@ -4,7 +4,7 @@
 //! of those shapes, so the multi-GB checkpoints are not needed; a short forward at a small input
 //! checks the assembled model runs and returns the reference layout.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use distillery::models::{self, FeatureRequest, ModelFiles};

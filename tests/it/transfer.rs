@@ -3,7 +3,7 @@
 //! teacher (random weights; it is fine-tuned on the 200 labelled images) and a tiny ResNet
 //! student (the architecture of the timm fixture folder).
 
-mod common;
+use crate::common;
 use common::{bin, max_abs_diff, model_dir, ok};
 use distillery::transfer::{Mode, Report, Stage};
 use std::path::{Path, PathBuf};

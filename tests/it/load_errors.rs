@@ -3,7 +3,7 @@
 //! teacher, the student source, the run checkpoint (`--resume`) and the teacher cache; and
 //! recipe errors name the line and the key.
 
-mod common;
+use crate::common;
 use common::bin as run;
 
 use candle_core::{Device, Tensor};

@@ -6,7 +6,7 @@
 //! test split, the unlabelled transfer scenes from `unlabeled/` (no masks). Teacher: the tiny
 //! DINOv2 fixture (random weights, fine-tuned here); student: the tiny timm ResNet fixture.
 
-mod common;
+use crate::common;
 use common::{bin, model_dir, ok};
 use distillery::transfer::{Mode, Report, Stage};
 use image::{GrayImage, Luma, RgbImage};

@@ -2,7 +2,7 @@
 //! SAM at its own geometry), a student initialised from a timm ViT folder, synthetic images in a
 //! nested folder with one unreadable file. Resume must reproduce an uninterrupted run exactly.
 
-mod common;
+use crate::common;
 
 use common::model_dir;
 use std::path::Path;
