@@ -372,11 +372,15 @@ pub fn time_stage1_step(
         .collect();
     let dims = preset("vit-s16").ok_or_else(|| Error::Invalid("preset".into()))?;
     let spec = StudentSpec::new(dims, image, slots)?;
-    let vm = new_student_params(&spec, None, 0, dev)?;
+    let (vm, bm) = new_student_params(&spec, None, 0, dev)?;
     let build_spec = spec.clone();
-    let mut student = StepModel::new(&vm, None, precision, Path::new("bench"), move |w, _| {
-        Student::build(&build_spec, w)
-    })?;
+    let mut student = StepModel::new(
+        &vm,
+        Some(&bm),
+        precision,
+        Path::new("bench"),
+        move |w, b| Student::build_with_state(&build_spec, w, b),
+    )?;
     let vars = crate::train::engine::vars_of(&vm)?;
     let mut optim = crate::train::optim::AdamW::new(&vars, 0.01)?;
     let x = Tensor::randn(0f32, 1f32, (batch, 3, image, image), dev)?;
@@ -400,7 +404,7 @@ pub fn time_stage1_step(
         let feats = tx.all_features(&teachers)?;
         marks.push(mark()?);
         let xs = x.to_dtype(student.dtype())?;
-        let out = student.step()?.forward(&xs, true)?;
+        let out = student.step()?.forward(&xs, true, true)?;
         marks.push(mark()?);
         let (loss, _) = distill_terms(
             &out.aligned,

@@ -197,7 +197,7 @@ pub fn compare_pictures(
         Ok(Tensor::stack(&items, 0)?)
     };
     let sx = batch(spec.image_size, spec.mean, spec.std)?;
-    let sout = student.forward(&sx, true)?;
+    let sout = student.forward(&sx, false, true)?;
     let mut written = Vec::new();
     for (k, teacher) in loaded.iter().enumerate() {
         let (mean, std) = teacher.norm();

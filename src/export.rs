@@ -117,9 +117,8 @@ pub fn export(cfg: &ExportConfig) -> Result<Exported> {
         let p = student.as_backbone().preprocess().clone();
         export_graph(&p, &opts, &cfg.out, |g, x| student.onnx_outputs(g, x))?;
         let d = format!(
-            "SAK student (width {}, depth {}, {} teachers, levels {:?})",
-            spec.arch.dim,
-            spec.arch.depth,
+            "SAK student ({} stem, {} teachers, levels {:?})",
+            spec.stem_name(),
             spec.teachers.len(),
             spec.levels
         );

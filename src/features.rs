@@ -118,7 +118,7 @@ pub fn student_tensors(
     student: &crate::models::student::Student,
     pixels: &Tensor,
 ) -> Result<HashMap<String, Tensor>> {
-    let out = student.forward(pixels, false)?;
+    let out = student.forward(pixels, false, false)?;
     let mut m = HashMap::new();
     for (k, t) in out.stem.iter().enumerate() {
         m.insert(format!("stem.level.{k}"), t.contiguous()?);

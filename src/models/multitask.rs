@@ -10,6 +10,10 @@
 //! Head: per level `Linear(D -> D/4)`, bilinear resize to H/4 x W/4, concatenation (D channels),
 //! `Conv3x3(D -> D)`, BatchNorm, GELU, `Conv1x1(D -> C)`, logits bilinearly upsampled to H x W.
 //!
+//! A student with a backbone stem has levels of different widths C_k and strides: router k
+//! works at C_k (`C_k -> C_k/2`), and the head's width D is [`BACKBONE_HEAD_WIDTH`] (each level
+//! projected `C_k -> D/4`); a ViT stem's D is its width, as in the paper.
+//!
 //! Parameter names: the student's (`stem.*`, `tsap.*`), `routers.{level}.{task}.{fc1,norm,fc2}.*`,
 //! `heads.{task}.proj.{level}.*`, `heads.{task}.conv.weight`, `heads.{task}.bn.{weight,bias}`,
 //! `heads.{task}.cls.{weight,bias}`; BatchNorm running statistics are buffers
@@ -45,15 +49,33 @@ pub struct MultiTaskSpec {
     pub router: RouterKind,
 }
 
+/// The task heads' width D on a student with a backbone stem.
+pub const BACKBONE_HEAD_WIDTH: usize = 256;
+
 impl MultiTaskSpec {
     fn experts(&self) -> usize {
         self.student.teachers.len() + 1
     }
 
+    /// The width of each level the routers read.
+    fn widths(&self) -> Vec<usize> {
+        self.student
+            .level_info()
+            .iter()
+            .map(|l| l.channels)
+            .collect()
+    }
+
+    /// The task heads' width D: a ViT stem's width, [`BACKBONE_HEAD_WIDTH`] otherwise.
+    fn head_width(&self) -> usize {
+        self.student.vit().map_or(BACKBONE_HEAD_WIDTH, |a| a.dim)
+    }
+
     /// Parameters beyond the student's: name, shape, initialiser.
     pub fn task_parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
-        let d = self.student.arch.dim;
-        let levels = self.student.levels.len();
+        let d = self.head_width();
+        let widths = self.widths();
+        let levels = widths.len();
         let mut p = Vec::new();
         let lin = |p: &mut Vec<(String, Vec<usize>, Init)>, n: String, o: usize, i: usize| {
             p.push((format!("{n}.weight"), vec![o, i], Init::TruncNormal(0.02)));
@@ -62,17 +84,17 @@ impl MultiTaskSpec {
         for (task, ch) in &self.tasks {
             let t = task.name();
             if self.router == RouterKind::Mor {
-                for k in 0..levels {
+                for (k, &c) in widths.iter().enumerate() {
                     let r = format!("routers.{k}.{t}");
-                    lin(&mut p, format!("{r}.fc1"), d / 2, d);
-                    p.push((format!("{r}.norm.weight"), vec![d / 2], Init::Ones));
-                    p.push((format!("{r}.norm.bias"), vec![d / 2], Init::Zeros));
-                    lin(&mut p, format!("{r}.fc2"), 2 * self.experts(), d / 2);
+                    lin(&mut p, format!("{r}.fc1"), c / 2, c);
+                    p.push((format!("{r}.norm.weight"), vec![c / 2], Init::Ones));
+                    p.push((format!("{r}.norm.bias"), vec![c / 2], Init::Zeros));
+                    lin(&mut p, format!("{r}.fc2"), 2 * self.experts(), c / 2);
                 }
             }
             let h = format!("heads.{t}");
-            for k in 0..levels {
-                lin(&mut p, format!("{h}.proj.{k}"), d / 4, d);
+            for (k, &c) in widths.iter().enumerate() {
+                lin(&mut p, format!("{h}.proj.{k}"), d / 4, c);
             }
             // Kaiming-normal (fan-out, ReLU gain) for the convolutions, as torchvision does.
             p.push((
@@ -94,7 +116,7 @@ impl MultiTaskSpec {
 
     /// BatchNorm buffers: name, shape, initial value.
     pub fn buffers(&self) -> Vec<(String, usize, f32)> {
-        let d = self.student.arch.dim;
+        let d = self.head_width();
         self.tasks
             .iter()
             .flat_map(|(t, _)| {
@@ -152,14 +174,9 @@ impl MultiTaskModel {
     pub fn build(spec: &MultiTaskSpec, w: &Weights, buffers: &Weights) -> Result<Self> {
         Ok(Self {
             spec: spec.clone(),
-            student: Student::build(&spec.student, w)?,
+            student: Student::build_with_state(&spec.student, w, buffers)?,
             decoder: Decoder::build(spec, w, buffers)?,
         })
-    }
-
-    /// Current BatchNorm running statistics, by buffer name.
-    pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        self.decoder.buffers()
     }
 
     /// Where the parameters live.
@@ -176,7 +193,7 @@ impl MultiTaskModel {
         noise: Option<&mut dyn rand::RngCore>,
     ) -> Result<MultiTaskOutput> {
         let (_, _, ih, iw) = pixels.dims4()?;
-        let out = self.student.forward(pixels, aligned)?;
+        let out = self.student.forward(pixels, train, aligned)?;
         self.decoder.forward(out, (ih, iw), train, noise)
     }
 }
@@ -184,19 +201,20 @@ impl MultiTaskModel {
 impl Decoder {
     /// Build the task parameters (`routers.*`, `heads.*`) and buffers.
     pub fn build(spec: &MultiTaskSpec, w: &Weights, buffers: &Weights) -> Result<Self> {
-        let d = spec.student.arch.dim;
-        let levels = spec.student.levels.len();
+        let d = spec.head_width();
+        let widths = spec.widths();
+        let levels = widths.len();
         let lin = |w: &Weights, i: usize, o: usize| super::layers::linear(w, i, o, true);
         let mut routers = Vec::new();
         if spec.router == RouterKind::Mor {
-            for k in 0..levels {
+            for (k, &c) in widths.iter().enumerate() {
                 let mut per = Vec::new();
                 for (t, _) in &spec.tasks {
                     let r = w.pp(format!("routers.{k}.{}", t.name()));
                     per.push(Router {
-                        fc1: lin(&r.pp("fc1"), d, d / 2)?,
-                        norm: LayerNorm::load(&r.pp("norm"), d / 2, 1e-5)?,
-                        fc2: lin(&r.pp("fc2"), d / 2, 2 * spec.experts())?,
+                        fc1: lin(&r.pp("fc1"), c, c / 2)?,
+                        norm: LayerNorm::load(&r.pp("norm"), c / 2, 1e-5)?,
+                        fc2: lin(&r.pp("fc2"), c / 2, 2 * spec.experts())?,
                     });
                 }
                 routers.push(per);
@@ -207,8 +225,10 @@ impl Decoder {
             let h = w.pp(format!("heads.{}", t.name()));
             let hb = buffers.pp(format!("heads.{}", t.name()));
             heads.push(Head {
-                proj: (0..levels)
-                    .map(|k| lin(&h.pp(format!("proj.{k}")), d, d / 4))
+                proj: widths
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &c)| lin(&h.pp(format!("proj.{k}")), c, d / 4))
                     .collect::<Result<_>>()?,
                 conv: h.get((d, levels * (d / 4), 3, 3), "conv.weight")?,
                 bn: BatchNorm2d::load(&h.pp("bn"), &hb.pp("bn"), d, BN_EPS)?,
@@ -242,15 +262,19 @@ impl Decoder {
         noise: Option<&mut dyn rand::RngCore>,
     ) -> Result<MultiTaskOutput> {
         let b = out.stem[0].dim(0)?;
-        let (gh, gw) = out.grid;
-        let d = self.spec.student.arch.dim;
-        let levels = self.spec.student.levels.len();
+        let d = self.spec.head_width();
+        let widths = self.spec.widths();
+        let levels = widths.len();
         let n_exp = self.spec.experts();
         let mut noise = noise;
         let stem_maps: Vec<Tensor> = out
             .stem
             .iter()
-            .map(|t| Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, d, gh, gw))?))
+            .zip(&out.grids)
+            .zip(&widths)
+            .map(|((t, &(gh, gw)), &c)| {
+                Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, c, gh, gw))?)
+            })
             .collect::<Result<_>>()?;
         let mut gates = Vec::new();
         // mixed[task][level]: [B, D, gh, gw]
@@ -295,8 +319,12 @@ impl Decoder {
         for (ti, (task, _)) in self.spec.tasks.iter().enumerate() {
             let head = &self.heads[ti];
             let mut parts = Vec::new();
-            for (m, proj) in mixed[ti].iter().zip(&head.proj) {
-                let tok = m.reshape((b, d, gh * gw))?.transpose(1, 2)?.contiguous()?;
+            for (k, (m, proj)) in mixed[ti].iter().zip(&head.proj).enumerate() {
+                let (gh, gw) = out.grids[k];
+                let tok = m
+                    .reshape((b, widths[k], gh * gw))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
                 let p = proj.forward(&tok)?; // [B, hw, D/4]
                 let map = p
                     .transpose(1, 2)?

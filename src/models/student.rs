@@ -1,16 +1,24 @@
-//! The SAK student (SPEC.md section 2): a Teacher-Agnostic Stem (plain ViT/16 in timm naming,
-//! final norm removed) shared by all teachers, and one Teacher-Specific Adapter Path per teacher:
-//! L+1 adapters chained `R_0 = a_0(X_0)`, `R_l = a_l(R_{l-1} + X_l)` over the stem's block
-//! outputs, a LayerNorm per (level, teacher) and, when widths differ, a training-only aligner
-//! Linear to the teacher's width. The stem runs once per batch; the paths only read its outputs.
+//! The SAK student (SPEC.md section 2): a Teacher-Agnostic Stem shared by all teachers and one
+//! Teacher-Specific Adapter Path per teacher. The stem runs once per batch; the paths only read
+//! its outputs.
 //!
-//! Parameter names: `stem.*` (timm ViT names), `tsap.{t}.adapters.{l}.{down,up}.{weight,bias}`,
+//! - **ViT stem** (the paper's: plain ViT/16 in timm naming, final norm removed): L+1 adapters
+//!   chained `R_0 = a_0(X_0)`, `R_l = a_l(R_{l-1} + X_l)` over the stem's block outputs.
+//! - **Any registered backbone** (`resnet50`, `mobilevitv2_100`, `fastvit_t8`, ...): its pyramid
+//!   levels differ in width and stride, so the chain has no counterpart; each distilled level k
+//!   gets its own adapter `R_k = a_k(X_k)` at the level's width, applied per position.
+//!
+//! Then per (level, teacher) a LayerNorm over channels and, when widths differ, a training-only
+//! aligner Linear to the teacher's width.
+//!
+//! Parameter names: `stem.*` (timm names of the stem), `tsap.{t}.adapters.{l}.{down,up}.{weight,bias}`,
 //! `tsap.{t}.adapters.{l}.scale`, `tsap.{t}.norms.{k}.{weight,bias}`,
 //! `tsap.{t}.aligners.{k}.{weight,bias}` (dropped at export); a student trained on normalised
 //! targets (`target_norm`) exports `tsap.{t}.outputs.{k}.{weight,bias}`: the aligner with the
-//! inverse normalisation folded in, mapping its features back to the teacher's scale.
+//! inverse normalisation folded in, mapping its features back to the teacher's scale. A
+//! backbone stem's BatchNorm running statistics are buffers `stem.*.running_{mean,var}`.
 
-use super::backbone::{Backbone, FeatureInfo, ViTSpec};
+use super::backbone::{Backbone, BackboneSpec, FeatureInfo, ViTSpec};
 use super::encoder::{TokenEncoder, VitArch};
 use super::layers::{LayerNorm, Linear};
 use super::{evenly_spaced_blocks, FeatureRequest, VisionEncoder};
@@ -28,21 +36,95 @@ pub struct TeacherSlot {
     pub dim: usize,
 }
 
+/// A registered backbone as the student's stem: its name and pyramid (recorded so that
+/// `student.json` describes the parameters without building the network; checked on build).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NetStem {
+    /// the registry's name (`resnet18`, `mobilevitv2_100`, `fastvit_t8`, ...)
+    pub backbone: String,
+    /// every level of its pyramid, in `forward_intermediates` order
+    pub pyramid: Vec<FeatureInfo>,
+}
+
+impl NetStem {
+    /// The registered backbone `name` at input `hw`, without a classifier.
+    pub fn spec(&self, hw: (usize, usize)) -> Result<Box<dyn BackboneSpec>> {
+        net_spec(&self.backbone, hw)
+    }
+}
+
+fn net_spec(name: &str, hw: (usize, usize)) -> Result<Box<dyn BackboneSpec>> {
+    super::backbone::spec(name, hw)
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "unknown student {name:?} (known: {})",
+                super::backbone::names().join(", ")
+            ))
+        })?
+        .with_classes(0)
+}
+
+/// An input normalisation: per-channel mean and std.
+pub type InputNorm = ([f32; 3], [f32; 3]);
+
+/// What the stem is. Stored flat in `student.json`: a backbone stem by its `backbone` and
+/// `pyramid` keys, a ViT stem by its architecture's keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StemArch {
+    Backbone(NetStem),
+    Vit(VitArch),
+}
+
+impl From<VitArch> for StemArch {
+    fn from(a: VitArch) -> Self {
+        StemArch::Vit(a)
+    }
+}
+
+impl StemArch {
+    /// The ViT architecture (None for a backbone).
+    pub fn vit(&self) -> Option<&VitArch> {
+        match self {
+            StemArch::Vit(a) => Some(a),
+            StemArch::Backbone(_) => None,
+        }
+    }
+
+    /// A registered non-ViT backbone as a stem at input `hw` (built once at random init to read
+    /// its pyramid), with its preprocessing's mean and std; None when `name` is not registered.
+    pub fn backbone(name: &str, hw: (usize, usize)) -> Result<Option<(Self, InputNorm)>> {
+        if super::backbone::spec(name, hw).is_none() {
+            return Ok(None);
+        }
+        let spec = net_spec(name, hw)?;
+        let (_, _, net) =
+            crate::train::engine::random_backbone(spec.as_ref(), 0, &Device::Cpu, DType::F32)?;
+        let p = net.preprocess();
+        let stem = NetStem {
+            backbone: name.to_string(),
+            pyramid: net.feature_info(),
+        };
+        Ok(Some((StemArch::Backbone(stem), (p.mean, p.std))))
+    }
+}
+
 /// Everything needed to rebuild a student (saved as `student.json` next to its weights).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StudentSpec {
-    /// the stem's architecture (width, depth, heads, MLP width, patch, qkv bias, eps,
-    /// activation, class/register tokens, layer scale), stored flat in `student.json`
+    /// the stem: a ViT's architecture (width, depth, heads, MLP width, patch, qkv bias, eps,
+    /// activation, class/register tokens, layer scale) or a registered backbone, stored flat in
+    /// `student.json`
     #[serde(flatten)]
-    pub arch: VitArch,
-    /// training resolution: the position table's grid is `image_size / patch`
+    pub stem: StemArch,
+    /// training resolution: a ViT stem's position table has the grid `image_size / patch`
     pub image_size: usize,
     /// non-square training resolution (height, width) overriding `image_size` (stage 2 on
     /// NYUD: 448x576); the position table then has that grid
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_hw: Option<(usize, usize)>,
     pub teachers: Vec<TeacherSlot>,
-    /// 0-based stem blocks whose adapter outputs are distilled
+    /// the distilled levels: 0-based blocks of a ViT stem, pyramid levels of a backbone stem
     pub levels: Vec<usize>,
     pub mean: [f32; 3],
     pub std: [f32; 3],
@@ -56,27 +138,57 @@ pub fn preset(name: &str) -> Option<VitArch> {
     super::backbone::vit_preset(name)
 }
 
+/// An adapter's bottleneck width for features `d` wide (SAK: D/4).
+fn bottleneck(d: usize) -> usize {
+    (d / 4).max(1)
+}
+
 impl StudentSpec {
-    pub fn new(arch: VitArch, image_size: usize, teachers: Vec<TeacherSlot>) -> Result<Self> {
-        arch.validate()
-            .map_err(|m| Error::Invalid(format!("student stem: {m}")))?;
-        let (dim, patch) = (arch.dim, arch.patch);
-        if !dim.is_multiple_of(4) {
-            return Err(Error::Invalid(format!(
-                "student width {dim} must divide by 4 (adapter bottleneck)"
-            )));
-        }
-        if image_size < patch || !image_size.is_multiple_of(patch) {
-            return Err(Error::Invalid(format!(
-                "student image size {image_size} must be a positive multiple of the patch ({patch})"
-            )));
-        }
+    /// A student with `stem` trained at `image_size`, distilling 4 levels (SAK's; a backbone
+    /// stem with fewer levels distils all of them), mean and std ImageNet's (a backbone stem's
+    /// own: see [`StudentSpec::with_norm`]).
+    pub fn new(
+        stem: impl Into<StemArch>,
+        image_size: usize,
+        teachers: Vec<TeacherSlot>,
+    ) -> Result<Self> {
+        let stem = stem.into();
+        let levels = match &stem {
+            StemArch::Vit(arch) => {
+                arch.validate()
+                    .map_err(|m| Error::Invalid(format!("student stem: {m}")))?;
+                let (dim, patch) = (arch.dim, arch.patch);
+                if !dim.is_multiple_of(4) {
+                    return Err(Error::Invalid(format!(
+                        "student width {dim} must divide by 4 (adapter bottleneck)"
+                    )));
+                }
+                if image_size < patch || !image_size.is_multiple_of(patch) {
+                    return Err(Error::Invalid(format!(
+                        "student image size {image_size} must be a positive multiple of the patch ({patch})"
+                    )));
+                }
+                evenly_spaced_blocks(arch.depth, 4)
+            }
+            StemArch::Backbone(net) => {
+                if net.pyramid.is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "student {} has no feature levels",
+                        net.backbone
+                    )));
+                }
+                if image_size == 0 {
+                    return Err(Error::Invalid("student image size must be positive".into()));
+                }
+                last_levels(net.pyramid.len(), 4)
+            }
+        };
         if teachers.is_empty() {
             return Err(Error::Invalid("at least one teacher is needed".into()));
         }
         Ok(Self {
-            levels: evenly_spaced_blocks(arch.depth, 4),
-            arch,
+            levels,
+            stem,
             image_size,
             image_hw: None,
             teachers,
@@ -86,22 +198,63 @@ impl StudentSpec {
         })
     }
 
-    /// The same student distilling `n` levels (evenly spaced blocks; SAK's 4 by default): as
-    /// many as each teacher gives (an ONNX teacher's one output is distilled at the last block).
+    /// The same student normalising its input with `mean` and `std`.
+    pub fn with_norm(self, mean: [f32; 3], std: [f32; 3]) -> Self {
+        Self { mean, std, ..self }
+    }
+
+    /// The same student distilling `n` levels (SAK's 4 by default: evenly spaced blocks of a
+    /// ViT, the last `n` levels of a backbone's pyramid): as many as each teacher gives (an
+    /// ONNX teacher's one output is distilled at the last block).
     pub fn with_level_count(self, n: usize) -> Result<Self> {
         if n == 0 {
             return Err(Error::Invalid(
                 "the teachers give no levels to distil".into(),
             ));
         }
-        Ok(Self {
-            levels: evenly_spaced_blocks(self.arch.depth, n),
-            ..self
-        })
+        let levels = match &self.stem {
+            StemArch::Vit(arch) => evenly_spaced_blocks(arch.depth, n),
+            StemArch::Backbone(net) => {
+                if n > net.pyramid.len() {
+                    return Err(Error::Invalid(format!(
+                        "the teachers give {n} levels but student {} has {} ({}); give the \
+                         teachers fewer levels",
+                        net.backbone,
+                        net.pyramid.len(),
+                        describe_levels(&net.pyramid)
+                    )));
+                }
+                last_levels(net.pyramid.len(), n)
+            }
+        };
+        Ok(Self { levels, ..self })
     }
 
-    pub fn grid(&self) -> usize {
-        self.image_size / self.arch.patch
+    /// The ViT stem's architecture (None for a backbone stem).
+    pub fn vit(&self) -> Option<&VitArch> {
+        self.stem.vit()
+    }
+
+    /// The stem's name for messages (`vit 384x12 /16`, `resnet50`).
+    pub fn stem_name(&self) -> String {
+        match &self.stem {
+            StemArch::Vit(a) => format!("vit {}x{} /{}", a.dim, a.depth, a.patch),
+            StemArch::Backbone(n) => n.backbone.clone(),
+        }
+    }
+
+    /// Width and stride of every distilled level.
+    pub fn level_info(&self) -> Vec<FeatureInfo> {
+        match &self.stem {
+            StemArch::Vit(a) => vec![
+                FeatureInfo {
+                    channels: a.dim,
+                    stride: a.patch,
+                };
+                self.levels.len()
+            ],
+            StemArch::Backbone(n) => self.levels.iter().map(|&l| n.pyramid[l]).collect(),
+        }
     }
 
     /// Training input (height, width).
@@ -109,29 +262,61 @@ impl StudentSpec {
         self.image_hw.unwrap_or((self.image_size, self.image_size))
     }
 
-    /// Position-table grid (rows, columns).
-    pub fn grid_hw(&self) -> (usize, usize) {
+    /// A ViT stem's position-table grid (rows, columns); None for a backbone stem.
+    pub fn grid_hw(&self) -> Option<(usize, usize)> {
+        let a = self.vit()?;
         let (h, w) = self.hw();
-        (h / self.arch.patch, w / self.arch.patch)
+        Some((h / a.patch, w / a.patch))
     }
 
-    /// The stem as a backbone spec (a timm ViT without final norm).
-    pub fn stem_spec(&self) -> ViTSpec {
-        ViTSpec {
-            arch: self.arch.clone(),
+    /// A ViT stem as a backbone spec (a timm ViT without final norm).
+    pub fn stem_spec(&self) -> Option<ViTSpec> {
+        Some(ViTSpec {
+            arch: self.vit()?.clone(),
             image_hw: self.hw(),
             levels: self.levels.clone(),
             mean: self.mean,
             std: self.std,
             num_classes: 0,
-        }
+        })
+    }
+
+    /// The stem's own parameters and buffers, named under `stem.`.
+    #[allow(clippy::type_complexity)]
+    fn stem_lists(
+        &self,
+    ) -> Result<(
+        Vec<(String, Vec<usize>, Init)>,
+        Vec<(String, Vec<usize>, Init)>,
+    )> {
+        Ok(match &self.stem {
+            StemArch::Vit(_) => {
+                let spec = self
+                    .stem_spec()
+                    .ok_or_else(|| Error::Invalid("no ViT".into()))?;
+                (spec.parameters_under("stem."), Vec::new())
+            }
+            StemArch::Backbone(n) => {
+                let spec = n.spec(self.hw())?;
+                let under = |l: Vec<(String, Vec<usize>, Init)>| {
+                    l.into_iter()
+                        .map(|(name, s, i)| (format!("stem.{name}"), s, i))
+                        .collect()
+                };
+                (under(spec.parameters()), under(spec.buffers()))
+            }
+        })
+    }
+
+    /// State that is saved but not trained (a backbone stem's BatchNorm statistics): name,
+    /// shape, initial value.
+    pub fn buffers(&self) -> Result<Vec<(String, Vec<usize>, Init)>> {
+        Ok(self.stem_lists()?.1)
     }
 
     /// Every parameter: name, shape, initialiser.
-    pub fn parameters(&self) -> Vec<(String, Vec<usize>, Init)> {
-        let a = &self.arch;
-        let d = a.dim;
-        let mut p = self.stem_spec().parameters_under("stem.");
+    pub fn parameters(&self) -> Result<Vec<(String, Vec<usize>, Init)>> {
+        let mut p = self.stem_lists()?.0;
         let lin = |p: &mut Vec<(String, Vec<usize>, Init)>,
                    name: String,
                    o: usize,
@@ -150,14 +335,16 @@ impl StudentSpec {
             p.push((format!("{name}.weight"), vec![dim], Init::Ones));
             p.push((format!("{name}.bias"), vec![dim], Init::Zeros));
         };
+        let info = self.level_info();
         for (t, teacher) in self.teachers.iter().enumerate() {
-            for l in 0..=a.depth {
+            for (l, d) in self.adapter_widths().into_iter().enumerate() {
                 let ad = format!("tsap.{t}.adapters.{l}");
-                lin(&mut p, format!("{ad}.down"), d / 4, d, true);
-                lin(&mut p, format!("{ad}.up"), d, d / 4, true);
+                lin(&mut p, format!("{ad}.down"), bottleneck(d), d, true);
+                lin(&mut p, format!("{ad}.up"), d, bottleneck(d), true);
                 p.push((format!("{ad}.scale"), vec![1], Init::Ones));
             }
-            for k in 0..self.levels.len() {
+            for (k, level) in info.iter().enumerate() {
+                let d = level.channels;
                 ln(&mut p, format!("tsap.{t}.norms.{k}"), d);
                 if teacher.dim != d {
                     lin(
@@ -170,8 +357,30 @@ impl StudentSpec {
                 }
             }
         }
-        p
+        Ok(p)
     }
+
+    /// The width of every adapter of a path: a ViT's L+1 (all its width), a backbone's one per
+    /// distilled level.
+    fn adapter_widths(&self) -> Vec<usize> {
+        match &self.stem {
+            StemArch::Vit(a) => vec![a.dim; a.depth + 1],
+            StemArch::Backbone(_) => self.level_info().iter().map(|l| l.channels).collect(),
+        }
+    }
+}
+
+/// The last `n` of `count` pyramid levels (all of them when there are fewer).
+fn last_levels(count: usize, n: usize) -> Vec<usize> {
+    (count.saturating_sub(n)..count).collect()
+}
+
+/// `64@/4, 128@/8, ...`
+fn describe_levels(p: &[FeatureInfo]) -> String {
+    p.iter()
+        .map(|l| format!("{}@/{}", l.channels, l.stride))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Parameter initialisers.
@@ -234,8 +443,8 @@ pub struct Adapter {
 impl Adapter {
     fn load(w: &Weights, d: usize) -> Result<Self> {
         Ok(Self {
-            down: super::layers::linear(&w.pp("down"), d, d / 4, true)?,
-            up: super::layers::linear(&w.pp("up"), d / 4, d, true)?,
+            down: super::layers::linear(&w.pp("down"), d, bottleneck(d), true)?,
+            up: super::layers::linear(&w.pp("up"), bottleneck(d), d, true)?,
             scale: w.get(1, "scale")?,
         })
     }
@@ -281,24 +490,62 @@ struct Path {
     outputs: Vec<Option<Linear>>,
 }
 
+impl Path {
+    /// The outputs at level `k` from the adapter tokens `r` `[B, h*w, C]` (prefix tokens
+    /// dropped) on a `grid`: the LayerNorm-ed map, the aligned map (when asked) and what the
+    /// student outputs for the teacher.
+    fn level(
+        &self,
+        k: usize,
+        r: &Tensor,
+        grid: (usize, usize),
+        aligned: bool,
+    ) -> Result<(Tensor, Option<Tensor>, Tensor)> {
+        let n = self.norms[k].forward(r)?;
+        let al = if aligned {
+            let a = match &self.aligners[k] {
+                Some(lin) => lin.forward(&n)?,
+                None => n.clone(),
+            };
+            Some(tokens_to_map(&a, 0, grid)?)
+        } else {
+            None
+        };
+        let map = tokens_to_map(&n, 0, grid)?;
+        let out = match &self.outputs[k] {
+            Some(o) => tokens_to_map(&o.forward(&n)?, 0, grid)?,
+            None => map.clone(),
+        };
+        Ok((map, al, out))
+    }
+}
+
 /// Student outputs for one batch.
 pub struct StudentOutput {
-    /// raw stem patch tokens `[B, h*w, D]` (class and register tokens dropped) at each level
-    /// (input of the task routers in stage 2)
+    /// raw stem features `[B, h_k*w_k, C_k]` at each level k (a ViT's patch tokens, class and
+    /// register tokens dropped; a backbone's map, flattened) (input of the task routers in
+    /// stage 2)
     pub stem: Vec<Tensor>,
-    /// `[teacher][level]`: LayerNorm-ed adapter features as `[B, D, h, w]` maps
+    /// `[teacher][level]`: LayerNorm-ed adapter features as `[B, C_k, h_k, w_k]` maps
     pub normed: Vec<Vec<Tensor>>,
     /// `[teacher][level]`: the same after the aligner (teacher width), when requested
     pub aligned: Vec<Vec<Tensor>>,
     /// `[teacher][level]`: what the student outputs for the teacher: the exported output
     /// projection's maps (teacher width and scale) when it has them, else `normed`
     pub teacher: Vec<Vec<Tensor>>,
-    pub grid: (usize, usize),
+    /// per level its grid (h_k, w_k)
+    pub grids: Vec<(usize, usize)>,
+}
+
+/// The shared stem.
+enum Stem {
+    Vit(Box<TokenEncoder>),
+    Net(Box<dyn Backbone>),
 }
 
 pub struct Student {
     pub spec: StudentSpec,
-    stem: TokenEncoder,
+    stem: Stem,
     paths: Vec<Path>,
     /// no classifier; the stem's preprocessing and the device
     head: super::backbone::Head,
@@ -313,32 +560,71 @@ fn tokens_to_map(t: &Tensor, prefix: usize, (h, w): (usize, usize)) -> Result<Te
         .reshape((b, d, h, w))?)
 }
 
+/// Map `[B, C, h, w]` -> tokens `[B, h*w, C]`.
+fn map_to_tokens(m: &Tensor) -> Result<Tensor> {
+    Ok(m.flatten_from(2)?.transpose(1, 2)?.contiguous()?)
+}
+
 impl Student {
-    /// Build from parameters named as in [`StudentSpec::parameters`]. Aligners are optional
-    /// (an exported student has none).
+    /// Build from parameters named as in [`StudentSpec::parameters`] (a backbone stem's
+    /// BatchNorm statistics read from `w` too: an exported student keeps them with its
+    /// weights). Aligners are optional (an exported student has none).
     pub fn build(spec: &StudentSpec, w: &Weights) -> Result<Self> {
-        let a = &spec.arch;
-        let stem = spec.stem_spec().encoder(&w.pp("stem"))?;
+        Self::build_with_state(spec, w, w)
+    }
+
+    /// Build from parameters `w` and buffers `state` (BatchNorm running statistics, updated in
+    /// place by training-mode forwards).
+    pub fn build_with_state(spec: &StudentSpec, w: &Weights, state: &Weights) -> Result<Self> {
+        let (stem, preprocess) = match &spec.stem {
+            StemArch::Vit(_) => {
+                let vit = spec
+                    .stem_spec()
+                    .ok_or_else(|| Error::Invalid("no ViT stem".into()))?;
+                let enc = vit.encoder(&w.pp("stem"))?;
+                let p = enc.info.preprocess.clone();
+                (Stem::Vit(Box::new(enc)), p)
+            }
+            StemArch::Backbone(n) => {
+                let net = n.spec(spec.hw())?.build(&w.pp("stem"), &state.pp("stem"))?;
+                if net.feature_info() != n.pyramid {
+                    return Err(Error::Invalid(format!(
+                        "student {}: the spec records levels {}, the built network has {}",
+                        n.backbone,
+                        describe_levels(&n.pyramid),
+                        describe_levels(&net.feature_info())
+                    )));
+                }
+                let mut p = net.preprocess().clone();
+                (p.mean, p.std) = (spec.mean, spec.std);
+                (Stem::Net(net), p)
+            }
+        };
+        let adapter_widths = spec.adapter_widths();
+        let info = spec.level_info();
         let mut paths = Vec::new();
         for (t, teacher) in spec.teachers.iter().enumerate() {
             let pw = w.pp(format!("tsap.{t}"));
-            let adapters = (0..=a.depth)
-                .map(|l| Adapter::load(&pw.pp(format!("adapters.{l}")), a.dim))
+            let adapters = adapter_widths
+                .iter()
+                .enumerate()
+                .map(|(l, &d)| Adapter::load(&pw.pp(format!("adapters.{l}")), d))
                 .collect::<Result<Vec<_>>>()?;
             let mut norms = Vec::new();
             let mut aligners = Vec::new();
             let mut outputs = Vec::new();
-            for k in 0..spec.levels.len() {
-                norms.push(LayerNorm::load(&pw.pp(format!("norms.{k}")), a.dim, 1e-5)?);
+            for (k, level) in info.iter().enumerate() {
+                let d = level.channels;
+                norms.push(LayerNorm::load(&pw.pp(format!("norms.{k}")), d, 1e-5)?);
                 let al = pw.pp(format!("aligners.{k}"));
-                aligners.push(if teacher.dim != a.dim && al.contains("weight") {
-                    Some(super::layers::linear(&al, a.dim, teacher.dim, true)?)
+                aligners.push(if teacher.dim != d && al.contains("weight") {
+                    Some(super::layers::linear(&al, d, teacher.dim, true)?)
                 } else {
                     None
                 });
                 let o = pw.pp(format!("outputs.{k}"));
                 outputs.push(if o.contains("weight") {
-                    Some(super::layers::linear(&o, a.dim, teacher.dim, true)?)
+                    Some(super::layers::linear(&o, d, teacher.dim, true)?)
                 } else {
                     None
                 });
@@ -354,7 +640,7 @@ impl Student {
             spec: spec.clone(),
             head: super::backbone::Head {
                 fc: None,
-                preprocess: stem.info.preprocess.clone(),
+                preprocess,
                 device: w.device().clone(),
             },
             stem,
@@ -367,71 +653,143 @@ impl Student {
         &self.head.device
     }
 
-    /// The student as a [`Backbone`] (the stem's pyramid).
+    /// The grid of every distilled level at the training input (a backbone's: from one
+    /// eval-mode forward of a blank image, since families round odd sides differently).
+    pub fn level_grids(&self) -> Result<Vec<(usize, usize)>> {
+        let (h, w) = self.spec.hw();
+        match &self.stem {
+            Stem::Vit(_) => {
+                let a = self.vit_arch()?;
+                Ok(vec![(h / a.patch, w / a.patch); self.spec.levels.len()])
+            }
+            Stem::Net(_) => {
+                let x = Tensor::zeros((1, 3, h, w), DType::F32, self.device())?;
+                self.forward_intermediates(&x, false)?
+                    .iter()
+                    .map(|m| Ok((m.dim(2)?, m.dim(3)?)))
+                    .collect()
+            }
+        }
+    }
+
+    fn vit_arch(&self) -> Result<&VitArch> {
+        self.spec
+            .vit()
+            .ok_or_else(|| Error::Invalid("the student's stem is not a ViT".into()))
+    }
+
+    /// The ViT stem (export of a backbone stem's SAK student to ONNX is not available yet).
+    fn vit_stem(&self) -> Result<&TokenEncoder> {
+        match &self.stem {
+            Stem::Vit(enc) => Ok(enc),
+            Stem::Net(_) => Err(Error::Invalid(format!(
+                "ONNX export of a SAK student with a {} stem is not available yet (ViT stems \
+                 export; the backbone itself exports with `distillery export --model {}`)",
+                self.spec.stem_name(),
+                self.spec.stem_name()
+            ))),
+        }
+    }
+
+    /// The student as a [`Backbone`] (the stem's pyramid at the distilled levels).
     pub fn as_backbone(&self) -> &dyn Backbone {
         self
     }
 
-    /// Run the stem once and every adapter path on its outputs.
-    pub fn forward(&self, pixels: &Tensor, aligned: bool) -> Result<StudentOutput> {
-        let depth = self.spec.arch.depth;
-        let prefix = self.spec.arch.prefix_tokens();
-        let patches =
-            |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, prefix, t.dim(1)? - prefix)?) };
-        let req = FeatureRequest {
-            hidden_states: (0..=depth).collect(),
-            last: false,
-        };
-        let out = self.stem.forward_features(pixels, &req)?;
-        let x: Vec<&Tensor> = (0..=depth).map(|i| &out.hidden_states[&i]).collect();
-        let stem = self
-            .spec
-            .levels
-            .iter()
-            .map(|&b| Ok(patches(x[b + 1])?.contiguous()?))
-            .collect::<Result<_>>()?;
+    /// Run the stem once and every adapter path on its outputs. `train`: a backbone stem's
+    /// BatchNorm uses (and moves its running statistics with) the batch statistics; `aligned`:
+    /// the aligner outputs are computed too.
+    pub fn forward(&self, pixels: &Tensor, train: bool, aligned: bool) -> Result<StudentOutput> {
         let mut normed = Vec::new();
         let mut al = Vec::new();
         let mut teacher = Vec::new();
-        for path in &self.paths {
-            // R_0 = a_0(X_0), R_l = a_l(R_{l-1} + X_l)
-            let mut r = vec![path.adapters[0].forward(x[0])?];
-            for l in 1..=depth {
-                let next = path.adapters[l].forward(&(&r[l - 1] + x[l])?)?;
-                r.push(next);
-            }
-            let mut per_level = Vec::new();
-            let mut per_level_al = Vec::new();
-            let mut per_level_out = Vec::new();
-            for (k, &b) in self.spec.levels.iter().enumerate() {
-                let rl = &r[b + 1];
-                let n = path.norms[k].forward(&patches(rl)?)?;
-                if aligned {
-                    let a = match &path.aligners[k] {
-                        Some(lin) => lin.forward(&n)?,
-                        None => n.clone(),
-                    };
-                    per_level_al.push(tokens_to_map(&a, 0, out.grid)?);
+        let (stem, grids) = match &self.stem {
+            Stem::Vit(enc) => {
+                let a = self.vit_arch()?;
+                let (depth, prefix) = (a.depth, a.prefix_tokens());
+                let patches =
+                    |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, prefix, t.dim(1)? - prefix)?) };
+                let req = FeatureRequest {
+                    hidden_states: (0..=depth).collect(),
+                    last: false,
+                };
+                let out = enc.forward_features(pixels, &req)?;
+                let x: Vec<&Tensor> = (0..=depth).map(|i| &out.hidden_states[&i]).collect();
+                let stem = self
+                    .spec
+                    .levels
+                    .iter()
+                    .map(|&b| Ok(patches(x[b + 1])?.contiguous()?))
+                    .collect::<Result<Vec<_>>>()?;
+                for path in &self.paths {
+                    // R_0 = a_0(X_0), R_l = a_l(R_{l-1} + X_l)
+                    let mut r = vec![path.adapters[0].forward(x[0])?];
+                    for l in 1..=depth {
+                        let next = path.adapters[l].forward(&(&r[l - 1] + x[l])?)?;
+                        r.push(next);
+                    }
+                    let levels = self
+                        .spec
+                        .levels
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &b)| path.level(k, &patches(&r[b + 1])?, out.grid, aligned))
+                        .collect::<Result<Vec<_>>>()?;
+                    push_levels(levels, &mut normed, &mut al, &mut teacher);
                 }
-                let map = tokens_to_map(&n, 0, out.grid)?;
-                per_level_out.push(match &path.outputs[k] {
-                    Some(o) => tokens_to_map(&o.forward(&n)?, 0, out.grid)?,
-                    None => map.clone(),
-                });
-                per_level.push(map);
+                (stem, vec![out.grid; self.spec.levels.len()])
             }
-            normed.push(per_level);
-            al.push(per_level_al);
-            teacher.push(per_level_out);
-        }
+            Stem::Net(net) => {
+                let maps = net.forward_intermediates(pixels, train)?;
+                let mut stem = Vec::new();
+                let mut grids = Vec::new();
+                for &l in &self.spec.levels {
+                    let m = maps
+                        .get(l)
+                        .ok_or_else(|| Error::Invalid(format!("the stem returned no level {l}")))?;
+                    let (_, _, h, w) = m.dims4()?;
+                    stem.push(map_to_tokens(m)?);
+                    grids.push((h, w));
+                }
+                for path in &self.paths {
+                    // R_k = a_k(X_k), one adapter per level
+                    let levels = (0..stem.len())
+                        .map(|k| {
+                            let r = path.adapters[k].forward(&stem[k])?;
+                            path.level(k, &r, grids[k], aligned)
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    push_levels(levels, &mut normed, &mut al, &mut teacher);
+                }
+                (stem, grids)
+            }
+        };
         Ok(StudentOutput {
             stem,
             normed,
             aligned: al,
             teacher,
-            grid: out.grid,
+            grids,
         })
     }
+}
+
+/// One path's per-level outputs appended as the next teacher's row of each.
+fn push_levels(
+    levels: Vec<(Tensor, Option<Tensor>, Tensor)>,
+    normed: &mut Vec<Vec<Tensor>>,
+    aligned: &mut Vec<Vec<Tensor>>,
+    teacher: &mut Vec<Vec<Tensor>>,
+) {
+    let (mut n, mut a, mut t) = (Vec::new(), Vec::new(), Vec::new());
+    for (map, al, out) in levels {
+        n.push(map);
+        a.extend(al);
+        t.push(out);
+    }
+    normed.push(n);
+    aligned.push(a);
+    teacher.push(t);
 }
 
 /// The student's forward pass in an ONNX graph (token values `[B, h*w, C]`, patch tokens
@@ -449,9 +807,10 @@ pub struct OnnxStudent {
 impl Student {
     /// The forward pass as ONNX nodes reading normalised pixels `x` of the graph's input size.
     pub fn onnx_forward(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<OnnxStudent> {
-        let depth = self.spec.arch.depth;
+        let stem = self.vit_stem()?;
+        let depth = self.vit_arch()?.depth;
         let hw = g.input_hw();
-        let t = self.stem.onnx_hidden_states(g, x, hw, depth)?;
+        let t = stem.onnx_hidden_states(g, x, hw, depth)?;
         let stem = self
             .spec
             .levels
@@ -513,21 +872,51 @@ impl Student {
     }
 }
 
-/// The SAK student as a backbone: its pyramid is the shared stem's patch features at the
-/// distilled levels (what the task routers read).
+/// The SAK student as a backbone: its pyramid is the shared stem's features at the distilled
+/// levels (what the task routers read).
 impl Backbone for Student {
     fn feature_info(&self) -> Vec<FeatureInfo> {
-        super::backbone::vit_feature_info(&self.stem, &self.spec.levels)
+        match &self.stem {
+            Stem::Vit(enc) => super::backbone::vit_feature_info(enc, &self.spec.levels),
+            Stem::Net(_) => self.spec.level_info(),
+        }
     }
-    fn forward_intermediates(&self, pixels: &Tensor, _train: bool) -> Result<Vec<Tensor>> {
-        super::backbone::vit_pyramid(&self.stem, &self.spec.levels, pixels)
+    fn forward_intermediates(&self, pixels: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        match &self.stem {
+            Stem::Vit(enc) => super::backbone::vit_pyramid(enc, &self.spec.levels, pixels),
+            Stem::Net(net) => {
+                let maps = net.forward_intermediates(pixels, train)?;
+                self.spec
+                    .levels
+                    .iter()
+                    .map(|&l| {
+                        maps.get(l).cloned().ok_or_else(|| {
+                            Error::Invalid(format!("the stem returned no level {l}"))
+                        })
+                    })
+                    .collect()
+            }
+        }
     }
     fn head(&self) -> &super::backbone::Head {
         &self.head
     }
     fn onnx_intermediates(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<Vec<String>> {
-        let hw = g.input_hw();
-        self.stem.onnx_levels(g, x, hw, &self.spec.levels)
+        match &self.stem {
+            Stem::Vit(enc) => {
+                let hw = g.input_hw();
+                enc.onnx_levels(g, x, hw, &self.spec.levels)
+            }
+            Stem::Net(net) => {
+                let all = net.onnx_intermediates(g, x)?;
+                Ok(self
+                    .spec
+                    .levels
+                    .iter()
+                    .filter_map(|&l| all.get(l).cloned())
+                    .collect())
+            }
+        }
     }
 }
 
@@ -544,17 +933,17 @@ mod tests {
             dim: 48,
         }];
         let spec = StudentSpec::new(preset("vit-n8").unwrap(), 32, slots).unwrap();
-        let (_vm, w) = crate::train::engine::seeded_weights(spec.parameters(), 3);
+        let (_vm, w) = crate::train::engine::seeded_weights(spec.parameters().unwrap(), 3);
         let student = Student::build(&spec, &w).unwrap();
         // the same stem parameters, loaded as the registry's plain ViT backbone
-        let plain = spec.stem_spec().build(&w.pp("stem"), &w).unwrap();
+        let plain = spec.stem_spec().unwrap().build(&w.pp("stem"), &w).unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
         let a = student
             .as_backbone()
             .forward_intermediates(&x, false)
             .unwrap();
         let b = plain.forward_intermediates(&x, false).unwrap();
-        let out = student.forward(&x, false).unwrap();
+        let out = student.forward(&x, false, false).unwrap();
         assert_eq!(student.as_backbone().feature_info(), plain.feature_info());
         assert_eq!(a.len(), 4);
         for k in 0..4 {
@@ -564,5 +953,178 @@ mod tests {
             let tok = tokens_to_map(&out.stem[k], 0, (4, 4)).unwrap();
             assert!(max_abs_diff(&a[k], &tok) < 1e-5);
         }
+    }
+
+    /// Every value of a store redrawn at a realistic scale (initialisers leave LayerNorms at
+    /// identity, biases at zero and BatchNorm statistics at 0/1, which would make a check
+    /// vacuous); variances stay positive.
+    fn randomise(vm: &candle_nn::VarMap, seed: u64) {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let data = vm.data().lock().unwrap();
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for n in names {
+            let v = &data[n];
+            let shape = v.as_tensor().dims().to_vec();
+            let t = Init::Normal(0.3)
+                .tensor(&shape, &mut rng, &Device::Cpu)
+                .unwrap();
+            let t = if n.ends_with("running_var") {
+                (t.abs().unwrap() + 0.5).unwrap()
+            } else {
+                t
+            };
+            v.set(&t).unwrap();
+        }
+    }
+
+    /// A backbone stem: the student's pyramid is the registered backbone's at the distilled
+    /// levels (the same parameters and BatchNorm statistics), and each adapter path's output is
+    /// `LayerNorm(X + s * Up(GELU(Down(X))))` per position, computed here in f64 from plain
+    /// tensor operations.
+    #[test]
+    fn backbone_stem_student_matches_its_backbone_and_the_adapter_formula() {
+        let slots = vec![
+            TeacherSlot {
+                name: "a".into(),
+                dim: 48,
+            },
+            TeacherSlot {
+                name: "b".into(),
+                dim: 128,
+            },
+        ];
+        let (stem, (mean, std)) = StemArch::backbone("mobilevitv2_050", (40, 56))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (mean, std),
+            ([0.0; 3], [1.0; 3]),
+            "MobileViT-V2 reads [0, 1] pixels"
+        );
+        let spec = StudentSpec::new(stem, 40, slots)
+            .unwrap()
+            .with_norm(mean, std);
+        let spec = StudentSpec {
+            image_hw: Some((40, 56)),
+            ..spec.with_level_count(3).unwrap()
+        };
+        assert_eq!(spec.levels, [2, 3, 4]);
+        let widths: Vec<usize> = spec.level_info().iter().map(|l| l.channels).collect();
+        assert_eq!(widths, [128, 192, 256]);
+        // aligners only where the widths differ (teacher b matches level 0)
+        let params = spec.parameters().unwrap();
+        let has = |n: &str| params.iter().any(|p| p.0 == n);
+        assert!(has("tsap.0.aligners.0.weight") && !has("tsap.1.aligners.0.weight"));
+        assert!(has("tsap.1.adapters.2.down.weight") && !has("tsap.1.adapters.3.down.weight"));
+        let (vm, w) = crate::train::engine::seeded_weights(params, 3);
+        let (bm, b) = crate::train::engine::seeded_weights(spec.buffers().unwrap(), 4);
+        randomise(&vm, 5);
+        randomise(&bm, 6);
+        let student = Student::build_with_state(&spec, &w, &b).unwrap();
+        let StemArch::Backbone(ns) = &spec.stem else {
+            unreachable!()
+        };
+        let plain = ns
+            .spec(spec.hw())
+            .unwrap()
+            .build(&w.pp("stem"), &b.pp("stem"))
+            .unwrap();
+        let x = Tensor::randn(0.5f32, 0.3, (2, 3, 40, 56), &Device::Cpu).unwrap();
+        let want = plain.forward_intermediates(&x, false).unwrap();
+        let got = student
+            .as_backbone()
+            .forward_intermediates(&x, false)
+            .unwrap();
+        assert_eq!(got.len(), 3);
+        let out = student.forward(&x, false, true).unwrap();
+        // MobileViT-V2 resizes odd-sided maps before its 2x2 patches
+        assert_eq!(out.grids, [(6, 8), (4, 4), (2, 2)]);
+        assert_eq!(student.level_grids().unwrap(), out.grids);
+        let f64_ = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        for (k, &l) in spec.levels.iter().enumerate() {
+            assert!(max_abs_diff(&got[k], &want[l]) < 1e-6);
+            let tok = tokens_to_map(&out.stem[k], 0, out.grids[k]).unwrap();
+            assert!(max_abs_diff(&tok, &want[l]) < 1e-6);
+            for t in 0..2 {
+                let p = |n: &str| f64_(&w.get_any(&format!("tsap.{t}.{n}")).unwrap());
+                let xk = f64_(&out.stem[k]); // [B, hw, C]
+                let lin = |x: &Tensor, wn: &str, bn: &str| {
+                    x.broadcast_matmul(&p(wn).t().unwrap())
+                        .unwrap()
+                        .broadcast_add(&p(bn))
+                        .unwrap()
+                };
+                let h = lin(
+                    &xk,
+                    &format!("adapters.{k}.down.weight"),
+                    &format!("adapters.{k}.down.bias"),
+                )
+                .gelu_erf()
+                .unwrap();
+                let up = lin(
+                    &h,
+                    &format!("adapters.{k}.up.weight"),
+                    &format!("adapters.{k}.up.bias"),
+                );
+                let s = p(&format!("adapters.{k}.scale"));
+                let r = (&xk + up.broadcast_mul(&s).unwrap()).unwrap();
+                let mu = r.mean_keepdim(2).unwrap();
+                let c = r.broadcast_sub(&mu).unwrap();
+                let var = c.sqr().unwrap().mean_keepdim(2).unwrap();
+                let n = c
+                    .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                    .unwrap()
+                    .broadcast_mul(&p(&format!("norms.{k}.weight")))
+                    .unwrap()
+                    .broadcast_add(&p(&format!("norms.{k}.bias")))
+                    .unwrap();
+                let n_map = tokens_to_map(&n, 0, out.grids[k]).unwrap();
+                let err = max_abs_diff(&out.normed[t][k], &n_map.to_dtype(DType::F32).unwrap());
+                assert!(err < 1e-4, "teacher {t} level {k}: {err}");
+                let want_dim = if t == 0 || k > 0 {
+                    spec.teachers[t].dim
+                } else {
+                    128
+                };
+                assert_eq!(out.aligned[t][k].dim(1).unwrap(), want_dim);
+            }
+        }
+        // student.json round trip keeps the stem (and a ViT spec still reads as a ViT)
+        let text = serde_json::to_string(&spec).unwrap();
+        assert!(text.contains("\"backbone\":\"mobilevitv2_050\""), "{text}");
+        assert_eq!(serde_json::from_str::<StudentSpec>(&text).unwrap(), spec);
+        let vit = StudentSpec::new(preset("vit-n8").unwrap(), 32, spec.teachers.clone()).unwrap();
+        let text = serde_json::to_string(&vit).unwrap();
+        assert!(
+            text.contains("\"dim\":96") && !text.contains("backbone"),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<StudentSpec>(&text).unwrap(), vit);
+        // a training forward moves the stem's BatchNorm statistics in the buffer store
+        let before: Vec<(String, Tensor)> = crate::train::engine::buffer_tensors(&bm)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy().unwrap()))
+            .collect();
+        student.forward(&x, true, true).unwrap();
+        let after: std::collections::HashMap<String, Tensor> =
+            crate::train::engine::buffer_tensors(&bm)
+                .unwrap()
+                .into_iter()
+                .collect();
+        let moved = before
+            .iter()
+            .filter(|(n, t)| max_abs_diff(t, &after[n]) > 1e-6)
+            .count();
+        assert!(
+            moved > 0 && moved == before.len(),
+            "{moved} of {}",
+            before.len()
+        );
+        // more levels than the backbone has is a clear error
+        let e = spec.clone().with_level_count(9).unwrap_err().to_string();
+        assert!(e.contains("mobilevitv2_050") && e.contains("32@/2"), "{e}");
     }
 }

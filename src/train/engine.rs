@@ -96,9 +96,18 @@ impl Saved {
 
 /// The parameters of a checkpoint's tensors (`model.*`), by parameter name.
 pub fn model_tensors(tensors: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    under(tensors, "model.")
+}
+
+/// The buffers of a checkpoint's tensors (BatchNorm statistics), by name.
+pub fn buffer_tensors_of(tensors: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    under(tensors, "buffer.")
+}
+
+fn under(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
     tensors
         .iter()
-        .filter_map(|(k, v)| k.strip_prefix("model.").map(|n| (n.to_string(), v.clone())))
+        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
         .collect()
 }
 
@@ -332,6 +341,14 @@ pub(crate) fn seeded_weights(
     let vm = seeded_params(list, seed, &Device::Cpu, Path::new("init")).expect("seeded parameters");
     let w = crate::weights::Weights::from_vars(&vm, Path::new("init")).expect("weights");
     (vm, w)
+}
+
+/// The tensors of a buffer store (BatchNorm statistics), for checkpoints and exports.
+pub fn buffer_tensors(buffers: &VarMap) -> Result<Vec<(String, Tensor)>> {
+    Ok(vars_of(buffers)?
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect())
 }
 
 /// The variables of a store, by name.

@@ -11,13 +11,13 @@
 //! when it was trained on normalised targets.
 
 use super::engine::{self, RunPaths};
-use super::stage1::{new_student_params, DistillConfig, Geometry, StemSource};
+use super::stage1::{new_student_params, student_stem, DistillConfig, Geometry};
 use crate::data::{CropBox, ImageSet, ImageSource};
 use crate::error::{Error, Result};
 use crate::interp::resize_bilinear;
 use crate::losses::{compare_grid, teacher_loss, FeatureLoss};
 use crate::metrics::fidelity::{token_mean, Fidelity, FidelityReport};
-use crate::models::student::{preset, Student, StudentSpec};
+use crate::models::student::{Student, StudentSpec};
 use crate::target_norm::TargetStats;
 use crate::teacher::Teacher;
 use crate::weights::Weights;
@@ -99,15 +99,16 @@ impl HeldOut {
     /// warning), run the teachers once and keep their maps.
     pub fn prepare(
         data: &dyn ImageSource,
-        spec: &StudentSpec,
+        student: &Student,
         teachers: &[Teacher],
         max_images: usize,
         batch_size: usize,
         device: &Device,
     ) -> Result<Self> {
+        let spec = &student.spec;
         let geo = Geometry::new(spec, teachers);
         let n = data.len().min(max_images.max(1));
-        let grid = spec.grid_hw();
+        let grids = student.level_grids()?;
         let mut pixels = Vec::new();
         let mut teacher_maps = Vec::new();
         let (mut images, mut skipped) = (0, 0);
@@ -141,7 +142,8 @@ impl HeldOut {
                 per_teacher.push(
                     feats
                         .iter()
-                        .map(|f| {
+                        .zip(&grids)
+                        .map(|(f, &grid)| {
                             let (_, _, h, w) = f.dims4()?;
                             on_grid(
                                 &f.to_device(device)?.to_dtype(DType::F32)?,
@@ -200,7 +202,7 @@ impl HeldOut {
         let mut loss = 0.0;
         for (px, maps) in self.pixels.iter().zip(&self.teacher_maps) {
             let x = px.to_device(student.device())?.to_dtype(dtype)?;
-            let out = student.forward(&x, true)?;
+            let out = student.forward(&x, false, true)?;
             for (k, per) in maps.iter().enumerate() {
                 let norms = stats.and_then(|s| s.levels.get(k)).map(Vec::as_slice);
                 let l = teacher_loss(&out.aligned[k], per, kind, norms)?;
@@ -276,7 +278,11 @@ pub fn eval_distill(cfg: &EvalDistillConfig) -> Result<(HeldOut, Vec<HeldOutEval
         msg: "checkpoint has no student spec".into(),
     })?;
     let params = engine::model_tensors(&saved.tensors);
-    let student = Student::build(&spec, &Weights::from_tensors(params, &ck)?)?;
+    let student = Student::build_with_state(
+        &spec,
+        &Weights::from_tensors(params, &ck)?,
+        &Weights::from_tensors(engine::buffer_tensors_of(&saved.tensors), &ck)?,
+    )?;
     let load = crate::models::LoadOptions {
         dtype: DType::F32,
         device: cfg.device.clone(),
@@ -301,7 +307,7 @@ pub fn eval_distill(cfg: &EvalDistillConfig) -> Result<(HeldOut, Vec<HeldOutEval
     let data = ImageSet::open(&cfg.images)?;
     let held = HeldOut::prepare(
         &data,
-        &spec,
+        &student,
         &teachers,
         cfg.max_images,
         cfg.batch_size,
@@ -315,12 +321,13 @@ pub fn eval_distill(cfg: &EvalDistillConfig) -> Result<(HeldOut, Vec<HeldOutEval
         stats.as_ref(),
     )?];
     if cfg.baseline {
-        let stem = match preset(&run_cfg.student) {
-            Some(_) => None,
-            None => Some(StemSource::open(&run_cfg.student)?),
-        };
-        let vm = new_student_params(&spec, stem.as_ref(), run_cfg.seed, &cfg.device)?;
-        let init = Student::build(&spec, &Weights::from_vars(&vm, Path::new("init"))?)?;
+        let (_, _, stem) = student_stem(&run_cfg.student, spec.image_size)?;
+        let (vm, bm) = new_student_params(&spec, stem.as_ref(), run_cfg.seed, &cfg.device)?;
+        let init = Student::build_with_state(
+            &spec,
+            &Weights::from_vars(&vm, Path::new("init"))?,
+            &Weights::from_vars(&bm, Path::new("init"))?,
+        )?;
         evals.push(held.evaluate(&init, DType::F32, "init", run_cfg.loss, stats.as_ref())?);
     }
     let mut text = String::new();

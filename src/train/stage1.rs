@@ -10,8 +10,8 @@ use crate::data::augment::{crop_to_tensor, sample_rng, RandomResizedCrop};
 use crate::data::{ImageSet, ImageSource};
 use crate::error::{Error, Result};
 use crate::losses::{teacher_loss, FeatureLoss};
-use crate::models::encoder::{resample_pos_table, VitArch};
-use crate::models::student::{preset, Student, StudentSpec, TeacherSlot};
+use crate::models::encoder::resample_pos_table;
+use crate::models::student::{preset, InputNorm, StemArch, Student, StudentSpec, TeacherSlot};
 use crate::models::{self, LoadOptions};
 use crate::target_norm::{Moments, TargetNorm, TargetStats, STATS_FILE};
 pub use crate::teacher::{dedup_names, parse_teacher_arg, short_name, Teacher};
@@ -390,29 +390,87 @@ fn check_cache(
     Ok(())
 }
 
-/// A ViT checkpoint the student's stem starts from: its architecture (everything its config
-/// says: MLP width, tokens, layer scale, ...) and its parameters in the stem's timm naming,
-/// converted from whatever naming the checkpoint uses by the loader that reads it as a teacher.
+const IMAGENET_NORM: InputNorm = (
+    crate::preprocess::IMAGENET_MEAN,
+    crate::preprocess::IMAGENET_STD,
+);
+
+/// The stem a `--student` names at `image_size`: a ViT preset or a registered backbone (both at
+/// random init), or a checkpoint to start from (a ViT, or a timm folder / hub id of a registered
+/// backbone family). Returns the stem, its input mean and std, and the checkpoint.
+pub fn student_stem(
+    name: &str,
+    image_size: usize,
+) -> Result<(StemArch, InputNorm, Option<StemSource>)> {
+    if let Some(arch) = preset(name) {
+        return Ok((arch.into(), IMAGENET_NORM, None));
+    }
+    if !Path::new(name).exists() {
+        if let Some((stem, norm)) = StemArch::backbone(name, (image_size, image_size))? {
+            return Ok((stem, norm, None));
+        }
+    }
+    let src = StemSource::open(name, image_size)?;
+    Ok((src.stem.clone(), src.norm, Some(src)))
+}
+
+/// A checkpoint the student's stem starts from: a ViT (its architecture: everything its config
+/// says — MLP width, tokens, layer scale, ...; its parameters in the stem's timm naming,
+/// converted from whatever naming the checkpoint uses by the loader that reads it as a
+/// teacher) or a timm folder of a registered backbone family (its parameters and BatchNorm
+/// statistics; the classifier is not used).
 pub struct StemSource {
     pub id: String,
-    pub arch: VitArch,
-    /// the checkpoint's position grid
-    pub grid: (usize, usize),
-    /// `stem.*` tensors
-    pub tensors: std::collections::HashMap<String, Tensor>,
+    pub stem: StemArch,
+    /// the checkpoint's input mean and std
+    pub norm: InputNorm,
+    /// a ViT checkpoint's position grid
+    grid: Option<(usize, usize)>,
+    /// `stem.*` tensors (parameters and buffers)
+    tensors: std::collections::HashMap<String, Tensor>,
 }
 
 impl StemSource {
-    /// Resolve and load a folder or hub id; only plain ViTs can initialise the stem.
-    pub fn open(id: &str) -> Result<Self> {
-        let enc = models::load(id, &LoadOptions::default())?;
+    /// Resolve and load a folder or hub id: a plain ViT, or a backbone of a registered family.
+    pub fn open(id: &str, image_size: usize) -> Result<Self> {
         let bad = |msg: String| Error::BadInput {
             path: id.into(),
             msg: format!("cannot initialise the student from this checkpoint: {msg}"),
         };
-        let tok = enc
-            .token_encoder()
-            .ok_or_else(|| bad(format!("a {} is not a plain ViT", enc.info().family)))?;
+        if let Some((spec, w)) = crate::models::backbone::read_folder(id, &LoadOptions::default())?
+        {
+            let name = spec.arch_name();
+            let Some((stem, _)) = StemArch::backbone(&name, (image_size, image_size))? else {
+                return Err(bad(format!("{name} is not a registered student")));
+            };
+            let net = spec.build(&w, &w)?;
+            let p = net.preprocess();
+            let StemArch::Backbone(ns) = &stem else {
+                return Err(bad(format!("{name} is not a backbone")));
+            };
+            let plain = ns.spec((image_size, image_size))?;
+            let tensors = plain
+                .parameters()
+                .into_iter()
+                .chain(plain.buffers())
+                .map(|(n, shape, _)| Ok((format!("stem.{n}"), w.get(shape, &n)?)))
+                .collect::<Result<_>>()?;
+            return Ok(Self {
+                id: id.to_string(),
+                norm: (p.mean, p.std),
+                stem,
+                grid: None,
+                tensors,
+            });
+        }
+        let enc = models::load(id, &LoadOptions::default())?;
+        let tok = enc.token_encoder().ok_or_else(|| {
+            bad(format!(
+                "a {} is neither a plain ViT nor a registered backbone ({})",
+                enc.info().family,
+                crate::models::backbone::names().join(", ")
+            ))
+        })?;
         let arch = tok.vit_arch().map_err(bad)?;
         let tensors = tok
             .timm_tensors()?
@@ -421,63 +479,67 @@ impl StemSource {
             .collect();
         Ok(Self {
             id: id.to_string(),
-            arch,
-            grid: tok.pos.grid_hw,
+            stem: arch.into(),
+            // a ViT stem keeps the ImageNet statistics SAK trains with, whatever its source's
+            norm: IMAGENET_NORM,
+            grid: Some(tok.pos.grid_hw),
             tensors,
         })
     }
 
-    /// The stem parameters for `spec`: the position table resampled to its grid, every shape
-    /// checked (an error names the source).
-    fn stem_params(&self, spec: &StudentSpec) -> Result<std::collections::HashMap<String, Tensor>> {
+    /// The source's tensors for `list` (names under `stem.`): a ViT's position table
+    /// resampled to the spec's grid; every shape is checked when the store is filled.
+    fn tensors_for(
+        &self,
+        spec: &StudentSpec,
+        list: &[(String, Vec<usize>, crate::models::student::Init)],
+    ) -> Result<std::collections::HashMap<String, Tensor>> {
         let mut out = std::collections::HashMap::new();
-        for (name, shape, _) in spec.parameters() {
+        for (name, _, _) in list {
             if !name.starts_with("stem.") {
                 continue;
             }
-            let t = self.tensors.get(&name).ok_or_else(|| Error::BadInput {
+            let t = self.tensors.get(name).ok_or_else(|| Error::BadInput {
                 path: self.id.clone().into(),
                 msg: format!("no tensor for student parameter {name}"),
             })?;
-            let t = if name == "stem.pos_embed" {
-                resample_pos_table(
+            let t = match (name.as_str(), spec.vit(), self.grid, spec.grid_hw()) {
+                ("stem.pos_embed", Some(arch), Some(from), Some(to)) => resample_pos_table(
                     t,
-                    spec.arch.pos_prefix,
-                    self.grid,
-                    spec.grid_hw(),
+                    arch.pos_prefix,
+                    from,
+                    to,
                     crate::models::vit::TIMM_POS_KERNEL,
-                )?
-            } else {
-                t.clone()
+                )?,
+                _ => t.clone(),
             };
-            if t.dims() != shape.as_slice() {
-                return Err(Error::ShapeMismatch {
-                    path: self.id.clone().into(),
-                    name,
-                    expected: shape,
-                    got: t.dims().to_vec(),
-                });
-            }
-            out.insert(name, t);
+            out.insert(name.clone(), t);
         }
         Ok(out)
     }
 }
 
-/// Parameters of a fresh student on `device`: seeded initialisation, with the stem taken from
-/// `stem` when given.
+/// Parameters and buffers of a fresh student on `device`: seeded initialisation, with the stem
+/// (and its BatchNorm statistics) taken from `stem` when given.
 pub fn new_student_params(
     spec: &StudentSpec,
     stem: Option<&StemSource>,
     seed: u64,
     device: &Device,
-) -> Result<VarMap> {
+) -> Result<(VarMap, VarMap)> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let (init, source) = match stem {
-        Some(src) => (src.stem_params(spec)?, PathBuf::from(&src.id)),
-        None => (Default::default(), PathBuf::new()),
+    let (params, buffers) = (spec.parameters()?, spec.buffers()?);
+    let (init, init_buffers, source) = match stem {
+        Some(src) => (
+            src.tensors_for(spec, &params)?,
+            src.tensors_for(spec, &buffers)?,
+            PathBuf::from(&src.id),
+        ),
+        None => (Default::default(), Default::default(), PathBuf::new()),
     };
-    engine::init_params(spec.parameters(), init, &mut rng, device, &source)
+    let vm = engine::init_params(params, init, &mut rng, device, &source)?;
+    let bm = engine::init_params(buffers, init_buffers, &mut rng, device, &source)?;
+    Ok((vm, bm))
 }
 
 /// The stage-1 objective: the student against every teacher (online or cached).
@@ -491,6 +553,8 @@ struct Distill<'a> {
     held_out: Option<HeldOut>,
     device: Device,
     cache_hint: CacheHint,
+    /// a backbone stem's BatchNorm statistics (updated in place by the training forward)
+    buffers: VarMap,
 }
 
 /// Tells the user once when online teachers take most of each step: `distillery cache` runs
@@ -557,6 +621,10 @@ impl Objective for Distill<'_> {
         })
     }
 
+    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        engine::buffer_tensors(&self.buffers)
+    }
+
     fn evaluate(&mut self, _step: u64) -> Result<Option<Vec<(String, f64)>>> {
         let Some(h) = &self.held_out else {
             return Ok(None);
@@ -613,13 +681,12 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         Some(s) => s.spec::<StudentSpec>()?,
         None => None,
     };
-    let (spec, stem) = match (saved_spec, preset(&cfg.student)) {
-        (Some(spec), _) => (spec, None),
-        (None, Some(arch)) => (StudentSpec::new(arch, cfg.image_size, slots.clone())?, None),
-        (None, None) => {
-            let src = StemSource::open(&cfg.student)?;
-            let spec = StudentSpec::new(src.arch.clone(), cfg.image_size, slots.clone())?;
-            (spec, run.saved.is_none().then_some(src))
+    let (spec, stem) = match saved_spec {
+        Some(spec) => (spec, None),
+        None => {
+            let (arch, (mean, std), src) = student_stem(&cfg.student, cfg.image_size)?;
+            let spec = StudentSpec::new(arch, cfg.image_size, slots.clone())?;
+            (spec.with_norm(mean, std), src)
         }
     };
     // every teacher gives the same number of levels; the student distils that many
@@ -672,11 +739,11 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         total,
     };
 
-    let varmap = new_student_params(&spec, stem.as_ref(), cfg.seed, dev)?;
+    let (varmap, buffers) = new_student_params(&spec, stem.as_ref(), cfg.seed, dev)?;
     let mut trainer = Trainer::new(
         &run,
         &varmap,
-        None,
+        Some(&buffers),
         cfg.weight_decay,
         cfg,
         |saved: &DistillConfig| {
@@ -692,10 +759,10 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
     let build_spec = spec.clone();
     let student = StepModel::new(
         &varmap,
-        None,
+        Some(&buffers),
         opts.precision,
         &run.paths.checkpoint(),
-        move |w, _| Student::build(&build_spec, w),
+        move |w, state| Student::build_with_state(&build_spec, w, state),
     )?;
     let geo = Geometry::new(&spec, &teachers);
     let stats = target_stats(
@@ -725,7 +792,7 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
             };
             let h = HeldOut::prepare(
                 &ImageSet::open(dir)?,
-                &spec,
+                student.model(),
                 ts,
                 EVAL_MAX_IMAGES,
                 cfg.batch_size,
@@ -762,6 +829,7 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         held_out,
         device: dev.clone(),
         cache_hint: CacheHint::default(),
+        buffers: buffers.clone(),
     };
     let summary = trainer.run(
         &mut objective,
@@ -781,7 +849,7 @@ pub fn run(cfg: &DistillConfig, out: &Path, opts: &RunOptions) -> Result<RunSumm
         opts,
     )?;
     if summary.finished() {
-        export_student(&run.paths, &spec, trainer.vars(), stats.as_ref())?;
+        export_student(&run.paths, &spec, trainer.vars(), &buffers, stats.as_ref())?;
     }
     Ok(summary)
 }
@@ -802,7 +870,7 @@ pub fn distill_loss(
     let started = std::time::Instant::now();
     let feats = teacher_batch.all_features(teachers)?;
     let teacher_time = started.elapsed();
-    let out = student.forward(student_pixels, true)?;
+    let out = student.forward(student_pixels, true, true)?;
     let (total, per_teacher) = distill_terms(&out.aligned, &feats, kind, stats)?;
     let per_teacher = per_teacher
         .iter()
@@ -835,7 +903,8 @@ pub fn distill_terms(
     Ok((total, per_teacher))
 }
 
-/// Save the student without aligners: `student.safetensors` + `student.json`. A student
+/// Save the student without aligners: `student.safetensors` (with a backbone stem's BatchNorm
+/// statistics) + `student.json`. A student
 /// trained on normalised targets gets, per teacher and level, an output projection
 /// `tsap.{t}.outputs.{k}` (the aligner, or the identity, with the inverse normalisation folded
 /// in) so its exported features are at the teacher's scale.
@@ -843,9 +912,11 @@ pub fn export_student(
     paths: &RunPaths,
     spec: &StudentSpec,
     vars: &std::collections::HashMap<String, candle_core::Var>,
+    buffers: &VarMap,
     stats: Option<&TargetStats>,
 ) -> Result<()> {
     let mut tensors = engine::export_tensors(vars);
+    tensors.extend(engine::buffer_tensors(buffers)?);
     if let Some(stats) = stats {
         for t in 0..spec.teachers.len() {
             for k in 0..spec.levels.len() {

@@ -251,6 +251,8 @@ fn stage1_params(dir: &Path) -> Result<HashMap<String, Tensor>> {
     if ck.is_file() {
         let (t, _) = checkpoint::load(&ck, &Device::Cpu)?;
         params = engine::model_tensors(&t);
+        // a backbone stem's BatchNorm statistics
+        params.extend(engine::buffer_tensors_of(&t));
     } else {
         let w = Weights::open_file(&dir.join("student.safetensors"))?;
         for n in w.names().map(str::to_string).collect::<Vec<_>>() {
@@ -485,34 +487,40 @@ fn check_cache(
 fn build_params(
     spec: &MultiTaskSpec,
     mut init: HashMap<String, Tensor>,
-    init_grid: (usize, usize),
+    init_grid: Option<(usize, usize)>,
     seed: u64,
     device: &Device,
     source: &Path,
 ) -> Result<(VarMap, VarMap)> {
-    if let Some(t) = init.get_mut("stem.pos_embed") {
-        if init_grid != spec.student.grid_hw() {
-            *t = resample_pos_table(
-                t,
-                spec.student.arch.pos_prefix,
-                init_grid,
-                spec.student.grid_hw(),
-                TIMM_POS_KERNEL,
-            )?;
+    if let (Some(t), Some(arch), Some(from), Some(to)) = (
+        init.get_mut("stem.pos_embed"),
+        spec.student.vit(),
+        init_grid,
+        spec.student.grid_hw(),
+    ) {
+        if from != to {
+            *t = resample_pos_table(t, arch.pos_prefix, from, to, TIMM_POS_KERNEL)?;
         }
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5A4B_2000);
+    let student_buffers = spec.student.buffers()?;
+    // the stem's BatchNorm statistics come from the stage-1 student, like its parameters
+    let init_buffers: HashMap<String, Tensor> = student_buffers
+        .iter()
+        .filter_map(|(n, _, _)| init.remove(n).map(|t| (n.clone(), t)))
+        .collect();
     let all = spec
         .student
-        .parameters()
+        .parameters()?
         .into_iter()
         .chain(spec.task_parameters());
     let vm = engine::init_params(all, init, &mut rng, device, source)?;
-    let buffers = spec
-        .buffers()
-        .into_iter()
-        .map(|(name, n, v)| (name, vec![n], Init::Constant(v as f64)));
-    let bm = engine::init_params(buffers, HashMap::new(), &mut rng, device, source)?;
+    let buffers = student_buffers.into_iter().chain(
+        spec.buffers()
+            .into_iter()
+            .map(|(name, n, v)| (name, vec![n], Init::Constant(v as f64))),
+    );
+    let bm = engine::init_params(buffers, init_buffers, &mut rng, device, source)?;
     Ok((vm, bm))
 }
 
@@ -526,6 +534,8 @@ struct MultiTask<'a> {
     /// the stage-1 run's target normalisation, kept for the distillation term
     stats: Option<TargetStats>,
     device: Device,
+    /// BatchNorm statistics (the heads', a backbone stem's), updated in place by the model
+    buffers: VarMap,
 }
 
 impl Objective for MultiTask<'_> {
@@ -591,7 +601,7 @@ impl Objective for MultiTask<'_> {
     }
 
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        self.model.model().buffers()
+        engine::buffer_tensors(&self.buffers)
     }
 }
 
@@ -606,10 +616,14 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let hw = cfg.input_hw();
 
     // Student: a stage-1 run folder, or a preset with teachers.
-    if !is_stage1_run(&cfg.init) && preset(&cfg.init).is_none() {
+    if !is_stage1_run(&cfg.init)
+        && preset(&cfg.init).is_none()
+        && crate::models::backbone::spec(&cfg.init, hw).is_none()
+    {
         return Err(Error::BadInput {
             path: Path::new(&cfg.init).join(STUDENT_SPEC),
-            msg: "init is neither a stage-1 run folder nor a student preset".into(),
+            msg: "init is neither a stage-1 run folder nor a student preset or registered backbone"
+                .into(),
         });
     }
     let init = InitSource::of(cfg)?;
@@ -660,19 +674,23 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         };
         (spec, params)
     } else {
-        let arch = preset(&cfg.init).ok_or_else(|| {
-            Error::Invalid(format!(
-                "init {:?} is neither a preset nor a stage-1 run",
+        let (stem, (mean, std), src) = super::stage1::student_stem(&cfg.init, hw.0)?;
+        if src.is_some() {
+            return Err(Error::Invalid(format!(
+                "init {:?} is neither a preset, a registered backbone nor a stage-1 run",
                 cfg.init
-            ))
-        })?;
-        (StudentSpec::new(arch, hw.0, slots)?, HashMap::new())
+            )));
+        }
+        let spec = StudentSpec::new(stem, hw.0, slots)?.with_norm(mean, std);
+        (spec, HashMap::new())
     };
-    if !hw.0.is_multiple_of(sspec.arch.patch) || !hw.1.is_multiple_of(sspec.arch.patch) {
-        return Err(Error::Invalid(format!(
-            "input size {}x{} must be a multiple of the student's patch ({})",
-            hw.0, hw.1, sspec.arch.patch
-        )));
+    if let Some(patch) = sspec.vit().map(|a| a.patch) {
+        if !hw.0.is_multiple_of(patch) || !hw.1.is_multiple_of(patch) {
+            return Err(Error::Invalid(format!(
+                "input size {}x{} must be a multiple of the student's patch ({patch})",
+                hw.0, hw.1
+            )));
+        }
     }
     // A student distilled on normalised targets keeps them: its aligners predict them.
     let stats = if distilling {
@@ -770,6 +788,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         distilling,
         stats,
         device: dev.clone(),
+        buffers: bufmap.clone(),
     };
     let mut summary = trainer.run(
         &mut objective,
@@ -792,7 +811,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         // Export: parameters without aligners, plus BatchNorm statistics.
         let model = objective.model.model();
         let mut tensors = engine::export_tensors(trainer.vars());
-        tensors.extend(model.buffers()?);
+        tensors.extend(engine::buffer_tensors(&bufmap)?);
         crate::atomic::write_safetensors(&tensors, &run.paths.file(MODEL_WEIGHTS))?;
         let info = RunModelInfo {
             spec: spec.clone(),
@@ -885,7 +904,7 @@ pub fn evaluate(
         let s = ds.load(i)?;
         // Images larger than the input (e.g. portrait photos for a landscape input) are padded
         // to a larger canvas, a multiple of the patch; the position table is resampled to it.
-        let patch = model.spec.student.arch.patch;
+        let patch = model.spec.student.vit().map_or(32, |a| a.patch);
         let (ih, iw) = (s.image.height() as usize, s.image.width() as usize);
         let ehw = (
             hw.0.max(ih.div_ceil(patch) * patch),

@@ -9,7 +9,7 @@
 
 use super::models::{Predictor, StudentNet, TeacherNet};
 use crate::error::{Error, Result};
-use crate::train::engine::{vars_of, Objective, StepLoss, StepModel};
+use crate::train::engine::{Objective, StepLoss, StepModel};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops::log_softmax;
 use candle_nn::VarMap;
@@ -198,14 +198,6 @@ pub struct PairBatch {
     pub skipped: usize,
 }
 
-/// The tensors of a buffer store (BatchNorm statistics), for checkpoints.
-fn buffer_tensors(buffers: &VarMap) -> Result<Vec<(String, Tensor)>> {
-    Ok(vars_of(buffers)?
-        .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().clone()))
-        .collect())
-}
-
 /// Fine-tuning on labels: cross-entropy of the model's logits.
 pub struct Supervised<M: Predictor> {
     pub model: StepModel<M>,
@@ -226,7 +218,7 @@ impl<M: Predictor> Objective for Supervised<M> {
         })
     }
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        buffer_tensors(&self.buffers)
+        crate::train::engine::buffer_tensors(&self.buffers)
     }
 }
 
@@ -292,7 +284,7 @@ impl Objective for Distill {
         })
     }
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        buffer_tensors(&self.buffers)
+        crate::train::engine::buffer_tensors(&self.buffers)
     }
 }
 

@@ -143,7 +143,7 @@ fn resume_is_exact_and_student_exports() {
     let student = distillery::train::stage1::load_student(&full).unwrap();
     let x =
         candle_core::Tensor::randn(0f32, 1f32, (1, 3, 32, 32), &candle_core::Device::Cpu).unwrap();
-    let out = student.forward(&x, false).unwrap();
+    let out = student.forward(&x, false, false).unwrap();
     assert_eq!(out.normed.len(), 2);
     assert_eq!(out.normed[0][3].dims(), &[1, 32, 4, 4]);
 }
@@ -386,7 +386,7 @@ fn mixed_precision_keeps_f32_masters_and_resumes_exactly() {
             candle_core::Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, student.device())
                 .unwrap();
         assert!(
-            student.forward(&x, false).is_ok(),
+            student.forward(&x, false, false).is_ok(),
             "{dtype}: exported student runs in f32"
         );
     }
@@ -533,8 +533,8 @@ fn standardized_targets_held_out_fidelity_and_teacher_scale_export() {
     )
     .unwrap();
     let x = Tensor::randn(0f32, 1f32, (2, 3, 32, 32), &Device::Cpu).unwrap();
-    let a = exported.forward(&x, false).unwrap();
-    let b = trained.forward(&x, true).unwrap();
+    let a = exported.forward(&x, false, false).unwrap();
+    let b = trained.forward(&x, false, true).unwrap();
     for (t, &width) in widths.iter().enumerate() {
         for k in 0..4 {
             let want = stats
@@ -587,7 +587,7 @@ fn exact_fit_round_trips_to_the_teacher_scale() {
     }];
     let mut spec = StudentSpec::new(preset("vit-n8").unwrap(), 32, slots).unwrap();
     spec.target_norm = TargetNorm::Standardize;
-    let vm = seeded_params(spec.parameters(), 5, &dev, Path::new("init")).unwrap();
+    let vm = seeded_params(spec.parameters().unwrap(), 5, &dev, Path::new("init")).unwrap();
     let build = |vm: &candle_nn::VarMap| {
         Student::build(
             &spec,
@@ -597,7 +597,7 @@ fn exact_fit_round_trips_to_the_teacher_scale() {
     };
     let x = Tensor::randn(0f32, 1f32, (3, 3, 32, 32), &dev).unwrap();
     // standardise the student's own aligner outputs: W' = W / sd, b' = (b - mu) / sd
-    let out = build(&vm).forward(&x, true).unwrap();
+    let out = build(&vm).forward(&x, false, true).unwrap();
     let vars = vars_of(&vm).unwrap();
     for k in 0..4 {
         let mut m = Moments::new(40, false);
@@ -622,7 +622,7 @@ fn exact_fit_round_trips_to_the_teacher_scale() {
         b.set(&((b.as_tensor() - &mu).unwrap() / &sd).unwrap())
             .unwrap();
     }
-    let fitted = build(&vm).forward(&x, true).unwrap();
+    let fitted = build(&vm).forward(&x, false, true).unwrap();
     // the teacher: the standardised output at another scale and offset per channel
     let sigma = Tensor::rand(0.5f32, 4.0, 40, &dev).unwrap();
     let mu = Tensor::randn(0f32, 3.0, 40, &dev).unwrap();
@@ -659,9 +659,16 @@ fn exact_fit_round_trips_to_the_teacher_scale() {
     );
     let tmp = tempfile::tempdir().unwrap();
     let paths = RunPaths::new(tmp.path());
-    distillery::train::stage1::export_student(&paths, &spec, &vars, Some(&stats)).unwrap();
+    distillery::train::stage1::export_student(
+        &paths,
+        &spec,
+        &vars,
+        &candle_nn::VarMap::new(),
+        Some(&stats),
+    )
+    .unwrap();
     let exported = distillery::train::stage1::load_student(tmp.path()).unwrap();
-    let got = exported.forward(&x, false).unwrap();
+    let got = exported.forward(&x, false, false).unwrap();
     for (k, t) in teacher.iter().enumerate() {
         let err = common::rel_err(&got.teacher[0][k].to_dtype(DType::F32).unwrap(), t);
         assert!(

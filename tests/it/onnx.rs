@@ -246,7 +246,7 @@ fn sak_student_exports_its_teacher_features() {
         },
     ];
     let spec = StudentSpec::new(preset("vit-n8").unwrap(), 32, slots).unwrap();
-    let vm = stage1::new_student_params(&spec, None, 3, &Device::Cpu).unwrap();
+    let (vm, bm) = stage1::new_student_params(&spec, None, 3, &Device::Cpu).unwrap();
     let vars = vars_of(&vm).unwrap();
     // move every parameter off its init (adapters start near the identity)
     for v in vars.values() {
@@ -257,11 +257,11 @@ fn sak_student_exports_its_teacher_features() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     std::fs::create_dir_all(&run).unwrap();
-    stage1::export_student(&RunPaths::new(&run), &spec, &vars, None).unwrap();
+    stage1::export_student(&RunPaths::new(&run), &spec, &vars, &bm, None).unwrap();
     // output projections for teacher 0 (what a target-normalised run exports)
     let wpath = run.join(stage1::STUDENT_WEIGHTS);
     let mut w = candle_core::safetensors::load(&wpath, &Device::Cpu).unwrap();
-    let d = spec.arch.dim;
+    let d = spec.vit().unwrap().dim;
     for k in 0..spec.levels.len() {
         let r = |s: &[usize]| Tensor::randn(0f32, 0.3, s, &Device::Cpu).unwrap();
         w.insert(format!("tsap.0.outputs.{k}.weight"), r(&[48, d]));

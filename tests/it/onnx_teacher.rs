@@ -72,7 +72,7 @@ fn onnx_and_safetensors_teachers_give_the_same_distillation_loss() {
         .unwrap()
         .with_level_count(1)
         .unwrap();
-    let vars = new_student_params(&spec, None, 5, &Device::Cpu).unwrap();
+    let (vars, _) = new_student_params(&spec, None, 5, &Device::Cpu).unwrap();
     let student = Student::build(
         &spec,
         &Weights::from_vars(&vars, Path::new("init")).unwrap(),

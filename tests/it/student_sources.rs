@@ -15,21 +15,21 @@ use std::path::Path;
 /// The stem built from `source` gives the reference's block outputs (patch tokens) at the
 /// distilled levels.
 fn stem_matches_reference(source: &str) {
-    let src = StemSource::open(&model_dir(source).to_string_lossy()).unwrap();
+    let src = StemSource::open(&model_dir(source).to_string_lossy(), 32).unwrap();
     let slot = TeacherSlot {
         name: "t".into(),
         dim: 16,
     };
-    let spec = StudentSpec::new(src.arch.clone(), 32, vec![slot]).unwrap();
-    let vm = new_student_params(&spec, Some(&src), 0, &candle_core::Device::Cpu).unwrap();
+    let spec = StudentSpec::new(src.stem.clone(), 32, vec![slot]).unwrap();
+    let (vm, _) = new_student_params(&spec, Some(&src), 0, &candle_core::Device::Cpu).unwrap();
     let student = Student::build(
         &spec,
         &distillery::weights::Weights::from_vars(&vm, Path::new("test")).unwrap(),
     )
     .unwrap();
     let r = reference(&format!("{source}-native"));
-    let out = student.forward(&r["pixel_values"], false).unwrap();
-    let prefix = spec.arch.prefix_tokens();
+    let out = student.forward(&r["pixel_values"], false, false).unwrap();
+    let prefix = spec.vit().unwrap().prefix_tokens();
     for (k, &b) in spec.levels.iter().enumerate() {
         let want = &r[&format!("hidden_states.{}", b + 1)];
         let n = want.dim(1).unwrap();
@@ -41,8 +41,8 @@ fn stem_matches_reference(source: &str) {
 
 #[test]
 fn transformers_vit_with_mlp_96_is_read_whole() {
-    let src = StemSource::open(&model_dir("vit-mlp96").to_string_lossy()).unwrap();
-    let a = &src.arch;
+    let src = StemSource::open(&model_dir("vit-mlp96").to_string_lossy(), 32).unwrap();
+    let a = src.stem.vit().unwrap();
     assert_eq!((a.dim, a.depth, a.heads, a.patch), (44, 4, 4, 8));
     assert_eq!(a.mlp_hidden, 96);
     assert!(!a.qkv_bias);
@@ -53,8 +53,8 @@ fn transformers_vit_with_mlp_96_is_read_whole() {
 
 #[test]
 fn timm_vit_with_registers_and_layer_scale_is_read_whole() {
-    let src = StemSource::open(&model_dir("timm-vit-reg").to_string_lossy()).unwrap();
-    let a = &src.arch;
+    let src = StemSource::open(&model_dir("timm-vit-reg").to_string_lossy(), 32).unwrap();
+    let a = src.stem.vit().unwrap();
     assert_eq!((a.dim, a.depth, a.heads, a.patch), (32, 4, 2, 8));
     assert_eq!(a.mlp_hidden, 96);
     assert!(!a.qkv_bias);
@@ -66,12 +66,26 @@ fn timm_vit_with_registers_and_layer_scale_is_read_whole() {
 #[test]
 fn a_non_vit_cannot_be_a_student_and_says_why() {
     let sam = model_dir("sam");
-    let e = StemSource::open(&sam.to_string_lossy())
+    let e = StemSource::open(&sam.to_string_lossy(), 32)
         .err()
         .expect("SAM is not a plain ViT")
         .to_string();
     assert!(e.contains(&*sam.to_string_lossy()), "{e}");
-    assert!(e.contains("not a plain ViT"), "{e}");
+    assert!(
+        e.contains("neither a plain ViT nor a registered backbone"),
+        "{e}"
+    );
+    // a timm folder of a registered family whose widths are not the registered name's: the
+    // tensor that disagrees is named
+    let tiny = model_dir("timm-resnet-basic");
+    let e = StemSource::open(&tiny.to_string_lossy(), 32)
+        .err()
+        .expect("custom widths")
+        .to_string();
+    assert!(
+        e.contains("layer1.0.conv1.weight") && e.contains("[8, 64, 3, 3]"),
+        "{e}"
+    );
 }
 
 /// distill (interrupted and resumed) -> student.json with every field -> features -> stage 2.

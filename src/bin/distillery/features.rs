@@ -157,8 +157,10 @@ fn student(dir: &Path, a: &Args) -> Result<()> {
     let spec = &student.spec;
     let x = student_pixels(spec, &a.image, a.pixels.as_deref(), student.device())?;
     eprintln!(
-        "student: width={} depth={} patch={} trained at {} px, levels {:?}",
-        spec.arch.dim, spec.arch.depth, spec.arch.patch, spec.image_size, spec.levels
+        "student: {} stem trained at {} px, levels {:?}",
+        spec.stem_name(),
+        spec.image_size,
+        spec.levels
     );
     for (t, slot) in spec.teachers.iter().enumerate() {
         eprintln!("teacher.{t} = {} (width {})", slot.name, slot.dim);
