@@ -178,3 +178,71 @@ fn transformers_student_trains_resumes_exports_and_loads_back() {
 fn timm_student_trains_resumes_exports_and_loads_back() {
     run_through("timm-vit-reg", 96);
 }
+
+/// A timm folder of a registered backbone at its published widths (as `timm/mobilevitv2_050`
+/// ships) initialises the stem: every stem parameter and BatchNorm statistic is the folder's,
+/// the classifier is left out, and the input normalisation is the folder's.
+#[test]
+fn timm_backbone_folder_initialises_a_mobile_student() {
+    use candle_core::{Device, Tensor};
+    use distillery::models::backbone;
+    use distillery::train::engine;
+    let spec = backbone::spec_at_default("mobilevitv2_050")
+        .unwrap()
+        .with_classes(1000)
+        .unwrap();
+    let (params, buffers, _) =
+        engine::random_backbone(spec.as_ref(), 7, &Device::Cpu, candle_core::DType::F32).unwrap();
+    // every value off its initialiser (BatchNorm statistics included)
+    let mut tensors = std::collections::HashMap::new();
+    for vm in [&params, &buffers] {
+        for (name, v) in engine::vars_of(vm).unwrap() {
+            let t = v.as_tensor();
+            let r = Tensor::randn(0f32, 0.2, t.shape(), &Device::Cpu).unwrap();
+            let t = if name.ends_with("running_var") {
+                (r.abs().unwrap() + 0.5).unwrap()
+            } else {
+                (t + r).unwrap()
+            };
+            tensors.insert(name, t);
+        }
+    }
+    assert!(tensors.contains_key("head.fc.weight"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mobilevitv2_050.cvnets_in1k");
+    std::fs::create_dir_all(&dir).unwrap();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    // the fixture's config with the published width factor (1.0: the 050 multiplier is in the name)
+    let cfg = std::fs::read_to_string(model_dir("timm-mobilevitv2-050").join("config.json"))
+        .unwrap()
+        .replace("\"width_factor\": 0.25", "\"width_factor\": 1.0")
+        .replace("\"num_classes\": 6", "\"num_classes\": 1000");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+
+    let (stem, norm, src) =
+        distillery::train::stage1::student_stem(&dir.to_string_lossy(), 64).unwrap();
+    assert_eq!(norm, ([0.0; 3], [1.0; 3]));
+    let slot = TeacherSlot {
+        name: "t".into(),
+        dim: 16,
+    };
+    let spec = StudentSpec::new(stem, 64, vec![slot])
+        .unwrap()
+        .with_norm(norm.0, norm.1);
+    let (vm, bm) = new_student_params(&spec, src.as_ref(), 0, &Device::Cpu).unwrap();
+    let (vars, bufs) = (engine::vars_of(&vm).unwrap(), engine::vars_of(&bm).unwrap());
+    let mut checked = 0;
+    for (name, want) in &tensors {
+        let key = format!("stem.{name}");
+        let got = vars.get(&key).or_else(|| bufs.get(&key));
+        match got {
+            Some(v) => {
+                assert_eq!(common::max_abs_diff(v.as_tensor(), want), 0.0, "{name}");
+                checked += 1;
+            }
+            None => assert!(name.starts_with("head."), "{name} not in the student"),
+        }
+    }
+    assert_eq!(checked, tensors.len() - 2, "all but the classifier");
+    assert!(bufs.keys().any(|k| k.ends_with("running_mean")));
+}
