@@ -553,7 +553,6 @@ impl OnnxTokens {
 
     /// Patch tokens `[B, h*w, C]` as a map `[B, C, h, w]`.
     pub fn map(&self, g: &mut crate::onnx::Graph, patches: &str) -> Result<String> {
-        let m = g.transpose(patches, &[0, 2, 1]);
-        g.reshape(&m, &[0, -1, self.grid.0 as i64, self.grid.1 as i64])
+        g.tokens_to_map(patches, self.grid)
     }
 }

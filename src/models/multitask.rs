@@ -370,7 +370,6 @@ impl Decoder {
         f: &super::student::OnnxStudent,
     ) -> Result<Vec<(String, String, usize)>> {
         let (ih, iw) = g.input_hw();
-        let grid = f.tokens.grid;
         let (qh, qw) = (ih.div_ceil(4), iw.div_ceil(4));
         let n_exp = self.spec.experts() as i64;
         let mut out = Vec::new();
@@ -412,8 +411,8 @@ impl Decoder {
                     }
                 };
                 let t = proj.onnx(g, &mixed)?;
-                let map = f.tokens.map(g, &t)?;
-                parts.push(g.resize_bilinear(&map, grid, (qh, qw), false)?);
+                let map = g.tokens_to_map(&t, f.grids[k])?;
+                parts.push(g.resize_bilinear(&map, f.grids[k], (qh, qw), false)?);
             }
             let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
             let x = g.node("Concat", &refs, vec![("axis", crate::onnx::Attr::Int(1))]);

@@ -656,7 +656,11 @@ impl Student {
     /// The grid of every distilled level at the training input (a backbone's: from one
     /// eval-mode forward of a blank image, since families round odd sides differently).
     pub fn level_grids(&self) -> Result<Vec<(usize, usize)>> {
-        let (h, w) = self.spec.hw();
+        self.level_grids_at(self.spec.hw())
+    }
+
+    /// The grid of every distilled level for an input of (h, w).
+    pub fn level_grids_at(&self, (h, w): (usize, usize)) -> Result<Vec<(usize, usize)>> {
         match &self.stem {
             Stem::Vit(_) => {
                 let a = self.vit_arch()?;
@@ -676,19 +680,6 @@ impl Student {
         self.spec
             .vit()
             .ok_or_else(|| Error::Invalid("the student's stem is not a ViT".into()))
-    }
-
-    /// The ViT stem (export of a backbone stem's SAK student to ONNX is not available yet).
-    fn vit_stem(&self) -> Result<&TokenEncoder> {
-        match &self.stem {
-            Stem::Vit(enc) => Ok(enc),
-            Stem::Net(_) => Err(Error::Invalid(format!(
-                "ONNX export of a SAK student with a {} stem is not available yet (ViT stems \
-                 export; the backbone itself exports with `distillery export --model {}`)",
-                self.spec.stem_name(),
-                self.spec.stem_name()
-            ))),
-        }
     }
 
     /// The student as a [`Backbone`] (the stem's pyramid at the distilled levels).
@@ -792,57 +783,92 @@ fn push_levels(
     teacher.push(t);
 }
 
-/// The student's forward pass in an ONNX graph (token values `[B, h*w, C]`, patch tokens
-/// only).
+/// The student's forward pass in an ONNX graph (tokens `[B, h_k*w_k, C_k]` per level).
 pub struct OnnxStudent {
-    pub tokens: super::encoder::OnnxTokens,
-    /// per level the raw stem patch tokens
+    /// per level the raw stem features as tokens (a ViT's patch tokens)
     pub stem: Vec<String>,
     /// `[teacher][level]` the LayerNorm-ed adapter tokens
     pub normed: Vec<Vec<String>>,
     /// `[teacher][level]` through the output projection where the student has one
     pub teacher: Vec<Vec<String>>,
+    /// per level its grid (h_k, w_k) at the graph's input size
+    pub grids: Vec<(usize, usize)>,
 }
 
 impl Student {
     /// The forward pass as ONNX nodes reading normalised pixels `x` of the graph's input size.
     pub fn onnx_forward(&self, g: &mut crate::onnx::Graph, x: &str) -> Result<OnnxStudent> {
-        let stem = self.vit_stem()?;
-        let depth = self.vit_arch()?.depth;
         let hw = g.input_hw();
-        let t = stem.onnx_hidden_states(g, x, hw, depth)?;
-        let stem = self
-            .spec
-            .levels
-            .iter()
-            .map(|&b| t.patches(g, &t.hidden[b + 1]))
-            .collect::<Result<_>>()?;
+        let grids = self.level_grids_at(hw)?;
         let (mut normed, mut teacher) = (Vec::new(), Vec::new());
-        for path in &self.paths {
-            // R_0 = a_0(X_0), R_l = a_l(R_{l-1} + X_l)
-            let mut r = vec![path.adapters[0].onnx(g, &t.hidden[0])?];
-            for l in 1..=depth {
-                let s = g.node("Add", &[&r[l - 1], &t.hidden[l]], vec![]);
-                r.push(path.adapters[l].onnx(g, &s)?);
+        let mut push = |path: &Path, k: usize, r: &str, g: &mut crate::onnx::Graph| -> Result<()> {
+            let n = path.norms[k].onnx(g, r)?;
+            let o = match &path.outputs[k] {
+                Some(o) => o.onnx(g, &n)?,
+                None => n.clone(),
+            };
+            if k == 0 {
+                normed.push(Vec::new());
+                teacher.push(Vec::new());
             }
-            let (mut n_t, mut o_t) = (Vec::new(), Vec::new());
-            for (k, &b) in self.spec.levels.iter().enumerate() {
-                let p = t.patches(g, &r[b + 1])?;
-                let n = path.norms[k].onnx(g, &p)?;
-                o_t.push(match &path.outputs[k] {
-                    Some(o) => o.onnx(g, &n)?,
-                    None => n.clone(),
-                });
-                n_t.push(n);
+            if let (Some(nl), Some(tl)) = (normed.last_mut(), teacher.last_mut()) {
+                nl.push(n);
+                tl.push(o);
             }
-            normed.push(n_t);
-            teacher.push(o_t);
-        }
+            Ok(())
+        };
+        let stem = match &self.stem {
+            Stem::Vit(enc) => {
+                let depth = self.vit_arch()?.depth;
+                let t = enc.onnx_hidden_states(g, x, hw, depth)?;
+                let stem = self
+                    .spec
+                    .levels
+                    .iter()
+                    .map(|&b| t.patches(g, &t.hidden[b + 1]))
+                    .collect::<Result<Vec<_>>>()?;
+                for path in &self.paths {
+                    // R_0 = a_0(X_0), R_l = a_l(R_{l-1} + X_l)
+                    let mut r = vec![path.adapters[0].onnx(g, &t.hidden[0])?];
+                    for l in 1..=depth {
+                        let s = g.node("Add", &[&r[l - 1], &t.hidden[l]], vec![]);
+                        r.push(path.adapters[l].onnx(g, &s)?);
+                    }
+                    for (k, &b) in self.spec.levels.iter().enumerate() {
+                        let p = t.patches(g, &r[b + 1])?;
+                        push(path, k, &p, g)?;
+                    }
+                }
+                stem
+            }
+            Stem::Net(net) => {
+                let all = net.onnx_intermediates(g, x)?;
+                let stem = self
+                    .spec
+                    .levels
+                    .iter()
+                    .map(|&l| {
+                        let m = all.get(l).ok_or_else(|| {
+                            Error::Invalid(format!("the stem exported no level {l}"))
+                        })?;
+                        g.map_to_tokens(m)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                for path in &self.paths {
+                    // R_k = a_k(X_k), one adapter per level
+                    for (k, s) in stem.iter().enumerate() {
+                        let r = path.adapters[k].onnx(g, s)?;
+                        push(path, k, &r, g)?;
+                    }
+                }
+                stem
+            }
+        };
         Ok(OnnxStudent {
-            tokens: t,
             stem,
             normed,
             teacher,
+            grids,
         })
     }
 
@@ -865,7 +891,11 @@ impl Student {
             .collect();
         for (ti, levels) in f.teacher.iter().enumerate() {
             for (k, v) in levels.iter().enumerate() {
-                out.push((format!("teacher.{ti}.level.{k}"), f.tokens.map(g, v)?, 4));
+                out.push((
+                    format!("teacher.{ti}.level.{k}"),
+                    g.tokens_to_map(v, f.grids[k])?,
+                    4,
+                ));
             }
         }
         Ok(out)

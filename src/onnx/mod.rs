@@ -307,6 +307,18 @@ impl Graph {
         self.node("Transpose", &[x], vec![("perm", Attr::Ints(perm.to_vec()))])
     }
 
+    /// Tokens `[B, h*w, C]` as a map `[B, C, h, w]`.
+    pub fn tokens_to_map(&mut self, tokens: &str, (h, w): (usize, usize)) -> Result<String> {
+        let m = self.transpose(tokens, &[0, 2, 1]);
+        self.reshape(&m, &[0, -1, h as i64, w as i64])
+    }
+
+    /// A map `[B, C, h, w]` as tokens `[B, h*w, C]`.
+    pub fn map_to_tokens(&mut self, map: &str) -> Result<String> {
+        let flat = self.reshape(map, &[0, 0, -1])?;
+        Ok(self.transpose(&flat, &[0, 2, 1]))
+    }
+
     /// A constant `[1, ...]` tensor repeated along a first axis as long as `like`'s.
     pub fn expand_batch(&mut self, t: &Tensor, like: &str) -> Result<String> {
         let c = self.constant("const", t)?;

@@ -674,8 +674,9 @@ fn parameter_counts_match_the_reference() {
 
 /// SAK with a mobile student: `distill --student mobilevitv2_050` (one adapter per distilled
 /// pyramid level, at the level's width and stride) resumes exactly with its BatchNorm
-/// statistics, exports them, answers `features` per level, and stage 2 (routers and heads at
-/// the levels' widths) trains from it, resumes exactly and predicts.
+/// statistics, exports them, answers `features` per level and exports to ONNX, and stage 2
+/// (routers and heads at the levels' widths) trains from it, resumes exactly, predicts and
+/// exports.
 #[test]
 fn backbone_student_distils_and_trains_stage2() {
     let tmp = tempfile::tempdir().unwrap();
@@ -763,16 +764,19 @@ fn backbone_student_distils_and_trains_stage2() {
         assert_eq!(f[&format!("stem.level.{k}")].dim(2).unwrap(), c);
     }
     assert_eq!(f[&"teacher.0.level.0".to_string()].dims(), &[1, 64, 12, 12]);
-    // ONNX export of such a student is refused with a reason, not a wrong graph
-    let o = bin(&[
-        "export",
-        "--model",
-        &s(&full),
-        "--out",
-        &s(&t.join("x.onnx")),
-    ]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not available yet"));
+    // ONNX export (tract) gives what `features` computes, every output, at batch 2
+    let onnx = t.join("student.onnx");
+    ok(&bin(&["export", "--model", &s(&full), "--out", &s(&onnx)]));
+    let student = distillery::train::stage1::load_student(&full).unwrap();
+    let x = Tensor::rand(0f32, 1.0, (2, 3, 48, 48), &Device::Cpu).unwrap();
+    let want = distillery::features::student_tensors(&student, &x).unwrap();
+    let m = distillery::onnx::OnnxModel::load(&onnx, &[2, 3, 48, 48]).unwrap();
+    let got = m.run(&x).unwrap();
+    assert_eq!(got.len(), 12);
+    for (name, g) in m.outputs().iter().zip(&got) {
+        let err = common::rel_err(g, &want[name]);
+        assert!(err <= 1e-4, "{name}: rel err {err}");
+    }
 
     // stage 2 from the distilled student, interrupted and resumed
     let cfg = t.join("s2.toml");
@@ -809,4 +813,5 @@ fn backbone_student_distils_and_trains_stage2() {
         &s(&pred),
     ]));
     assert!(pred.join("00000_2008_000001_semseg.png").is_file());
+    check_onnx_export(&t.join("s2"), t);
 }
