@@ -295,6 +295,8 @@ pub fn peak_rss_mib() -> Option<f64> {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct StepBench {
     pub precision: String,
+    /// the student (a ViT preset or a registered backbone)
+    pub student: String,
     pub teachers: usize,
     pub batch: usize,
     pub image: usize,
@@ -323,12 +325,14 @@ fn median(v: &mut [f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// One stage-1 step (student forward + every teacher + loss + backward + AdamW) of a ViT-S/16
-/// student with `n_teachers` ViT-B/16-size teachers (random weights) at `image` px; with
+/// One stage-1 step (student forward + every teacher + loss + backward + AdamW) of `student` (a
+/// ViT preset such as `vit-s16` or a registered backbone such as `mobilevitv2_100`) with
+/// `n_teachers` ViT-B/16-size teachers (random weights) at `image` px; with
 /// `cached`, the teachers' features are computed once before timing and the step reads them
 /// (the `--cache` path's step).
 #[allow(clippy::too_many_arguments)]
 pub fn time_stage1_step(
+    student: &str,
     n_teachers: usize,
     batch: usize,
     image: usize,
@@ -338,10 +342,11 @@ pub fn time_stage1_step(
     dev: &Device,
     precision: crate::device::Precision,
 ) -> Result<StepBench> {
-    use crate::models::student::{preset, Student, StudentSpec, TeacherSlot};
+    use crate::models::student::{Student, StudentSpec, TeacherSlot};
     use crate::teacher::Teacher;
     use crate::train::engine::StepModel;
-    use crate::train::stage1::{distill_terms, new_student_params, TeacherBatch};
+    use crate::train::stage1::{distill_terms, new_student_params, student_stem, TeacherBatch};
+    let student_name = student;
     let opts = LoadOptions {
         device: dev.clone(),
         dtype: precision.dtype(),
@@ -370,9 +375,9 @@ pub fn time_stage1_step(
             dim: t.encoder.info().width,
         })
         .collect();
-    let dims = preset("vit-s16").ok_or_else(|| Error::Invalid("preset".into()))?;
-    let spec = StudentSpec::new(dims, image, slots)?;
-    let (vm, bm) = new_student_params(&spec, None, 0, dev)?;
+    let (stem, (mean, std), src) = student_stem(student_name, image)?;
+    let spec = StudentSpec::new(stem, image, slots)?.with_norm(mean, std);
+    let (vm, bm) = new_student_params(&spec, src.as_ref(), 0, dev)?;
     let build_spec = spec.clone();
     let mut student = StepModel::new(
         &vm,
@@ -429,6 +434,7 @@ pub fn time_stage1_step(
     let median_s = median(&mut times);
     Ok(StepBench {
         precision: format!("{precision:?}").to_lowercase(),
+        student: student_name.to_string(),
         teachers: n_teachers,
         batch,
         image,

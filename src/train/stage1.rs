@@ -409,6 +409,13 @@ pub fn student_stem(
         if let Some((stem, norm)) = StemArch::backbone(name, (image_size, image_size))? {
             return Ok((stem, norm, None));
         }
+        if !name.contains('/') {
+            return Err(Error::Invalid(format!(
+                "unknown student {name:?}: not a folder, a hub id (org/name), a ViT preset or a \
+                 registered backbone (known: {})",
+                crate::models::backbone::names().join(", ")
+            )));
+        }
     }
     let src = StemSource::open(name, image_size)?;
     Ok((src.stem.clone(), src.norm, Some(src)))

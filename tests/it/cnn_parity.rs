@@ -355,6 +355,39 @@ fn bench_times_a_training_step() {
     assert!(!o.status.success());
 }
 
+/// `bench --task stage1-step --student NAME` times a SAK step with a mobile student, phase by
+/// phase; an unknown student lists the known ones.
+#[test]
+fn bench_times_a_sak_step_with_a_mobile_student() {
+    let o = common::bin(&[
+        "bench",
+        "--task",
+        "stage1-step",
+        "--student",
+        "mobilevitv2_050",
+        "--teachers",
+        "1",
+        "--batch",
+        "1",
+        "--image",
+        "32",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        "--json",
+    ]);
+    common::ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["student"], "mobilevitv2_050", "{v}");
+    let phases = v["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 5, "{v}");
+    let o = common::bin(&["bench", "--task", "stage1-step", "--student", "mobilevit9"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("mobilevit9") && e.contains("mobilevitv2_100"), "{e}");
+}
+
 /// `reparameterize` writes a folded timm folder that loads by itself and gives timm's folded
 /// outputs; folding it again, or folding a model that is not a FastViT, fails with a message.
 #[test]

@@ -1,4 +1,5 @@
-//! `distillery bench`: time a ViT-B/16 forward or a SAK stage-1 step on random weights.
+//! `distillery bench`: time a forward, a SAK stage-1 step or a student's training step on random
+//! weights.
 
 use crate::common::ComputeArgs;
 use anyhow::Result;
@@ -8,7 +9,8 @@ use clap::ValueEnum;
 enum Task {
     /// ViT-B/16 encoder forward
     Forward,
-    /// ViT-S/16 student + N ViT-B/16 teachers: forward, loss, backward, AdamW
+    /// SAK stage-1 step of --student (default vit-s16) with N ViT-B/16 teachers: forward, loss,
+    /// backward, AdamW
     Stage1Step,
     /// One training step of --model (a registered student name) with a 1000-way classifier:
     /// train-mode forward, cross-entropy, backward, AdamW
@@ -27,6 +29,10 @@ pub struct Args {
     /// Teachers for --task stage1-step
     #[arg(long, default_value_t = 3)]
     teachers: usize,
+    /// The student for --task stage1-step: a ViT preset (vit-s16) or a registered backbone
+    /// (mobilevitv2_100, fastvit_t8, resnet50, ...)
+    #[arg(long, default_value = "vit-s16")]
+    student: String,
     /// With --task stage1-step: print the median time of each phase (teachers, student
     /// forward, loss, backward, optimizer)
     #[arg(long)]
@@ -56,6 +62,7 @@ pub fn run(a: Args) -> Result<()> {
     match a.task {
         Task::Stage1Step => {
             let r = distillery::bench::time_stage1_step(
+                &a.student,
                 a.teachers,
                 a.batch,
                 a.image,
@@ -69,8 +76,9 @@ pub fn run(a: Args) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "SAK stage-1 step{}, ViT-S/16 student + {} ViT-B/16 teachers, batch {}, {} px, {dtype:?}: median {:.3} s, min {:.3} s, peak RSS {:.0} MiB",
+                    "SAK stage-1 step{}, {} student + {} ViT-B/16 teachers, batch {}, {} px, {dtype:?}: median {:.3} s, min {:.3} s, peak RSS {:.0} MiB",
                     if a.cached { " (cached teacher features)" } else { "" },
+                    a.student,
                     a.teachers,
                     a.batch,
                     a.image,
