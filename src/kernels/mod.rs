@@ -77,7 +77,7 @@ macro_rules! multiversion {
 }
 
 mod affine;
-pub use affine::{channel_affine_act, channel_stats, Act};
+pub use affine::{channel_affine_act, channel_bias, channel_scale, channel_stats, Act};
 mod adamw;
 pub use adamw::{adamw_update, AdamStep};
 mod feature_loss;

@@ -811,7 +811,7 @@ impl ConvBias {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = self.weight.dim(3)?;
         let y = conv2d(x, &self.weight, k / 2, self.stride, self.groups)?;
-        Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
+        Ok(crate::kernels::channel_bias(&y, &self.bias)?)
     }
 
     /// The convolution as an ONNX node reading `x` of side `hw`; the output and its side.
@@ -997,7 +997,7 @@ impl RepMixer {
 }
 
 fn layer_scale(x: &Tensor, gamma: &Tensor) -> Result<Tensor> {
-    Ok(x.broadcast_mul(&gamma.unsqueeze(0)?)?)
+    Ok(crate::kernels::channel_scale(x, gamma)?)
 }
 
 struct Mlp {
@@ -1012,7 +1012,7 @@ impl Mlp {
         let with_bias = |l: &Linear, x: &Tensor| -> Result<Tensor> {
             let y = pointwise(x, &l.weight)?;
             match &l.bias {
-                Some(b) => Ok(y.broadcast_add(&b.reshape((1, (), 1, 1))?)?),
+                Some(b) => Ok(crate::kernels::channel_bias(&y, b)?),
                 None => Ok(y),
             }
         };

@@ -385,7 +385,10 @@ fn bench_times_a_sak_step_with_a_mobile_student() {
     let o = common::bin(&["bench", "--task", "stage1-step", "--student", "mobilevit9"]);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("mobilevit9") && e.contains("mobilevitv2_100"), "{e}");
+    assert!(
+        e.contains("mobilevit9") && e.contains("mobilevitv2_100"),
+        "{e}"
+    );
 }
 
 /// `reparameterize` writes a folded timm folder that loads by itself and gives timm's folded
