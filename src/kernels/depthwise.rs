@@ -132,8 +132,43 @@ fn axpy_strided(y: &mut [f32], a: f32, x: &[f32], ix: usize, s: usize) {
     }
 }
 
+/// Stride-1 planes through a zero-padded copy (`(h + 2 pad) x (w + 2 pad)`): every tap then
+/// reads or writes one contiguous run of a padded row, with none of the per-tap border
+/// arithmetic of [`Geom::for_each_tap`] (which dominated on the small late-stage planes).
+impl Geom {
+    fn padded_w(&self) -> usize {
+        self.w + 2 * self.pad
+    }
+
+    /// `plane` copied into the interior of `buf` (zeros around).
+    fn pad_into(&self, plane: &[f32], buf: &mut Vec<f32>) {
+        let pw = self.padded_w();
+        buf.clear();
+        buf.resize(pw * (self.h + 2 * self.pad), 0.0);
+        for (iy, row) in plane.chunks(self.w).enumerate() {
+            let at = (iy + self.pad) * pw + self.pad;
+            buf[at..at + self.w].copy_from_slice(row);
+        }
+    }
+}
+
 /// One output plane from one input plane and its filter.
-fn forward_plane(g: &Geom, x: &[f32], k: &[f32], y: &mut [f32]) {
+fn forward_plane(g: &Geom, x: &[f32], k: &[f32], y: &mut [f32], buf: &mut Vec<f32>) {
+    if g.stride == 1 {
+        g.pad_into(x, buf);
+        let pw = g.padded_w();
+        for (oy, row) in y.chunks_mut(g.ow).enumerate() {
+            for ky in 0..g.kh {
+                let src = &buf[(oy + ky) * pw..(oy + ky) * pw + g.ow + g.kw - 1];
+                for (kx, &a) in k[ky * g.kw..(ky + 1) * g.kw].iter().enumerate() {
+                    for (d, v) in row.iter_mut().zip(&src[kx..kx + g.ow]) {
+                        *d += a * v;
+                    }
+                }
+            }
+        }
+        return;
+    }
     g.for_each_tap(|oy, iy, t, (lo, hi), ix| {
         let row = &mut y[oy * g.ow + lo..oy * g.ow + hi];
         axpy_strided(row, k[t], &x[iy * g.w..(iy + 1) * g.w], ix, g.stride);
@@ -141,8 +176,29 @@ fn forward_plane(g: &Geom, x: &[f32], k: &[f32], y: &mut [f32]) {
 }
 
 /// Gradient of one input plane from its output-plane gradient.
-fn input_grad_plane(g: &Geom, dy: &[f32], k: &[f32], dx: &mut [f32]) {
+fn input_grad_plane(g: &Geom, dy: &[f32], k: &[f32], dx: &mut [f32], buf: &mut Vec<f32>) {
     let s = g.stride;
+    if s == 1 {
+        // accumulate into the padded plane, then keep its interior
+        let pw = g.padded_w();
+        buf.clear();
+        buf.resize(pw * (g.h + 2 * g.pad), 0.0);
+        for (oy, src) in dy.chunks(g.ow).enumerate() {
+            for ky in 0..g.kh {
+                let dst = &mut buf[(oy + ky) * pw..(oy + ky) * pw + g.ow + g.kw - 1];
+                for (kx, &a) in k[ky * g.kw..(ky + 1) * g.kw].iter().enumerate() {
+                    for (d, v) in dst[kx..kx + g.ow].iter_mut().zip(src) {
+                        *d += a * v;
+                    }
+                }
+            }
+        }
+        for (iy, row) in dx.chunks_mut(g.w).enumerate() {
+            let at = (iy + g.pad) * pw + g.pad;
+            row.copy_from_slice(&buf[at..at + g.w]);
+        }
+        return;
+    }
     g.for_each_tap(|oy, iy, t, (lo, hi), ix| {
         let src = &dy[oy * g.ow + lo..oy * g.ow + hi];
         let dst = &mut dx[iy * g.w..(iy + 1) * g.w];
@@ -160,8 +216,26 @@ fn input_grad_plane(g: &Geom, dy: &[f32], k: &[f32], dx: &mut [f32]) {
 }
 
 /// Adds one plane's contribution to its filter's gradient.
-fn weight_grad_plane(g: &Geom, x: &[f32], dy: &[f32], dk: &mut [f32]) {
+fn weight_grad_plane(g: &Geom, x: &[f32], dy: &[f32], dk: &mut [f32], buf: &mut Vec<f32>) {
     let s = g.stride;
+    if s == 1 {
+        g.pad_into(x, buf);
+        let pw = g.padded_w();
+        for (oy, out) in dy.chunks(g.ow).enumerate() {
+            for ky in 0..g.kh {
+                let row = &buf[(oy + ky) * pw..(oy + ky) * pw + g.ow + g.kw - 1];
+                for (kx, d) in dk[ky * g.kw..(ky + 1) * g.kw].iter_mut().enumerate() {
+                    let dot: f32 = out
+                        .iter()
+                        .zip(&row[kx..kx + g.ow])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    *d += dot;
+                }
+            }
+        }
+        return;
+    }
     g.for_each_tap(|oy, iy, t, (lo, hi), ix| {
         let out = &dy[oy * g.ow + lo..oy * g.ow + hi];
         let row = &x[iy * g.w..(iy + 1) * g.w];
@@ -207,10 +281,10 @@ impl candle_core::CustomOp2 for DepthwiseConv {
         let mut y = vec![0f32; g.b * g.c * g.out_plane()];
         y.par_chunks_mut(g.out_plane().max(1))
             .enumerate()
-            .for_each(|(p, yp)| {
+            .for_each_init(Vec::new, |buf, (p, yp)| {
                 let c = p % g.c;
                 let xp = &x[p * g.in_plane()..(p + 1) * g.in_plane()];
-                forward_plane(&g, xp, &k[c * taps..(c + 1) * taps], yp);
+                forward_plane(&g, xp, &k[c * taps..(c + 1) * taps], yp, buf);
             });
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.c, g.oh, g.ow))))
     }
@@ -251,10 +325,10 @@ impl candle_core::CustomOp2 for InputGrad {
         let mut dx = vec![0f32; g.b * g.c * g.in_plane()];
         dx.par_chunks_mut(g.in_plane().max(1))
             .enumerate()
-            .for_each(|(p, dxp)| {
+            .for_each_init(Vec::new, |buf, (p, dxp)| {
                 let c = p % g.c;
                 let dyp = &dy[p * g.out_plane()..(p + 1) * g.out_plane()];
-                input_grad_plane(&g, dyp, &k[c * taps..(c + 1) * taps], dxp);
+                input_grad_plane(&g, dyp, &k[c * taps..(c + 1) * taps], dxp, buf);
             });
         Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c, g.h, g.w))))
     }
@@ -279,17 +353,20 @@ impl candle_core::CustomOp2 for KernelGrad {
         let (x, dy) = (f32_slice(xs, xl, "input")?, f32_slice(ds, dl, "gradient")?);
         let taps = g.kh * g.kw;
         let mut dk = vec![0f32; g.c * taps];
-        dk.par_chunks_mut(taps).enumerate().for_each(|(c, dkc)| {
-            for b in 0..g.b {
-                let p = b * g.c + c;
-                weight_grad_plane(
-                    &g,
-                    &x[p * g.in_plane()..(p + 1) * g.in_plane()],
-                    &dy[p * g.out_plane()..(p + 1) * g.out_plane()],
-                    dkc,
-                );
-            }
-        });
+        dk.par_chunks_mut(taps)
+            .enumerate()
+            .for_each_init(Vec::new, |buf, (c, dkc)| {
+                for b in 0..g.b {
+                    let p = b * g.c + c;
+                    weight_grad_plane(
+                        &g,
+                        &x[p * g.in_plane()..(p + 1) * g.in_plane()],
+                        &dy[p * g.out_plane()..(p + 1) * g.out_plane()],
+                        dkc,
+                        buf,
+                    );
+                }
+            });
         Ok((CpuStorage::F32(dk), Shape::from((g.c, 1, g.kh, g.kw))))
     }
 }
@@ -379,6 +456,8 @@ mod tests {
             (11, 8, 7, 7, 3, 2),
             (6, 9, 3, 3, 0, 1),
             (5, 5, 5, 3, 2, 3),
+            (7, 10, 5, 3, 2, 1),
+            (4, 6, 1, 1, 0, 1),
         ] {
             let c = 5;
             let x = Var::randn(0f32, 1.0, (2, c, h, w), &dev).unwrap();
