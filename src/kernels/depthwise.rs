@@ -140,11 +140,16 @@ impl Geom {
         self.w + 2 * self.pad
     }
 
+    /// `buf` as a zeroed padded plane.
+    fn zero_padded(&self, buf: &mut Vec<f32>) {
+        buf.clear();
+        buf.resize(self.padded_w() * (self.h + 2 * self.pad), 0.0);
+    }
+
     /// `plane` copied into the interior of `buf` (zeros around).
     fn pad_into(&self, plane: &[f32], buf: &mut Vec<f32>) {
         let pw = self.padded_w();
-        buf.clear();
-        buf.resize(pw * (self.h + 2 * self.pad), 0.0);
+        self.zero_padded(buf);
         for (iy, row) in plane.chunks(self.w).enumerate() {
             let at = (iy + self.pad) * pw + self.pad;
             buf[at..at + self.w].copy_from_slice(row);
@@ -181,8 +186,7 @@ fn input_grad_plane(g: &Geom, dy: &[f32], k: &[f32], dx: &mut [f32], buf: &mut V
     if s == 1 {
         // accumulate into the padded plane, then keep its interior
         let pw = g.padded_w();
-        buf.clear();
-        buf.resize(pw * (g.h + 2 * g.pad), 0.0);
+        g.zero_padded(buf);
         for (oy, src) in dy.chunks(g.ow).enumerate() {
             for ky in 0..g.kh {
                 let dst = &mut buf[(oy + ky) * pw..(oy + ky) * pw + g.ow + g.kw - 1];

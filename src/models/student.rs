@@ -47,21 +47,35 @@ pub struct NetStem {
 }
 
 impl NetStem {
-    /// The registered backbone `name` at input `hw`, without a classifier.
+    /// The registered backbone at input `hw`, without a classifier.
     pub fn spec(&self, hw: (usize, usize)) -> Result<Box<dyn BackboneSpec>> {
-        net_spec(&self.backbone, hw)
-    }
-}
-
-fn net_spec(name: &str, hw: (usize, usize)) -> Result<Box<dyn BackboneSpec>> {
-    super::backbone::spec(name, hw)
-        .ok_or_else(|| {
+        let name = &self.backbone;
+        registered_stem(name, hw)?.ok_or_else(|| {
             Error::Invalid(format!(
                 "unknown student {name:?} (known: {})",
                 super::backbone::names().join(", ")
             ))
-        })?
-        .with_classes(0)
+        })
+    }
+
+    /// The stem a backbone built from the registered `name` makes: its pyramid, and its
+    /// preprocessing's mean and std.
+    pub fn of(name: &str, net: &dyn Backbone) -> (StemArch, InputNorm) {
+        let p = net.preprocess();
+        let stem = NetStem {
+            backbone: name.to_string(),
+            pyramid: net.feature_info(),
+        };
+        (StemArch::Backbone(stem), (p.mean, p.std))
+    }
+}
+
+/// The registered backbone `name` at input `hw` without a classifier; None when `name` is not
+/// registered.
+pub fn registered_stem(name: &str, hw: (usize, usize)) -> Result<Option<Box<dyn BackboneSpec>>> {
+    super::backbone::spec(name, hw)
+        .map(|s| s.with_classes(0))
+        .transpose()
 }
 
 /// An input normalisation: per-channel mean and std.
@@ -94,18 +108,12 @@ impl StemArch {
     /// A registered non-ViT backbone as a stem at input `hw` (built once at random init to read
     /// its pyramid), with its preprocessing's mean and std; None when `name` is not registered.
     pub fn backbone(name: &str, hw: (usize, usize)) -> Result<Option<(Self, InputNorm)>> {
-        if super::backbone::spec(name, hw).is_none() {
+        let Some(spec) = registered_stem(name, hw)? else {
             return Ok(None);
-        }
-        let spec = net_spec(name, hw)?;
+        };
         let (_, _, net) =
             crate::train::engine::random_backbone(spec.as_ref(), 0, &Device::Cpu, DType::F32)?;
-        let p = net.preprocess();
-        let stem = NetStem {
-            backbone: name.to_string(),
-            pyramid: net.feature_info(),
-        };
-        Ok(Some((StemArch::Backbone(stem), (p.mean, p.std))))
+        Ok(Some(NetStem::of(name, net.as_ref())))
     }
 }
 
@@ -271,14 +279,18 @@ impl StudentSpec {
 
     /// A ViT stem as a backbone spec (a timm ViT without final norm).
     pub fn stem_spec(&self) -> Option<ViTSpec> {
-        Some(ViTSpec {
-            arch: self.vit()?.clone(),
+        self.vit().map(|a| self.vit_spec(a))
+    }
+
+    fn vit_spec(&self, arch: &VitArch) -> ViTSpec {
+        ViTSpec {
+            arch: arch.clone(),
             image_hw: self.hw(),
             levels: self.levels.clone(),
             mean: self.mean,
             std: self.std,
             num_classes: 0,
-        })
+        }
     }
 
     /// The stem's own parameters and buffers, named under `stem.`.
@@ -290,12 +302,7 @@ impl StudentSpec {
         Vec<(String, Vec<usize>, Init)>,
     )> {
         Ok(match &self.stem {
-            StemArch::Vit(_) => {
-                let spec = self
-                    .stem_spec()
-                    .ok_or_else(|| Error::Invalid("no ViT".into()))?;
-                (spec.parameters_under("stem."), Vec::new())
-            }
+            StemArch::Vit(a) => (self.vit_spec(a).parameters_under("stem."), Vec::new()),
             StemArch::Backbone(n) => {
                 let spec = n.spec(self.hw())?;
                 let under = |l: Vec<(String, Vec<usize>, Init)>| {
@@ -518,6 +525,22 @@ impl Path {
         };
         Ok((map, al, out))
     }
+
+    /// [`Path::level`] as ONNX nodes on adapter tokens `r`: the LayerNorm-ed tokens and what
+    /// the student outputs for the teacher (tokens).
+    fn onnx_level(
+        &self,
+        g: &mut crate::onnx::Graph,
+        k: usize,
+        r: &str,
+    ) -> Result<(String, String)> {
+        let n = self.norms[k].onnx(g, r)?;
+        let o = match &self.outputs[k] {
+            Some(o) => o.onnx(g, &n)?,
+            None => n.clone(),
+        };
+        Ok((n, o))
+    }
 }
 
 /// Student outputs for one batch.
@@ -577,11 +600,8 @@ impl Student {
     /// place by training-mode forwards).
     pub fn build_with_state(spec: &StudentSpec, w: &Weights, state: &Weights) -> Result<Self> {
         let (stem, preprocess) = match &spec.stem {
-            StemArch::Vit(_) => {
-                let vit = spec
-                    .stem_spec()
-                    .ok_or_else(|| Error::Invalid("no ViT stem".into()))?;
-                let enc = vit.encoder(&w.pp("stem"))?;
+            StemArch::Vit(a) => {
+                let enc = spec.vit_spec(a).encoder(&w.pp("stem"))?;
                 let p = enc.info.preprocess.clone();
                 (Stem::Vit(Box::new(enc)), p)
             }
@@ -676,6 +696,22 @@ impl Student {
         }
     }
 
+    /// The distilled levels of a backbone stem's whole pyramid (tensors or ONNX values).
+    fn distilled<T: Clone>(&self, pyramid: Vec<T>) -> Result<Vec<T>> {
+        self.spec
+            .levels
+            .iter()
+            .map(|&l| {
+                pyramid.get(l).cloned().ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "the stem gave {} levels, the student distils level {l}",
+                        pyramid.len()
+                    ))
+                })
+            })
+            .collect()
+    }
+
     fn vit_arch(&self) -> Result<&VitArch> {
         self.spec
             .vit()
@@ -730,16 +766,12 @@ impl Student {
                 }
                 (stem, vec![out.grid; self.spec.levels.len()])
             }
-            Stem::Net(net) => {
-                let maps = net.forward_intermediates(pixels, train)?;
+            Stem::Net(_) => {
                 let mut stem = Vec::new();
                 let mut grids = Vec::new();
-                for &l in &self.spec.levels {
-                    let m = maps
-                        .get(l)
-                        .ok_or_else(|| Error::Invalid(format!("the stem returned no level {l}")))?;
+                for m in self.forward_intermediates(pixels, train)? {
                     let (_, _, h, w) = m.dims4()?;
-                    stem.push(map_to_tokens(m)?);
+                    stem.push(map_to_tokens(&m)?);
                     grids.push((h, w));
                 }
                 for path in &self.paths {
@@ -801,22 +833,6 @@ impl Student {
         let hw = g.input_hw();
         let grids = self.level_grids_at(hw)?;
         let (mut normed, mut teacher) = (Vec::new(), Vec::new());
-        let mut push = |path: &Path, k: usize, r: &str, g: &mut crate::onnx::Graph| -> Result<()> {
-            let n = path.norms[k].onnx(g, r)?;
-            let o = match &path.outputs[k] {
-                Some(o) => o.onnx(g, &n)?,
-                None => n.clone(),
-            };
-            if k == 0 {
-                normed.push(Vec::new());
-                teacher.push(Vec::new());
-            }
-            if let (Some(nl), Some(tl)) = (normed.last_mut(), teacher.last_mut()) {
-                nl.push(n);
-                tl.push(o);
-            }
-            Ok(())
-        };
         let stem = match &self.stem {
             Stem::Vit(enc) => {
                 let depth = self.vit_arch()?.depth;
@@ -834,32 +850,43 @@ impl Student {
                         let s = g.node("Add", &[&r[l - 1], &t.hidden[l]], vec![]);
                         r.push(path.adapters[l].onnx(g, &s)?);
                     }
-                    for (k, &b) in self.spec.levels.iter().enumerate() {
-                        let p = t.patches(g, &r[b + 1])?;
-                        push(path, k, &p, g)?;
-                    }
+                    let (n, o): (Vec<_>, Vec<_>) = self
+                        .spec
+                        .levels
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &b)| {
+                            let p = t.patches(g, &r[b + 1])?;
+                            path.onnx_level(g, k, &p)
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                        .into_iter()
+                        .unzip();
+                    normed.push(n);
+                    teacher.push(o);
                 }
                 stem
             }
-            Stem::Net(net) => {
-                let all = net.onnx_intermediates(g, x)?;
+            Stem::Net(_) => {
                 let stem = self
-                    .spec
-                    .levels
+                    .onnx_intermediates(g, x)?
                     .iter()
-                    .map(|&l| {
-                        let m = all.get(l).ok_or_else(|| {
-                            Error::Invalid(format!("the stem exported no level {l}"))
-                        })?;
-                        g.map_to_tokens(m)
-                    })
+                    .map(|m| g.map_to_tokens(m))
                     .collect::<Result<Vec<_>>>()?;
                 for path in &self.paths {
                     // R_k = a_k(X_k), one adapter per level
-                    for (k, s) in stem.iter().enumerate() {
-                        let r = path.adapters[k].onnx(g, s)?;
-                        push(path, k, &r, g)?;
-                    }
+                    let (n, o): (Vec<_>, Vec<_>) = stem
+                        .iter()
+                        .enumerate()
+                        .map(|(k, s)| {
+                            let r = path.adapters[k].onnx(g, s)?;
+                            path.onnx_level(g, k, &r)
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                        .into_iter()
+                        .unzip();
+                    normed.push(n);
+                    teacher.push(o);
                 }
                 stem
             }
@@ -914,18 +941,7 @@ impl Backbone for Student {
     fn forward_intermediates(&self, pixels: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         match &self.stem {
             Stem::Vit(enc) => super::backbone::vit_pyramid(enc, &self.spec.levels, pixels),
-            Stem::Net(net) => {
-                let maps = net.forward_intermediates(pixels, train)?;
-                self.spec
-                    .levels
-                    .iter()
-                    .map(|&l| {
-                        maps.get(l).cloned().ok_or_else(|| {
-                            Error::Invalid(format!("the stem returned no level {l}"))
-                        })
-                    })
-                    .collect()
-            }
+            Stem::Net(net) => self.distilled(net.forward_intermediates(pixels, train)?),
         }
     }
     fn head(&self) -> &super::backbone::Head {
@@ -937,15 +953,7 @@ impl Backbone for Student {
                 let hw = g.input_hw();
                 enc.onnx_levels(g, x, hw, &self.spec.levels)
             }
-            Stem::Net(net) => {
-                let all = net.onnx_intermediates(g, x)?;
-                Ok(self
-                    .spec
-                    .levels
-                    .iter()
-                    .filter_map(|&l| all.get(l).cloned())
-                    .collect())
-            }
+            Stem::Net(net) => self.distilled(net.onnx_intermediates(g, x)?),
         }
     }
 }

@@ -11,7 +11,9 @@ use crate::data::{ImageSet, ImageSource};
 use crate::error::{Error, Result};
 use crate::losses::{teacher_loss, FeatureLoss};
 use crate::models::encoder::resample_pos_table;
-use crate::models::student::{preset, InputNorm, StemArch, Student, StudentSpec, TeacherSlot};
+use crate::models::student::{
+    preset, registered_stem, InputNorm, NetStem, StemArch, Student, StudentSpec, TeacherSlot,
+};
 use crate::models::{self, LoadOptions};
 use crate::target_norm::{Moments, TargetNorm, TargetStats, STATS_FILE};
 pub use crate::teacher::{dedup_names, parse_teacher_arg, short_name, Teacher};
@@ -447,24 +449,20 @@ impl StemSource {
         if let Some((spec, w)) = crate::models::backbone::read_folder(id, &LoadOptions::default())?
         {
             let name = spec.arch_name();
-            let Some((stem, _)) = StemArch::backbone(&name, (image_size, image_size))? else {
+            let Some(plain) = registered_stem(&name, (image_size, image_size))? else {
                 return Err(bad(format!("{name} is not a registered student")));
             };
-            let net = spec.build(&w, &w)?;
-            let p = net.preprocess();
-            let StemArch::Backbone(ns) = &stem else {
-                return Err(bad(format!("{name} is not a backbone")));
-            };
-            let plain = ns.spec((image_size, image_size))?;
+            // the registered widths, checked tensor by tensor (the error names the one)
             let tensors = plain
                 .parameters()
                 .into_iter()
                 .chain(plain.buffers())
                 .map(|(n, shape, _)| Ok((format!("stem.{n}"), w.get(shape, &n)?)))
                 .collect::<Result<_>>()?;
+            let (stem, norm) = NetStem::of(&name, spec.build(&w, &w)?.as_ref());
             return Ok(Self {
                 id: id.to_string(),
-                norm: (p.mean, p.std),
+                norm,
                 stem,
                 grid: None,
                 tensors,
