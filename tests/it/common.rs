@@ -51,6 +51,23 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     diff / scale
 }
 
+/// Every line of a metrics file (a run's `metrics.jsonl`) as JSON.
+pub fn metric_rows(file: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The `loss` of every line of a metrics file.
+pub fn loss_column(file: &std::path::Path) -> Vec<f64> {
+    metric_rows(file)
+        .iter()
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect()
+}
+
 /// Run the CLI (hub offline) and collect its output.
 pub fn bin<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_distillery"))

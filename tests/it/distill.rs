@@ -59,13 +59,9 @@ fn distill(images: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
 }
 
 fn losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
+    common::metric_rows(&run.join("metrics.jsonl"))
+        .iter()
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
         .collect()
 }
 
@@ -408,10 +404,8 @@ fn mixed_precision_keeps_f32_masters_and_resumes_exactly() {
 
 /// Metric lines of a run that carry held-out evaluations.
 fn eval_lines(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    common::metric_rows(&run.join("metrics.jsonl"))
+        .into_iter()
         .filter(|v| v.get("eval/loss").is_some())
         .collect()
 }

@@ -201,13 +201,7 @@ fn cached_teachers_give_the_online_losses() {
         ),
     );
     ok(&bin(&["train", "--config", &s(&cfg_c), "--quiet"]));
-    let read = |run: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(run.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let read = |run: &Path| common::metric_rows(&run.join("metrics.jsonl"));
     let (a, b) = (read(&online), read(&cached));
     assert_eq!(a.len(), 4);
     for (x, y) in a.iter().zip(&b) {
@@ -710,17 +704,7 @@ fn backbone_student_distils_and_trains_stage2() {
         ];
         ok(&bin(&[&args[..], extra].concat()));
     };
-    let losses = |run: &Path| -> Vec<f64> {
-        std::fs::read_to_string(run.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                    .as_f64()
-                    .unwrap()
-            })
-            .collect()
-    };
+    let losses = |run: &Path| common::loss_column(&run.join("metrics.jsonl"));
     let full = t.join("full");
     distill(&full, &[]);
     let part = t.join("part");

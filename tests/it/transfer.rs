@@ -274,17 +274,7 @@ fn bad_transfer_inputs_are_named() {
 #[test]
 fn cached_teacher_logits_match_the_online_teacher() {
     let dir = tempfile::tempdir().unwrap();
-    let losses = |out: &Path| -> Vec<f64> {
-        std::fs::read_to_string(out.join("task-oriented/distill/metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                    .as_f64()
-                    .unwrap()
-            })
-            .collect()
-    };
+    let losses = |out: &Path| common::loss_column(&out.join("task-oriented/distill/metrics.jsonl"));
     let run = |name: &str, cached: bool| {
         let out = dir.path().join(name);
         let mut extra = vec![

@@ -216,15 +216,7 @@ fn segmentation_transfer_on_digit_scenes() {
 }
 
 fn losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("task-oriented/distill/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
+    common::loss_column(&out.join("task-oriented/distill/metrics.jsonl"))
 }
 
 #[test]
