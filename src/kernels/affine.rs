@@ -5,7 +5,8 @@
 //! one pass too. CPU f32 only; other devices and dtypes compose candle ops.
 
 use super::exp_approx;
-use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use super::op::{apply, apply_no_bwd, operands, In, Kernel};
+use candle_core::{Shape, Tensor};
 use rayon::prelude::*;
 
 /// The activation after the affine map.
@@ -28,7 +29,7 @@ fn sigmoid(v: f32) -> f32 {
 }
 
 #[inline(always)]
-fn apply(v: f32, act: u8) -> f32 {
+fn activate(v: f32, act: u8) -> f32 {
     match act {
         1 => v.max(0.0),
         2 => v * sigmoid(v),
@@ -62,11 +63,11 @@ fn forward_body(x: &[f32], y: &mut [f32], a: f32, b: f32, act: u8) {
         1 => y
             .iter_mut()
             .zip(x)
-            .for_each(|(d, &v)| *d = apply(v * a + b, 1)),
+            .for_each(|(d, &v)| *d = activate(v * a + b, 1)),
         2 => y
             .iter_mut()
             .zip(x)
-            .for_each(|(d, &v)| *d = apply(v * a + b, 2)),
+            .for_each(|(d, &v)| *d = activate(v * a + b, 2)),
         _ => y.iter_mut().zip(x).for_each(|(d, &v)| *d = v * a + b),
     }
 }
@@ -149,14 +150,15 @@ multiversion!(plane_moments, moments_body, (x: &[f32], shift: f32, out: &mut [f6
 /// the spread about it) so the variance does not lose precision to cancellation.
 struct ChannelStats;
 
-impl candle_core::CustomOp1 for ChannelStats {
+impl Kernel for ChannelStats {
     fn name(&self) -> &'static str {
         "distillery-channel-stats"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, c, hw) = dims(xl)?;
-        let x = slice(xs, xl, "x")?;
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x] = operands(self.name(), xs)?;
+        let (b, c, hw) = dims(&x)?;
+        let x = x.data;
         let n = (b * hw).max(1) as f64;
         let mut stats = vec![0f32; 2 * c];
         let per_channel: Vec<(f32, f32)> = (0..c)
@@ -186,17 +188,28 @@ impl candle_core::CustomOp1 for ChannelStats {
             stats[ch] = m;
             stats[c + ch] = v;
         }
-        Ok((CpuStorage::F32(stats), Shape::from((2, c))))
+        Ok((stats, Shape::from((2, c))))
     }
 
-    fn bwd(&self, x: &Tensor, stats: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn backward(
+        &self,
+        xs: &[&Tensor],
+        stats: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x] = operands(self.name(), xs)?;
         // d mean / dx = 1 / N; d var / dx = 2 (x - mean) / N: dx = a x + b per channel
         let (b, _, h, w) = x.dims4()?;
         let n = (b * h * w) as f64;
         let (mean, dm, dv) = (stats.get(0)?, g.get(0)?, g.get(1)?);
         let a = (&dv * (2.0 / n))?;
         let shift = ((&dm / n)? - (&a * &mean)?)?;
-        Ok(Some(channel_affine_act(x, &a, &shift, Act::Identity)?))
+        Ok(vec![Some(channel_affine_act(
+            x,
+            &a,
+            &shift,
+            Act::Identity,
+        )?)])
     }
 }
 
@@ -204,7 +217,7 @@ impl candle_core::CustomOp1 for ChannelStats {
 /// statistics), differentiable; f32 on the CPU runs one fused kernel.
 pub fn channel_stats(x: &Tensor) -> candle_core::Result<Tensor> {
     if super::fast_path(x) {
-        return x.contiguous()?.apply_op1(ChannelStats);
+        return apply(ChannelStats, &[x]);
     }
     let (b, c, h, w) = x.dims4()?;
     let flat = x.transpose(0, 1)?.reshape((c, b * h * w))?;
@@ -213,52 +226,44 @@ pub fn channel_stats(x: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::cat(&[mean.t()?, var.t()?], 0)
 }
 
-fn dims(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-    let (b, c, h, w) = l.shape().dims4()?;
+/// `(batch, channels, plane size)` of an NCHW operand.
+fn dims(x: &In) -> candle_core::Result<(usize, usize, usize)> {
+    let (b, c, h, w) = x.shape.dims4()?;
     Ok((b, c, h * w))
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    super::contiguous_f32(s, l)
-        .ok_or_else(|| candle_core::Error::Msg(format!("channel affine {what}: contiguous f32")))
 }
 
 /// Forward: `(x [B, C, H, W], ab [2, C]) -> y`.
 struct AffineAct(Act);
 
-impl candle_core::CustomOp2 for AffineAct {
+impl Kernel for AffineAct {
     fn name(&self) -> &'static str {
         "distillery-channel-affine-act"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        abs: &CpuStorage,
-        abl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, c, hw) = dims(xl)?;
-        let (x, ab) = (slice(xs, xl, "x")?, slice(abs, abl, "ab")?);
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, ab] = operands(self.name(), xs)?;
+        let (_, c, hw) = dims(&x)?;
+        let shape = x.shape.clone();
+        let (x, ab) = (x.data, ab.data);
         let mut y = vec![0f32; x.len()];
         let act = self.0.code();
         y.par_chunks_mut(hw.max(1))
             .zip(x.par_chunks(hw.max(1)))
             .enumerate()
             .for_each(|(p, (yp, xp))| forward_plane(xp, yp, ab[p % c], ab[c + p % c], act));
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        Ok((y, shape))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        ab: &Tensor,
+        xs: &[&Tensor],
         _y: &Tensor,
         g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x, ab] = operands(self.name(), xs)?;
         let (b, c, h, w) = x.dims4()?;
         let n = b * c * h * w;
-        let packed = x.apply_op3_no_bwd(ab, &g.contiguous()?, &AffineActBwd(self.0))?;
+        let packed = apply_no_bwd(AffineActBwd(self.0), &[x, ab, g])?;
         let dx = packed.narrow(0, 0, n)?.reshape((b, c, h, w))?;
         // per-plane (da, db) partial sums -> [2, C]
         let dab = packed
@@ -267,33 +272,22 @@ impl candle_core::CustomOp2 for AffineAct {
             .sum(0)?
             .t()?
             .contiguous()?;
-        Ok((Some(dx), Some(dab)))
+        Ok(vec![Some(dx), Some(dab)])
     }
 }
 
 /// Backward: `(x, ab, g) -> [dx (flattened), per-plane (da, db)]`.
 struct AffineActBwd(Act);
 
-impl candle_core::CustomOp3 for AffineActBwd {
+impl Kernel for AffineActBwd {
     fn name(&self) -> &'static str {
         "distillery-channel-affine-act-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        abs: &CpuStorage,
-        abl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, c, hw) = dims(xl)?;
-        let (x, ab, g) = (
-            slice(xs, xl, "x")?,
-            slice(abs, abl, "ab")?,
-            slice(gs, gl, "g")?,
-        );
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, ab, g] = operands(self.name(), xs)?;
+        let (b, c, hw) = dims(&x)?;
+        let [x, ab, g] = [x, ab, g].map(|t| t.data);
         let n = x.len();
         let mut out = vec![0f32; n + 2 * b * c];
         let (dx, sums) = out.split_at_mut(n);
@@ -306,7 +300,7 @@ impl candle_core::CustomOp3 for AffineActBwd {
                 let ch = p % c;
                 backward_plane(&x[r.clone()], &g[r], dxp, ab[ch], ab[c + ch], act, s);
             });
-        Ok((CpuStorage::F32(out), Shape::from(n + 2 * b * c)))
+        Ok((out, Shape::from(n + 2 * b * c)))
     }
 }
 
@@ -321,7 +315,7 @@ pub fn channel_affine_act(
     let c = x.dim(1)?;
     if super::fast_path(x) && super::fast_path(a) && super::fast_path(b) {
         let ab = Tensor::cat(&[a.reshape((1, c))?, b.reshape((1, c))?], 0)?;
-        return x.contiguous()?.apply_op2(&ab, AffineAct(act));
+        return apply(AffineAct(act), &[x, &ab]);
     }
     let y = x
         .broadcast_mul(&a.reshape((1, c, 1, 1))?)?

@@ -6,8 +6,9 @@
 //! convolutions with stride 1 use the input itself as the column matrix.
 
 use super::depthwise::Geom;
-use super::{f32_arg, gemm_into};
-use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use super::gemm_into;
+use super::op::{apply, apply_no_bwd, operands, In, Kernel};
+use candle_core::{Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows `c * kh * kw .. (c + 1) * kh * kw` of the column matrix of one image `x` (`[C, H, W]`):
@@ -88,29 +89,24 @@ struct Conv {
     pad: usize,
 }
 
-impl candle_core::CustomOp2 for Conv {
+impl Kernel for Conv {
     fn name(&self) -> &'static str {
         "distillery-conv2d"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::of(xl.dims(), wl.dims(), self.stride, self.pad)?;
-        let (x, w) = (f32_arg(xs, xl, "conv x")?, f32_arg(ws, wl, "conv w")?);
-        let o = wl.dims()[0];
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, w] = operands(self.name(), xs)?;
+        let g = Geom::of(x.dims(), w.dims(), self.stride, self.pad)?;
+        let o = w.dims()[0];
         let k = g.c * g.kh * g.kw;
-        if wl.dims()[1] != g.c {
+        if w.dims()[1] != g.c {
             candle_core::bail!(
                 "conv: kernel {:?} does not fit {} input channels",
-                wl.dims(),
+                w.dims(),
                 g.c
             )
         }
+        let (x, w) = (x.data, w.data);
         let n = g.out_plane();
         let mut y = vec![0f32; g.b * o * n];
         let mut col = scratch(&g);
@@ -126,42 +122,37 @@ impl candle_core::CustomOp2 for Conv {
                 false,
             );
         }
-        Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))))
+        Ok((y, Shape::from((g.b, o, g.oh, g.ow))))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        w: &Tensor,
+        xs: &[&Tensor],
         _y: &Tensor,
         dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x, w] = operands(self.name(), xs)?;
         let dy = dy.contiguous()?;
         let g = Geom::of(x.dims(), w.dims(), self.stride, self.pad)?;
-        let dx = dy.apply_op2_no_bwd(w, &InputGrad(g))?;
-        let dw = x.apply_op2_no_bwd(&dy, &KernelGrad { g, o: w.dim(0)? })?;
-        Ok((Some(dx), Some(dw)))
+        let dx = apply_no_bwd(InputGrad(g), &[&dy, w])?;
+        let dw = apply_no_bwd(KernelGrad { g, o: w.dim(0)? }, &[x, &dy])?;
+        Ok(vec![Some(dx), Some(dw)])
     }
 }
 
 /// `(dy, w) -> dx`: per image `col2im(W^T @ dy_b)`.
 struct InputGrad(Geom);
 
-impl candle_core::CustomOp2 for InputGrad {
+impl Kernel for InputGrad {
     fn name(&self) -> &'static str {
         "distillery-conv2d-dx"
     }
 
-    fn cpu_fwd(
-        &self,
-        ds: &CpuStorage,
-        dl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let g = self.0;
-        let (dy, w) = (f32_arg(ds, dl, "conv dy")?, f32_arg(ws, wl, "conv w")?);
-        let o = wl.dims()[0];
+        let [dy, w] = operands(self.name(), xs)?;
+        let o = w.dims()[0];
+        let (dy, w) = (dy.data, w.data);
         let k = g.c * g.kh * g.kw;
         let n = g.out_plane();
         let per = g.c * g.in_plane();
@@ -184,7 +175,7 @@ impl candle_core::CustomOp2 for InputGrad {
                 col2im(&g, &dcol, &mut dx[b * per..(b + 1) * per]);
             }
         }
-        Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c, g.h, g.w))))
+        Ok((dx, Shape::from((g.b, g.c, g.h, g.w))))
     }
 }
 
@@ -194,20 +185,14 @@ struct KernelGrad {
     o: usize,
 }
 
-impl candle_core::CustomOp2 for KernelGrad {
+impl Kernel for KernelGrad {
     fn name(&self) -> &'static str {
         "distillery-conv2d-dw"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ds: &CpuStorage,
-        dl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (g, o) = (self.g, self.o);
-        let (x, dy) = (f32_arg(xs, xl, "conv x")?, f32_arg(ds, dl, "conv dy")?);
+        let [x, dy] = operands(self.name(), xs)?.map(|t| t.data);
         let k = g.c * g.kh * g.kw;
         let n = g.out_plane();
         let mut dw = vec![0f32; o * k];
@@ -217,7 +202,7 @@ impl candle_core::CustomOp2 for KernelGrad {
             let dyb = &dy[b * o * n..(b + 1) * o * n];
             gemm_into(&mut dw, dyb, cols, (o, n, k), false, true, b > 0);
         }
-        Ok((CpuStorage::F32(dw), Shape::from((o, g.c, g.kh, g.kw))))
+        Ok((dw, Shape::from((o, g.c, g.kh, g.kw))))
     }
 }
 
@@ -229,8 +214,7 @@ pub fn conv2d_im2col(
     pad: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, Conv { stride, pad })
+    apply(Conv { stride, pad }, &[x, w])
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //! inner loop is a contiguous (stride 1) multiply-add the compiler vectorises. Other devices and
 //! dtypes use a differentiable sum of `k_h * k_w` shifted, per-channel-scaled views.
 
-use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use super::op::{apply, apply_no_bwd, operands, In, Kernel};
+use candle_core::{Shape, Tensor};
 use rayon::prelude::*;
 
 /// Shapes of one convolution (input channels `c`; the kernel's `[.., .., kh, kw]`).
@@ -255,32 +256,21 @@ fn weight_grad_plane(g: &Geom, x: &[f32], dy: &[f32], dk: &mut [f32], buf: &mut 
     });
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    super::contiguous_f32(s, l).ok_or_else(|| {
-        candle_core::Error::Msg(format!("depthwise conv {what}: contiguous f32 only"))
-    })
-}
-
 /// The forward pass: `(x [B, C, H, W], k [C, 1, kh, kw]) -> y [B, C, oh, ow]`.
 struct DepthwiseConv {
     stride: usize,
     pad: usize,
 }
 
-impl candle_core::CustomOp2 for DepthwiseConv {
+impl Kernel for DepthwiseConv {
     fn name(&self) -> &'static str {
         "distillery-depthwise-conv2d"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(xl.dims(), kl.dims(), self.stride, self.pad)?;
-        let (x, k) = (f32_slice(xs, xl, "input")?, f32_slice(ks, kl, "kernel")?);
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, k] = operands(self.name(), xs)?;
+        let g = Geom::new(x.dims(), k.dims(), self.stride, self.pad)?;
+        let (x, k) = (x.data, k.data);
         let taps = g.kh * g.kw;
         let mut y = vec![0f32; g.b * g.c * g.out_plane()];
         y.par_chunks_mut(g.out_plane().max(1))
@@ -290,41 +280,35 @@ impl candle_core::CustomOp2 for DepthwiseConv {
                 let xp = &x[p * g.in_plane()..(p + 1) * g.in_plane()];
                 forward_plane(&g, xp, &k[c * taps..(c + 1) * taps], yp, buf);
             });
-        Ok((CpuStorage::F32(y), Shape::from((g.b, g.c, g.oh, g.ow))))
+        Ok((y, Shape::from((g.b, g.c, g.oh, g.ow))))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        k: &Tensor,
+        xs: &[&Tensor],
         _y: &Tensor,
         dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x, k] = operands(self.name(), xs)?;
         let dy = dy.contiguous()?;
         let geom = Geom::new(x.dims(), k.dims(), self.stride, self.pad)?;
-        let dx = dy.apply_op2_no_bwd(k, &InputGrad(geom))?;
-        let dk = x.apply_op2_no_bwd(&dy, &KernelGrad(geom))?;
-        Ok((Some(dx), Some(dk)))
+        let dx = apply_no_bwd(InputGrad(geom), &[&dy, k])?;
+        let dk = apply_no_bwd(KernelGrad(geom), &[x, &dy])?;
+        Ok(vec![Some(dx), Some(dk)])
     }
 }
 
 /// `(dy, k) -> dx`.
 struct InputGrad(Geom);
 
-impl candle_core::CustomOp2 for InputGrad {
+impl Kernel for InputGrad {
     fn name(&self) -> &'static str {
         "distillery-depthwise-conv2d-dx"
     }
 
-    fn cpu_fwd(
-        &self,
-        ds: &CpuStorage,
-        dl: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let g = self.0;
-        let (dy, k) = (f32_slice(ds, dl, "gradient")?, f32_slice(ks, kl, "kernel")?);
+        let [dy, k] = operands(self.name(), xs)?.map(|t| t.data);
         let taps = g.kh * g.kw;
         let mut dx = vec![0f32; g.b * g.c * g.in_plane()];
         dx.par_chunks_mut(g.in_plane().max(1))
@@ -334,27 +318,21 @@ impl candle_core::CustomOp2 for InputGrad {
                 let dyp = &dy[p * g.out_plane()..(p + 1) * g.out_plane()];
                 input_grad_plane(&g, dyp, &k[c * taps..(c + 1) * taps], dxp, buf);
             });
-        Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c, g.h, g.w))))
+        Ok((dx, Shape::from((g.b, g.c, g.h, g.w))))
     }
 }
 
 /// `(x, dy) -> dk`.
 struct KernelGrad(Geom);
 
-impl candle_core::CustomOp2 for KernelGrad {
+impl Kernel for KernelGrad {
     fn name(&self) -> &'static str {
         "distillery-depthwise-conv2d-dk"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ds: &CpuStorage,
-        dl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let g = self.0;
-        let (x, dy) = (f32_slice(xs, xl, "input")?, f32_slice(ds, dl, "gradient")?);
+        let [x, dy] = operands(self.name(), xs)?.map(|t| t.data);
         let taps = g.kh * g.kw;
         let mut dk = vec![0f32; g.c * taps];
         dk.par_chunks_mut(taps)
@@ -371,7 +349,7 @@ impl candle_core::CustomOp2 for KernelGrad {
                     );
                 }
             });
-        Ok((CpuStorage::F32(dk), Shape::from((g.c, 1, g.kh, g.kw))))
+        Ok((dk, Shape::from((g.c, 1, g.kh, g.kw))))
     }
 }
 
@@ -385,8 +363,7 @@ pub fn depthwise_conv2d(
 ) -> candle_core::Result<Tensor> {
     Geom::new(x.dims(), k.dims(), stride, pad)?;
     if super::fast_path(x) && super::fast_path(k) {
-        x.contiguous()?
-            .apply_op2(&k.contiguous()?, DepthwiseConv { stride, pad })
+        apply(DepthwiseConv { stride, pad }, &[x, k])
     } else {
         depthwise_shifted(x, k, pad, stride)
     }

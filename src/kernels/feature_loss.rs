@@ -9,8 +9,9 @@
 //! per-image sums) and the backward once more for the sums and once to write the gradient.
 //! The teacher side gets no gradient (targets are detached).
 
-use super::{f32_arg, fast_path};
-use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use super::fast_path;
+use super::op::{apply, apply_no_bwd, operands, In, Kernel};
+use candle_core::{Shape, Tensor};
 use rayon::prelude::*;
 
 const EPS: f64 = 1e-8;
@@ -136,71 +137,56 @@ multiversion!(grad_block, grad_body, (s: &[f32], t: &[f32], out: &mut [f32], c: 
 struct FeatureLossOp(LossWeights);
 
 /// The batch size and the student and teacher values of same-shape contiguous f32 maps.
-fn operands<'a>(
-    (s1, l1): (&'a CpuStorage, &Layout),
-    (s2, l2): (&'a CpuStorage, &Layout),
-) -> candle_core::Result<(usize, &'a [f32], &'a [f32])> {
-    if l1.dims() != l2.dims() || l1.dims().is_empty() {
+fn maps<'a>(name: &str, xs: &[In<'a>]) -> candle_core::Result<(usize, &'a [f32], &'a [f32])> {
+    let [s, t] = operands(name, xs)?;
+    if s.dims() != t.dims() || s.dims().is_empty() {
         candle_core::bail!(
             "feature loss: student {:?} and teacher {:?} differ in shape",
-            l1.dims(),
-            l2.dims()
+            s.dims(),
+            t.dims()
         )
     }
-    let s = f32_arg(s1, l1, "feature loss student")?;
-    let t = f32_arg(s2, l2, "feature loss teacher")?;
-    Ok((l1.dims()[0], s, t))
+    Ok((s.dims()[0], s.data, t.data))
 }
 
-impl candle_core::CustomOp2 for FeatureLossOp {
+impl Kernel for FeatureLossOp {
     fn name(&self) -> &'static str {
         "distillery-feature-loss"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, s, t) = operands((s1, l1), (s2, l2))?;
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (b, s, t) = maps(self.name(), xs)?;
         let v = self.0.value(&image_sums(s, t, b), s.len());
-        Ok((CpuStorage::F32(vec![v as f32]), Shape::from(())))
+        Ok((vec![v as f32], Shape::from(())))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        s: &Tensor,
-        t: &Tensor,
-        _res: &Tensor,
+        xs: &[&Tensor],
+        _out: &Tensor,
         g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [s, t] = operands(self.name(), xs)?;
         let g = g.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
-        let ds = s.apply_op2_no_bwd(t, &FeatureLossGrad(self.0, g))?;
-        Ok((Some(ds), None))
+        let ds = apply_no_bwd(FeatureLossGrad(self.0, g), &[s, t])?;
+        Ok(vec![Some(ds), None])
     }
 }
 
 /// `d loss / d s` times the upstream gradient.
 struct FeatureLossGrad(LossWeights, f32);
 
-impl candle_core::CustomOp2 for FeatureLossGrad {
+impl Kernel for FeatureLossGrad {
     fn name(&self) -> &'static str {
         "distillery-feature-loss-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, s, t) = operands((s1, l1), (s2, l2))?;
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (b, s, t) = maps(self.name(), xs)?;
+        let shape = xs[0].shape.clone();
         let n = s.len();
         if n == 0 {
-            return Ok((CpuStorage::F32(Vec::new()), l1.shape().clone()));
+            return Ok((Vec::new(), shape));
         }
         let m = n / b;
         let coef = self.0.cosine_coefficients(&image_sums(s, t, b));
@@ -218,7 +204,7 @@ impl candle_core::CustomOp2 for FeatureLossGrad {
                     .zip(si.par_chunks(BLOCK).zip(ti.par_chunks(BLOCK)))
                     .for_each(|(ob, (sb, tb))| grad_block(sb, tb, ob, &k));
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((out, shape))
     }
 }
 
@@ -232,6 +218,5 @@ pub fn fused_feature_loss(
     if !(fast_path(s) && fast_path(t)) {
         return Ok(None);
     }
-    let t = t.detach().contiguous()?;
-    Ok(Some(s.contiguous()?.apply_op2(&t, FeatureLossOp(w))?))
+    Ok(Some(apply(FeatureLossOp(w), &[s, &t.detach()])?))
 }

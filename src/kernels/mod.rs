@@ -8,10 +8,12 @@
 
 mod conv;
 mod depthwise;
+mod op;
 pub use conv::conv2d_im2col;
 pub use depthwise::depthwise_conv2d;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{DType, Shape, Tensor};
+use op::{apply, apply_no_bwd, contiguous_f32, operands, In, Kernel};
 use rayon::prelude::*;
 
 const CHUNK: usize = 16 * 1024;
@@ -116,33 +118,25 @@ multiversion!(gelu_bwd_slice, gelu_bwd_body, (x: &[f32], g: &[f32], out: &mut [f
 
 struct GeluBwd;
 
-impl candle_core::CustomOp2 for GeluBwd {
+impl Kernel for GeluBwd {
     fn name(&self) -> &'static str {
         "distillery-gelu-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_arg(s1, l1, "gelu bwd x")?;
-        let g = f32_arg(s2, l2, "gelu bwd grad")?;
-        let mut out = vec![0f32; x.len()];
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, g] = operands(self.name(), xs)?;
+        let mut out = vec![0f32; x.data.len()];
         out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .zip(x.data.par_chunks(CHUNK).zip(g.data.par_chunks(CHUNK)))
             .for_each(|(o, (xc, gc))| gelu_bwd_slice(xc, gc, o));
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((out, x.shape.clone()))
     }
 }
 
 /// `grad * gelu'(x)` (fused on CPU f32).
 fn gelu_backward(x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(x) && fast_path(grad) {
-        x.contiguous()?
-            .apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd)
+        apply_no_bwd(GeluBwd, &[x, grad])
     } else {
         grad * gelu_derivative(x)?
     }
@@ -194,51 +188,43 @@ fn softmax_body(src: &[f32], dst: &mut [f32]) {
 }
 multiversion!(softmax_row, softmax_body, (src: &[f32], dst: &mut [f32]));
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Some(&v[a..b]),
-        _ => None,
-    }
-}
-
 struct Gelu;
 
-impl CustomOp1 for Gelu {
+impl Kernel for Gelu {
     fn name(&self) -> &'static str {
         "distillery-gelu-erf"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = contiguous_f32(s, l)
-            .ok_or_else(|| candle_core::Error::Msg("gelu kernel: contiguous f32 only".into()))?;
-        let mut dst = vec![0f32; src.len()];
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x] = operands(self.name(), xs)?;
+        let mut dst = vec![0f32; x.data.len()];
         dst.par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
+            .zip(x.data.par_chunks(CHUNK))
             .for_each(|(d, s)| gelu_slice(s, d));
-        Ok((CpuStorage::F32(dst), l.shape().clone()))
+        Ok((dst, x.shape.clone()))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        arg: &Tensor,
-        _res: &Tensor,
+        xs: &[&Tensor],
+        _out: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(gelu_backward(arg, grad)?))
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x] = operands(self.name(), xs)?;
+        Ok(vec![Some(gelu_backward(x, grad)?)])
     }
 }
 
 struct Softmax;
 
-impl CustomOp1 for Softmax {
+impl Kernel for Softmax {
     fn name(&self) -> &'static str {
         "distillery-softmax-last-dim"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = contiguous_f32(s, l)
-            .ok_or_else(|| candle_core::Error::Msg("softmax kernel: contiguous f32 only".into()))?;
-        let n = l.dims().last().copied().unwrap_or(1).max(1);
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x] = operands(self.name(), xs)?;
+        let (src, n) = (x.data, x.dims().last().copied().unwrap_or(1).max(1));
         let mut dst = vec![0f32; src.len()];
         let rows_per_task = (CHUNK / n).max(1) * n;
         dst.par_chunks_mut(rows_per_task)
@@ -248,17 +234,17 @@ impl CustomOp1 for Softmax {
                     softmax_row(sr, dr);
                 }
             });
-        Ok((CpuStorage::F32(dst), l.shape().clone()))
+        Ok((dst, x.shape.clone()))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        _arg: &Tensor,
-        res: &Tensor,
+        _xs: &[&Tensor],
+        y: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let dot = (grad * res)?.sum_keepdim(candle_core::D::Minus1)?;
-        Ok(Some((res * grad.broadcast_sub(&dot)?)?))
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let dot = (grad * y)?.sum_keepdim(candle_core::D::Minus1)?;
+        Ok(vec![Some((y * grad.broadcast_sub(&dot)?)?)])
     }
 }
 
@@ -299,54 +285,36 @@ unsafe fn written_by(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
     v
 }
 
-fn linear_dims(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-    let (m, k) = x.shape().dims2()?;
-    let (n, k2) = w.shape().dims2()?;
+fn linear_dims(x: &In, w: &In) -> candle_core::Result<(usize, usize, usize)> {
+    let (m, k) = x.shape.dims2()?;
+    let (n, k2) = w.shape.dims2()?;
     if k != k2 {
         candle_core::bail!("linear kernel: x is [{m}, {k}] but w is [{n}, {k2}]")
     }
     Ok((m, n, k))
 }
 
-fn f32_arg<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    contiguous_f32(s, l)
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: contiguous f32 only")))
-}
-
 struct LinearNoBias;
 
-impl candle_core::CustomOp2 for LinearNoBias {
+impl Kernel for LinearNoBias {
     fn name(&self) -> &'static str {
         "distillery-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, n, k) = linear_dims(xl, wl)?;
-        let out = gemm_xwt(
-            f32_arg(xs, xl, "linear x")?,
-            f32_arg(ws, wl, "linear w")?,
-            None,
-            m,
-            n,
-            k,
-        );
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, w] = operands(self.name(), xs)?;
+        let (m, n, k) = linear_dims(&x, &w)?;
+        Ok((gemm_xwt(x.data, w.data, None, m, n, k), Shape::from((m, n))))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
+        xs: &[&Tensor],
+        _out: &Tensor,
         g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(g.matmul(w)?), Some(g.t()?.matmul(x)?)))
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x, w] = operands(self.name(), xs)?;
+        Ok(vec![Some(g.matmul(w)?), Some(g.t()?.matmul(x)?)])
     }
 }
 
@@ -355,47 +323,34 @@ struct LinearBias {
     gelu: bool,
 }
 
-impl candle_core::CustomOp3 for LinearBias {
+impl Kernel for LinearBias {
     fn name(&self) -> &'static str {
         "distillery-linear-bias"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, n, k) = linear_dims(xl, wl)?;
-        let b = f32_arg(bs, bl, "linear bias")?;
-        if b.len() != n {
-            candle_core::bail!("linear kernel: bias has {} values for {n} outputs", b.len())
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, w, b] = operands(self.name(), xs)?;
+        let (m, n, k) = linear_dims(&x, &w)?;
+        if b.data.len() != n {
+            candle_core::bail!(
+                "linear kernel: bias has {} values for {n} outputs",
+                b.data.len()
+            )
         }
-        let mut out = gemm_xwt(
-            f32_arg(xs, xl, "linear x")?,
-            f32_arg(ws, wl, "linear w")?,
-            Some(b),
-            m,
-            n,
-            k,
-        );
+        let mut out = gemm_xwt(x.data, w.data, Some(b.data), m, n, k);
         if self.gelu {
             out.par_chunks_mut(CHUNK).for_each(gelu_slice_inplace);
         }
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+        Ok((out, Shape::from((m, n))))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
+        xs: &[&Tensor],
+        _out: &Tensor,
         g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x, w, b] = operands(self.name(), xs)?;
         let g = if self.gelu {
             let pre = linear(x, w, Some(b))?;
             gelu_backward(&pre, g)?
@@ -403,7 +358,7 @@ impl candle_core::CustomOp3 for LinearBias {
             g.clone()
         };
         let (dx, dw, db) = linear_grads(x, w, &g)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok(vec![Some(dx), Some(dw), Some(db)])
     }
 }
 
@@ -420,13 +375,7 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Te
         if let Some(last) = out_dims.last_mut() {
             *last = w.dim(0)?;
         }
-        let x2 = x.reshape((m, k))?.contiguous()?;
-        x2.apply_op3(
-            &w.contiguous()?,
-            &b.contiguous()?,
-            LinearBias { gelu: true },
-        )?
-        .reshape(out_dims)
+        apply(LinearBias { gelu: true }, &[&x.reshape((m, k))?, w, b])?.reshape(out_dims)
     } else {
         gelu_erf(&linear(x, w, Some(b))?)
     }
@@ -439,22 +388,16 @@ struct Gemm2 {
     tb: bool,
 }
 
-impl candle_core::CustomOp2 for Gemm2 {
+impl Kernel for Gemm2 {
     fn name(&self) -> &'static str {
         "distillery-gemm2"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let a = f32_arg(s1, l1, "gemm a")?;
-        let b = f32_arg(s2, l2, "gemm b")?;
-        let (ar, ac) = l1.shape().dims2()?;
-        let (br, bc) = l2.shape().dims2()?;
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [a, b] = operands(self.name(), xs)?;
+        let (ar, ac) = a.shape.dims2()?;
+        let (br, bc) = b.shape.dims2()?;
+        let (a, b) = (a.data, b.data);
         // op(a): [m, k]; op(b): [k, n]
         let (m, k) = if self.ta { (ac, ar) } else { (ar, ac) };
         let (k2, n) = if self.tb { (bc, br) } else { (br, bc) };
@@ -467,7 +410,7 @@ impl candle_core::CustomOp2 for Gemm2 {
                 gemm_raw(dst, a, b, (m, k, n), self.ta, self.tb, false)
             })
         };
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+        Ok((out, Shape::from((m, n))))
     }
 }
 
@@ -534,8 +477,7 @@ unsafe fn gemm_raw(
 /// `op(a) @ op(b)` for 2-D tensors (fast path on CPU f32).
 fn gemm2(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> candle_core::Result<Tensor> {
     if fast_path(a) && fast_path(b) {
-        a.contiguous()?
-            .apply_op2_no_bwd(&b.contiguous()?, &Gemm2 { ta, tb })
+        apply_no_bwd(Gemm2 { ta, tb }, &[a, b])
     } else {
         let a = if ta { a.t()? } else { a.clone() };
         let b = if tb { b.t()? } else { b.clone() };
@@ -569,11 +511,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
     }
     let x2 = x.reshape((m, k))?;
     let y = if fast_path(x) && w.dtype() == DType::F32 && w.device().is_cpu() {
-        let x2 = x2.contiguous()?;
-        let w = w.contiguous()?;
         match b {
-            Some(b) => x2.apply_op3(&w, &b.contiguous()?, LinearBias { gelu: false })?,
-            None => x2.apply_op2(&w, LinearNoBias)?,
+            Some(b) => apply(LinearBias { gelu: false }, &[&x2, w, b])?,
+            None => apply(LinearNoBias, &[&x2, w])?,
         }
     } else {
         let y = x2.matmul(&w.t()?)?;
@@ -589,25 +529,19 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
 /// item, batch items in parallel (better than splitting each small product across threads).
 struct BatchedMatmulBt;
 
-impl candle_core::CustomOp2 for BatchedMatmulBt {
+impl Kernel for BatchedMatmulBt {
     fn name(&self) -> &'static str {
         "distillery-bmm-bt"
     }
 
-    fn cpu_fwd(
-        &self,
-        as_: &CpuStorage,
-        al: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (bt, m, k) = al.shape().dims3()?;
-        let (bt2, n, k2) = bl.shape().dims3()?;
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [a, b] = operands(self.name(), xs)?;
+        let (bt, m, k) = a.shape.dims3()?;
+        let (bt2, n, k2) = b.shape.dims3()?;
         if bt != bt2 || k != k2 {
-            candle_core::bail!("bmm kernel: {:?} vs {:?}", al.dims(), bl.dims())
+            candle_core::bail!("bmm kernel: {:?} vs {:?}", a.dims(), b.dims())
         }
-        let a = f32_arg(as_, al, "bmm a")?;
-        let b = f32_arg(bs, bl, "bmm b")?;
+        let (a, b) = (a.data, b.data);
         let mut out = vec![0f32; bt * m * n];
         out.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| {
             let ai = &a[i * m * k..(i + 1) * m * k];
@@ -623,17 +557,20 @@ impl candle_core::CustomOp2 for BatchedMatmulBt {
                 );
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((bt, m, n))))
+        Ok((out, Shape::from((bt, m, n))))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        a: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
+        xs: &[&Tensor],
+        _out: &Tensor,
         g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(g.matmul(b)?), Some(g.transpose(1, 2)?.matmul(a)?)))
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [a, b] = operands(self.name(), xs)?;
+        Ok(vec![
+            Some(g.matmul(b)?),
+            Some(g.transpose(1, 2)?.matmul(a)?),
+        ])
     }
 }
 
@@ -649,7 +586,7 @@ pub fn matmul_bt(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         out_dims[last] = n;
         let a3 = a.contiguous()?.reshape((batch, m, k))?;
         let b3 = b.contiguous()?.reshape((batch, n, k))?;
-        a3.apply_op2(&b3, BatchedMatmulBt)?.reshape(out_dims)
+        apply(BatchedMatmulBt, &[&a3, &b3])?.reshape(out_dims)
     } else {
         a.matmul(&b.t()?)
     }
@@ -688,14 +625,15 @@ impl OutPtr {
     }
 }
 
-impl CustomOp1 for FusedAttention {
+impl Kernel for FusedAttention {
     fn name(&self) -> &'static str {
         "distillery-fused-attention"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, n, c3) = l.shape().dims3()?;
-        let qkv = f32_arg(s, l, "attention qkv")?;
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [qkv] = operands(self.name(), xs)?;
+        let (b, n, c3) = qkv.shape.dims3()?;
+        let qkv = qkv.data;
         let c = c3 / 3;
         let h = self.heads;
         if c3 % 3 != 0 || c % h != 0 {
@@ -740,23 +678,21 @@ impl CustomOp1 for FusedAttention {
                 }
             },
         );
-        Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
+        Ok((out, Shape::from((b, n, c))))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        arg: &Tensor,
-        _res: &Tensor,
+        xs: &[&Tensor],
+        _out: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(
-            &g,
-            &FusedAttentionBwd {
-                heads: self.heads,
-                scale: self.scale,
-            },
-        )?))
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [qkv] = operands(self.name(), xs)?;
+        let bwd = FusedAttentionBwd {
+            heads: self.heads,
+            scale: self.scale,
+        };
+        Ok(vec![Some(apply_no_bwd(bwd, &[qkv, grad])?)])
     }
 }
 
@@ -804,21 +740,16 @@ struct FusedAttentionBwd {
     scale: f32,
 }
 
-impl candle_core::CustomOp2 for FusedAttentionBwd {
+impl Kernel for FusedAttentionBwd {
     fn name(&self) -> &'static str {
         "distillery-fused-attention-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, n, c3) = l1.shape().dims3()?;
-        let qkv = f32_arg(s1, l1, "attention bwd qkv")?;
-        let dout = f32_arg(s2, l2, "attention bwd grad")?;
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [qkv, dout] = operands(self.name(), xs)?;
+        let (b, n, c3) = qkv.shape.dims3()?;
+        let shape = qkv.shape.clone();
+        let (qkv, dout) = (qkv.data, dout.data);
         let c = c3 / 3;
         let h = self.heads;
         if c3 % 3 != 0 || c % h != 0 || dout.len() != b * n * c {
@@ -886,7 +817,7 @@ impl candle_core::CustomOp2 for FusedAttentionBwd {
                 }
             },
         );
-        Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
+        Ok((dqkv, shape))
     }
 }
 
@@ -920,10 +851,11 @@ pub fn attention_reference(qkv: &Tensor, heads: usize, scale: f64) -> candle_cor
 /// Self-attention from a packed qkv `[B, N, 3C]` to `[B, N, C]` (fused on CPU f32).
 pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> candle_core::Result<Tensor> {
     if fast_path(qkv) {
-        qkv.contiguous()?.apply_op1(FusedAttention {
+        let op = FusedAttention {
             heads,
             scale: scale as f32,
-        })
+        };
+        apply(op, &[qkv])
     } else {
         attention_reference(qkv, heads, scale)
     }
@@ -934,49 +866,33 @@ struct LayerNormOp {
     eps: f32,
 }
 
-impl candle_core::CustomOp3 for LayerNormOp {
+impl Kernel for LayerNormOp {
     fn name(&self) -> &'static str {
         "distillery-layer-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        // Delegate to candle's kernel through tensors built from the storages.
-        let t = |s: &CpuStorage, l: &Layout| -> candle_core::Result<Tensor> {
-            let v = f32_arg(s, l, "layer norm")?;
-            Tensor::from_slice(v, l.shape(), &candle_core::Device::Cpu)
-        };
-        let y = candle_nn::ops::layer_norm(&t(s1, l1)?, &t(s2, l2)?, &t(s3, l3)?, self.eps)?;
-        let v = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((CpuStorage::F32(v), l1.shape().clone()))
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        // Delegate to candle's kernel through tensors built from the operands.
+        let [x, w, b] = operands(self.name(), xs)?
+            .map(|t| Tensor::from_slice(t.data, t.shape, &candle_core::Device::Cpu));
+        let y = candle_nn::ops::layer_norm(&x?, &w?, &b?, self.eps)?;
+        Ok((y.flatten_all()?.to_vec1::<f32>()?, y.shape().clone()))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
+        xs: &[&Tensor],
+        _out: &Tensor,
         g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x, w, _] = operands(self.name(), xs)?;
         let d = x.dim(candle_core::D::Minus1)?;
-        let packed = x.contiguous()?.apply_op3_no_bwd(
-            &w.contiguous()?,
-            &g.contiguous()?,
-            &LayerNormBwd { eps: self.eps },
-        )?;
+        let packed = apply_no_bwd(LayerNormBwd { eps: self.eps }, &[x, w, g])?;
         let rows = x.elem_count() / d;
         let gx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
         let gw = packed.narrow(0, rows, 1)?.reshape(d)?;
         let gb = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
-        Ok((Some(gx), Some(gw), Some(gb)))
+        Ok(vec![Some(gx), Some(gw), Some(gb)])
     }
 }
 
@@ -987,23 +903,13 @@ struct LayerNormBwd {
     eps: f32,
 }
 
-impl candle_core::CustomOp3 for LayerNormBwd {
+impl Kernel for LayerNormBwd {
     fn name(&self) -> &'static str {
         "distillery-layer-norm-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_arg(s1, l1, "layer norm bwd x")?;
-        let w = f32_arg(s2, l2, "layer norm bwd w")?;
-        let g = f32_arg(s3, l3, "layer norm bwd grad")?;
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, w, g] = operands(self.name(), xs)?.map(|t| t.data);
         let d = w.len();
         let rows = x.len() / d;
         let mut out = vec![0f32; (rows + 2) * d];
@@ -1049,7 +955,7 @@ impl candle_core::CustomOp3 for LayerNormBwd {
                 db[j] += pb[j];
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+        Ok((out, Shape::from((rows + 2, d))))
     }
 }
 
@@ -1067,7 +973,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> candle_core::
     if !(tracked(&x) || tracked(w) || tracked(b)) {
         candle_nn::ops::layer_norm(&x, w, b, eps)
     } else if fast_path(&x) {
-        x.apply_op3(w, b, LayerNormOp { eps })
+        apply(LayerNormOp { eps }, &[&x, w, b])
     } else {
         candle_nn::ops::layer_norm_slow(&x, w, b, eps)
     }
@@ -1089,7 +995,7 @@ fn tracked(x: &Tensor) -> bool {
 /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`.
 pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     if fast_path(x) {
-        x.contiguous()?.apply_op1(Gelu)
+        apply(Gelu, &[x])
     } else {
         x.gelu_erf()
     }
@@ -1101,7 +1007,7 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     if is_half(x) {
         softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
     } else if fast_path(x) {
-        x.contiguous()?.apply_op1(Softmax)
+        apply(Softmax, &[x])
     } else if tracked(x) {
         candle_nn::ops::softmax(x, candle_core::D::Minus1)
     } else {
