@@ -30,7 +30,7 @@ pub struct ExportConfig {
     pub model: String,
     pub out: PathBuf,
     /// input (height, width); default: the model's training or preprocessing size
-    pub size: Option<(usize, usize)>,
+    pub input_hw: Option<(usize, usize)>,
     pub include_preprocessing: bool,
     /// preprocessing to write into a user's ONNX model (`mean`, `std`, `rescale`; only for an
     /// ONNX `model`, which is then copied with these in its metadata)
@@ -44,7 +44,7 @@ pub struct Exported {
     pub path: PathBuf,
     pub bytes: u64,
     pub input: String,
-    pub hw: (usize, usize),
+    pub input_hw: (usize, usize),
     /// what the model is (`mobilevitv2_050 student (segmentation, 21 classes)`)
     pub description: String,
 }
@@ -83,7 +83,7 @@ pub fn export(cfg: &ExportConfig) -> Result<Exported> {
     }
     let (description, hw) = if is_stage2_run(dir) {
         let (model, info, _) = crate::train::stage2::load_run(dir)?;
-        let hw = cfg.size.unwrap_or(info.input_hw);
+        let hw = cfg.input_hw.unwrap_or(info.input_hw);
         let mut opts = options(cfg, "SAK multi-task model", hw);
         let tasks: Vec<serde_json::Value> = model
             .spec
@@ -101,7 +101,7 @@ pub fn export(cfg: &ExportConfig) -> Result<Exported> {
     } else if is_sak_student(dir) {
         let student = crate::train::stage1::load_student(dir)?;
         let spec = &student.spec;
-        let hw = cfg.size.unwrap_or(spec.hw());
+        let hw = cfg.input_hw.unwrap_or(spec.input_hw());
         let mut opts = options(cfg, "SAK student", hw);
         let teachers: Vec<serde_json::Value> = spec
             .teachers
@@ -125,7 +125,7 @@ pub fn export(cfg: &ExportConfig) -> Result<Exported> {
         (d, hw)
     } else if is_transfer_student(dir) {
         let (rec, net) = transfer::load_student(dir, &cfg.load)?;
-        let hw = cfg.size.unwrap_or((rec.image_size, rec.image_size));
+        let hw = cfg.input_hw.unwrap_or((rec.image_size, rec.image_size));
         let task = match rec.task {
             transfer::TransferTask::Classify => "classification",
             transfer::TransferTask::Segment => "segmentation",
@@ -154,7 +154,7 @@ pub fn export(cfg: &ExportConfig) -> Result<Exported> {
             )));
         };
         let hw = cfg
-            .size
+            .input_hw
             .unwrap_or_else(|| net.preprocess().crop.unwrap_or((224, 224)));
         let opts = options(cfg, &spec.arch_name(), hw);
         export_onnx_with(net.as_ref(), &opts, None, &cfg.out)?;
@@ -172,7 +172,7 @@ pub fn export(cfg: &ExportConfig) -> Result<Exported> {
 fn written(
     cfg: &ExportConfig,
     input: &str,
-    hw: (usize, usize),
+    input_hw: (usize, usize),
     description: String,
 ) -> Result<Exported> {
     let bytes = std::fs::metadata(&cfg.out)
@@ -182,16 +182,16 @@ fn written(
         path: cfg.out.clone(),
         bytes,
         input: input.into(),
-        hw,
+        input_hw,
         description,
     })
 }
 
 /// A user's ONNX model copied with its preprocessing (`cfg.preprocessing`, `input_size` from
-/// `cfg.size`) in `metadata_props`, where ONNX teachers read it.
+/// `cfg.input_hw`) in `metadata_props`, where ONNX teachers read it.
 fn stamp(cfg: &ExportConfig, file: &Path) -> Result<Exported> {
     let mut entries = cfg.preprocessing.clone();
-    if let Some((h, w)) = cfg.size {
+    if let Some((h, w)) = cfg.input_hw {
         entries.push(("input_size".into(), format!("{h},{w}")));
     }
     if entries.is_empty() {
@@ -203,7 +203,7 @@ fn stamp(cfg: &ExportConfig, file: &Path) -> Result<Exported> {
     crate::onnx::stamp_metadata(file, &cfg.out, &entries)?;
     // the copy must still be a model tract can run
     let m = crate::onnx::OnnxModel::open(&cfg.out, &[])?;
-    let hw = cfg.size.or(m.image_hw()).unwrap_or_default();
+    let hw = cfg.input_hw.or(m.input_hw()).unwrap_or_default();
     written(
         cfg,
         "as the model declares",

@@ -148,9 +148,14 @@ impl PreprocessConfig {
     }
 
     /// Resize to exactly (h, w).
-    pub fn exact(hw: (usize, usize), resample: Resample, mean: [f32; 3], std: [f32; 3]) -> Self {
+    pub fn exact(
+        input_hw: (usize, usize),
+        resample: Resample,
+        mean: [f32; 3],
+        std: [f32; 3],
+    ) -> Self {
         Self {
-            resize: Resize::Exact(hw.0, hw.1),
+            resize: Resize::Exact(input_hw.0, input_hw.1),
             resample,
             crop: None,
             rescale: 1.0 / 255.0,

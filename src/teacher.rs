@@ -258,7 +258,7 @@ mod tests {
             width,
             num_heads: 12,
             patch,
-            image_size: (224, 224),
+            input_hw: (224, 224),
             prefix_tokens: 1,
             out_channels: width,
             default_levels: vec![2, 5, 8, 11],

@@ -190,9 +190,9 @@ pub const FAMILIES: &[FamilyEntry] = &[
     },
 ];
 
-/// The spec of a named backbone for input size `hw`.
-pub fn spec(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
-    FAMILIES.iter().find_map(|f| (f.resolve)(name, hw))
+/// The spec of a named backbone for input size `input_hw`.
+pub fn spec(name: &str, input_hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
+    FAMILIES.iter().find_map(|f| (f.resolve)(name, input_hw))
 }
 
 /// The spec of a registered name at its family's default input size.
@@ -273,10 +273,14 @@ pub fn four_positive(args: &Cfg, key: &str, default: [usize; 4]) -> Result<[usiz
     Ok([v[0], v[1], v[2], v[3]])
 }
 
-/// Multiply-accumulates of one image's eval forward at `hw` (the pyramid, pooling and the
+/// Multiply-accumulates of one image's eval forward at `input_hw` (the pyramid, pooling and the
 /// classifier when there is one), counted as [`crate::macs`] does.
-pub fn macs(net: &dyn Backbone, hw: (usize, usize)) -> Result<u64> {
-    let x = Tensor::zeros((1, 3, hw.0, hw.1), candle_core::DType::F32, net.device())?;
+pub fn macs(net: &dyn Backbone, input_hw: (usize, usize)) -> Result<u64> {
+    let x = Tensor::zeros(
+        (1, 3, input_hw.0, input_hw.1),
+        candle_core::DType::F32,
+        net.device(),
+    )?;
     let (r, n) = crate::macs::count(|| -> Result<()> {
         if let Some(last) = net.forward_intermediates(&x, false)?.pop() {
             net.classify(&net.pool(&last, false)?)?;
@@ -335,8 +339,8 @@ pub fn vit_preset(name: &str) -> Option<VitArch> {
     Some(VitArch::standard(dim, depth, heads, patch))
 }
 
-fn vit_spec(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
-    vit_preset(name).map(|a| Box::new(ViTSpec::new(a, hw)) as Box<dyn BackboneSpec>)
+fn vit_spec(name: &str, input_hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
+    vit_preset(name).map(|a| Box::new(ViTSpec::new(a, input_hw)) as Box<dyn BackboneSpec>)
 }
 
 /// A plain ViT in timm naming, without final norm (the SAK stem), its pyramid at four evenly
@@ -346,7 +350,8 @@ pub struct ViTSpec {
     #[serde(flatten)]
     pub arch: VitArch,
     /// training input (height, width): the position table's grid is this / patch
-    pub image_hw: (usize, usize),
+    #[serde(alias = "image_hw")]
+    pub input_hw: (usize, usize),
     /// 0-based blocks whose outputs form the pyramid
     pub levels: Vec<usize>,
     pub mean: [f32; 3],
@@ -361,11 +366,11 @@ fn is_zero(n: &usize) -> bool {
 }
 
 impl ViTSpec {
-    pub fn new(arch: VitArch, image_hw: (usize, usize)) -> Self {
+    pub fn new(arch: VitArch, input_hw: (usize, usize)) -> Self {
         Self {
             levels: evenly_spaced_blocks(arch.depth, 4),
             arch,
-            image_hw,
+            input_hw,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
             num_classes: 0,
@@ -374,8 +379,8 @@ impl ViTSpec {
 
     pub fn grid_hw(&self) -> (usize, usize) {
         (
-            self.image_hw.0 / self.arch.patch,
-            self.image_hw.1 / self.arch.patch,
+            self.input_hw.0 / self.arch.patch,
+            self.input_hw.1 / self.arch.patch,
         )
     }
 
@@ -446,12 +451,12 @@ impl ViTSpec {
             width: a.dim,
             num_heads: a.heads,
             patch: a.patch,
-            image_size: self.image_hw,
+            input_hw: self.input_hw,
             prefix_tokens: a.prefix_tokens(),
             out_channels: a.dim,
             default_levels: self.levels.clone(),
             preprocess: PreprocessConfig::exact(
-                self.image_hw,
+                self.input_hw,
                 Resample::Bicubic,
                 self.mean,
                 self.std,

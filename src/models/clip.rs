@@ -47,7 +47,7 @@ pub fn load(cfg: &Cfg, pre: Option<&Cfg>, w: &Weights, files: &ModelFiles) -> Re
     let emb = w.pp("embeddings");
     let (gh, gw) = d.native_grid();
     let preprocess =
-        PreprocessConfig::short_edge_crop(d.image_size.0, d.image_size.0, CLIP_MEAN, CLIP_STD);
+        PreprocessConfig::short_edge_crop(d.input_hw.0, d.input_hw.0, CLIP_MEAN, CLIP_STD);
     let preprocess = match pre {
         Some(p) => preprocess.with_hf(p)?,
         None => preprocess,

@@ -337,7 +337,7 @@ impl VitArch {
     }
 
     /// The block hyper-parameters at an input size.
-    pub fn dims(&self, image_size: (usize, usize)) -> Dims {
+    pub fn dims(&self, input_hw: (usize, usize)) -> Dims {
         Dims {
             dim: self.dim,
             depth: self.depth,
@@ -345,7 +345,7 @@ impl VitArch {
             mlp_hidden: self.mlp_hidden,
             eps: self.eps,
             act: self.act,
-            image_size,
+            input_hw,
             patch: self.patch,
             channels: 3,
             qkv_bias: self.qkv_bias,
@@ -427,7 +427,7 @@ pub struct Dims {
     pub mlp_hidden: usize,
     pub eps: f64,
     pub act: super::layers::Activation,
-    pub image_size: (usize, usize),
+    pub input_hw: (usize, usize),
     pub patch: usize,
     pub channels: usize,
     pub qkv_bias: bool,
@@ -474,7 +474,7 @@ impl Dims {
             mlp_hidden,
             eps: cfg.f64("layer_norm_eps", d.eps)?,
             act: act.unwrap_or(super::layers::Activation::Gelu),
-            image_size: cfg.size2("image_size", d.image_size)?,
+            input_hw: cfg.size2("image_size", d.image_size)?,
             patch,
             channels,
             qkv_bias: cfg.bool("qkv_bias", true)?,
@@ -496,10 +496,7 @@ impl Dims {
 
     /// Patch grid of the checkpoint's native input.
     pub fn native_grid(&self) -> (usize, usize) {
-        (
-            self.image_size.0 / self.patch,
-            self.image_size.1 / self.patch,
-        )
+        (self.input_hw.0 / self.patch, self.input_hw.1 / self.patch)
     }
 }
 

@@ -20,7 +20,7 @@ pub const IMAGE_INPUT: &str = "image";
 #[derive(Clone, Debug)]
 pub struct ExportOptions {
     /// input (height, width)
-    pub hw: (usize, usize),
+    pub input_hw: (usize, usize),
     /// the model's name (metadata `model`)
     pub name: String,
     /// take uint8 RGB NHWC images and normalise inside the graph
@@ -30,9 +30,9 @@ pub struct ExportOptions {
 }
 
 impl ExportOptions {
-    pub fn new(name: &str, hw: (usize, usize)) -> Self {
+    pub fn new(name: &str, input_hw: (usize, usize)) -> Self {
         Self {
-            hw,
+            input_hw,
             name: name.to_string(),
             include_preprocessing: false,
             metadata: Vec::new(),
@@ -55,13 +55,18 @@ pub trait OnnxHead {
 
 /// Write `net` (eval mode) as an ONNX model for `[batch, 3, h, w]` normalised pixels; `name`
 /// goes into the metadata (`model`).
-pub fn export_onnx(net: &dyn Backbone, hw: (usize, usize), name: &str, path: &Path) -> Result<()> {
-    export_onnx_with(net, &ExportOptions::new(name, hw), None, path)
+pub fn export_onnx(
+    net: &dyn Backbone,
+    input_hw: (usize, usize),
+    name: &str,
+    path: &Path,
+) -> Result<()> {
+    export_onnx_with(net, &ExportOptions::new(name, input_hw), None, path)
 }
 
-/// The sides `(h, w)` of the pyramid for an input of `hw` (one forward of a blank image).
-fn pyramid_sides(net: &dyn Backbone, hw: (usize, usize)) -> Result<Vec<(usize, usize)>> {
-    let x = Tensor::zeros((1, 3, hw.0, hw.1), DType::F32, net.device())?;
+/// The sides `(h, w)` of the pyramid for an input of `input_hw` (one forward of a blank image).
+fn pyramid_sides(net: &dyn Backbone, input_hw: (usize, usize)) -> Result<Vec<(usize, usize)>> {
+    let x = Tensor::zeros((1, 3, input_hw.0, input_hw.1), DType::F32, net.device())?;
     net.forward_intermediates(&x, false)?
         .iter()
         .map(|t| Ok((t.dim(2)?, t.dim(3)?)))
@@ -92,7 +97,7 @@ pub fn export_onnx_with(
             outputs.push(("logits".into(), logits, 2));
         }
         if let Some(h) = head {
-            let sides = pyramid_sides(net, opts.hw)?;
+            let sides = pyramid_sides(net, opts.input_hw)?;
             outputs.extend(h.onnx(g, &levels, &sides, &pooled)?);
         }
         Ok(outputs)
@@ -108,7 +113,7 @@ pub fn export_graph(
     path: &Path,
     body: impl FnOnce(&mut Graph, &str) -> Result<Vec<(String, String, usize)>>,
 ) -> Result<()> {
-    let hw = opts.hw;
+    let hw = opts.input_hw;
     let (mut g, x) = if opts.include_preprocessing {
         let mut g = Graph::new_image_u8(IMAGE_INPUT, hw);
         let x = normalise(&mut g, p)?;

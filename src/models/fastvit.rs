@@ -66,8 +66,8 @@ pub struct FastVitSpec {
 }
 
 impl FastVitSpec {
-    /// A published FastViT by timm name (training form, no classifier) for inputs of `hw`.
-    pub fn named(name: &str, hw: (usize, usize)) -> Option<Self> {
+    /// A published FastViT by timm name (training form, no classifier) for inputs of `input_hw`.
+    pub fn named(name: &str, input_hw: (usize, usize)) -> Option<Self> {
         let wide = [64, 128, 256, 512];
         let (layers, embed_dims, ratio, sa) = match name {
             "fastvit_t8" => ([2, 2, 4, 2], [48, 96, 192, 384], 3.0, false),
@@ -86,10 +86,10 @@ impl FastVitSpec {
             num_classes: 0,
             // timm's `fastvit_*.apple_in1k`: ImageNet statistics, crop 0.9, bicubic
             data: TimmDataConfig {
-                input_hw: hw,
+                input_hw,
                 crop_pct: 0.9,
                 interpolation: "bicubic".into(),
-                ..TimmDataConfig::imagenet(hw.0)
+                ..TimmDataConfig::imagenet(input_hw.0)
             },
             fused: false,
         })
@@ -814,7 +814,7 @@ impl ConvBias {
         Ok(crate::kernels::channel_bias(&y, &self.bias)?)
     }
 
-    /// The convolution as an ONNX node reading `x` of side `hw`; the output and its side.
+    /// The convolution as an ONNX node reading `x` of side `input_hw`; the output and its side.
     fn onnx(&self, g: &mut Graph, x: &str, hw: Side) -> Result<(String, Side)> {
         let k = self.weight.dim(3)?;
         let side = |n: usize| (n + 2 * (k / 2) - k) / self.stride + 1;
@@ -1070,7 +1070,7 @@ impl Block {
         }
     }
 
-    /// The block (its token mixer re-parameterised) as ONNX nodes reading `x` of side `hw`.
+    /// The block (its token mixer re-parameterised) as ONNX nodes reading `x` of side `input_hw`.
     fn onnx(&self, g: &mut Graph, x: &str, hw: Side) -> Result<String> {
         let residual_mlp = |g: &mut Graph, x: &str, mlp: &Mlp, gamma: &Tensor| {
             let m = mlp.onnx(g, x)?;
@@ -1357,8 +1357,8 @@ pub fn reparameterize_folder(model: &str, out: &std::path::Path) -> Result<FastV
 }
 
 /// The registry's resolver.
-pub fn resolve(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
-    FastVitSpec::named(name, hw).map(|s| Box::new(s) as Box<dyn BackboneSpec>)
+pub fn resolve(name: &str, input_hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
+    FastVitSpec::named(name, input_hw).map(|s| Box::new(s) as Box<dyn BackboneSpec>)
 }
 
 /// A timm hub config of a FastViT: `architecture` (`fastvit_t8.apple_in1k`), optional

@@ -114,8 +114,8 @@ struct Unit {
 }
 
 impl MobileVitV2Spec {
-    /// A published MobileViT-V2 by timm name, without classifier, for inputs of `hw`.
-    pub fn named(name: &str, hw: (usize, usize)) -> Option<Self> {
+    /// A published MobileViT-V2 by timm name, without classifier, for inputs of `input_hw`.
+    pub fn named(name: &str, input_hw: (usize, usize)) -> Option<Self> {
         let &(arch, multiplier) = VARIANTS.iter().find(|(n, _)| *n == name)?;
         Some(Self {
             arch: arch.to_string(),
@@ -124,7 +124,7 @@ impl MobileVitV2Spec {
             num_classes: 0,
             // timm's `mobilevitv2_*.cvnets_in1k`: no normalisation, crop 0.888, bicubic
             data: TimmDataConfig {
-                input_hw: hw,
+                input_hw,
                 mean: [0.0; 3],
                 std: [1.0; 3],
                 crop_pct: 0.888,
@@ -657,8 +657,8 @@ impl Backbone for MobileVitV2 {
 }
 
 /// The registry's resolver.
-pub fn resolve(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
-    MobileVitV2Spec::named(name, hw).map(|s| Box::new(s) as Box<dyn BackboneSpec>)
+pub fn resolve(name: &str, input_hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
+    MobileVitV2Spec::named(name, input_hw).map(|s| Box::new(s) as Box<dyn BackboneSpec>)
 }
 
 /// A timm hub config of a MobileViT-V2: `architecture` (`mobilevitv2_100.cvnets_in1k`),

@@ -87,8 +87,8 @@ pub struct ModelInfo {
     pub width: usize,
     pub num_heads: usize,
     pub patch: usize,
-    /// the checkpoint's native input size (h, w)
-    pub image_size: (usize, usize),
+    /// the checkpoint's native input (height, width)
+    pub input_hw: (usize, usize),
     /// cls + register tokens in front of the patch tokens (0 for SigLIP and SAM)
     pub prefix_tokens: usize,
     /// channels of `last_hidden_state` (SAM: the neck's output channels)

@@ -165,7 +165,7 @@ impl OnnxEncoder {
                 ),
             });
         }
-        let declared = model.image_hw();
+        let declared = model.input_hw();
         let preprocess = preprocessing(&model, declared)?;
         let hw = declared.unwrap_or_else(|| preprocess.output_size((256, 256)));
         let single = dims[0] == Some(1);
@@ -178,7 +178,7 @@ impl OnnxEncoder {
                 width: 0,
                 num_heads: 0,
                 patch: 1,
-                image_size: hw,
+                input_hw: hw,
                 prefix_tokens: 0,
                 out_channels: 0,
                 default_levels: vec![0],

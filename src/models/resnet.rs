@@ -63,8 +63,8 @@ struct BlockPlan {
 }
 
 impl ResNetSpec {
-    /// A standard ResNet by timm name, without classifier, for inputs of `hw`.
-    pub fn named(name: &str, hw: (usize, usize)) -> Option<Self> {
+    /// A standard ResNet by timm name, without classifier, for inputs of `input_hw`.
+    pub fn named(name: &str, input_hw: (usize, usize)) -> Option<Self> {
         let (bottleneck, layers) = depth_of(name)?;
         Some(Self {
             arch: name.to_string(),
@@ -74,10 +74,10 @@ impl ResNetSpec {
             num_classes: 0,
             // timm's `resnet*.a1_in1k` evaluation settings, at the requested size
             data: TimmDataConfig {
-                input_hw: hw,
+                input_hw,
                 crop_pct: 0.95,
                 interpolation: "bicubic".into(),
-                ..TimmDataConfig::imagenet(hw.0)
+                ..TimmDataConfig::imagenet(input_hw.0)
             },
         })
     }
@@ -376,8 +376,8 @@ impl Backbone for ResNet {
 }
 
 /// The registry's resolver.
-pub fn resolve(name: &str, hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
-    ResNetSpec::named(name, hw).map(|s| Box::new(s) as Box<dyn BackboneSpec>)
+pub fn resolve(name: &str, input_hw: (usize, usize)) -> Option<Box<dyn BackboneSpec>> {
+    ResNetSpec::named(name, input_hw).map(|s| Box::new(s) as Box<dyn BackboneSpec>)
 }
 
 /// A timm hub config of a ResNet: `architecture` (`resnet50.a1_in1k`), optional `model_args`

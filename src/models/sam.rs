@@ -229,7 +229,7 @@ pub fn load(cfg: &Cfg, pre: Option<&Cfg>, w: &Weights, files: &ModelFiles) -> Re
         },
     );
     let preprocess = PreprocessConfig::longest_edge_pad(
-        d.image_size.0.max(d.image_size.1),
+        d.input_hw.0.max(d.input_hw.1),
         IMAGENET_MEAN,
         IMAGENET_STD,
     );
@@ -249,7 +249,7 @@ pub fn load(cfg: &Cfg, pre: Option<&Cfg>, w: &Weights, files: &ModelFiles) -> Re
             width: dim,
             num_heads: d.heads,
             patch: d.patch,
-            image_size: d.image_size,
+            input_hw: d.input_hw,
             prefix_tokens: 0,
             out_channels: out_ch,
             default_levels: levels,

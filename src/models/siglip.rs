@@ -29,7 +29,7 @@ pub fn load(cfg: &Cfg, pre: Option<&Cfg>, w: &Weights, files: &ModelFiles) -> Re
     let w = find_prefix(w, "embeddings.patch_embedding.weight", files)?;
     let emb = w.pp("embeddings");
     let (gh, gw) = d.native_grid();
-    let preprocess = PreprocessConfig::exact(d.image_size, Resample::Bicubic, HALF, HALF);
+    let preprocess = PreprocessConfig::exact(d.input_hw, Resample::Bicubic, HALF, HALF);
     let preprocess = match pre {
         Some(p) => preprocess.with_hf(p)?,
         None => preprocess,

@@ -47,10 +47,10 @@ pub struct NetStem {
 }
 
 impl NetStem {
-    /// The registered backbone at input `hw`, without a classifier.
-    pub fn spec(&self, hw: (usize, usize)) -> Result<Box<dyn BackboneSpec>> {
+    /// The registered backbone at input `input_hw`, without a classifier.
+    pub fn spec(&self, input_hw: (usize, usize)) -> Result<Box<dyn BackboneSpec>> {
         let name = &self.backbone;
-        registered_stem(name, hw)?.ok_or_else(|| {
+        registered_stem(name, input_hw)?.ok_or_else(|| {
             Error::Invalid(format!(
                 "unknown student {name:?} (known: {})",
                 super::backbone::names().join(", ")
@@ -70,10 +70,13 @@ impl NetStem {
     }
 }
 
-/// The registered backbone `name` at input `hw` without a classifier; None when `name` is not
+/// The registered backbone `name` at input `input_hw` without a classifier; None when `name` is not
 /// registered.
-pub fn registered_stem(name: &str, hw: (usize, usize)) -> Result<Option<Box<dyn BackboneSpec>>> {
-    super::backbone::spec(name, hw)
+pub fn registered_stem(
+    name: &str,
+    input_hw: (usize, usize),
+) -> Result<Option<Box<dyn BackboneSpec>>> {
+    super::backbone::spec(name, input_hw)
         .map(|s| s.with_classes(0))
         .transpose()
 }
@@ -105,10 +108,10 @@ impl StemArch {
         }
     }
 
-    /// A registered non-ViT backbone as a stem at input `hw` (built once at random init to read
+    /// A registered non-ViT backbone as a stem at input `input_hw` (built once at random init to read
     /// its pyramid), with its preprocessing's mean and std; None when `name` is not registered.
-    pub fn backbone(name: &str, hw: (usize, usize)) -> Result<Option<(Self, InputNorm)>> {
-        let Some(spec) = registered_stem(name, hw)? else {
+    pub fn backbone(name: &str, input_hw: (usize, usize)) -> Result<Option<(Self, InputNorm)>> {
+        let Some(spec) = registered_stem(name, input_hw)? else {
             return Ok(None);
         };
         let (_, _, net) =
@@ -129,8 +132,8 @@ pub struct StudentSpec {
     pub image_size: usize,
     /// non-square training resolution (height, width) overriding `image_size` (stage 2 on
     /// NYUD: 448x576); the position table then has that grid
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_hw: Option<(usize, usize)>,
+    #[serde(default, alias = "image_hw", skip_serializing_if = "Option::is_none")]
+    pub input_hw: Option<(usize, usize)>,
     pub teachers: Vec<TeacherSlot>,
     /// the distilled levels: 0-based blocks of a ViT stem, pyramid levels of a backbone stem
     pub levels: Vec<usize>,
@@ -198,7 +201,7 @@ impl StudentSpec {
             levels,
             stem,
             image_size,
-            image_hw: None,
+            input_hw: None,
             teachers,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
@@ -266,14 +269,14 @@ impl StudentSpec {
     }
 
     /// Training input (height, width).
-    pub fn hw(&self) -> (usize, usize) {
-        self.image_hw.unwrap_or((self.image_size, self.image_size))
+    pub fn input_hw(&self) -> (usize, usize) {
+        self.input_hw.unwrap_or((self.image_size, self.image_size))
     }
 
     /// A ViT stem's position-table grid (rows, columns); None for a backbone stem.
     pub fn grid_hw(&self) -> Option<(usize, usize)> {
         let a = self.vit()?;
-        let (h, w) = self.hw();
+        let (h, w) = self.input_hw();
         Some((h / a.patch, w / a.patch))
     }
 
@@ -285,7 +288,7 @@ impl StudentSpec {
     fn vit_spec(&self, arch: &VitArch) -> ViTSpec {
         ViTSpec {
             arch: arch.clone(),
-            image_hw: self.hw(),
+            input_hw: self.input_hw(),
             levels: self.levels.clone(),
             mean: self.mean,
             std: self.std,
@@ -304,7 +307,7 @@ impl StudentSpec {
         Ok(match &self.stem {
             StemArch::Vit(a) => (self.vit_spec(a).parameters_under("stem."), Vec::new()),
             StemArch::Backbone(n) => {
-                let spec = n.spec(self.hw())?;
+                let spec = n.spec(self.input_hw())?;
                 let under = |l: Vec<(String, Vec<usize>, Init)>| {
                     l.into_iter()
                         .map(|(name, s, i)| (format!("stem.{name}"), s, i))
@@ -606,7 +609,9 @@ impl Student {
                 (Stem::Vit(Box::new(enc)), p)
             }
             StemArch::Backbone(n) => {
-                let net = n.spec(spec.hw())?.build(&w.pp("stem"), &state.pp("stem"))?;
+                let net = n
+                    .spec(spec.input_hw())?
+                    .build(&w.pp("stem"), &state.pp("stem"))?;
                 if net.feature_info() != n.pyramid {
                     return Err(Error::Invalid(format!(
                         "student {}: the spec records levels {}, the built network has {}",
@@ -676,7 +681,7 @@ impl Student {
     /// The grid of every distilled level at the training input (a backbone's: from one
     /// eval-mode forward of a blank image, since families round odd sides differently).
     pub fn level_grids(&self) -> Result<Vec<(usize, usize)>> {
-        self.level_grids_at(self.spec.hw())
+        self.level_grids_at(self.spec.input_hw())
     }
 
     /// The grid of every distilled level for an input of (h, w).
@@ -993,6 +998,26 @@ mod tests {
         }
     }
 
+    /// `student.json` of run folders written before the input size was called `input_hw`
+    /// (`image_hw`) still reads, and writes back under the new name.
+    #[test]
+    fn student_json_reads_the_older_input_size_key() {
+        let slots = vec![TeacherSlot {
+            name: "t".into(),
+            dim: 48,
+        }];
+        let spec = StudentSpec {
+            input_hw: Some((32, 48)),
+            ..StudentSpec::new(preset("vit-n8").unwrap(), 32, slots).unwrap()
+        };
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains("\"input_hw\":[32,48]"), "{json}");
+        let old: StudentSpec =
+            serde_json::from_str(&json.replace("\"input_hw\"", "\"image_hw\"")).unwrap();
+        assert_eq!(old, spec);
+        assert_eq!(old.input_hw(), (32, 48));
+    }
+
     /// Every value of a store redrawn at a realistic scale (initialisers leave LayerNorms at
     /// identity, biases at zero and BatchNorm statistics at 0/1, which would make a check
     /// vacuous); variances stay positive.
@@ -1045,7 +1070,7 @@ mod tests {
             .unwrap()
             .with_norm(mean, std);
         let spec = StudentSpec {
-            image_hw: Some((40, 56)),
+            input_hw: Some((40, 56)),
             ..spec.with_level_count(3).unwrap()
         };
         assert_eq!(spec.levels, [2, 3, 4]);
@@ -1065,7 +1090,7 @@ mod tests {
             unreachable!()
         };
         let plain = ns
-            .spec(spec.hw())
+            .spec(spec.input_hw())
             .unwrap()
             .build(&w.pp("stem"), &b.pp("stem"))
             .unwrap();

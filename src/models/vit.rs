@@ -66,7 +66,7 @@ pub fn load_hf(
     let w = find_prefix(w, "embeddings.patch_embeddings.projection.weight", files)?;
     let emb = w.pp("embeddings");
     let n0 = d.native_grid().0 * d.native_grid().1;
-    let preprocess = PreprocessConfig::exact(d.image_size, Resample::Bilinear, HALF, HALF);
+    let preprocess = PreprocessConfig::exact(d.input_hw, Resample::Bilinear, HALF, HALF);
     let preprocess = match pre {
         Some(p) => preprocess.with_hf(p)?,
         None => preprocess,
@@ -110,7 +110,7 @@ pub(crate) fn info(
         width: d.dim,
         num_heads: d.heads,
         patch: d.patch,
-        image_size: d.image_size,
+        input_hw: d.input_hw,
         prefix_tokens: prefix,
         out_channels: d.dim,
         default_levels: evenly_spaced_blocks(d.depth, 4),
@@ -233,7 +233,7 @@ pub(crate) fn timm_encoder(
     info: ModelInfo,
     final_norm: bool,
 ) -> Result<TokenEncoder> {
-    let d = a.dims(info.image_size);
+    let d = a.dims(info.input_hw);
     let (gh, gw) = d.native_grid();
     Ok(TokenEncoder {
         patch_embed: PatchEmbed::load(&w.pp("patch_embed.proj"), 3, d.dim, d.patch, true)?,

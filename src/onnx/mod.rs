@@ -736,7 +736,7 @@ impl OnnxModel {
 
     /// The input's declared image (height, width): NHWC for uint8 images, NCHW otherwise;
     /// `None` when it is not a fixed-size 4-d image batch.
-    pub fn image_hw(&self) -> Option<(usize, usize)> {
+    pub fn input_hw(&self) -> Option<(usize, usize)> {
         let d = &self.input_dims;
         if d.len() != 4 {
             return None;

@@ -62,7 +62,8 @@ pub struct TrainConfig {
     pub distill_loss: FeatureLoss,
     pub router: RouterKind,
     /// input (height, width); (0, 0) = the data set's (PASCAL 512x512, NYUD 448x576)
-    pub input_size: (usize, usize),
+    #[serde(alias = "input_size")]
+    pub input_hw: (usize, usize),
     pub batch_size: usize,
     pub steps: u64,
     pub lr: f64,
@@ -104,7 +105,7 @@ impl Default for TrainConfig {
             distill_weight: 1.0,
             distill_loss: FeatureLoss::CosSmoothL1,
             router: RouterKind::Mor,
-            input_size: (0, 0),
+            input_hw: (0, 0),
             batch_size: 4,
             steps: 40_000,
             lr: 2e-5,
@@ -153,7 +154,7 @@ impl TrainConfig {
     }
 
     pub fn input_hw(&self) -> (usize, usize) {
-        match self.input_size {
+        match self.input_hw {
             (0, 0) if is_nyud(&self.dataset) => (448, 576),
             (0, 0) => (512, 512),
             s => s,
@@ -699,7 +700,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         None
     };
     let init_grid = sspec.grid_hw();
-    sspec.image_hw = Some(hw);
+    sspec.input_hw = Some(hw);
     let spec = MultiTaskSpec {
         student: sspec,
         tasks: tasks

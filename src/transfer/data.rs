@@ -222,7 +222,8 @@ impl ImageSource for Labeled {
 /// How one model sees a crop: square side and normalisation.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct View {
-    pub size: usize,
+    /// the square input side
+    pub image_size: usize,
     pub mean: [f32; 3],
     pub std: [f32; 3],
 }
@@ -231,9 +232,9 @@ impl View {
     /// The evaluation input of an image: shortest side resized to `size / crop_pct`, centre
     /// crop `size` (timm's eval transform), `[3, size, size]`.
     pub fn eval_tensor(&self, img: &image::RgbImage, crop_pct: f64) -> Result<Tensor> {
-        let resize =
-            ((self.size as f64 / crop_pct.clamp(0.05, 1.0)).floor() as usize).max(self.size);
-        PreprocessConfig::short_edge_crop(resize, self.size, self.mean, self.std)
+        let resize = ((self.image_size as f64 / crop_pct.clamp(0.05, 1.0)).floor() as usize)
+            .max(self.image_size);
+        PreprocessConfig::short_edge_crop(resize, self.image_size, self.mean, self.std)
             .apply(img, &Device::Cpu)
     }
 }
@@ -285,7 +286,7 @@ pub fn crops_with<T: Send>(
             let crop = rrc.sample(img.dimensions(), &mut sample_rng(seed, epoch, i as u64));
             let ts = views
                 .iter()
-                .map(|v| crop_to_tensor(&img, &crop, v.size, v.mean, v.std, &Device::Cpu))
+                .map(|v| crop_to_tensor(&img, &crop, v.image_size, v.mean, v.std, &Device::Cpu))
                 .collect::<Result<Vec<_>>>()?;
             Ok(Some((ts, extra(i, &img, &crop)?)))
         })
@@ -439,12 +440,12 @@ mod tests {
         // grayscale PNGs come out as 3-channel crops in every view, replayably
         let views = [
             View {
-                size: 16,
+                image_size: 16,
                 mean: [0.5; 3],
                 std: [0.5; 3],
             },
             View {
-                size: 8,
+                image_size: 8,
                 mean: [0.0; 3],
                 std: [1.0; 3],
             },

@@ -158,7 +158,7 @@ pub fn whole_image_tensor(view: &View, img: &image::RgbImage) -> Result<Tensor> 
     crate::data::augment::crop_to_tensor(
         img,
         &crop,
-        view.size,
+        view.image_size,
         view.mean,
         view.std,
         &candle_core::Device::Cpu,

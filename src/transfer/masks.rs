@@ -303,7 +303,7 @@ pub fn mask_crops(
     epoch: u64,
     indices: &[usize],
 ) -> Result<(Crops, Tensor)> {
-    let size = views.first().map_or(0, |v| v.size);
+    let size = views.first().map_or(0, |v| v.image_size);
     let (c, masks) = crops_with(data, views, rrc, seed, epoch, indices, |i, img, crop| {
         let (h, w, mask) = data.mask_for(i, img)?;
         Ok(crop_mask(&mask, (h, w), crop, size))

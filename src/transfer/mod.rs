@@ -948,7 +948,7 @@ fn teacher_stage(ctx: &Ctx, dir: &Path) -> Result<Outcome> {
         frozen: cfg.freeze_teacher,
     };
     let view = View {
-        size: cfg.teacher_size(),
+        image_size: cfg.teacher_size(),
         mean: parts.mean,
         std: parts.std,
     };

@@ -124,10 +124,10 @@ pub struct TeacherNet {
 
 impl TeacherNet {
     /// How it sees an image at side `size`: its preprocessing's normalisation.
-    pub fn view(&self, size: usize) -> View {
+    pub fn view(&self, image_size: usize) -> View {
         let p = &self.encoder.info().preprocess;
         View {
-            size,
+            image_size,
             mean: p.mean,
             std: p.std,
         }
@@ -573,10 +573,10 @@ impl StudentNet {
     }
 
     /// How it sees an image at side `size`: its preprocessing's normalisation.
-    pub fn view(&self, size: usize) -> View {
+    pub fn view(&self, image_size: usize) -> View {
         let p = self.net.preprocess();
         View {
-            size,
+            image_size,
             mean: p.mean,
             std: p.std,
         }
@@ -630,7 +630,7 @@ impl Predictor for StudentNet {
 
 /// Width of the student's features the projection head reads: pooled (one forward of a small
 /// input), or the last level's channels for segmentation.
-pub fn feature_dim(net: &StudentNet, size: usize) -> Result<usize> {
+pub fn feature_dim(net: &StudentNet, image_size: usize) -> Result<usize> {
     if net.seg.is_some() {
         return net
             .net
@@ -639,7 +639,7 @@ pub fn feature_dim(net: &StudentNet, size: usize) -> Result<usize> {
             .map(|f| f.channels)
             .ok_or_else(|| Error::Invalid("student backbone without levels".into()));
     }
-    let x = Tensor::zeros((1, 3, size, size), DType::F32, net.net.device())?;
+    let x = Tensor::zeros((1, 3, image_size, image_size), DType::F32, net.net.device())?;
     Ok(net.features(&x, false)?.dim(1)?)
 }
 

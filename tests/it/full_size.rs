@@ -92,7 +92,7 @@ fn full_size_configs_build() {
             (depth, width, patch),
             "{name}"
         );
-        assert_eq!(info.image_size, (size, size), "{name}");
+        assert_eq!(info.input_hw, (size, size), "{name}");
         assert_eq!(info.default_levels, levels.to_vec(), "{name}");
         // A small non-square input through the first two blocks (SAM: a windowed one).
         let x = Tensor::zeros((1, 3, 2 * patch, 3 * patch), DType::BF16, &Device::Cpu).unwrap();

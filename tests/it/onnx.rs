@@ -161,13 +161,13 @@ fn check_transfer_student(dir: &std::path::Path, hw: (usize, usize), baked: bool
     let done = distillery::export::export(&distillery::export::ExportConfig {
         model: dir.to_string_lossy().to_string(),
         out: out.clone(),
-        size: Some(hw),
+        input_hw: Some(hw),
         include_preprocessing: baked,
         preprocessing: Vec::new(),
         load: LoadOptions::default(),
     })
     .unwrap();
-    assert_eq!(done.hw, hw);
+    assert_eq!(done.input_hw, hw);
     let (rec, net) = load_student(dir, &LoadOptions::default()).unwrap();
     let p = net.net.preprocess().clone();
     for batch in [1usize, 3] {
@@ -272,7 +272,7 @@ fn sak_student_exports_its_teacher_features() {
     distillery::export::export(&distillery::export::ExportConfig {
         model: run.to_string_lossy().to_string(),
         out: out.clone(),
-        size: None,
+        input_hw: None,
         include_preprocessing: false,
         preprocessing: Vec::new(),
         load: LoadOptions::default(),

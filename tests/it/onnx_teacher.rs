@@ -35,7 +35,7 @@ fn onnx_teacher_runs_as_torch_and_as_its_safetensors_twin() {
     let info = enc.info();
     assert_eq!((info.width, info.patch, info.prefix_tokens), (32, 8, 1));
     assert_eq!(info.preprocess.mean, [0.5; 3]);
-    assert_eq!(info.image_size, (32, 32));
+    assert_eq!(info.input_hw, (32, 32));
     // the encoder view: hidden state 1 is the output; the twin's last block is the same map
     let out = enc
         .forward_features(x, &FeatureRequest::blocks(&[0]))

@@ -72,7 +72,7 @@ fn write_config_extra(path: &Path, out: &Path, init: &Path, steps: u64, extra: &
 dataset = "pascal-context"
 data_root = "{}"
 init = "{}"
-input_size = [64, 96]
+input_hw = [64, 96]
 batch_size = 2
 steps = {steps}
 checkpoint_every = 2
@@ -508,7 +508,7 @@ fn nyud_without_distillation_trains_and_evaluates_depth() {
 dataset = "nyud-v2"
 data_root = "{}"
 init = "{}"
-input_size = [128, 160]
+input_hw = [128, 160]
 batch_size = 2
 steps = 2
 distill_weight = 0.0
@@ -577,7 +577,7 @@ fn images_larger_than_the_input_are_evaluated_on_a_larger_canvas() {
     write_config_extra(&cfg, &run, &s1, 1, "distill_weight = 0.0");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replace("input_size = [64, 96]", "input_size = [64, 64]");
+        .replace("input_hw = [64, 96]", "input_hw = [64, 64]");
     std::fs::write(&cfg, text).unwrap();
     ok(&bin(&[
         "train",
@@ -605,7 +605,7 @@ fn parameter_counts_match_the_reference() {
             })
             .collect();
         let mut student = StudentSpec::new(preset(preset_name).unwrap(), hw.0, slots).unwrap();
-        student.image_hw = Some(hw);
+        student.input_hw = Some(hw);
         let spec = MultiTaskSpec {
             student,
             tasks,

@@ -153,6 +153,7 @@ fn run_through(source: &str, mlp_hidden: usize) {
     ]));
     assert!(feats.is_file());
 
+    // `input_size`: the older name of `input_hw`, still read
     let cfg = tmp.path().join("s2.toml");
     std::fs::write(
         &cfg,

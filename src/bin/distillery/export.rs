@@ -49,7 +49,7 @@ pub fn run(a: Args) -> Result<()> {
     let done = distillery::export::export(&distillery::export::ExportConfig {
         model: m.clone(),
         out: a.out.clone(),
-        size: a.size,
+        input_hw: a.size,
         include_preprocessing: a.include_preprocessing,
         preprocessing: [
             ("mean", a.mean.clone()),
@@ -67,8 +67,8 @@ pub fn run(a: Args) -> Result<()> {
         done.bytes as f64 / 1e6,
         done.description,
         done.input,
-        done.hw.0,
-        done.hw.1,
+        done.input_hw.0,
+        done.input_hw.1,
     );
     Ok(())
 }

@@ -40,7 +40,7 @@ pub fn run(a: Args) -> Result<()> {
     let (name, enc) = load_model(&a.model)?;
     let info = enc.info();
     println!("model: {name}");
-    println!("{}", describe(info, info.image_size));
+    println!("{}", describe(info, info.input_hw));
     println!("sak levels (0-based blocks): {:?}", info.default_levels);
     println!("preprocess: {:?}", info.preprocess);
     Ok(())
