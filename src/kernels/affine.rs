@@ -4,8 +4,8 @@
 //! allocating a full-size result. The backward returns `dx` and the per-channel `da`, `db` in
 //! one pass too. CPU f32 only; other devices and dtypes compose candle ops.
 
-use super::exp_approx;
 use super::op::{apply, apply_no_bwd, operands, In, Kernel};
+use super::{exp_approx, gelu_grad_one, gelu_one};
 use candle_core::{Shape, Tensor};
 use rayon::prelude::*;
 
@@ -15,6 +15,8 @@ pub enum Act {
     Identity,
     Relu,
     Silu,
+    /// exact (erf) GELU
+    Gelu,
 }
 
 impl Act {
@@ -33,6 +35,7 @@ fn activate(v: f32, act: u8) -> f32 {
     match act {
         1 => v.max(0.0),
         2 => v * sigmoid(v),
+        3 => gelu_one(v),
         _ => v,
     }
 }
@@ -52,6 +55,7 @@ fn slope(v: f32, act: u8) -> f32 {
             let s = sigmoid(v);
             s * (1.0 + v * (1.0 - s))
         }
+        3 => gelu_grad_one(v),
         _ => 1.0,
     }
 }
@@ -68,6 +72,10 @@ fn forward_body(x: &[f32], y: &mut [f32], a: f32, b: f32, act: u8) {
             .iter_mut()
             .zip(x)
             .for_each(|(d, &v)| *d = activate(v * a + b, 2)),
+        3 => y
+            .iter_mut()
+            .zip(x)
+            .for_each(|(d, &v)| *d = activate(v * a + b, 3)),
         _ => y.iter_mut().zip(x).for_each(|(d, &v)| *d = v * a + b),
     }
 }
@@ -106,6 +114,7 @@ fn backward_body(x: &[f32], g: &[f32], dx: &mut [f32], a: f32, b: f32, act: u8, 
     let (sa, sb) = match act {
         1 => run::<1>(x, g, dx, a, b),
         2 => run::<2>(x, g, dx, a, b),
+        3 => run::<3>(x, g, dx, a, b),
         _ => run::<0>(x, g, dx, a, b),
     };
     sums[0] = sa;
@@ -320,10 +329,18 @@ pub fn channel_affine_act(
     let y = x
         .broadcast_mul(&a.reshape((1, c, 1, 1))?)?
         .broadcast_add(&b.reshape((1, c, 1, 1))?)?;
-    match act {
-        Act::Identity => Ok(y),
-        Act::Relu => y.relu(),
-        Act::Silu => y.silu(),
+    act.apply(&y)
+}
+
+impl Act {
+    /// The activation as candle ops (any device and dtype).
+    fn apply(self, y: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Act::Identity => Ok(y.clone()),
+            Act::Relu => y.relu(),
+            Act::Silu => y.silu(),
+            Act::Gelu => y.gelu_erf(),
+        }
     }
 }
 
@@ -343,13 +360,19 @@ pub fn channel_scale(x: &Tensor, s: &Tensor) -> candle_core::Result<Tensor> {
 /// `x + b[c]` over `x: [B, C, H, W]` (a convolution's bias), differentiable in both; see
 /// [`channel_scale`].
 pub fn channel_bias(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    channel_bias_act(x, b, Act::Identity)
+}
+
+/// `act(x + b[c])` over `x: [B, C, H, W]` (a convolution's bias and the activation after it)
+/// in one pass forward and backward on CPU f32.
+pub fn channel_bias_act(x: &Tensor, b: &Tensor, act: Act) -> candle_core::Result<Tensor> {
     let c = x.dim(1)?;
     let b = b.reshape(c)?;
     if super::fast_path(x) && super::fast_path(&b) {
         let one = Tensor::ones(c, x.dtype(), x.device())?;
-        return channel_affine_act(x, &one, &b, Act::Identity);
+        return channel_affine_act(x, &one, &b, act);
     }
-    x.broadcast_add(&b.reshape((1, c, 1, 1))?)
+    act.apply(&x.broadcast_add(&b.reshape((1, c, 1, 1))?)?)
 }
 
 #[cfg(test)]
@@ -392,7 +415,7 @@ mod tests {
     #[test]
     fn matches_composed_ops() {
         let dev = Device::Cpu;
-        for act in [Act::Identity, Act::Relu, Act::Silu] {
+        for act in [Act::Identity, Act::Relu, Act::Silu, Act::Gelu] {
             let x = Var::randn(0f32, 2.0, (3, 4, 5, 7), &dev).unwrap();
             let a = Var::randn(0f32, 1.0, 4, &dev).unwrap();
             let b = Var::randn(0f32, 1.0, 4, &dev).unwrap();
@@ -407,11 +430,7 @@ mod tests {
                         .unwrap()
                         .broadcast_add(&bt.reshape((1, 4, 1, 1)).unwrap())
                         .unwrap();
-                    match act {
-                        Act::Identity => y,
-                        Act::Relu => y.relu().unwrap(),
-                        Act::Silu => y.silu().unwrap(),
-                    }
+                    act.apply(&y).unwrap()
                 };
                 let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
                 let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();

@@ -79,7 +79,9 @@ macro_rules! multiversion {
 }
 
 mod affine;
-pub use affine::{channel_affine_act, channel_bias, channel_scale, channel_stats, Act};
+pub use affine::{
+    channel_affine_act, channel_bias, channel_bias_act, channel_scale, channel_stats, Act,
+};
 mod adamw;
 pub use adamw::{adamw_update, AdamStep};
 mod feature_loss;

@@ -24,7 +24,7 @@ use super::layers::{
 use super::student::Init;
 use crate::config::Cfg;
 use crate::error::{Error, Result};
-use crate::kernels::gelu_erf;
+use crate::kernels::{channel_bias_act, gelu_erf, Act};
 use crate::onnx::Graph;
 use crate::preprocess::TimmDataConfig;
 use crate::weights::Weights;
@@ -1009,15 +1009,17 @@ struct Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = self.conv.forward(x, train)?;
-        let with_bias = |l: &Linear, x: &Tensor| -> Result<Tensor> {
+        // a 1x1 convolution, its bias and the activation after it (bias + GELU in one pass)
+        let pointwise_act = |l: &Linear, x: &Tensor, act: Act| -> Result<Tensor> {
             let y = pointwise(x, &l.weight)?;
-            match &l.bias {
-                Some(b) => Ok(crate::kernels::channel_bias(&y, b)?),
-                None => Ok(y),
-            }
+            Ok(match (&l.bias, act) {
+                (Some(b), _) => channel_bias_act(&y, b, act)?,
+                (None, Act::Gelu) => gelu_erf(&y)?,
+                (None, _) => y,
+            })
         };
-        let h = gelu_erf(&with_bias(&self.fc1, &x)?)?;
-        with_bias(&self.fc2, &h)
+        let h = pointwise_act(&self.fc1, &x, Act::Gelu)?;
+        pointwise_act(&self.fc2, &h, Act::Identity)
     }
 
     fn onnx(&self, g: &mut Graph, x: &str) -> Result<String> {

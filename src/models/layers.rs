@@ -462,7 +462,7 @@ impl ConvBn {
         let (weight, bias) = self.folded()?;
         let k = self.weight.dim(3)?;
         let y = g.conv(x, &weight, Some(&bias), self.stride, k / 2, self.groups)?;
-        Ok(g.act(&y, self.act))
+        g.act(&y, self.act)
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -495,28 +495,21 @@ impl Activation {
         let act = self;
         Ok(match act {
             A::Relu => g.node("Relu", &[x], vec![]),
-            A::Silu => g.act(x, crate::kernels::Act::Silu),
+            A::Silu => g.act(x, crate::kernels::Act::Silu)?,
             A::QuickGelu => {
                 let z = g.scale(x, 1.702)?;
                 let s = g.node("Sigmoid", &[&z], vec![]);
                 g.node("Mul", &[x, &s], vec![])
             }
-            A::Gelu | A::GeluTanh => {
-                let inner = if act == A::Gelu {
-                    let z = g.scale(x, std::f32::consts::FRAC_1_SQRT_2)?;
-                    g.node("Erf", &[&z], vec![])
-                } else {
-                    let x3 = g.node("Mul", &[x, x], vec![]);
-                    let x3 = g.node("Mul", &[&x3, x], vec![]);
-                    let c = g.scale(&x3, 0.044715)?;
-                    let u = g.node("Add", &[x, &c], vec![]);
-                    let u = g.scale(&u, (2.0f32 / std::f32::consts::PI).sqrt())?;
-                    g.node("Tanh", &[&u], vec![])
-                };
-                let one = g.scalar("one", 1.0)?;
-                let p = g.node("Add", &[&inner, &one], vec![]);
-                let h = g.scale(x, 0.5)?;
-                g.node("Mul", &[&h, &p], vec![])
+            A::Gelu => g.act(x, crate::kernels::Act::Gelu)?,
+            A::GeluTanh => {
+                let x3 = g.node("Mul", &[x, x], vec![]);
+                let x3 = g.node("Mul", &[&x3, x], vec![]);
+                let c = g.scale(&x3, 0.044715)?;
+                let u = g.node("Add", &[x, &c], vec![]);
+                let u = g.scale(&u, (2.0f32 / std::f32::consts::PI).sqrt())?;
+                let t = g.node("Tanh", &[&u], vec![]);
+                g.half_x_times_one_plus(x, &t)?
             }
         })
     }
@@ -627,7 +620,7 @@ impl Mlp {
                 let half = (w_in.weight.dim(0)? / 2) as i64;
                 let x1 = g.slice(&h, -1, 0, half)?;
                 let x2 = g.slice(&h, -1, half, 2 * half)?;
-                let s = g.act(&x1, crate::kernels::Act::Silu);
+                let s = g.act(&x1, crate::kernels::Act::Silu)?;
                 let m = g.node("Mul", &[&s, &x2], vec![]);
                 w_out.onnx(g, &m)
             }

@@ -488,7 +488,7 @@ impl TransformerLayer {
         let x = g.node("Add", &[x, &o], vec![]);
         let n2 = self.norm2.onnx(g, &x, 4)?;
         let h = self.fc1.onnx(g, &n2)?;
-        let h = g.act(&h, Act::Silu);
+        let h = g.act(&h, Act::Silu)?;
         let h = self.fc2.onnx(g, &h)?;
         Ok(g.node("Add", &[&x, &h], vec![]))
     }

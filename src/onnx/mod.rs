@@ -252,17 +252,31 @@ impl Graph {
         ))
     }
 
-    /// An activation after a convolution or normalisation.
-    pub fn act(&mut self, x: &str, act: crate::kernels::Act) -> String {
+    /// An activation after a convolution or normalisation, from elementary operators
+    /// (opset 17 has no `Gelu`: exact GELU is `0.5 x (1 + erf(x / sqrt 2))`).
+    pub fn act(&mut self, x: &str, act: crate::kernels::Act) -> Result<String> {
         use crate::kernels::Act;
-        match act {
+        Ok(match act {
             Act::Identity => x.to_string(),
             Act::Relu => self.node("Relu", &[x], vec![]),
             Act::Silu => {
                 let s = self.node("Sigmoid", &[x], vec![]);
                 self.node("Mul", &[x, &s], vec![])
             }
-        }
+            Act::Gelu => {
+                let z = self.scale(x, std::f32::consts::FRAC_1_SQRT_2)?;
+                let erf = self.node("Erf", &[&z], vec![]);
+                self.half_x_times_one_plus(x, &erf)?
+            }
+        })
+    }
+
+    /// `0.5 x (1 + u)`: the GELU forms around their `erf` or `tanh` term `u`.
+    pub fn half_x_times_one_plus(&mut self, x: &str, u: &str) -> Result<String> {
+        let one = self.scalar("one", 1.0)?;
+        let p = self.node("Add", &[u, &one], vec![]);
+        let h = self.scale(x, 0.5)?;
+        Ok(self.node("Mul", &[&h, &p], vec![]))
     }
 
     /// A scalar f32 constant.
