@@ -159,7 +159,8 @@ impl Geom {
 }
 
 /// One output plane from one input plane and its filter.
-fn forward_plane(g: &Geom, x: &[f32], k: &[f32], y: &mut [f32], buf: &mut Vec<f32>) {
+#[inline(always)]
+fn forward_body(g: &Geom, x: &[f32], k: &[f32], y: &mut [f32], buf: &mut Vec<f32>) {
     if g.stride == 1 {
         g.pad_into(x, buf);
         let pw = g.padded_w();
@@ -181,8 +182,15 @@ fn forward_plane(g: &Geom, x: &[f32], k: &[f32], y: &mut [f32], buf: &mut Vec<f3
     });
 }
 
+multiversion!(
+    forward_plane,
+    forward_body,
+    (g: &Geom, x: &[f32], k: &[f32], y: &mut [f32], buf: &mut Vec<f32>)
+);
+
 /// Gradient of one input plane from its output-plane gradient.
-fn input_grad_plane(g: &Geom, dy: &[f32], k: &[f32], dx: &mut [f32], buf: &mut Vec<f32>) {
+#[inline(always)]
+fn input_grad_body(g: &Geom, dy: &[f32], k: &[f32], dx: &mut [f32], buf: &mut Vec<f32>) {
     let s = g.stride;
     if s == 1 {
         // accumulate into the padded plane, then keep its interior
@@ -220,22 +228,36 @@ fn input_grad_plane(g: &Geom, dy: &[f32], k: &[f32], dx: &mut [f32], buf: &mut V
     });
 }
 
-/// Adds one plane's contribution to its filter's gradient.
-fn weight_grad_plane(g: &Geom, x: &[f32], dy: &[f32], dk: &mut [f32], buf: &mut Vec<f32>) {
+multiversion!(
+    input_grad_plane,
+    input_grad_body,
+    (g: &Geom, dy: &[f32], k: &[f32], dx: &mut [f32], buf: &mut Vec<f32>)
+);
+
+/// Adds one plane's contribution to its filter's gradient. Stride 1 accumulates element-wise
+/// products into `acc` (`kh * kw` rows of `ow`, summed by [`reduce_taps`] once all planes of a
+/// channel are in), so the inner loop is a vectorised multiply-add rather than a dot product's
+/// serial sum; other strides add straight into `dk`.
+#[inline(always)]
+fn weight_grad_body(
+    g: &Geom,
+    x: &[f32],
+    dy: &[f32],
+    dk: &mut [f32],
+    (acc, buf): (&mut [f32], &mut Vec<f32>),
+) {
     let s = g.stride;
     if s == 1 {
         g.pad_into(x, buf);
-        let pw = g.padded_w();
-        for (oy, out) in dy.chunks(g.ow).enumerate() {
+        let (pw, ow) = (g.padded_w(), g.ow);
+        for (oy, out) in dy.chunks(ow).enumerate() {
             for ky in 0..g.kh {
-                let row = &buf[(oy + ky) * pw..(oy + ky) * pw + g.ow + g.kw - 1];
-                for (kx, d) in dk[ky * g.kw..(ky + 1) * g.kw].iter_mut().enumerate() {
-                    let dot: f32 = out
-                        .iter()
-                        .zip(&row[kx..kx + g.ow])
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    *d += dot;
+                let row = &buf[(oy + ky) * pw..(oy + ky) * pw + ow + g.kw - 1];
+                let taps = &mut acc[ky * g.kw * ow..(ky + 1) * g.kw * ow];
+                for (kx, a) in taps.chunks_exact_mut(ow).enumerate() {
+                    for ((d, &o), &v) in a.iter_mut().zip(out).zip(&row[kx..kx + ow]) {
+                        *d += o * v;
+                    }
                 }
             }
         }
@@ -254,6 +276,20 @@ fn weight_grad_plane(g: &Geom, x: &[f32], dy: &[f32], dk: &mut [f32], buf: &mut 
         };
         dk[t] += dot;
     });
+}
+multiversion!(
+    weight_grad_plane,
+    weight_grad_body,
+    (g: &Geom, x: &[f32], dy: &[f32], dk: &mut [f32], scratch: (&mut [f32], &mut Vec<f32>))
+);
+
+/// `dk[t] += sum(acc row t)` for the stride-1 weight gradient's per-tap accumulators.
+fn reduce_taps(g: &Geom, acc: &[f32], dk: &mut [f32]) {
+    if g.stride == 1 {
+        for (d, row) in dk.iter_mut().zip(acc.chunks_exact(g.ow)) {
+            *d += row.iter().sum::<f32>();
+        }
+    }
 }
 
 /// The forward pass: `(x [B, C, H, W], k [C, 1, kh, kw]) -> y [B, C, oh, ow]`.
@@ -335,9 +371,11 @@ impl Kernel for KernelGrad {
         let [x, dy] = operands(self.name(), xs)?.map(|t| t.data);
         let taps = g.kh * g.kw;
         let mut dk = vec![0f32; g.c * taps];
-        dk.par_chunks_mut(taps)
-            .enumerate()
-            .for_each_init(Vec::new, |buf, (c, dkc)| {
+        dk.par_chunks_mut(taps).enumerate().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(acc, buf), (c, dkc)| {
+                acc.clear();
+                acc.resize(taps * g.ow, 0.0);
                 for b in 0..g.b {
                     let p = b * g.c + c;
                     weight_grad_plane(
@@ -345,10 +383,12 @@ impl Kernel for KernelGrad {
                         &x[p * g.in_plane()..(p + 1) * g.in_plane()],
                         &dy[p * g.out_plane()..(p + 1) * g.out_plane()],
                         dkc,
-                        buf,
+                        (acc, buf),
                     );
                 }
-            });
+                reduce_taps(&g, acc, dkc);
+            },
+        );
         Ok((dk, Shape::from((g.c, 1, g.kh, g.kw))))
     }
 }

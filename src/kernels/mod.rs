@@ -6,11 +6,7 @@
 //! Accuracy: `exp` is a Cephes-style polynomial (max rel. error ~2e-7 on the range used);
 //! `erf` follows Abramowitz & Stegun 7.1.26 (max abs. error 1.5e-7).
 
-mod conv;
-mod depthwise;
 mod op;
-pub use conv::conv2d_im2col;
-pub use depthwise::depthwise_conv2d;
 
 use candle_core::{DType, Shape, Tensor};
 use op::{apply, apply_no_bwd, contiguous_f32, operands, In, Kernel};
@@ -78,6 +74,10 @@ macro_rules! multiversion {
     };
 }
 
+mod conv;
+mod depthwise;
+pub use conv::conv2d_im2col;
+pub use depthwise::depthwise_conv2d;
 mod affine;
 pub use affine::{
     channel_affine_act, channel_bias, channel_bias_act, channel_scale, channel_stats, Act,
