@@ -393,6 +393,11 @@ pub fn pointwise(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 fn pointwise_uncounted(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let o = w.dim(0)?;
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        // one product per image, the weight gradient accumulated across images in place
+        let w = w.reshape((o, c, 1, 1))?;
+        return Ok(crate::kernels::conv2d_im2col(x, &w, 0, 1)?);
+    }
     let y = w.broadcast_left(b)?.matmul(&x.reshape((b, c, h * wd))?)?;
     Ok(y.reshape((b, o, h, wd))?)
 }
