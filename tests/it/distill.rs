@@ -342,7 +342,8 @@ fn kill_9_keeps_the_last_checkpoint() {
 /// Mixed precision: bf16 and f16 compute with f32 master weights and optimizer state. The
 /// first step's loss (same initialisation, same batch) stays close to the f32 run's; the
 /// checkpoint keeps f32 parameters; f16 logs its loss scale and resumes exactly (the scaler's
-/// state is in the checkpoint).
+/// state is in the checkpoint). On the CPU the half dtypes are emulated (`--emulate-half`);
+/// without it a CPU run says so and computes in f32 (no loss scaler, the f32 run's losses).
 #[test]
 fn mixed_precision_keeps_f32_masters_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -357,7 +358,10 @@ fn mixed_precision_keeps_f32_masters_and_resumes_exactly() {
     let f32_run = run("f32", &[]);
     let reference = losses(&f32_run);
     for dtype in ["bf16", "f16"] {
-        let full = run(&format!("{dtype}-full"), &["--dtype", dtype]);
+        let full = run(
+            &format!("{dtype}-full"),
+            &["--dtype", dtype, "--emulate-half"],
+        );
         let got = losses(&full);
         assert_eq!(got.len(), 6);
         let (a, b) = (got[0].1, reference[0].1);
@@ -391,14 +395,30 @@ fn mixed_precision_keeps_f32_masters_and_resumes_exactly() {
     assert_eq!(first["loss_scale"].as_f64(), Some(65536.0), "{first}");
 
     let split = tmp.path().join("f16-split");
-    let o = distill(&images, &split, &["--dtype", "f16", "--stop-after", "3"]);
+    let f16 = ["--dtype", "f16", "--emulate-half"];
+    let o = distill(
+        &images,
+        &split,
+        &[&f16[..], &["--stop-after", "3"]].concat(),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = distill(&images, &split, &["--dtype", "f16", "--resume"]);
+    let o = distill(&images, &split, &[&f16[..], &["--resume"]].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
         losses(&tmp.path().join("f16-full")),
         losses(&split),
         "a resumed f16 run reproduces the uninterrupted one"
+    );
+
+    let fallback = tmp.path().join("f16-fallback");
+    let o = distill(&images, &fallback, &["--dtype", "f16"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("computing in f32 on the CPU"), "{err}");
+    assert_eq!(
+        losses(&fallback),
+        reference,
+        "the fallback run is the f32 run"
     );
 }
 

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
-use distillery::device::{DeviceSpec, Precision};
+use distillery::device::{compute_precision, DeviceSpec, Precision};
 use distillery::models::{self, LoadOptions};
 use std::collections::HashMap;
 
@@ -27,11 +27,15 @@ pub struct ComputeArgs {
     /// state; f16 scales the loss)
     #[arg(long, default_value = "f32")]
     pub dtype: Precision,
+    /// Compute bf16/f16 on the CPU as asked (emulated, slower than f32; to check the half
+    /// dtype's numerics) instead of falling back to f32
+    #[arg(long)]
+    pub emulate_half: bool,
 }
 
 impl ComputeArgs {
     pub fn load_options(&self) -> Result<LoadOptions> {
-        load_options(self.device, self.dtype)
+        load_options(self.device, self.dtype, self.emulate_half)
     }
 }
 
@@ -45,18 +49,23 @@ pub struct StoreComputeArgs {
     /// Dtype the models compute in: f32, bf16 or f16
     #[arg(long, default_value = "f32")]
     pub compute_dtype: Precision,
+    /// Compute bf16/f16 on the CPU as asked (emulated, slower than f32) instead of falling back
+    /// to f32
+    #[arg(long)]
+    pub emulate_half: bool,
 }
 
 impl StoreComputeArgs {
     pub fn load_options(&self) -> Result<LoadOptions> {
-        load_options(self.device, self.compute_dtype)
+        load_options(self.device, self.compute_dtype, self.emulate_half)
     }
 }
 
-fn load_options(device: DeviceSpec, dtype: Precision) -> Result<LoadOptions> {
+fn load_options(device: DeviceSpec, dtype: Precision, emulate: bool) -> Result<LoadOptions> {
+    let device = device.open()?;
     Ok(LoadOptions {
-        dtype: dtype.dtype(),
-        device: device.open()?,
+        dtype: compute_precision(&device, dtype, emulate).dtype(),
+        device,
     })
 }
 
@@ -80,12 +89,13 @@ pub struct RunArgs {
 
 impl RunArgs {
     pub fn options(&self) -> Result<distillery::train::engine::RunOptions> {
+        let device = self.compute.device.open()?;
         Ok(distillery::train::engine::RunOptions {
             resume: self.resume,
             stop_after: self.stop_after,
             progress: !self.quiet,
-            device: self.compute.device.open()?,
-            precision: self.compute.dtype,
+            precision: compute_precision(&device, self.compute.dtype, self.compute.emulate_half),
+            device,
         })
     }
 }
