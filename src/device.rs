@@ -109,8 +109,8 @@ pub fn cpu_native(p: Precision) -> bool {
 /// request. On the CPU candle computes bf16/f16 element by element through conversions, which
 /// is slower than f32 (measured on an AVX2 machine: a ViT-S/16 forward 2.3x, a cached SAK
 /// stage-1 step 3.8x), and distillery has no half-precision CPU kernels yet (not even where the
-/// CPU has native bf16 dot products), so the CPU computes in f32 (with a warning saying why)
-/// unless `emulate` asks for the half dtype anyway (to check its numerics).
+/// CPU has native bf16 dot products), so the CPU computes in f32 (with a warning saying why,
+/// once per process) unless `emulate` asks for the half dtype anyway (to check its numerics).
 pub fn compute_precision(device: &Device, requested: Precision, emulate: bool) -> Precision {
     if !device.is_cpu() || requested == Precision::F32 || emulate {
         return requested;
@@ -120,10 +120,13 @@ pub fn compute_precision(device: &Device, requested: Precision, emulate: bool) -
     } else {
         "this CPU has no native support for it"
     };
-    tracing::warn!(
-        "--dtype {requested}: computing in f32 on the CPU instead ({hardware}; emulated half \
-         precision is slower than f32); --emulate-half keeps {requested}"
-    );
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "--dtype {requested}: computing in f32 on the CPU instead ({hardware}; emulated \
+             half precision is slower than f32); --emulate-half keeps {requested}"
+        );
+    }
     Precision::F32
 }
 

@@ -2,6 +2,7 @@
 
 use crate::common::{emit, levels_text, load_model, ModelArgs};
 use anyhow::{bail, Result};
+use distillery::device::compute_precision;
 use distillery::features::{
     describe, output_tensors, read_images, read_pixels, student_pixels, student_tensors,
 };
@@ -76,7 +77,8 @@ pub fn run(a: Args) -> Result<()> {
         Some(p) => read_pixels(p, &dev)?,
         None => read_images(&image, &info.preprocess, &dev)?,
     };
-    let x = x.to_dtype(a.model.compute.dtype.dtype())?;
+    let c = &a.model.compute;
+    let x = x.to_dtype(compute_precision(&dev, c.dtype, c.emulate_half).dtype())?;
     let (b, _, h, w) = x.dims4()?;
     eprintln!("model: {name}");
     eprintln!("loaded: {} batch={b}", describe(&info, (h, w)));
