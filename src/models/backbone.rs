@@ -152,7 +152,7 @@ pub type ConfigReader = fn(&Cfg, &Weights) -> Option<Result<Box<dyn BackboneSpec
 pub struct FamilyEntry {
     pub name: &'static str,
     /// the input size (h, w) its published models are evaluated at
-    pub default_hw: (usize, usize),
+    pub default_input_hw: (usize, usize),
     pub resolve: Resolver,
     pub names: &'static [&'static str],
     pub from_config: Option<ConfigReader>,
@@ -162,28 +162,28 @@ pub struct FamilyEntry {
 pub const FAMILIES: &[FamilyEntry] = &[
     FamilyEntry {
         name: "vit",
-        default_hw: (224, 224),
+        default_input_hw: (224, 224),
         resolve: vit_spec,
         names: VIT_NAMES,
         from_config: None,
     },
     FamilyEntry {
         name: "resnet",
-        default_hw: (224, 224),
+        default_input_hw: (224, 224),
         resolve: super::resnet::resolve,
         names: super::resnet::NAMES,
         from_config: Some(super::resnet::from_config),
     },
     FamilyEntry {
         name: "mobilevitv2",
-        default_hw: (256, 256),
+        default_input_hw: (256, 256),
         resolve: super::mobilevit::resolve,
         names: super::mobilevit::NAMES,
         from_config: Some(super::mobilevit::from_config),
     },
     FamilyEntry {
         name: "fastvit",
-        default_hw: (256, 256),
+        default_input_hw: (256, 256),
         resolve: super::fastvit::resolve,
         names: super::fastvit::NAMES,
         from_config: Some(super::fastvit::from_config),
@@ -199,7 +199,7 @@ pub fn spec(name: &str, input_hw: (usize, usize)) -> Option<Box<dyn BackboneSpec
 pub fn spec_at_default(name: &str) -> Option<Box<dyn BackboneSpec>> {
     FAMILIES
         .iter()
-        .find_map(|f| (f.resolve)(name, f.default_hw))
+        .find_map(|f| (f.resolve)(name, f.default_input_hw))
 }
 
 /// A registered name (not an existing path) at random init (seed 0), or a timm folder / hub id
