@@ -6,20 +6,21 @@
 //! convolutions with stride 1 use the input itself as the column matrix.
 
 use super::depthwise::Geom;
-use super::gemm_into;
 use super::op::{apply, apply_no_bwd, operands, In, Kernel};
+use super::{gemm_into, gemm_raw, written_by};
 use candle_core::{Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows `c * kh * kw .. (c + 1) * kh * kw` of the column matrix of one image `x` (`[C, H, W]`):
-/// `col[(c, ky, kx)][(oy, ox)] = x[c, oy * s + ky - p, ox * s + kx - p]` (0 outside).
+/// `col[(c, ky, kx)][(oy, ox)] = x[c, oy * s + ky - p, ox * s + kx - p]` (0 outside). Only the
+/// entries inside the input are written: `col` must hold zeros at the others, as a [`scratch`]
+/// buffer does (zeroed once, then only ever written by `im2col` of the same geometry).
 fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
     let taps = g.kh * g.kw;
     let n = g.out_plane();
     col.par_chunks_mut(taps * n)
         .enumerate()
         .for_each(|(c, rows)| {
-            rows.fill(0.0);
             let plane = &x[c * g.in_plane()..(c + 1) * g.in_plane()];
             g.for_each_tap(|oy, iy, t, (lo, hi), ix| {
                 let dst = &mut rows[t * n + oy * g.ow + lo..t * n + oy * g.ow + hi];
@@ -64,7 +65,7 @@ fn direct(g: &Geom) -> bool {
     g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0
 }
 
-/// A scratch column matrix for one image (none when the input serves as its own).
+/// A zeroed scratch column matrix for one image (none when the input serves as its own).
 fn scratch(g: &Geom) -> Vec<f32> {
     if direct(g) {
         Vec::new()
@@ -108,20 +109,17 @@ impl Kernel for Conv {
         }
         let (x, w) = (x.data, w.data);
         let n = g.out_plane();
-        let mut y = vec![0f32; g.b * o * n];
         let mut col = scratch(&g);
-        for b in 0..g.b {
-            let cols = columns(&g, x, b, &mut col);
-            gemm_into(
-                &mut y[b * o * n..(b + 1) * o * n],
-                w,
-                cols,
-                (o, k, n),
-                false,
-                false,
-                false,
-            );
-        }
+        // SAFETY: each image's product overwrites its `o * n` outputs (no accumulation), and
+        // the images cover all `b * o * n`.
+        let y = unsafe {
+            written_by(g.b * o * n, |y| {
+                for b in 0..g.b {
+                    let cols = columns(&g, x, b, &mut col);
+                    gemm_raw(y.add(b * o * n), w, cols, (o, k, n), false, false, false);
+                }
+            })
+        };
         Ok((y, Shape::from((g.b, o, g.oh, g.ow))))
     }
 
