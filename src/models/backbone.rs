@@ -294,33 +294,79 @@ pub fn macs(net: &dyn Backbone, input_hw: (usize, usize)) -> Result<u64> {
 /// A loaded backbone and the spec it was built from.
 pub type Loaded = (Box<dyn BackboneSpec>, Box<dyn Backbone>);
 
-/// The spec a timm hub folder or id (`config.json` + `model.safetensors`) describes, with its
-/// weights; `Ok(None)` when the config names no registered family's architecture.
-pub fn read_folder(
-    model: &str,
-    opts: &super::LoadOptions,
-) -> Result<Option<(Box<dyn BackboneSpec>, Weights)>> {
+/// A timm hub folder or id of a registered family, read: the spec its `config.json`
+/// describes, its weights and the config's `model_args` (widths and depths that differ from the
+/// architecture name's).
+pub struct TimmFolder {
+    pub spec: Box<dyn BackboneSpec>,
+    pub weights: Weights,
+    pub model_args: Option<serde_json::Value>,
+}
+
+/// Read a timm hub folder or id (`config.json` + `model.safetensors`); `Ok(None)` when the
+/// config names no registered family's architecture.
+pub fn read_folder(model: &str, opts: &super::LoadOptions) -> Result<Option<TimmFolder>> {
     let files = super::resolve(model)?;
     let cfg = Cfg::read(&files.config)?;
     let w = files.open_weights(opts.dtype, &opts.device)?;
-    for f in FAMILIES {
-        if let Some(reader) = f.from_config {
-            if let Some(spec) = reader(&cfg, &w) {
-                return Ok(Some((spec?, w)));
-            }
-        }
+    let Some(spec) = spec_of_cfg(&cfg, &w) else {
+        return Ok(None);
+    };
+    Ok(Some(TimmFolder {
+        spec: spec?,
+        weights: w,
+        model_args: cfg
+            .value
+            .get("model_args")
+            .filter(|v| v.is_object())
+            .cloned(),
+    }))
+}
+
+/// The spec of the first family whose architecture `cfg` names (checked against `w`).
+fn spec_of_cfg(cfg: &Cfg, w: &Weights) -> Option<Result<Box<dyn BackboneSpec>>> {
+    FAMILIES
+        .iter()
+        .filter_map(|f| f.from_config)
+        .find_map(|reader| reader(cfg, w))
+}
+
+/// The spec timm builds for architecture `arch` (a registered name) with `model_args` (as a
+/// timm `config.json` holds them) at input `input_hw`, without a classifier; `source` names
+/// where the arguments come from in errors.
+pub fn spec_from_args(
+    arch: &str,
+    model_args: &serde_json::Value,
+    input_hw: (usize, usize),
+    source: &std::path::Path,
+) -> Result<Box<dyn BackboneSpec>> {
+    let cfg = Cfg {
+        path: source.to_path_buf(),
+        value: serde_json::json!({
+            "architecture": arch,
+            "model_args": model_args,
+            "pretrained_cfg": { "input_size": [3, input_hw.0, input_hw.1] },
+        }),
+    };
+    let none = Weights::from_tensors(Default::default(), source)?;
+    match spec_of_cfg(&cfg, &none) {
+        Some(spec) => spec?.with_classes(0),
+        None => Err(Error::Invalid(format!(
+            "{}: unknown architecture {arch:?} (known: {})",
+            source.display(),
+            names().join(", ")
+        ))),
     }
-    Ok(None)
 }
 
 /// A backbone from a timm hub folder or id of a registered family; `Ok(None)` when the config
 /// names no registered family's architecture.
 pub fn load(model: &str, opts: &super::LoadOptions) -> Result<Option<Loaded>> {
-    let Some((spec, w)) = read_folder(model, opts)? else {
+    let Some(f) = read_folder(model, opts)? else {
         return Ok(None);
     };
-    let model = spec.build(&w, &w)?;
-    Ok(Some((spec, model)))
+    let model = f.spec.build(&f.weights, &f.weights)?;
+    Ok(Some((f.spec, model)))
 }
 
 const VIT_NAMES: &[&str] = &["vit-n8", "vit-t16", "vit-s16", "vit-b16", "vit-l16"];

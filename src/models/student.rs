@@ -36,20 +36,30 @@ pub struct TeacherSlot {
     pub dim: usize,
 }
 
-/// A registered backbone as the student's stem: its name and pyramid (recorded so that
-/// `student.json` describes the parameters without building the network; checked on build).
+/// A backbone of a registered family as the student's stem: its architecture and pyramid
+/// (recorded so that `student.json` describes the parameters without building the network;
+/// checked on build).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NetStem {
-    /// the registry's name (`resnet18`, `mobilevitv2_100`, `fastvit_t8`, ...)
+    /// the registry's name (`resnet18`, `mobilevitv2_100`, `fastvit_t8`, ...), or the timm
+    /// architecture `model_args` configure
     pub backbone: String,
+    /// timm's `model_args` of a stem whose widths or depths are not the registered name's (a
+    /// timm folder's `config.json` holds them); absent for a registered name
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_args: Option<serde_json::Value>,
     /// every level of its pyramid, in `forward_intermediates` order
     pub pyramid: Vec<FeatureInfo>,
 }
 
 impl NetStem {
-    /// The registered backbone at input `input_hw`, without a classifier.
+    /// The backbone at input `input_hw`, without a classifier.
     pub fn spec(&self, input_hw: (usize, usize)) -> Result<Box<dyn BackboneSpec>> {
         let name = &self.backbone;
+        if let Some(args) = &self.model_args {
+            let at = std::path::Path::new("student.json (model_args)");
+            return super::backbone::spec_from_args(name, args, input_hw, at);
+        }
         registered_stem(name, input_hw)?.ok_or_else(|| {
             Error::Invalid(format!(
                 "unknown student {name:?} (known: {})",
@@ -58,15 +68,29 @@ impl NetStem {
         })
     }
 
-    /// The stem a backbone built from the registered `name` makes: its pyramid, and its
-    /// preprocessing's mean and std.
-    pub fn of(name: &str, net: &dyn Backbone) -> (StemArch, InputNorm) {
+    /// The stem a backbone built from `name` (configured by timm's `model_args` when its
+    /// widths are not the registered name's) makes: its pyramid, and its preprocessing's mean
+    /// and std.
+    pub fn of(
+        name: &str,
+        model_args: Option<serde_json::Value>,
+        net: &dyn Backbone,
+    ) -> (StemArch, InputNorm) {
         let p = net.preprocess();
         let stem = NetStem {
             backbone: name.to_string(),
+            model_args,
             pyramid: net.feature_info(),
         };
         (StemArch::Backbone(stem), (p.mean, p.std))
+    }
+
+    /// The stem's name for messages (`resnet50`; `resnet18 (custom widths)`).
+    pub fn describe(&self) -> String {
+        match self.model_args {
+            Some(_) => format!("{} (custom widths)", self.backbone),
+            None => self.backbone.clone(),
+        }
     }
 }
 
@@ -116,7 +140,7 @@ impl StemArch {
         };
         let (_, _, net) =
             crate::train::engine::random_backbone(spec.as_ref(), 0, &Device::Cpu, DType::F32)?;
-        Ok(Some(NetStem::of(name, net.as_ref())))
+        Ok(Some(NetStem::of(name, None, net.as_ref())))
     }
 }
 
@@ -185,7 +209,7 @@ impl StudentSpec {
                 if net.pyramid.is_empty() {
                     return Err(Error::Invalid(format!(
                         "student {} has no feature levels",
-                        net.backbone
+                        net.describe()
                     )));
                 }
                 if image_size == 0 {
@@ -230,7 +254,7 @@ impl StudentSpec {
                     return Err(Error::Invalid(format!(
                         "the teachers give {n} levels but student {} has {} ({}); give the \
                          teachers fewer levels",
-                        net.backbone,
+                        net.describe(),
                         net.pyramid.len(),
                         describe_levels(&net.pyramid)
                     )));
@@ -250,7 +274,7 @@ impl StudentSpec {
     pub fn stem_name(&self) -> String {
         match &self.stem {
             StemArch::Vit(a) => format!("vit {}x{} /{}", a.dim, a.depth, a.patch),
-            StemArch::Backbone(n) => n.backbone.clone(),
+            StemArch::Backbone(n) => n.describe(),
         }
     }
 
@@ -615,7 +639,7 @@ impl Student {
                 if net.feature_info() != n.pyramid {
                     return Err(Error::Invalid(format!(
                         "student {}: the spec records levels {}, the built network has {}",
-                        n.backbone,
+                        n.describe(),
                         describe_levels(&n.pyramid),
                         describe_levels(&net.feature_info())
                     )));

@@ -10,6 +10,7 @@ use crate::data::augment::{crop_to_tensor, sample_rng, RandomResizedCrop};
 use crate::data::{ImageSet, ImageSource};
 use crate::error::{Error, Result};
 use crate::losses::{teacher_loss, FeatureLoss};
+use crate::models::backbone::BackboneSpec;
 use crate::models::encoder::resample_pos_table;
 use crate::models::student::{
     preset, registered_stem, InputNorm, NetStem, StemArch, Student, StudentSpec, TeacherSlot,
@@ -446,20 +447,33 @@ impl StemSource {
             path: id.into(),
             msg: format!("cannot initialise the student from this checkpoint: {msg}"),
         };
-        if let Some((spec, w)) = crate::models::backbone::read_folder(id, &LoadOptions::default())?
-        {
-            let name = spec.arch_name();
-            let Some(plain) = registered_stem(&name, (image_size, image_size))? else {
-                return Err(bad(format!("{name} is not a registered student")));
+        if let Some(f) = crate::models::backbone::read_folder(id, &LoadOptions::default())? {
+            let name = f.spec.arch_name();
+            let stem_spec = f.spec.with_classes(0)?;
+            let list = |s: &dyn BackboneSpec| {
+                s.parameters()
+                    .into_iter()
+                    .chain(s.buffers())
+                    .map(|(n, shape, _)| (n, shape))
+                    .collect::<Vec<_>>()
             };
-            // the registered widths, checked tensor by tensor (the error names the one)
-            let tensors = plain
-                .parameters()
+            // at the registered name's widths the stem is that name; otherwise the config's
+            // model_args describe it
+            let registered = registered_stem(&name, (image_size, image_size))?;
+            let model_args = match registered {
+                Some(r) if list(r.as_ref()) == list(stem_spec.as_ref()) => None,
+                _ => Some(f.model_args.clone().ok_or_else(|| {
+                    bad(format!(
+                        "its widths are not {name}'s and its config.json has no model_args"
+                    ))
+                })?),
+            };
+            let tensors = list(stem_spec.as_ref())
                 .into_iter()
-                .chain(plain.buffers())
-                .map(|(n, shape, _)| Ok((format!("stem.{n}"), w.get(shape, &n)?)))
+                .map(|(n, shape)| Ok((format!("stem.{n}"), f.weights.get(shape, &n)?)))
                 .collect::<Result<_>>()?;
-            let (stem, norm) = NetStem::of(&name, spec.build(&w, &w)?.as_ref());
+            let net = f.spec.build(&f.weights, &f.weights)?;
+            let (stem, norm) = NetStem::of(&name, model_args, net.as_ref());
             return Ok(Self {
                 id: id.to_string(),
                 norm,

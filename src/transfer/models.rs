@@ -483,7 +483,7 @@ pub fn student_arch(
                 device: device.clone(),
             };
             match backbone::read_folder(source, &opts)? {
-                Some((s, w)) => (s, Some(w)),
+                Some(f) => (f.spec, Some(f.weights)),
                 None => {
                     return Err(Error::Invalid(format!(
                         "student {source:?} is neither a registered name ({}) nor a timm folder of a registered family",
