@@ -18,8 +18,12 @@ const CHUNK: usize = 16 * 1024;
 fn exp_approx(x: f32) -> f32 {
     // exp(x) = 2^n * exp(r), r = x - n ln2, |r| <= ln2/2.
     let x = x.clamp(-87.0, 88.0);
-    // floor(v + 0.5) rather than round(): it maps to one vector instruction.
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    // n = round(x / ln2) by adding 1.5 * 2^23: the sum's last mantissa bits are then the
+    // integer n (two's complement), read below as bits. An `as i32` cast instead saturates and
+    // checks for NaN per lane, which the compiler cannot vectorise.
+    const MAGIC: f32 = 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -28,7 +32,8 @@ fn exp_approx(x: f32) -> f32 {
     let p = p * r + 0.166_666_66;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n: the biased exponent n + 127 (in 1..=254 for the clamped range) shifted into place
+    e * f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits() - 127) << 23)
 }
 
 /// `(Phi(x), exp(-x^2 / 2))`: the normal CDF through erf(x / sqrt 2) (A&S 7.1.26) and the
@@ -1047,6 +1052,13 @@ mod tests {
             let (a, b) = (exp_approx(x), x.exp());
             assert!(((a - b) / b).abs() < 1e-6, "exp({x}): {a} vs {b}");
         }
+        // the ends of the clamped range, and beyond it (clamped, not wrapped around)
+        for x in [-87.0f32, -86.7, 87.9, 88.0] {
+            let (a, b) = (exp_approx(x), x.exp());
+            assert!(((a - b) / b).abs() < 1e-6, "exp({x}): {a} vs {b}");
+        }
+        assert!(exp_approx(-1000.0) < 2e-38 && exp_approx(-1000.0) >= 0.0);
+        assert!(exp_approx(1000.0) > 1e38 && exp_approx(1000.0).is_finite());
     }
 
     /// Reference values of the exact GELU from `torch.nn.functional.gelu(torch.tensor([...]))`
