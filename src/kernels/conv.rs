@@ -12,9 +12,8 @@ use candle_core::{Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows `c * kh * kw .. (c + 1) * kh * kw` of the column matrix of one image `x` (`[C, H, W]`):
-/// `col[(c, ky, kx)][(oy, ox)] = x[c, oy * s + ky - p, ox * s + kx - p]` (0 outside). Only the
-/// entries inside the input are written: `col` must hold zeros at the others, as a [`scratch`]
-/// buffer does (zeroed once, then only ever written by `im2col` of the same geometry).
+/// `col[(c, ky, kx)][(oy, ox)] = x[c, oy * s + ky - p, ox * s + kx - p]` (0 outside). Every
+/// entry is written, so `col` may hold anything before.
 fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
     let taps = g.kh * g.kw;
     let n = g.out_plane();
@@ -22,17 +21,28 @@ fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
         .enumerate()
         .for_each(|(c, rows)| {
             let plane = &x[c * g.in_plane()..(c + 1) * g.in_plane()];
-            g.for_each_tap(|oy, iy, t, (lo, hi), ix| {
-                let dst = &mut rows[t * n + oy * g.ow + lo..t * n + oy * g.ow + hi];
-                let src = &plane[iy * g.w..(iy + 1) * g.w];
-                if g.stride == 1 {
-                    dst.copy_from_slice(&src[ix..ix + (hi - lo)]);
-                } else {
-                    for (j, d) in dst.iter_mut().enumerate() {
-                        *d = src[ix + j * g.stride];
+            for (t, tap) in rows.chunks_exact_mut(n).enumerate() {
+                let (ky, kx) = (t / g.kw, t % g.kw);
+                let (lo, hi) = g.out_cols(kx);
+                for (oy, dst) in tap.chunks_exact_mut(g.ow).enumerate() {
+                    let Some(iy) = g.in_row(oy, ky).filter(|_| lo < hi) else {
+                        dst.fill(0.0);
+                        continue;
+                    };
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    let src = &plane[iy * g.w..(iy + 1) * g.w];
+                    let ix = lo * g.stride + kx - g.pad;
+                    let dst = &mut dst[lo..hi];
+                    if g.stride == 1 {
+                        dst.copy_from_slice(&src[ix..ix + (hi - lo)]);
+                    } else {
+                        for (j, d) in dst.iter_mut().enumerate() {
+                            *d = src[ix + j * g.stride];
+                        }
                     }
                 }
-            });
+            }
         });
 }
 
@@ -74,15 +84,33 @@ fn scratch(g: &Geom) -> Vec<f32> {
     }
 }
 
-/// The column matrix of image `b` of `x`: the image itself, or [`im2col`] into `col`.
-fn columns<'a>(g: &Geom, x: &'a [f32], b: usize, col: &'a mut [f32]) -> &'a [f32] {
-    let xb = &x[b * g.c * g.in_plane()..(b + 1) * g.c * g.in_plane()];
+thread_local! {
+    /// The column buffer [`with_columns`] lends: kept between calls, so a network's
+    /// convolutions fill one buffer of the largest size instead of allocating and zeroing one
+    /// per call.
+    static COLUMNS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// `f(b, columns)` for every image `b` of `x` in order, `columns` its column matrix: the
+/// image itself, or [`im2col`] into a buffer reused across calls on this thread.
+fn for_each_columns(g: &Geom, x: &[f32], mut f: impl FnMut(usize, &[f32])) {
+    let per = g.c * g.in_plane();
     if direct(g) {
-        xb
-    } else {
-        im2col(g, xb, col);
-        col
+        for b in 0..g.b {
+            f(b, &x[b * per..(b + 1) * per]);
+        }
+        return;
     }
+    let mut col = COLUMNS.take();
+    let len = g.c * g.kh * g.kw * g.out_plane();
+    if col.len() < len {
+        col.resize(len, 0.0);
+    }
+    for b in 0..g.b {
+        im2col(g, &x[b * per..(b + 1) * per], &mut col[..len]);
+        f(b, &col[..len]);
+    }
+    COLUMNS.set(col);
 }
 
 struct Conv {
@@ -109,15 +137,13 @@ impl Kernel for Conv {
         }
         let (x, w) = (x.data, w.data);
         let n = g.out_plane();
-        let mut col = scratch(&g);
         // SAFETY: each image's product overwrites its `o * n` outputs (no accumulation), and
         // the images cover all `b * o * n`.
         let y = unsafe {
             written_by(g.b * o * n, |y| {
-                for b in 0..g.b {
-                    let cols = columns(&g, x, b, &mut col);
-                    gemm_raw(y.add(b * o * n), w, cols, (o, k, n), false, false, false);
-                }
+                for_each_columns(&g, x, |b, cols| {
+                    gemm_raw(y.add(b * o * n), w, cols, (o, k, n), false, false, false)
+                })
             })
         };
         Ok((y, Shape::from((g.b, o, g.oh, g.ow))))
@@ -194,12 +220,10 @@ impl Kernel for KernelGrad {
         let k = g.c * g.kh * g.kw;
         let n = g.out_plane();
         let mut dw = vec![0f32; o * k];
-        let mut col = scratch(&g);
-        for b in 0..g.b {
-            let cols = columns(&g, x, b, &mut col);
+        for_each_columns(&g, x, |b, cols| {
             let dyb = &dy[b * o * n..(b + 1) * o * n];
             gemm_into(&mut dw, dyb, cols, (o, n, k), false, true, b > 0);
-        }
+        });
         Ok((dw, Shape::from((o, g.c, g.kh, g.kw))))
     }
 }

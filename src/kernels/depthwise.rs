@@ -78,14 +78,14 @@ impl Geom {
     }
 
     /// The input row read by output row `o` through kernel row `k`, if inside the input.
-    fn in_row(&self, o: usize, k: usize) -> Option<usize> {
+    pub(super) fn in_row(&self, o: usize, k: usize) -> Option<usize> {
         (o * self.stride + k)
             .checked_sub(self.pad)
             .filter(|&i| i < self.h)
     }
 
     /// Output columns `lo..hi` whose input column `ox * stride + kx - pad` is inside the input.
-    fn out_cols(&self, kx: usize) -> (usize, usize) {
+    pub(super) fn out_cols(&self, kx: usize) -> (usize, usize) {
         let s = self.stride;
         let lo = self.pad.saturating_sub(kx).div_ceil(s);
         let hi = match (self.w - 1 + self.pad).checked_sub(kx) {
@@ -443,11 +443,76 @@ fn depthwise_shifted(x: &Tensor, k: &Tensor, pad: usize, s: usize) -> candle_cor
     acc.ok_or_else(|| candle_core::Error::Msg("depthwise conv: empty kernel".into()))
 }
 
+/// 3x3 max pooling with stride 2 and padding 1 (PyTorch's `max_pool2d(x, 3, 2, 1)`: padded
+/// positions never win), without gradient.
+struct MaxPool3x3S2;
+
+impl Kernel for MaxPool3x3S2 {
+    fn name(&self) -> &'static str {
+        "distillery-max-pool-3x3-s2"
+    }
+
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x] = operands(self.name(), xs)?;
+        let (b, c, h, w) = x.shape.dims4()?;
+        if h == 0 || w == 0 {
+            candle_core::bail!("max pooling of an empty {h}x{w} map")
+        }
+        let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+        let mut y = vec![0f32; b * c * oh * ow];
+        y.par_chunks_mut(oh * ow)
+            .zip(x.data.par_chunks(h * w))
+            .for_each(|(yp, xp)| {
+                for (oy, yr) in yp.chunks_exact_mut(ow).enumerate() {
+                    let rows = (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h);
+                    for (ox, v) in yr.iter_mut().enumerate() {
+                        let cols = (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w);
+                        let mut m = f32::NEG_INFINITY;
+                        for iy in rows.clone() {
+                            for &e in &xp[iy * w + cols.start..iy * w + cols.end] {
+                                m = if e > m { e } else { m };
+                            }
+                        }
+                        *v = m;
+                    }
+                }
+            });
+        Ok((y, Shape::from((b, c, oh, ow))))
+    }
+}
+
+/// `max_pool2d(x, kernel 3, stride 2, padding 1)` of a CPU f32 `[B, C, H, W]` map, without
+/// gradient (inference).
+pub fn max_pool_3x3_s2(x: &Tensor) -> candle_core::Result<Tensor> {
+    apply_no_bwd(MaxPool3x3S2, &[x])
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_util::max_abs_diff;
     use super::*;
     use candle_core::{Device, Var};
+
+    /// Against candle's pooling of the zero-padded input shifted to be positive (padding then
+    /// never wins; the shift comes back off), on signed values and odd, tiny shapes.
+    #[test]
+    fn max_pool_matches_candle_with_padding_excluded() {
+        for (h, w) in [(7, 10), (8, 8), (1, 1), (2, 5)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu).unwrap();
+            let k = 10.0;
+            let want = ((x.clone() + k).unwrap())
+                .pad_with_zeros(2, 1, 1)
+                .unwrap()
+                .pad_with_zeros(3, 1, 1)
+                .unwrap()
+                .max_pool2d_with_stride(3, 2)
+                .unwrap();
+            let want = (want - k).unwrap();
+            let got = max_pool_3x3_s2(&x).unwrap();
+            assert_eq!(got.dims(), want.dims(), "{h}x{w}");
+            assert!(max_abs_diff(&got, &want) < 1e-5, "{h}x{w}");
+        }
+    }
 
     /// Output and both gradients of `sum(conv(x, k) * r)` by `conv`.
     fn run(

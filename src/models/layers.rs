@@ -206,6 +206,9 @@ pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (oh, ow) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
     if !x.track_op() && !x.is_variable() {
+        if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            return Ok(crate::kernels::max_pool_3x3_s2(x)?);
+        }
         return Ok(x
             .pad_with_zeros(2, 1, 1)?
             .pad_with_zeros(3, 1, 1)?
