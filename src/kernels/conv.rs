@@ -75,24 +75,29 @@ fn direct(g: &Geom) -> bool {
     g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0
 }
 
-/// A zeroed scratch column matrix for one image (none when the input serves as its own).
-fn scratch(g: &Geom) -> Vec<f32> {
-    if direct(g) {
-        Vec::new()
-    } else {
-        vec![0f32; g.c * g.kh * g.kw * g.out_plane()]
-    }
-}
-
 thread_local! {
-    /// The column buffer [`with_columns`] lends: kept between calls, so a network's
+    /// The column buffer [`with_column_buffer`] lends: kept between calls, so a network's
     /// convolutions fill one buffer of the largest size instead of allocating and zeroing one
     /// per call.
     static COLUMNS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// `f` on one image's column matrix of `g` (`c * kh * kw` rows, one column per output
+/// position), lent from this thread's buffer: its values are whatever an earlier call left, so
+/// `f` must write every entry before reading it.
+fn with_column_buffer<R>(g: &Geom, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut col = COLUMNS.take();
+    let len = g.c * g.kh * g.kw * g.out_plane();
+    if col.len() < len {
+        col.resize(len, 0.0);
+    }
+    let r = f(&mut col[..len]);
+    COLUMNS.set(col);
+    r
+}
+
 /// `f(b, columns)` for every image `b` of `x` in order, `columns` its column matrix: the
-/// image itself, or [`im2col`] into a buffer reused across calls on this thread.
+/// image itself, or [`im2col`] into the thread's column buffer.
 fn for_each_columns(g: &Geom, x: &[f32], mut f: impl FnMut(usize, &[f32])) {
     let per = g.c * g.in_plane();
     if direct(g) {
@@ -101,16 +106,12 @@ fn for_each_columns(g: &Geom, x: &[f32], mut f: impl FnMut(usize, &[f32])) {
         }
         return;
     }
-    let mut col = COLUMNS.take();
-    let len = g.c * g.kh * g.kw * g.out_plane();
-    if col.len() < len {
-        col.resize(len, 0.0);
-    }
-    for b in 0..g.b {
-        im2col(g, &x[b * per..(b + 1) * per], &mut col[..len]);
-        f(b, &col[..len]);
-    }
-    COLUMNS.set(col);
+    with_column_buffer(g, |col| {
+        for b in 0..g.b {
+            im2col(g, &x[b * per..(b + 1) * per], col);
+            f(b, col);
+        }
+    });
 }
 
 struct Conv {
@@ -181,23 +182,19 @@ impl Kernel for InputGrad {
         let n = g.out_plane();
         let per = g.c * g.in_plane();
         let mut dx = vec![0f32; g.b * per];
-        let mut dcol = scratch(&g);
-        for b in 0..g.b {
-            let dyb = &dy[b * o * n..(b + 1) * o * n];
-            if direct(&g) {
-                gemm_into(
-                    &mut dx[b * per..(b + 1) * per],
-                    w,
-                    dyb,
-                    (k, o, n),
-                    true,
-                    false,
-                    false,
-                );
-            } else {
-                gemm_into(&mut dcol, w, dyb, (k, o, n), true, false, false);
-                col2im(&g, &dcol, &mut dx[b * per..(b + 1) * per]);
+        let dy_of = |b: usize| &dy[b * o * n..(b + 1) * o * n];
+        if direct(&g) {
+            for (b, dxb) in dx.chunks_exact_mut(per).enumerate() {
+                gemm_into(dxb, w, dy_of(b), (k, o, n), true, false, false);
             }
+        } else {
+            // the product overwrites the whole column matrix of each image
+            with_column_buffer(&g, |dcol| {
+                for (b, dxb) in dx.chunks_exact_mut(per).enumerate() {
+                    gemm_into(dcol, w, dy_of(b), (k, o, n), true, false, false);
+                    col2im(&g, dcol, dxb);
+                }
+            });
         }
         Ok((dx, Shape::from((g.b, g.c, g.h, g.w))))
     }

@@ -315,11 +315,7 @@ pub fn read_folder(model: &str, opts: &super::LoadOptions) -> Result<Option<Timm
     Ok(Some(TimmFolder {
         spec: spec?,
         weights: w,
-        model_args: cfg
-            .value
-            .get("model_args")
-            .filter(|v| v.is_object())
-            .cloned(),
+        model_args: cfg.sub("model_args").map(|a| a.value),
     }))
 }
 

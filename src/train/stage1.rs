@@ -472,7 +472,7 @@ impl StemSource {
                 .into_iter()
                 .map(|(n, shape)| Ok((format!("stem.{n}"), f.weights.get(shape, &n)?)))
                 .collect::<Result<_>>()?;
-            let net = f.spec.build(&f.weights, &f.weights)?;
+            let net = stem_spec.build(&f.weights, &f.weights)?;
             let (stem, norm) = NetStem::of(&name, model_args, net.as_ref());
             return Ok(Self {
                 id: id.to_string(),
