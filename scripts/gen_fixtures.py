@@ -669,6 +669,72 @@ def feature_loss():
     print(f"  feature-loss: {len(out)} tensors")
 
 
+def vit_block():
+    """One timm ViT `Block` and its gradients as torch computes them (`gen_fixtures.py
+    vit_block`), for the fused training block (`distillery::kernels::vit_block_train`):
+      refs/vit-block.safetensors, per case `a` (dim 48, 3 heads, qkv bias, no layer scale) and
+      `b` (dim 40, 5 heads, no qkv bias, layer scale, mlp ratio 3): {case}.param.<timm name>
+      (every parameter random), {case}.x [2, 13, dim], {case}.dy (the upstream gradient),
+      {case}.y = block(x), {case}.dx and {case}.grad.<timm name> = d sum(y * dy) / d param."""
+    from timm.models.vision_transformer import Block
+
+    g = torch.Generator().manual_seed(31)
+    out = {}
+    for case, (dim, heads, qkv_bias, ls, ratio) in {
+        "a": (48, 3, True, None, 4.0),
+        "b": (40, 5, False, 0.5, 3.0),
+    }.items():
+        blk = randomize(Block(dim, heads, mlp_ratio=ratio, qkv_bias=qkv_bias, init_values=ls), 37)
+        x = (torch.randn(2, 13, dim, generator=g) * 1.5 + 0.3).requires_grad_(True)
+        dy = torch.randn(2, 13, dim, generator=g)
+        y = blk(x)
+        (y * dy).sum().backward()
+        out[f"{case}.x"], out[f"{case}.dy"] = x.detach().contiguous(), dy.contiguous()
+        out[f"{case}.y"], out[f"{case}.dx"] = y.detach().contiguous(), x.grad.contiguous()
+        for name, p in blk.named_parameters():
+            out[f"{case}.param.{name}"] = p.detach().contiguous()
+            out[f"{case}.grad.{name}"] = p.grad.contiguous()
+    save_file(out, os.path.join(REFS, "vit-block.safetensors"))
+    print(f"  vit-block: {len(out)} tensors")
+
+
+def adapter():
+    """One SAK adapter step `y = s + scale * up(gelu(down(s)))`, `s = r + x`, and its gradients
+    as torch computes them (`gen_fixtures.py adapter`), for the fused adapter node
+    (`distillery::kernels::adapter_train`): refs/adapter.safetensors with param.{down,up}.{weight,
+    bias} and param.scale (random; dim 40, bottleneck 10), r and x [2, 13, 40], dy, and per case
+    `sum` (s = r + x) and `single` (s = x): {case}.y, {case}.dr (sum only), {case}.dx and
+    {case}.grad.<param> = d sum(y * dy) / d param."""
+    g = torch.Generator().manual_seed(41)
+    d, k = 40, 10
+    params = {
+        "down.weight": torch.randn(k, d, generator=g) * d ** -0.5,
+        "down.bias": torch.randn(k, generator=g) * 0.1,
+        "up.weight": torch.randn(d, k, generator=g) * k ** -0.5,
+        "up.bias": torch.randn(d, generator=g) * 0.1,
+        "scale": torch.tensor([0.7]),
+    }
+    r = torch.randn(2, 13, d, generator=g)
+    x = torch.randn(2, 13, d, generator=g) * 1.3
+    dy = torch.randn(2, 13, d, generator=g)
+    out = {f"param.{n}": v.contiguous() for n, v in params.items()}
+    out.update(r=r, x=x, dy=dy)
+    for case in ["sum", "single"]:
+        p = {n: v.clone().requires_grad_(True) for n, v in params.items()}
+        rv, xv = r.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        s = rv + xv if case == "sum" else xv
+        h = F.gelu(F.linear(s, p["down.weight"], p["down.bias"]))
+        y = s + p["scale"] * F.linear(h, p["up.weight"], p["up.bias"])
+        (y * dy).sum().backward()
+        out[f"{case}.y"], out[f"{case}.dx"] = y.detach().contiguous(), xv.grad.contiguous()
+        if case == "sum":
+            out[f"{case}.dr"] = rv.grad.contiguous()
+        for n, v in p.items():
+            out[f"{case}.grad.{n}"] = v.grad.contiguous()
+    save_file(out, os.path.join(REFS, "adapter.safetensors"))
+    print(f"  adapter: {len(out)} tensors")
+
+
 if __name__ == "__main__":
     # `gen_fixtures.py student_sources` regenerates one section only.
     if len(sys.argv) > 1:

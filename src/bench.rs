@@ -256,8 +256,9 @@ pub fn time_train_step(
     let opt = std::cell::RefCell::new(&mut opt);
     time_fn(
         &|x| {
+            let fused = crate::kernels::FusedGradients::enable();
             let loss = step(x)?;
-            let grads = loss.backward()?;
+            let grads = fused.backward(&loss)?;
             opt.borrow_mut().step(&grads, 1e-4)?;
             Ok(loss)
         },
@@ -408,6 +409,7 @@ pub fn time_stage1_step(
         };
         let feats = tx.all_features(&teachers)?;
         marks.push(mark()?);
+        let fused = crate::kernels::FusedGradients::enable();
         let xs = x.to_dtype(student.dtype())?;
         let out = student.step()?.forward(&xs, true, true)?;
         marks.push(mark()?);
@@ -418,7 +420,7 @@ pub fn time_stage1_step(
             None,
         )?;
         marks.push(mark()?);
-        let grads = loss.backward()?;
+        let grads = fused.backward(&loss)?;
         marks.push(mark()?);
         optim.step(&grads, 1e-4)?;
         marks.push(mark()?);

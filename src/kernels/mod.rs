@@ -91,6 +91,11 @@ mod adamw;
 pub use adamw::{adamw_update, AdamStep};
 mod feature_loss;
 pub use feature_loss::{fused_feature_loss, LossWeights};
+mod fused;
+pub use fused::{
+    adapter_train, fused_training_enabled, vit_block_train, AdapterParams, FusedGradients,
+    VitBlockParams,
+};
 
 #[inline(always)]
 fn gelu_body(src: &[f32], dst: &mut [f32]) {

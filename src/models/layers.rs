@@ -816,7 +816,42 @@ impl Block {
         Ok(g.node("Add", &[&x, &m], vec![]))
     }
 
+    /// The block's parameters for [`crate::kernels::vit_block_train`] (an fc1-GELU-fc2 MLP
+    /// with biases only).
+    fn fused_params(&self) -> Option<crate::kernels::VitBlockParams> {
+        let Mlp::Plain {
+            fc1,
+            fc2,
+            act: Activation::Gelu,
+        } = &self.mlp
+        else {
+            return None;
+        };
+        let ln = |n: &LayerNorm| (n.weight.clone(), n.bias.clone());
+        Some(crate::kernels::VitBlockParams {
+            norm1: ln(&self.norm1),
+            qkv: (self.attn.qkv.weight.clone(), self.attn.qkv.bias.clone()),
+            proj: (self.attn.proj.weight.clone(), self.attn.proj.bias.clone()?),
+            ls1: self.ls1.clone(),
+            norm2: ln(&self.norm2),
+            fc1: (fc1.weight.clone(), fc1.bias.clone()?),
+            fc2: (fc2.weight.clone(), fc2.bias.clone()?),
+            ls2: self.ls2.clone(),
+            heads: self.attn.num_heads,
+            scale: self.attn.scale as f32,
+            eps: self.norm1.eps as f32,
+        })
+        .filter(|_| self.norm1.eps == self.norm2.eps)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::kernels::fused_training_enabled() {
+            if let Some(p) = self.fused_params() {
+                if let Some(y) = crate::kernels::vit_block_train(x, &p)? {
+                    return Ok(y);
+                }
+            }
+        }
         let scale = |y: Tensor, ls: &Option<Tensor>| -> Result<Tensor> {
             Ok(match ls {
                 Some(g) => y.broadcast_mul(g)?,
@@ -893,5 +928,137 @@ impl PatchEmbed {
             y = y.broadcast_add(bias)?;
         }
         Ok((y.reshape((b, gh * gw, self.dim))?, (gh, gw)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// max |a - b| / max |b|, the scale floored at 1 (the key bias's gradient is zero up to
+    /// rounding: softmax does not change when every score of a row moves by q.b_k)
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        diff.to_scalar::<f32>().unwrap() / scale.max(1.0)
+    }
+
+    /// A timm ViT block, composed and fused (one autograd node), against timm: output, input
+    /// gradient and every parameter's gradient of `sum(y * dy)`; case `a` also in transformers
+    /// naming, whose separate q, k, v weights are concatenated into the block's qkv weight
+    /// (their gradients then pass through the concatenation).
+    #[test]
+    fn block_and_its_gradients_match_timm_composed_and_fused() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/refs/vit-block.safetensors");
+        let refs = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+        for (case, heads, qkv_bias, layer_scale, hf) in [
+            ("a", 3, true, false, false),
+            ("b", 5, false, true, false),
+            ("a", 3, true, false, true),
+        ] {
+            // (name in the block's naming, value, expected gradient)
+            let mut params: Vec<(String, Tensor, Tensor)> = refs
+                .iter()
+                .filter_map(|(k, v)| {
+                    let name = k.strip_prefix(&format!("{case}.param."))?;
+                    let grad = refs[&format!("{case}.grad.{name}")].clone();
+                    Some((name.to_string(), v.clone(), grad))
+                })
+                .collect();
+            let names = if hf {
+                let hf_name = |n: &str| match n {
+                    "norm1" => "layernorm_before".to_string(),
+                    "attn.proj" => "attention.output.dense".into(),
+                    "norm2" => "layernorm_after".into(),
+                    "mlp.fc1" => "intermediate.dense".into(),
+                    "mlp.fc2" => "output.dense".into(),
+                    _ => unreachable!("{n}"),
+                };
+                let mut renamed = Vec::new();
+                for (name, v, g) in params {
+                    let (module, kind) = name.rsplit_once('.').unwrap();
+                    if module == "attn.qkv" {
+                        let d = v.dim(0).unwrap() / 3;
+                        for (i, part) in ["query", "key", "value"].iter().enumerate() {
+                            let cut = |t: &Tensor| t.narrow(0, i * d, d).unwrap();
+                            let n = format!("attention.attention.{part}.{kind}");
+                            renamed.push((n, cut(&v), cut(&g)));
+                        }
+                    } else {
+                        renamed.push((format!("{}.{kind}", hf_name(module)), v, g));
+                    }
+                }
+                params = renamed;
+                &crate::models::vit::HF_NAMES
+            } else {
+                &crate::models::vit::TIMM_NAMES
+            };
+            let tensors = params.iter().map(|(n, v, _)| (n.clone(), v.clone()));
+            let w = crate::weights::Weights::from_tensors(tensors.collect(), &p).unwrap();
+            let x = &refs[&format!("{case}.x")];
+            let dim = x.dim(2).unwrap();
+            let spec = BlockSpec {
+                dim,
+                num_heads: heads,
+                mlp_hidden: refs[&format!("{case}.param.mlp.fc1.bias")].dim(0).unwrap(),
+                qkv_bias,
+                eps: 1e-6,
+                act: Activation::Gelu,
+                swiglu: false,
+                layer_scale,
+            };
+            let block = Block::load(&w, names, &spec).unwrap();
+            for fused in [false, true] {
+                let xv = Var::from_tensor(x).unwrap();
+                let guard = fused.then(crate::kernels::FusedGradients::enable);
+                let y = block.forward(xv.as_tensor()).unwrap();
+                let loss = (&y * &refs[&format!("{case}.dy")])
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let grads = match &guard {
+                    Some(g) => g.backward(&loss).unwrap(),
+                    None => loss.backward().unwrap(),
+                };
+                let what = format!("{case} hf={hf} fused={fused}");
+                let e = rel_err(&y, &refs[&format!("{case}.y")]);
+                assert!(e < 1e-5, "{what}: y off by {e}");
+                let dx = grads.get(xv.as_tensor()).unwrap();
+                let e = rel_err(dx, &refs[&format!("{case}.dx")]);
+                assert!(e < 1e-5, "{what}: dx off by {e}");
+                for (name, _, want) in &params {
+                    let t = w.get_any(name).unwrap();
+                    let g = grads
+                        .get(&t)
+                        .unwrap_or_else(|| panic!("{what}: no grad of {name}"));
+                    let e = rel_err(&g.to_dtype(DType::F32).unwrap(), want);
+                    assert!(e < 1e-5, "{what}: {name} grad off by {e}");
+                }
+                // the fused node keeps the block's own tensors out of candle's graph
+                let y = block.forward(xv.as_tensor()).unwrap();
+                let proj = if hf {
+                    "attention.output.dense.weight"
+                } else {
+                    "attn.proj.weight"
+                };
+                let proj = w.get_any(proj).unwrap();
+                let in_graph = y
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+                    .get(&proj)
+                    .is_some();
+                assert_eq!(in_graph, !fused, "{what}: a weight in candle's graph");
+            }
+        }
     }
 }

@@ -493,7 +493,33 @@ impl Adapter {
         Ok(g.node("Add", &[x, &y], vec![]))
     }
 
+    /// `a(r + x)`: one fused training node when gradients are taken on CPU f32.
+    pub fn forward_sum(&self, r: &Tensor, x: &Tensor) -> Result<Tensor> {
+        match self.fused(Some(r), x)? {
+            Some(y) => Ok(y),
+            None => self.forward(&(r + x)?),
+        }
+    }
+
+    fn fused(&self, r: Option<&Tensor>, x: &Tensor) -> Result<Option<Tensor>> {
+        if !crate::kernels::fused_training_enabled() {
+            return Ok(None);
+        }
+        let (Some(db), Some(ub)) = (&self.down.bias, &self.up.bias) else {
+            return Ok(None);
+        };
+        let p = crate::kernels::AdapterParams {
+            down: (self.down.weight.clone(), db.clone()),
+            up: (self.up.weight.clone(), ub.clone()),
+            scale: self.scale.clone(),
+        };
+        Ok(crate::kernels::adapter_train(r, x, &p)?)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.fused(None, x)? {
+            return Ok(y);
+        }
         let bias = self
             .down
             .bias
@@ -781,7 +807,7 @@ impl Student {
                     // R_0 = a_0(X_0), R_l = a_l(R_{l-1} + X_l)
                     let mut r = vec![path.adapters[0].forward(x[0])?];
                     for l in 1..=depth {
-                        let next = path.adapters[l].forward(&(&r[l - 1] + x[l])?)?;
+                        let next = path.adapters[l].forward_sum(&r[l - 1], x[l])?;
                         r.push(next);
                     }
                     let levels = self
@@ -1040,6 +1066,71 @@ mod tests {
             serde_json::from_str(&json.replace("\"input_hw\"", "\"image_hw\"")).unwrap();
         assert_eq!(old, spec);
         assert_eq!(old.input_hw(), (32, 48));
+    }
+
+    /// An adapter step, composed and fused (one autograd node), against torch: output and the
+    /// gradients of `sum(y * dy)` for the inputs and every parameter, with and without `r`.
+    #[test]
+    fn adapter_step_and_its_gradients_match_torch_composed_and_fused() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/refs/adapter.safetensors");
+        let refs = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+        let params: std::collections::HashMap<String, Tensor> = refs
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("param.")?.to_string(), v.clone())))
+            .collect();
+        let names: Vec<String> = params.keys().cloned().collect();
+        let w = Weights::from_tensors(params, &p).unwrap();
+        let adapter = Adapter::load(&w, 40).unwrap();
+        let rel = |a: &Tensor, b: &Tensor| {
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            diff.to_scalar::<f32>().unwrap() / scale
+        };
+        for case in ["sum", "single"] {
+            for fused in [false, true] {
+                let what = format!("{case} fused={fused}");
+                let r = candle_core::Var::from_tensor(&refs["r"]).unwrap();
+                let x = candle_core::Var::from_tensor(&refs["x"]).unwrap();
+                let guard = fused.then(crate::kernels::FusedGradients::enable);
+                let y = match case {
+                    "sum" => adapter.forward_sum(r.as_tensor(), x.as_tensor()),
+                    _ => adapter.forward(x.as_tensor()),
+                }
+                .unwrap();
+                let loss = (&y * &refs["dy"]).unwrap().sum_all().unwrap();
+                let grads = match &guard {
+                    Some(g) => g.backward(&loss).unwrap(),
+                    None => loss.backward().unwrap(),
+                };
+                assert!(rel(&y, &refs[&format!("{case}.y")]) < 1e-5, "{what}: y");
+                let dx = grads.get(x.as_tensor()).unwrap();
+                assert!(rel(dx, &refs[&format!("{case}.dx")]) < 1e-4, "{what}: dx");
+                if case == "sum" {
+                    let dr = grads.get(r.as_tensor()).unwrap();
+                    assert!(rel(dr, &refs["sum.dr"]) < 1e-4, "{what}: dr");
+                }
+                for name in &names {
+                    let t = w.get_any(name).unwrap();
+                    let g = grads
+                        .get(&t)
+                        .unwrap_or_else(|| panic!("{what}: no grad of {name}"));
+                    let e = rel(g, &refs[&format!("{case}.grad.{name}")]);
+                    assert!(e < 1e-4, "{what}: {name} grad off by {e}");
+                }
+                // the fused node keeps its parameters out of candle's graph
+                let y = adapter.forward(x.as_tensor()).unwrap();
+                let plain = y.sum_all().unwrap().backward().unwrap();
+                let in_graph = plain.get(&w.get_any("down.weight").unwrap()).is_some();
+                assert_eq!(in_graph, !fused, "{what}: down.weight in candle's graph");
+            }
+        }
     }
 
     /// Every value of a store redrawn at a realistic scale (initialisers leave LayerNorms at

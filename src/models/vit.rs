@@ -14,7 +14,7 @@ use crate::weights::Weights;
 /// antialiasing); the student stem, in timm naming, does the same.
 pub const TIMM_POS_KERNEL: Kernel = Kernel::BicubicAntialias;
 
-const HF_NAMES: BlockNames = BlockNames {
+pub(crate) const HF_NAMES: BlockNames = BlockNames {
     norm1: "layernorm_before",
     qkv: QkvNames::Separate {
         q: "attention.attention.query",

@@ -624,6 +624,8 @@ impl<'r> Trainer<'r> {
                 .recv()
                 .map_err(|_| Error::Invalid("data loader stopped".into()))??;
             let t_data = t0.elapsed().as_secs_f64();
+            // fused training nodes (a ViT block, an adapter step) for this step's graph
+            let fused = crate::kernels::FusedGradients::enable();
             let out = objective.loss(batch, step)?;
             let loss_v = out.loss.to_scalar::<f32>()? as f64;
             if !loss_v.is_finite() {
@@ -634,13 +636,13 @@ impl<'r> Trainer<'r> {
             let lr = (lc.schedule)(step);
             let (grad_norm, stepped) = match &mut self.scaler {
                 None => {
-                    let mut grads = out.loss.backward()?;
+                    let mut grads = fused.backward(&out.loss)?;
                     let norm = self.optim.clip_grad_norm(&mut grads, lc.clip_grad)?;
                     self.optim.step(&grads, lr)?;
                     (norm, true)
                 }
                 Some(sc) => {
-                    let mut grads = (&out.loss * sc.scale)?.backward()?;
+                    let mut grads = fused.backward(&(&out.loss * sc.scale)?)?;
                     self.optim.scale_grads(&mut grads, 1.0 / sc.scale)?;
                     let norm = self.optim.clip_grad_norm(&mut grads, lc.clip_grad)?;
                     let ok = sc.update(norm.is_finite());
@@ -650,6 +652,7 @@ impl<'r> Trainer<'r> {
                     (norm, ok)
                 }
             };
+            drop(fused);
             images += out.images;
             skipped += out.skipped;
             last_loss = loss_v;
