@@ -13,8 +13,8 @@
 
 use super::op::{contiguous_f32, In, Kernel};
 use super::{
-    gelu_bwd_slice, gelu_slice, gemm_raw, gemm_xwt, written_by, FusedAttention, FusedAttentionBwd,
-    LayerNormBwd, CHUNK,
+    gelu_bwd_slice, gelu_slice, gelu_slice_inplace, gemm_raw, gemm_xwt, written_by, FusedAttention,
+    FusedAttentionBwd, LayerNormBwd, CHUNK,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{
@@ -196,14 +196,43 @@ pub fn vit_block_train(x: &Tensor, p: &VitBlockParams) -> Result<Option<Tensor>>
     let op = BlockOp {
         p: p.clone(),
         hidden,
+        keep: true,
         saved: Mutex::new(None),
     };
     x.contiguous()?.apply_op1(op).map(Some)
 }
 
+/// The block on `x: [B, N, D]` when no gradient is asked of it or its parameters (a frozen
+/// teacher, inference), in one pass whose intermediates are dropped as soon as they are used;
+/// `None` where it does not apply (not CPU f32, other shapes).
+pub fn vit_block_infer(x: &Tensor, p: &VitBlockParams) -> Result<Option<Tensor>> {
+    if super::tracked(x)
+        || p.all().iter().any(|t| super::tracked(t))
+        || !super::fast_path(x)
+        || x.rank() != 3
+    {
+        return Ok(None);
+    }
+    let Some((d, hidden)) = p.dims() else {
+        return Ok(None);
+    };
+    if x.dim(2)? != d {
+        return Ok(None);
+    }
+    let op = BlockOp {
+        p: p.clone(),
+        hidden,
+        keep: false,
+        saved: Mutex::new(None),
+    };
+    x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
+}
+
 struct BlockOp {
     p: VitBlockParams,
     hidden: usize,
+    /// keep the intermediates for a backward pass (training)
+    keep: bool,
     saved: Mutex<Option<Saved>>,
 }
 
@@ -421,12 +450,20 @@ fn scale_rows(y: &mut [f32], s: &[f32]) {
 }
 
 impl BlockOp {
-    fn forward(&self, x: &[f32], (b, n, d): (usize, usize, usize)) -> Result<(Vec<f32>, Saved)> {
+    /// The block's output and, when `self.keep`, what the backward needs (otherwise every
+    /// intermediate is dropped as soon as it is used, and GELU runs in place).
+    fn forward(
+        &self,
+        x: &[f32],
+        (b, n, d): (usize, usize, usize),
+    ) -> Result<(Vec<f32>, Option<Saved>)> {
         let p = &self.p;
+        let keep = self.keep;
         with_values(&p.all(), |vals| {
             let v = Views::new(p, vals);
             let ln1 = layer_norm_rows(x, v.n1w, v.n1b, p.eps);
             let qkv = linear(&ln1, v.qkvw, v.qkvb, 3 * d);
+            let ln1 = keep.then_some(ln1);
             let attention = FusedAttention {
                 heads: p.heads,
                 scale: p.scale,
@@ -436,34 +473,47 @@ impl BlockOp {
                 data: &qkv,
                 shape: &qkv_shape,
             }])?;
+            let qkv = keep.then_some(qkv);
             let mut x1 = linear(&att, v.projw, Some(v.projb), d);
-            let proj = v.ls1.map(|_| x1.clone());
+            let att = keep.then_some(att);
+            let proj = v.ls1.filter(|_| keep).map(|_| x1.clone());
             if let Some(s) = v.ls1 {
                 scale_rows(&mut x1, s);
             }
             add_into(&mut x1, x);
             let ln2 = layer_norm_rows(&x1, v.n2w, v.n2b, p.eps);
-            let pre = linear(&ln2, v.fc1w, Some(v.fc1b), self.hidden);
-            let mut act = vec![0f32; pre.len()];
-            act.par_chunks_mut(CHUNK)
-                .zip(pre.par_chunks(CHUNK))
-                .for_each(|(o, i)| gelu_slice(i, o));
+            let mut pre = linear(&ln2, v.fc1w, Some(v.fc1b), self.hidden);
+            let ln2 = keep.then_some(ln2);
+            let (pre, act) = if keep {
+                let mut act = vec![0f32; pre.len()];
+                act.par_chunks_mut(CHUNK)
+                    .zip(pre.par_chunks(CHUNK))
+                    .for_each(|(o, i)| gelu_slice(i, o));
+                (Some(pre), act)
+            } else {
+                pre.par_chunks_mut(CHUNK).for_each(gelu_slice_inplace);
+                (None, pre)
+            };
             let mut y = linear(&act, v.fc2w, Some(v.fc2b), d);
-            let mlp = v.ls2.map(|_| y.clone());
+            let act = keep.then_some(act);
+            let mlp = v.ls2.filter(|_| keep).map(|_| y.clone());
             if let Some(s) = v.ls2 {
                 scale_rows(&mut y, s);
             }
             add_into(&mut y, &x1);
-            let saved = Saved {
-                ln1,
-                qkv,
-                att,
-                proj,
-                x1,
-                ln2,
-                pre,
-                act,
-                mlp,
+            let saved = match (ln1, qkv, att, ln2, pre, act) {
+                (Some(ln1), Some(qkv), Some(att), Some(ln2), Some(pre), Some(act)) => Some(Saved {
+                    ln1,
+                    qkv,
+                    att,
+                    proj,
+                    x1,
+                    ln2,
+                    pre,
+                    act,
+                    mlp,
+                }),
+                _ => None,
             };
             Ok((y, saved))
         })
@@ -552,7 +602,7 @@ impl CustomOp1 for BlockOp {
         let x = values(s, l)?;
         let dims = l.shape().dims3()?;
         let (y, saved) = self.forward(x, dims)?;
-        *self.saved.lock().map_err(|_| msg("vit block: poisoned"))? = Some(saved);
+        *self.saved.lock().map_err(|_| msg("vit block: poisoned"))? = saved;
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 

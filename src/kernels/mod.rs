@@ -93,8 +93,8 @@ mod feature_loss;
 pub use feature_loss::{fused_feature_loss, LossWeights};
 mod fused;
 pub use fused::{
-    adapter_train, fused_training_enabled, vit_block_train, AdapterParams, FusedGradients,
-    VitBlockParams,
+    adapter_train, fused_training_enabled, vit_block_infer, vit_block_train, AdapterParams,
+    FusedGradients, VitBlockParams,
 };
 
 #[inline(always)]

@@ -845,11 +845,19 @@ impl Block {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if crate::kernels::fused_training_enabled() {
-            if let Some(p) = self.fused_params() {
-                if let Some(y) = crate::kernels::vit_block_train(x, &p)? {
-                    return Ok(y);
-                }
+        // one node when training (with a FusedGradients alive), one pass when nothing is tracked
+        if let Some(p) = self.fused_params() {
+            let fused = if crate::kernels::fused_training_enabled() {
+                crate::kernels::vit_block_train(x, &p)?
+            } else {
+                None
+            };
+            let fused = match fused {
+                Some(y) => Some(y),
+                None => crate::kernels::vit_block_infer(x, &p)?,
+            };
+            if let Some(y) = fused {
+                return Ok(y);
             }
         }
         let scale = |y: Tensor, ls: &Option<Tensor>| -> Result<Tensor> {
@@ -935,6 +943,7 @@ impl PatchEmbed {
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
+    use std::collections::HashMap;
 
     /// max |a - b| / max |b|, the scale floored at 1 (the key bias's gradient is zero up to
     /// rounding: softmax does not change when every score of a row moves by q.b_k)
@@ -1016,6 +1025,17 @@ mod tests {
                 layer_scale,
             };
             let block = Block::load(&w, names, &spec).unwrap();
+            // inference: plain (frozen) weights read from a file, nothing tracked
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("block.safetensors");
+            let plain: HashMap<String, Tensor> = params
+                .iter()
+                .map(|(n, v, _)| (n.clone(), v.contiguous().unwrap()))
+                .collect();
+            candle_core::safetensors::save(&plain, &file).unwrap();
+            let frozen = Block::load(&Weights::open_file(&file).unwrap(), names, &spec).unwrap();
+            let e = rel_err(&frozen.forward(x).unwrap(), &refs[&format!("{case}.y")]);
+            assert!(e < 1e-5, "{case} hf={hf} inference: y off by {e}");
             for fused in [false, true] {
                 let xv = Var::from_tensor(x).unwrap();
                 let guard = fused.then(crate::kernels::FusedGradients::enable);
