@@ -184,33 +184,31 @@ impl VitBlockParams {
 /// [`FusedGradients`] alive on this thread, no gradient asked, not CPU f32, other shapes): the
 /// caller then composes the block from its layers.
 pub fn vit_block_train(x: &Tensor, p: &VitBlockParams) -> Result<Option<Tensor>> {
-    if !fused_training_enabled() || !super::tracked(x) || !super::fast_path(x) || x.rank() != 3 {
+    if !fused_training_enabled() || !super::tracked(x) {
         return Ok(None);
     }
-    let Some((d, hidden)) = p.dims() else {
-        return Ok(None);
-    };
-    if x.dim(2)? != d {
-        return Ok(None);
+    match block_op(x, p, true)? {
+        Some(op) => x.contiguous()?.apply_op1(op).map(Some),
+        None => Ok(None),
     }
-    let op = BlockOp {
-        p: p.clone(),
-        hidden,
-        keep: true,
-        saved: Mutex::new(None),
-    };
-    x.contiguous()?.apply_op1(op).map(Some)
 }
 
 /// The block on `x: [B, N, D]` when no gradient is asked of it or its parameters (a frozen
 /// teacher, inference), in one pass whose intermediates are dropped as soon as they are used;
 /// `None` where it does not apply (not CPU f32, other shapes).
 pub fn vit_block_infer(x: &Tensor, p: &VitBlockParams) -> Result<Option<Tensor>> {
-    if super::tracked(x)
-        || p.all().iter().any(|t| super::tracked(t))
-        || !super::fast_path(x)
-        || x.rank() != 3
-    {
+    if super::tracked(x) || p.all().iter().any(|t| super::tracked(t)) {
+        return Ok(None);
+    }
+    match block_op(x, p, false)? {
+        Some(op) => x.contiguous()?.apply_op1_no_bwd(&op).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The block's node for `x` (None unless CPU f32 tokens of the parameters' width).
+fn block_op(x: &Tensor, p: &VitBlockParams, keep: bool) -> Result<Option<BlockOp>> {
+    if !super::fast_path(x) || x.rank() != 3 {
         return Ok(None);
     }
     let Some((d, hidden)) = p.dims() else {
@@ -219,13 +217,12 @@ pub fn vit_block_infer(x: &Tensor, p: &VitBlockParams) -> Result<Option<Tensor>>
     if x.dim(2)? != d {
         return Ok(None);
     }
-    let op = BlockOp {
+    Ok(Some(BlockOp {
         p: p.clone(),
         hidden,
-        keep: false,
+        keep,
         saved: Mutex::new(None),
-    };
-    x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
+    }))
 }
 
 struct BlockOp {

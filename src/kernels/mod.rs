@@ -1031,6 +1031,12 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 pub(crate) mod test_util {
     use candle_core::Tensor;
 
+    /// max |a - b| / max(max |b|, floor) (unit tests against references).
+    pub(crate) fn rel_err(a: &Tensor, b: &Tensor, floor: f32) -> f32 {
+        let scale = b.abs().unwrap().max_all().unwrap();
+        max_abs_diff(a, b) / scale.to_scalar::<f32>().unwrap().max(floor)
+    }
+
     /// max |a - b| (unit tests).
     pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)

@@ -948,15 +948,7 @@ mod tests {
     /// max |a - b| / max |b|, the scale floored at 1 (the key bias's gradient is zero up to
     /// rounding: softmax does not change when every score of a row moves by q.b_k)
     fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        diff.to_scalar::<f32>().unwrap() / scale.max(1.0)
+        crate::kernels::test_util::rel_err(a, b, 1.0)
     }
 
     /// A timm ViT block, composed and fused (one autograd node), against timm: output, input

@@ -1082,17 +1082,7 @@ mod tests {
         let names: Vec<String> = params.keys().cloned().collect();
         let w = Weights::from_tensors(params, &p).unwrap();
         let adapter = Adapter::load(&w, 40).unwrap();
-        let rel = |a: &Tensor, b: &Tensor| {
-            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            diff.to_scalar::<f32>().unwrap() / scale
-        };
+        let rel = |a: &Tensor, b: &Tensor| crate::kernels::test_util::rel_err(a, b, 1e-12);
         for case in ["sum", "single"] {
             for fused in [false, true] {
                 let what = format!("{case} fused={fused}");
