@@ -2,9 +2,10 @@
 //! (`x1 = x + ls1 * proj(attn(qkv(norm1(x)))); y = x1 + ls2 * fc2(gelu(fc1(norm2(x1))))`) and
 //! a SAK adapter step (`s = r + x; y = s + scale * up(gelu(down(s)))`).
 //!
-//! Composed from candle ops a block is nine nodes and an adapter step six, and candle's backward adds every
-//! gradient into a freshly zeroed tensor (`GradStore::or_insert` then `add`), one allocation, one
-//! zeroing pass and one addition per operand of every node, activation-sized for most. Here the
+//! Composed from candle ops a block is nine nodes and an adapter step six, and candle's backward
+//! adds every gradient into a freshly zeroed tensor (`GradStore::or_insert` then `add`), one
+//! allocation, one zeroing pass and one addition per operand of every node, activation-sized for
+//! most. Here the
 //! forward keeps what the backward needs and the backward writes each gradient once, in buffers
 //! it owns. The parameters are read straight from their storages, outside candle's graph; their
 //! gradients go to a per-thread sink that [`FusedGradients::backward`] merges into the
