@@ -5,11 +5,12 @@ step of a ViT-S/16 student (timm, final norm unused) with one adapter path per t
 ViTModel, random weights, no_grad), loss 0.9(1-cos) + 0.1 SmoothL1 per (teacher, level),
 backward and AdamW. Run by hand in the same session as the Rust benchmark.
 
-    .refenv/bin/python scripts/bench_torch_stage1.py [--teachers 3] [--iters 3] [--cached]
+    .refenv/bin/python scripts/bench_torch_stage1.py [--teachers 3] [--iters 3] [--cached] [--device cuda]
 
 The JSON line has the median of each phase (teachers, student forward, loss, backward,
 optimizer) as `distillery bench --task stage1-step --breakdown` prints them; --cached computes
-the teachers' features once and reuses them (the cached path's step).
+the teachers' features once and reuses them (the cached path's step). On a GPU each phase ends
+with a device synchronisation (as the Rust benchmark's) and float32 products stay full float32.
 """
 import argparse
 import json
@@ -74,13 +75,23 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cached", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     a = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = a.device
+
+    def now():
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     cfg = T.ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                       image_size=a.image, patch_size=16)
-    teachers = [T.ViTModel(cfg, add_pooling_layer=False).eval() for _ in range(a.teachers)]
-    student = Student(a.teachers, 768)
+    teachers = [T.ViTModel(cfg, add_pooling_layer=False).eval().to(dev) for _ in range(a.teachers)]
+    student = Student(a.teachers, 768).to(dev)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.01)
-    x = torch.randn(a.batch, 3, a.image, a.image)
+    x = torch.randn(a.batch, 3, a.image, a.image, device=dev)
     phases = ["teachers", "student forward", "loss", "backward", "optimizer"]
     times, per_phase = [], {p: [] for p in phases}
 
@@ -91,28 +102,29 @@ def main():
 
     cached = teacher_feats() if a.cached else None
     for i in range(a.warmup + a.iters):
-        t0 = time.perf_counter()
+        t0 = now()
         feats = cached if a.cached else teacher_feats()
-        marks = [time.perf_counter()]
+        marks = [now()]
         outs = student(x)
-        marks.append(time.perf_counter())
+        marks.append(now())
         loss = sum(term(s, t) for so, to in zip(outs, feats) for s, t in zip(so, to))
-        marks.append(time.perf_counter())
+        marks.append(now())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        marks.append(time.perf_counter())
+        marks.append(now())
         opt.step()
-        marks.append(time.perf_counter())
+        marks.append(now())
         if i >= a.warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(now() - t0)
             for p, m0, m1 in zip(phases, [t0] + marks, marks):
                 per_phase[p].append(m1 - m0)
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if dev.startswith("cuda") else None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
                       "teachers": a.teachers, "batch": a.batch, "image": a.image,
                       "cached": a.cached, "median_s": statistics.median(times), "min_s": min(times),
                       "phases": {p: statistics.median(v) for p, v in per_phase.items()},
-                      "peak_rss_mib": peak}))
+                      "peak_rss_mib": peak, "device": dev, "gpu_peak_mib": gpu_peak}))
 
 
 if __name__ == "__main__":

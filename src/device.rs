@@ -46,11 +46,23 @@ impl DeviceSpec {
     pub fn open(self) -> Result<Device> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Cuda(n) => Device::new_cuda(n).map_err(|e| {
-                Error::Invalid(format!(
-                    "cannot open CUDA device {n} (a build with --features cuda and a visible GPU are needed): {e}"
-                ))
-            }),
+            DeviceSpec::Cuda(n) => {
+                let dev = Device::new_cuda(n).map_err(|e| {
+                    Error::Invalid(format!(
+                        "cannot open CUDA device {n} (a build with --features cuda and a visible GPU are needed): {e}"
+                    ))
+                })?;
+                #[cfg(feature = "cuda")]
+                if std::env::var_os("DISTILLERY_CUDA_EVENTS").is_none() {
+                    if let Device::Cuda(d) = &dev {
+                        // SAFETY: every operation on this device runs on its one stream
+                        // (candle's), so the per-tensor events that order uses across
+                        // streams order nothing; no tensor of the device exists yet.
+                        unsafe { d.disable_event_tracking() };
+                    }
+                }
+                Ok(dev)
+            }
         }
     }
 }

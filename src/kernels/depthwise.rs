@@ -28,7 +28,12 @@ pub(super) struct Geom {
 
 impl Geom {
     /// A depthwise convolution: kernel `[C, 1, kh, kw]`.
-    fn new(x: &[usize], k: &[usize], stride: usize, pad: usize) -> candle_core::Result<Self> {
+    pub(super) fn new(
+        x: &[usize],
+        k: &[usize],
+        stride: usize,
+        pad: usize,
+    ) -> candle_core::Result<Self> {
         let &[kc, one, ..] = k else {
             candle_core::bail!("depthwise conv: kernel {k:?} must be 4-d")
         };
@@ -401,12 +406,15 @@ pub fn depthwise_conv2d(
     pad: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
-    Geom::new(x.dims(), k.dims(), stride, pad)?;
+    let _geom = Geom::new(x.dims(), k.dims(), stride, pad)?;
     if super::fast_path(x) && super::fast_path(k) {
-        apply(DepthwiseConv { stride, pad }, &[x, k])
-    } else {
-        depthwise_shifted(x, k, pad, stride)
+        return apply(DepthwiseConv { stride, pad }, &[x, k]);
     }
+    #[cfg(feature = "cuda")]
+    if let Some(y) = super::cuda::depthwise_conv2d(x, k, _geom)? {
+        return Ok(y);
+    }
+    depthwise_shifted(x, k, pad, stride)
 }
 
 /// The device-generic form: `sum over taps of k[:, tap] * (strided view of the padded input)`.

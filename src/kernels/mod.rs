@@ -89,6 +89,8 @@ pub use affine::{
 };
 mod adamw;
 pub use adamw::{adamw_update, AdamStep};
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod feature_loss;
 pub use feature_loss::{fused_feature_loss, LossWeights};
 mod fused;

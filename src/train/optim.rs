@@ -25,6 +25,9 @@ struct Param {
     lr_scale: f64,
     m: Tensor,
     v: Tensor,
+    /// On a GPU: the moments as one flat buffer `[m | v]` that the in-place CUDA update
+    /// writes; `m` and `v` are then views of it.
+    packed: Option<Tensor>,
 }
 
 /// One AdamW update `(w', m', v')` from candle ops (any device or dtype); the fused CPU kernel
@@ -44,6 +47,35 @@ fn composed_update(
     Ok(((w - upd)?, m, v))
 }
 
+impl Param {
+    /// The update in place on a GPU (f32, contiguous): two kernel launches instead of a dozen
+    /// element-wise ops that each allocate. Returns false where it does not apply.
+    #[cfg(feature = "cuda")]
+    fn update_on_gpu(&mut self, g: &Tensor, step: &crate::kernels::AdamStep) -> Result<bool> {
+        use crate::kernels::cuda::{adamw_in_place, adamw_in_place_fits};
+        let w = self.var.as_tensor();
+        if !w.device().is_cuda() {
+            return Ok(false);
+        }
+        let packed = match &self.packed {
+            Some(t) => t.clone(),
+            None => Tensor::cat(&[self.m.flatten_all()?, self.v.flatten_all()?], 0)?,
+        };
+        let g = g.contiguous()?;
+        if !adamw_in_place_fits(w, &g, &packed) {
+            return Ok(false);
+        }
+        adamw_in_place(w, &g, &packed, step)?;
+        if self.packed.is_none() {
+            let n = w.elem_count();
+            self.m = packed.narrow(0, 0, n)?.reshape(w.shape())?;
+            self.v = packed.narrow(0, n, n)?.reshape(w.shape())?;
+            self.packed = Some(packed);
+        }
+        Ok(true)
+    }
+}
+
 impl AdamW {
     /// Parameters in name order. Weight decay applies to matrices and kernels (rank >= 2),
     /// not to biases, norms, scales, tokens or position tables of rank < 2.
@@ -58,6 +90,7 @@ impl AdamW {
                 name: n.clone(),
                 m: var.zeros_like()?,
                 v: var.zeros_like()?,
+                packed: None,
                 var,
                 decay,
                 lr_scale: 1.0,
@@ -76,12 +109,19 @@ impl AdamW {
     /// Global L2 norm of the gradients; if above `max_norm`, scale them down to it (as
     /// `clip_grad_norm_`). Returns the norm before clipping.
     pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: f64) -> Result<f64> {
-        let mut total = 0f64;
-        for p in &self.params {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            }
-        }
+        // One read of one value: on a GPU each read is a synchronisation and a copy to the host,
+        // so the per-parameter sums stay on the device until they are added up.
+        let sums = self
+            .params
+            .iter()
+            .filter_map(|p| grads.get(p.var.as_tensor()))
+            .map(|g| g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let total = if sums.is_empty() {
+            0.0
+        } else {
+            Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()? as f64
+        };
         let norm = total.sqrt();
         if max_norm > 0.0 && norm > max_norm {
             let s = max_norm / (norm + 1e-6);
@@ -129,6 +169,10 @@ impl AdamW {
                 eps: self.eps,
                 step_size: lr / bc1,
             };
+            #[cfg(feature = "cuda")]
+            if p.update_on_gpu(g, &step)? {
+                continue;
+            }
             let w = p.var.as_tensor().detach();
             let (w2, m, v) = match crate::kernels::adamw_update(&w, g, &p.m, &p.v, &step)? {
                 Some(r) => r,
@@ -173,6 +217,7 @@ impl AdamW {
             };
             p.m = get(format!("adam.m.{}", p.name))?;
             p.v = get(format!("adam.v.{}", p.name))?;
+            p.packed = None;
         }
         self.t = match tensors.get("adam.t") {
             Some(v) => read_scalar(v)? as u64,

@@ -891,10 +891,13 @@ pub fn distill_loss(
     let teacher_time = started.elapsed();
     let out = student.forward(student_pixels, true, true)?;
     let (total, per_teacher) = distill_terms(&out.aligned, &feats, kind, stats)?;
-    let per_teacher = per_teacher
-        .iter()
-        .map(|l| Ok(l.to_scalar::<f32>()? as f64))
-        .collect::<Result<_>>()?;
+    // one read for all teachers (on a GPU each read waits for the device)
+    let per_teacher = Tensor::stack(&per_teacher, 0)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect();
     Ok((total, per_teacher, teacher_time))
 }
 
