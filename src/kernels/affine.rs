@@ -326,9 +326,7 @@ pub fn channel_affine_act(
         let ab = Tensor::cat(&[a.reshape((1, c))?, b.reshape((1, c))?], 0)?;
         return apply(AffineAct(act), &[x, &ab]);
     }
-    let y = x
-        .broadcast_mul(&a.reshape((1, c, 1, 1))?)?
-        .broadcast_add(&b.reshape((1, c, 1, 1))?)?;
+    let y = super::add_channel_bias(&x.broadcast_mul(&a.reshape((1, c, 1, 1))?)?, b, 1)?;
     act.apply(&y)
 }
 
@@ -372,7 +370,7 @@ pub fn channel_bias_act(x: &Tensor, b: &Tensor, act: Act) -> candle_core::Result
         let one = Tensor::ones(c, x.dtype(), x.device())?;
         return channel_affine_act(x, &one, &b, act);
     }
-    act.apply(&x.broadcast_add(&b.reshape((1, c, 1, 1))?)?)
+    act.apply(&super::add_channel_bias(x, &b, 1)?)
 }
 
 #[cfg(test)]

@@ -10,7 +10,10 @@
 //!   gradients, one thread per output value (input value for the input gradient, one block per
 //!   channel and tap for the kernel gradient); candle splits a grouped convolution into one
 //!   convolution per channel, and the device-generic form of [`super::depthwise_conv2d`] costs
-//!   a few ops per tap.
+//!   a few ops per tap;
+//! - adding a per-channel bias (a linear layer's, a convolution's or BatchNorm's shift): candle's
+//!   broadcast add indexes every element through its strides and took 28 % of a stage-1 step's
+//!   GPU time and 40 % of a bf16 ViT-B forward's (Nsight Compute, H100).
 
 use super::AdamStep;
 use candle_core::backend::BackendStorage;
@@ -42,6 +45,27 @@ extern "C" __global__ void adamw_apply(const unsigned int n, float* w, const flo
         const float denom = sqrtf(mv[n + i]) * ib + eps;
         w[i] = w[i] * keep - (mv[i] / denom) * step;
     }
+}
+
+extern "C" __global__ void bias_add_f32(const unsigned long long n, const unsigned int c,
+                                        const unsigned int inner, const float* x, const float* b,
+                                        float* y) {
+    const unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = x[i] + b[(i / inner) % c];
+}
+
+// bf16 as its 16 bits: widened to f32, added, rounded to nearest even (NaN stays NaN)
+extern "C" __global__ void bias_add_bf16(const unsigned long long n, const unsigned int c,
+                                         const unsigned int inner, const unsigned short* x,
+                                         const unsigned short* b, unsigned short* y) {
+    const unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float s = __uint_as_float((unsigned int)x[i] << 16)
+                  + __uint_as_float((unsigned int)b[(i / inner) % c] << 16);
+    unsigned int u = __float_as_uint(s);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { y[i] = (unsigned short)((u >> 16) | 0x40u); return; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    y[i] = (unsigned short)(u >> 16);
 }
 
 struct Geom { int b, c, h, w, kh, kw, s, p, oh, ow; };
@@ -117,6 +141,21 @@ extern "C" __global__ void dw_kernel_grad(const Geom g, const float* x, const fl
 }
 "#;
 
+/// The CPU half of a CUDA-only binary op: an error (callers check the device first).
+macro_rules! cuda_only_cpu_fwd {
+    () => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!("{} runs on CUDA only", self.name())
+        }
+    };
+}
+
 /// The module's PTX, compiled on first use (NVRTC takes ~0.1 s).
 fn ptx() -> candle_core::Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
@@ -140,11 +179,11 @@ fn launch_1d(n: usize) -> candle_core::Result<LaunchConfig> {
     Ok(LaunchConfig::for_num_elems(n))
 }
 
-fn contiguous_f32(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
+fn contiguous_range(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
     match l.contiguous_offsets() {
         Some(r) => Ok(r),
         None => Err(candle_core::Error::Msg(format!(
-            "adamw on CUDA: {what} is not contiguous"
+            "CUDA kernel: {what} is not contiguous"
         ))),
     }
 }
@@ -174,8 +213,8 @@ impl InplaceOp2 for Moments {
         g: &CudaStorage,
         lg: &Layout,
     ) -> candle_core::Result<()> {
-        let (g0, g1) = contiguous_f32(lg, "the gradient")?;
-        let (m0, m1) = contiguous_f32(lmv, "the moments")?;
+        let (g0, g1) = contiguous_range(lg, "the gradient")?;
+        let (m0, m1) = contiguous_range(lmv, "the moments")?;
         let n = g1 - g0;
         if m1 - m0 != 2 * n {
             candle_core::bail!("adamw on CUDA: moments of {} for {n} values", m1 - m0)
@@ -226,8 +265,8 @@ impl InplaceOp2 for Apply {
         mv: &CudaStorage,
         lmv: &Layout,
     ) -> candle_core::Result<()> {
-        let (w0, w1) = contiguous_f32(lw, "the parameter")?;
-        let (m0, m1) = contiguous_f32(lmv, "the moments")?;
+        let (w0, w1) = contiguous_range(lw, "the parameter")?;
+        let (m0, m1) = contiguous_range(lmv, "the moments")?;
         let n = w1 - w0;
         if m1 - m0 != 2 * n {
             candle_core::bail!("adamw on CUDA: moments of {} for {n} values", m1 - m0)
@@ -340,15 +379,7 @@ impl candle_core::CustomOp2 for Depthwise {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("{} runs on CUDA only", self.name())
-    }
+    cuda_only_cpu_fwd!();
 
     fn cuda_fwd(
         &self,
@@ -359,8 +390,8 @@ impl candle_core::CustomOp2 for Depthwise {
     ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
         let g = &self.geom;
         let dg = DwGeom::of(g)?;
-        let (a0, a1) = contiguous_f32(la, "the first operand")?;
-        let (b0, b1) = contiguous_f32(lb, "the second operand")?;
+        let (a0, a1) = contiguous_range(la, "the first operand")?;
+        let (b0, b1) = contiguous_range(lb, "the second operand")?;
         let dev = a.device().clone();
         let (fname, n_out, shape, cfg) = match self.pass {
             DwPass::Forward => {
@@ -439,6 +470,112 @@ pub(super) fn depthwise_conv2d(
     )?))
 }
 
+/// `x + b` with `b: [C]` broadcast along dimension `dim` of `x`.
+struct BiasAdd {
+    c: usize,
+    inner: usize,
+}
+
+impl candle_core::CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "distillery-bias-add-cuda"
+    }
+
+    cuda_only_cpu_fwd!();
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+        let (x0, x1) = contiguous_range(lx, "the input")?;
+        let (b0, b1) = contiguous_range(lb, "the bias")?;
+        let n = x1 - x0;
+        if b1 - b0 != self.c || self.c == 0 || self.inner == 0 {
+            candle_core::bail!("bias add: {} bias values for {} channels", b1 - b0, self.c)
+        }
+        let c = u32::try_from(self.c)
+            .map_err(|_| candle_core::Error::Msg("bias add: too many channels".into()))?;
+        let inner = u32::try_from(self.inner)
+            .map_err(|_| candle_core::Error::Msg("bias add: planes too large".into()))?;
+        let n64 = n as u64;
+        let blocks = u32::try_from(n.div_ceil(256))
+            .map_err(|_| candle_core::Error::Msg("bias add: too many values".into()))?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.max(1), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dev = x.device().clone();
+        macro_rules! run {
+            ($t:ty, $f:literal) => {{
+                let func = dev.get_or_load_custom_func($f, MODULE, ptx()?)?;
+                let xs = x.as_cuda_slice::<$t>()?.slice(x0..x1);
+                let bs = b.as_cuda_slice::<$t>()?.slice(b0..b1);
+                // SAFETY: every element is written, one thread each.
+                let out = unsafe { dev.alloc::<$t>(n)? };
+                if n > 0 {
+                    let mut l = func.builder();
+                    l.arg(&n64).arg(&c).arg(&inner).arg(&xs).arg(&bs).arg(&out);
+                    // SAFETY: reads n values of x and c of b, checked above.
+                    unsafe { l.launch(cfg) }.w()?;
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match x.dtype() {
+            DType::F32 => run!(f32, "bias_add_f32"),
+            DType::BF16 => run!(half::bf16, "bias_add_bf16"),
+            d => candle_core::bail!("bias add on CUDA: {d:?}"),
+        };
+        Ok((out, lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let outer = x.elem_count() / (self.c * self.inner);
+        let db = dy
+            .reshape((outer, self.c, self.inner))?
+            .to_dtype(DType::F32)?
+            .sum(2)?
+            .sum(0)?
+            .to_dtype(b.dtype())?;
+        Ok((Some(dy.clone()), Some(db)))
+    }
+}
+
+/// `x + b` for `b: [C]` along dimension `dim` of `x` on a CUDA device (f32, bf16; same dtype),
+/// differentiable in both; `None` elsewhere.
+pub(super) fn bias_add(x: &Tensor, b: &Tensor, dim: usize) -> candle_core::Result<Option<Tensor>> {
+    if !x.device().is_cuda()
+        || x.dtype() != b.dtype()
+        || !matches!(x.dtype(), DType::F32 | DType::BF16)
+        || dim >= x.rank()
+        || x.dim(dim)? != b.elem_count()
+    {
+        return Ok(None);
+    }
+    let inner = x.dims()[dim + 1..].iter().product::<usize>();
+    let op = BiasAdd {
+        c: b.elem_count(),
+        inner,
+    };
+    if op.c == 0 || inner == 0 {
+        return Ok(None);
+    }
+    Ok(Some(
+        x.contiguous()?
+            .apply_op2(&b.flatten_all()?.contiguous()?, op)?,
+    ))
+}
+
 /// Run on a machine with a GPU and a `--features cuda` build (CI has neither); without a
 /// visible GPU they say so and pass. The CPU kernels they compare with are tested against
 /// PyTorch references elsewhere.
@@ -494,6 +631,64 @@ mod tests {
                 let e = rel_err(a, b, 1e-6);
                 assert!(e < 1e-5, "{what} k{kk} s{stride} p{pad}: rel err {e}");
             }
+        }
+    }
+
+    #[test]
+    fn bias_add_and_its_gradients_match_candles_broadcast_add() {
+        let Some(gpu) = gpu() else { return };
+        let cpu = Device::Cpu;
+        for (dims, dim) in [
+            (vec![37usize, 19], 1usize),
+            (vec![3, 6, 5, 7], 1),
+            (vec![4, 9, 11], 2),
+        ] {
+            let c = dims[dim];
+            let x = Tensor::randn(0f32, 1.0, dims.as_slice(), &cpu).unwrap();
+            let b = Tensor::randn(0f32, 1.0, c, &cpu).unwrap();
+            let mut bshape = vec![1; dims.len()];
+            bshape[dim] = c;
+            for dt in [DType::F32, DType::BF16] {
+                let (xg, bg) = (
+                    x.to_dtype(dt).unwrap().to_device(&gpu).unwrap(),
+                    b.to_dtype(dt).unwrap().to_device(&gpu).unwrap(),
+                );
+                let got = bias_add(&xg, &bg, dim).unwrap().expect("runs on CUDA");
+                let want = x
+                    .to_dtype(dt)
+                    .unwrap()
+                    .broadcast_add(&b.to_dtype(dt).unwrap().reshape(bshape.as_slice()).unwrap())
+                    .unwrap();
+                let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&cpu).unwrap();
+                assert_eq!(
+                    f(&got).flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    f(&want).flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    "{dims:?} {dt:?}"
+                );
+            }
+            // gradients of sum(y * r) in f32 against candle's on the CPU
+            let r = Tensor::randn(0f32, 1.0, dims.as_slice(), &cpu).unwrap();
+            let (xv, bv) = (
+                Var::from_tensor(&x.to_device(&gpu).unwrap()).unwrap(),
+                Var::from_tensor(&b.to_device(&gpu).unwrap()).unwrap(),
+            );
+            let y = bias_add(&xv, &bv, dim).unwrap().unwrap();
+            let g = (&y * r.to_device(&gpu).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let db = g.get(bv.as_tensor()).unwrap().to_device(&cpu).unwrap();
+            let dx = g.get(xv.as_tensor()).unwrap().to_device(&cpu).unwrap();
+            let mut sum_dims: Vec<usize> = (0..dims.len()).filter(|&d| d != dim).collect();
+            sum_dims.reverse();
+            let mut want_db = r.clone();
+            for d in sum_dims {
+                want_db = want_db.sum(d).unwrap();
+            }
+            assert!(rel_err(&db, &want_db, 1e-6) < 1e-5, "{dims:?} db");
+            assert!(rel_err(&dx, &r, 1e-6) == 0.0, "{dims:?} dx");
         }
     }
 

@@ -513,6 +513,20 @@ fn linear_grads(
     Ok((dx, dw, db))
 }
 
+/// `x + b` with `b: [C]` broadcast along dimension `dim` of `x` (a linear layer's or a
+/// convolution's bias, BatchNorm's shift), differentiable in both; one kernel on a GPU.
+pub fn add_channel_bias(x: &Tensor, b: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) = cuda::bias_add(x, b, dim)? {
+        return Ok(y);
+    }
+    let mut shape = vec![1; x.rank()];
+    if let Some(d) = shape.get_mut(dim) {
+        *d = b.elem_count();
+    }
+    x.broadcast_add(&b.reshape(shape)?)
+}
+
 /// `x @ w^T + b` over the last dimension of `x` (any leading dimensions), as `nn.Linear`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
@@ -532,7 +546,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
     } else {
         let y = x2.matmul(&w.t()?)?;
         match b {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => add_channel_bias(&y, b, 1)?,
             None => y,
         }
     };

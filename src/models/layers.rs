@@ -933,7 +933,7 @@ impl PatchEmbed {
         count_linear(&cols, &w);
         let mut y = cols.matmul(&w.t()?)?;
         if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
+            y = crate::kernels::add_channel_bias(&y, bias, 1)?;
         }
         Ok((y.reshape((b, gh * gw, self.dim))?, (gh, gw)))
     }

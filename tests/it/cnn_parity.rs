@@ -22,11 +22,16 @@ const TOL: f32 = 1e-4;
 fn check(name: &str, levels: usize, refs: usize) {
     let dir = model_dir(name);
     let r = reference(name);
-    let (spec, net) = backbone::load(&dir.to_string_lossy(), &LoadOptions::default())
+    let dev = common::test_device();
+    let opts = LoadOptions {
+        device: dev.clone(),
+        ..LoadOptions::default()
+    };
+    let (spec, net) = backbone::load(&dir.to_string_lossy(), &opts)
         .unwrap()
         .expect("a registered CNN family");
     // eval
-    let x = &r["pixel_values"];
+    let x = &r["pixel_values"].to_device(&dev).unwrap();
     let maps = net.forward_intermediates(x, false).unwrap();
     assert_eq!(maps.len(), levels, "{name}");
     for (i, (m, f)) in maps.iter().zip(net.feature_info()).enumerate() {
@@ -50,7 +55,7 @@ fn check(name: &str, levels: usize, refs: usize) {
     // Every parameter and buffer comes from the checkpoint (nothing is drawn).
     let store = |list: Vec<(String, Vec<usize>, distillery::models::student::Init)>| {
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-        init_params(list, file.clone(), &mut rng, &Device::Cpu, &dir).unwrap()
+        init_params(list, file.clone(), &mut rng, &dev, &dir).unwrap()
     };
     let params = store(spec.parameters());
     let buffers = store(spec.buffers());
@@ -60,7 +65,7 @@ fn check(name: &str, levels: usize, refs: usize) {
             &Weights::from_vars(&buffers, Path::new("b")).unwrap(),
         )
         .unwrap();
-    let xt = &r["train.pixel_values"];
+    let xt = &r["train.pixel_values"].to_device(&dev).unwrap();
     let last = net.forward_intermediates(xt, true).unwrap().pop().unwrap();
     let y = net
         .classify(&net.pool(&last, true).unwrap())

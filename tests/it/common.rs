@@ -6,7 +6,27 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+/// Where the model-parity tests run: the CPU, or the device `DISTILLERY_TEST_DEVICE` names
+/// (`cuda`: a `--features cuda` test build on a GPU machine runs the same references there).
+/// One device per process (each opening of a CUDA device is a distinct candle device).
+pub fn test_device() -> Device {
+    static DEV: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEV.get_or_init(|| match std::env::var("DISTILLERY_TEST_DEVICE") {
+        Ok(s) if !s.is_empty() && s != "cpu" => s
+            .parse::<distillery::device::DeviceSpec>()
+            .and_then(|d| d.open().map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| panic!("DISTILLERY_TEST_DEVICE={s}: {e}")),
+        _ => Device::Cpu,
+    })
+    .clone()
+}
+
+/// The fixtures folder: tests/fixtures of this checkout, or `DISTILLERY_FIXTURES` (a test
+/// binary run on another machine).
 pub fn fixtures() -> PathBuf {
+    if let Some(p) = std::env::var_os("DISTILLERY_FIXTURES") {
+        return PathBuf::from(p);
+    }
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("fixtures")
@@ -37,8 +57,16 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// Max |a - b| divided by max |b| (the reference tensor's scale).
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
     let diff = max_abs_diff(&a, &b);
     let scale = b
         .abs()
