@@ -173,6 +173,14 @@ fn ptx() -> candle_core::Result<&'static str> {
     .map_err(|e| candle_core::Error::Msg(e.clone()))
 }
 
+/// The moments buffer `[m | v]` of `n` values is indexed with 32 bits in the kernels.
+fn moments_fit(n: usize) -> candle_core::Result<()> {
+    match u32::try_from(2 * n) {
+        Ok(_) => Ok(()),
+        Err(_) => candle_core::bail!("adamw on CUDA: a parameter of {n} values is too large"),
+    }
+}
+
 fn launch_1d(n: usize) -> candle_core::Result<LaunchConfig> {
     let n = u32::try_from(n)
         .map_err(|_| candle_core::Error::Msg(format!("{n} elements: too many for one launch")))?;
@@ -216,6 +224,7 @@ impl InplaceOp2 for Moments {
         let (g0, g1) = contiguous_range(lg, "the gradient")?;
         let (m0, m1) = contiguous_range(lmv, "the moments")?;
         let n = g1 - g0;
+        moments_fit(n)?;
         if m1 - m0 != 2 * n {
             candle_core::bail!("adamw on CUDA: moments of {} for {n} values", m1 - m0)
         }
@@ -268,6 +277,7 @@ impl InplaceOp2 for Apply {
         let (w0, w1) = contiguous_range(lw, "the parameter")?;
         let (m0, m1) = contiguous_range(lmv, "the moments")?;
         let n = w1 - w0;
+        moments_fit(n)?;
         if m1 - m0 != 2 * n {
             candle_core::bail!("adamw on CUDA: moments of {} for {n} values", m1 - m0)
         }
