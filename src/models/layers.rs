@@ -318,29 +318,28 @@ impl BatchNorm2d {
         let (b, _, h, w) = x.dims4()?;
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
-        let (mean, var) = if train {
-            let stats = crate::kernels::channel_stats(&x)?; // [2, C]
+        let (weight, bias) = (
+            self.weight.to_dtype(DType::F32)?,
+            self.bias.to_dtype(DType::F32)?,
+        );
+        if train {
+            let (y, stats) =
+                crate::kernels::batch_norm_train_act(&x, &weight, &bias, self.eps, act)?;
             let (mean, var) = (stats.get(0)?, stats.get(1)?);
             let n = (b * h * w) as f64;
-            let unbiased = (var.detach() * (n / (n - 1.0).max(1.0)))?.flatten_all()?;
-            let m_new = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))?
-                + (mean.detach().flatten_all()? * BN_MOMENTUM)?)?;
+            let unbiased = (var * (n / (n - 1.0).max(1.0)))?;
+            let m_new =
+                ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
             let v_new = ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))?
                 + (unbiased * BN_MOMENTUM)?)?;
             self.running_mean.set(&m_new)?;
             self.running_var.set(&v_new)?;
-            (mean.flatten_all()?, var.flatten_all()?)
-        } else {
-            (
-                self.running_mean.as_tensor().to_dtype(DType::F32)?,
-                self.running_var.as_tensor().to_dtype(DType::F32)?,
-            )
-        };
-        let scale = self
-            .weight
-            .to_dtype(DType::F32)?
-            .div(&(var + self.eps)?.sqrt()?)?;
-        let shift = (self.bias.to_dtype(DType::F32)? - mean.mul(&scale)?)?;
+            return Ok(y.to_dtype(dtype)?);
+        }
+        let mean = self.running_mean.as_tensor().to_dtype(DType::F32)?;
+        let var = self.running_var.as_tensor().to_dtype(DType::F32)?;
+        let scale = weight.div(&(var + self.eps)?.sqrt()?)?;
+        let shift = (bias - mean.mul(&scale)?)?;
         Ok(crate::kernels::channel_affine_act(&x, &scale, &shift, act)?.to_dtype(dtype)?)
     }
 }
