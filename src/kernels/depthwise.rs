@@ -452,8 +452,44 @@ fn depthwise_shifted(x: &Tensor, k: &Tensor, pad: usize, s: usize) -> candle_cor
 }
 
 /// 3x3 max pooling with stride 2 and padding 1 (PyTorch's `max_pool2d(x, 3, 2, 1)`: padded
-/// positions never win), without gradient.
+/// positions never win); its gradient goes to the first maximum of each window in row-major
+/// order, as PyTorch's does.
 struct MaxPool3x3S2;
+
+/// The output side of the pooling for an input side `n > 0`.
+fn pooled(n: usize) -> usize {
+    (n - 1) / 2 + 1
+}
+
+/// Visits every output position of one `h x w` plane with the flat index of its window's first
+/// maximum (padding excluded).
+fn for_each_argmax(xp: &[f32], h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
+    let ow = pooled(w);
+    for oy in 0..pooled(h) {
+        let rows = (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h);
+        for ox in 0..ow {
+            let cols = (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w);
+            let (mut m, mut at) = (f32::NEG_INFINITY, rows.start * w + cols.start);
+            for iy in rows.clone() {
+                let start = iy * w + cols.start;
+                for (i, &v) in xp[start..iy * w + cols.end].iter().enumerate() {
+                    if v > m {
+                        (m, at) = (v, start + i);
+                    }
+                }
+            }
+            f(oy * ow + ox, at);
+        }
+    }
+}
+
+fn pool_dims(x: &In) -> candle_core::Result<(usize, usize, usize, usize)> {
+    let (b, c, h, w) = x.shape.dims4()?;
+    if h == 0 || w == 0 {
+        candle_core::bail!("max pooling of an empty {h}x{w} map")
+    }
+    Ok((b, c, h, w))
+}
 
 impl Kernel for MaxPool3x3S2 {
     fn name(&self) -> &'static str {
@@ -462,37 +498,59 @@ impl Kernel for MaxPool3x3S2 {
 
     fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let [x] = operands(self.name(), xs)?;
-        let (b, c, h, w) = x.shape.dims4()?;
-        if h == 0 || w == 0 {
-            candle_core::bail!("max pooling of an empty {h}x{w} map")
-        }
-        let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+        let (b, c, h, w) = pool_dims(&x)?;
+        let (oh, ow) = (pooled(h), pooled(w));
         let mut y = vec![0f32; b * c * oh * ow];
         y.par_chunks_mut(oh * ow)
             .zip(x.data.par_chunks(h * w))
-            .for_each(|(yp, xp)| {
-                for (oy, yr) in yp.chunks_exact_mut(ow).enumerate() {
-                    let rows = (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h);
-                    for (ox, v) in yr.iter_mut().enumerate() {
-                        let cols = (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w);
-                        let mut m = f32::NEG_INFINITY;
-                        for iy in rows.clone() {
-                            for &e in &xp[iy * w + cols.start..iy * w + cols.end] {
-                                m = if e > m { e } else { m };
-                            }
-                        }
-                        *v = m;
-                    }
-                }
-            });
+            .for_each(|(yp, xp)| for_each_argmax(xp, h, w, |o, i| yp[o] = xp[i]));
         Ok((y, Shape::from((b, c, oh, ow))))
+    }
+
+    fn backward(
+        &self,
+        xs: &[&Tensor],
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [x] = operands(self.name(), xs)?;
+        Ok(vec![Some(apply_no_bwd(MaxPoolBwd, &[x, g])?)])
     }
 }
 
-/// `max_pool2d(x, kernel 3, stride 2, padding 1)` of a CPU f32 `[B, C, H, W]` map, without
-/// gradient (inference).
+/// `(x, dy) -> dx` of [`MaxPool3x3S2`].
+struct MaxPoolBwd;
+
+impl Kernel for MaxPoolBwd {
+    fn name(&self) -> &'static str {
+        "distillery-max-pool-3x3-s2-bwd"
+    }
+
+    fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [x, g] = operands(self.name(), xs)?;
+        let (b, c, h, w) = pool_dims(&x)?;
+        let plane = pooled(h) * pooled(w);
+        if g.data.len() != b * c * plane {
+            candle_core::bail!(
+                "{}: gradient of {:?} for {:?}",
+                self.name(),
+                g.dims(),
+                x.dims()
+            )
+        }
+        let mut dx = vec![0f32; x.data.len()];
+        dx.par_chunks_mut(h * w)
+            .zip(x.data.par_chunks(h * w))
+            .zip(g.data.par_chunks(plane))
+            .for_each(|((dp, xp), gp)| for_each_argmax(xp, h, w, |o, i| dp[i] += gp[o]));
+        Ok((dx, x.shape.clone()))
+    }
+}
+
+/// `max_pool2d(x, kernel 3, stride 2, padding 1)` of a CPU f32 `[B, C, H, W]` map,
+/// differentiable.
 pub fn max_pool_3x3_s2(x: &Tensor) -> candle_core::Result<Tensor> {
-    apply_no_bwd(MaxPool3x3S2, &[x])
+    apply(MaxPool3x3S2, &[x])
 }
 
 #[cfg(test)]

@@ -201,19 +201,25 @@ fn conv2d_uncounted(
 /// `nn.MaxPool2d(3, stride=2, padding=1)` on a non-negative input (a ReLU output, as in every
 /// ResNet stem): zero padding then gives PyTorch's maxima. candle's pooling has no backward for
 /// overlapping windows, so when a gradient is needed the maximum is taken over the nine strided
-/// shifts of the padded input (differentiable element-wise maxima).
+/// shifts of the padded input (differentiable element-wise maxima); on the CPU in f32 one
+/// kernel forward and backward.
 pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (oh, ow) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        return Ok(crate::kernels::max_pool_3x3_s2(x)?);
+    }
     if !x.track_op() && !x.is_variable() {
-        if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-            return Ok(crate::kernels::max_pool_3x3_s2(x)?);
-        }
         return Ok(x
             .pad_with_zeros(2, 1, 1)?
             .pad_with_zeros(3, 1, 1)?
             .max_pool2d_with_stride(3, 2)?);
     }
+    max_pool_shifts(x)
+}
+
+/// [`max_pool_3x3_s2`] as element-wise maxima of strided views (differentiable on any device).
+fn max_pool_shifts(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (oh, ow) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
     // Pad to 2 * out + 2 per side so every shift's window of 2 * out rows fits.
     let p = x
         .pad_with_zeros(2, 1, 2 * oh + 1 - h)?
@@ -948,6 +954,37 @@ mod tests {
     /// rounding: softmax does not change when every score of a row moves by q.b_k)
     fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
         crate::kernels::test_util::rel_err(a, b, 1.0)
+    }
+
+    /// The pooling kernel (forward and its first-maximum gradient) against the element-wise
+    /// maxima of strided views and candle's backward of them, on positive inputs without ties
+    /// at odd, non-square and tiny sizes.
+    #[test]
+    fn max_pool_kernel_matches_the_shifted_maxima() {
+        let dev = Device::Cpu;
+        for (h, w) in [(9, 12), (8, 8), (1, 1), (2, 5), (5, 2)] {
+            let x = Tensor::rand(0.1f32, 2.0, (2, 3, h, w), &dev).unwrap();
+            let x = Var::from_tensor(&x).unwrap();
+            let run = |kernel: bool| {
+                let y = if kernel {
+                    max_pool_3x3_s2(x.as_tensor()).unwrap()
+                } else {
+                    max_pool_shifts(x.as_tensor()).unwrap()
+                };
+                let r = Tensor::randn(0f32, 1.0, y.shape(), &dev).unwrap();
+                (y, r)
+            };
+            let (y0, r) = run(false);
+            let (y1, _) = run(true);
+            let grad = |y: &Tensor| {
+                let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                g.get(x.as_tensor()).unwrap().clone()
+            };
+            let case = format!("{h}x{w}");
+            assert_eq!(y1.dims(), y0.dims(), "{case}");
+            assert!(rel_err(&y1, &y0) < 1e-6, "{case} y");
+            assert!(rel_err(&grad(&y1), &grad(&y0)) < 1e-6, "{case} dx");
+        }
     }
 
     /// A timm ViT block, composed and fused (one autograd node), against timm: output, input
