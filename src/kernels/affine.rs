@@ -124,7 +124,8 @@ multiversion!(
 /// Elements per parallel task of the element-wise kernels.
 const CHUNK: usize = 16 * 1024;
 
-/// `(u, v) -> act(u + v)` (a residual sum and the activation after it), same shapes.
+/// `(u, v[, w]) -> act(u + v [+ w])` (a residual sum, or a sum of branches, and the activation
+/// after it), one shape.
 struct AddAct(Act);
 
 impl Kernel for AddAct {
@@ -133,12 +134,24 @@ impl Kernel for AddAct {
     }
 
     fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let [u, v] = operands(self.name(), xs)?;
+        let (u, v, w) = match xs {
+            [u, v] => (u, v, None),
+            [u, v, w] => (u, v, Some(w.data)),
+            _ => candle_core::bail!("{}: takes 2 or 3 operands", self.name()),
+        };
         let mut y = vec![0f32; u.data.len()];
         let act = self.0.code();
         y.par_chunks_mut(CHUNK)
             .zip(u.data.par_chunks(CHUNK).zip(v.data.par_chunks(CHUNK)))
-            .for_each(|(y, (u, v))| add_act_slice(u, v, y, act));
+            .enumerate()
+            .for_each(|(i, (y, (u, v)))| match w {
+                None => add_act_slice(u, v, y, act),
+                Some(w) => {
+                    let mut s = vec![0f32; y.len()];
+                    add_act_slice(u, v, &mut s, Act::Identity.code());
+                    add_act_slice(&s, &w[i * CHUNK..i * CHUNK + y.len()], y, act);
+                }
+            });
         Ok((y, u.shape.clone()))
     }
 
@@ -148,9 +161,16 @@ impl Kernel for AddAct {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let [u, v] = operands(self.name(), xs)?;
-        let d = apply_no_bwd(AddActBwd(self.0), &[u, v, g])?;
-        Ok(vec![Some(d.clone()), Some(d)])
+        let d = match (self.0, xs) {
+            (Act::Identity, _) => g.clone(),
+            (_, [u, v]) => apply_no_bwd(AddActBwd(self.0), &[u, v, g])?,
+            (_, [u, v, w]) => {
+                let s = apply_no_bwd(AddAct(Act::Identity), &[u, v])?;
+                apply_no_bwd(AddActBwd(self.0), &[&s, w, g])?
+            }
+            _ => candle_core::bail!("{}: takes 2 or 3 operands", self.name()),
+        };
+        Ok(vec![Some(d); xs.len()])
     }
 }
 
@@ -174,17 +194,37 @@ impl Kernel for AddActBwd {
     }
 }
 
-/// `act(u + v)` of two tensors of one shape (a residual sum and the activation after it),
-/// differentiable in both: on CPU f32 one pass forward and one backward, where candle runs an
-/// add, the activation and, for ReLU, four full-size ops in its backward.
-pub fn add_act(u: &Tensor, v: &Tensor, act: Act) -> candle_core::Result<Tensor> {
-    if u.shape() != v.shape() {
-        candle_core::bail!("add_act: shapes {:?} and {:?} differ", u.dims(), v.dims())
+/// `act(sum of parts)` of tensors of one shape (a residual sum, or a block's branches, and the
+/// activation after it), differentiable in every part: on CPU f32 one pass forward and one
+/// backward per three parts, where candle runs an add per part, the activation and, for ReLU,
+/// four full-size ops in its backward.
+pub fn sum_act(parts: &[&Tensor], act: Act) -> candle_core::Result<Tensor> {
+    let Some((first, rest)) = parts.split_first() else {
+        candle_core::bail!("sum_act: nothing to sum")
+    };
+    if let Some(p) = rest.iter().find(|p| p.shape() != first.shape()) {
+        candle_core::bail!(
+            "sum_act: shapes {:?} and {:?} differ",
+            first.dims(),
+            p.dims()
+        )
     }
-    if super::fast_path(u) && super::fast_path(v) {
-        return apply(AddAct(act), &[u, v]);
+    let fast = parts.iter().all(|p| super::fast_path(p));
+    match parts.len() {
+        1 => act.apply(first),
+        2 | 3 if fast => apply(AddAct(act), parts),
+        n if fast => {
+            let head = sum_act(&parts[..n - 2], Act::Identity)?;
+            apply(AddAct(act), &[&head, parts[n - 2], parts[n - 1]])
+        }
+        _ => {
+            let mut y = (*first).clone();
+            for p in rest {
+                y = (y + *p)?;
+            }
+            act.apply(&y)
+        }
     }
-    act.apply(&(u + v)?)
 }
 
 /// `dx = g * act'(v) * a`; returns `(sum g act'(v) x, sum g act'(v))`.
@@ -632,7 +672,7 @@ impl Act {
             Act::Identity => Ok(y.clone()),
             Act::Relu => y.relu(),
             Act::Silu => y.silu(),
-            Act::Gelu => y.gelu_erf(),
+            Act::Gelu => super::gelu_erf(y),
         }
     }
 }
@@ -811,31 +851,40 @@ mod tests {
         }
     }
 
-    /// The residual sum and activation against candle's add and activation: output and both
-    /// gradients, every activation, a size that is not a multiple of the task size.
+    /// Sums of 1 to 5 parts and the activation against candle's adds and activation: output
+    /// and every part's gradient, every activation, a size that is not a multiple of the task
+    /// size.
     #[test]
-    fn add_act_matches_composed_ops() {
+    fn sum_act_matches_composed_ops() {
         let dev = Device::Cpu;
+        let shape = (2, 3, 77, 71);
+        let r = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
         for act in [Act::Identity, Act::Relu, Act::Silu, Act::Gelu] {
-            let shape = (2, 3, 77, 71);
-            let u = Var::randn(0f32, 1.0, shape, &dev).unwrap();
-            let v = Var::randn(0f32, 1.0, shape, &dev).unwrap();
-            let r = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
-            let run = |fast: bool| {
-                let (ut, vt) = (u.as_tensor(), v.as_tensor());
-                let y = if fast {
-                    add_act(ut, vt, act).unwrap()
-                } else {
-                    act.apply(&(ut + vt).unwrap()).unwrap()
+            for n in 1..=5 {
+                let parts: Vec<Var> = (0..n)
+                    .map(|_| Var::randn(0f32, 1.0, shape, &dev).unwrap())
+                    .collect();
+                let run = |fast: bool| {
+                    let ts: Vec<&Tensor> = parts.iter().map(|p| p.as_tensor()).collect();
+                    let y = if fast {
+                        sum_act(&ts, act).unwrap()
+                    } else {
+                        let mut y = ts[0].clone();
+                        for t in &ts[1..] {
+                            y = (y + *t).unwrap();
+                        }
+                        act.apply(&y).unwrap()
+                    };
+                    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let grads: Vec<Tensor> = ts.iter().map(|t| g.get(t).unwrap().clone()).collect();
+                    (y, grads)
                 };
-                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let grad = |x: &Var| g.get(x.as_tensor()).unwrap().clone();
-                (y, grad(&u), grad(&v))
-            };
-            let (f, c) = (run(true), run(false));
-            assert!(max_abs_diff(&f.0, &c.0) < 1e-5, "{act:?} y");
-            assert!(max_abs_diff(&f.1, &c.1) < 1e-5, "{act:?} du");
-            assert!(max_abs_diff(&f.2, &c.2) < 1e-5, "{act:?} dv");
+                let (f, c) = (run(true), run(false));
+                assert!(max_abs_diff(&f.0, &c.0) < 1e-5, "{act:?} {n}: y");
+                for (i, (a, b)) in f.1.iter().zip(&c.1).enumerate() {
+                    assert!(max_abs_diff(a, b) < 1e-5, "{act:?} {n}: d{i}");
+                }
+            }
         }
     }
 

@@ -848,9 +848,11 @@ enum Branches {
 }
 
 impl Branches {
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The branches' sum and `act` after it (one node on the CPU, see
+    /// [`crate::kernels::sum_act`]).
+    fn forward_act(&self, x: &Tensor, train: bool, act: Act) -> Result<Tensor> {
         match self {
-            Branches::Fused(c) => c.forward(x),
+            Branches::Fused(c) => Ok(crate::kernels::sum_act(&[&c.forward(x)?], act)?),
             Branches::Train {
                 identity,
                 kxk,
@@ -867,14 +869,13 @@ impl Branches {
                 if let Some(c) = kxk {
                     outs.push(c.forward(x, train)?);
                 }
-                let mut it = outs.into_iter();
-                let mut y = it
-                    .next()
-                    .ok_or_else(|| Error::Invalid("a block without branches".into()))?;
-                for o in it {
-                    y = (y + o)?;
+                if outs.is_empty() {
+                    return Err(Error::Invalid("a block without branches".into()));
                 }
-                Ok(y)
+                Ok(crate::kernels::sum_act(
+                    &outs.iter().collect::<Vec<_>>(),
+                    act,
+                )?)
             }
         }
     }
@@ -930,12 +931,14 @@ struct MobileOne {
 
 impl MobileOne {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.branches.forward(x, train)?;
-        if let Some((fc1, fc2)) = &self.se {
-            let s = y.mean(3)?.mean(2)?;
-            let gate = candle_nn::ops::sigmoid(&fc2.forward(&fc1.forward(&s)?.relu()?)?)?;
-            y = y.broadcast_mul(&gate.unsqueeze(2)?.unsqueeze(3)?)?;
-        }
+        let act = if self.act { Act::Gelu } else { Act::Identity };
+        let Some((fc1, fc2)) = &self.se else {
+            return self.branches.forward_act(x, train, act);
+        };
+        let y = self.branches.forward_act(x, train, Act::Identity)?;
+        let s = y.mean(3)?.mean(2)?;
+        let gate = candle_nn::ops::sigmoid(&fc2.forward(&fc1.forward(&s)?.relu()?)?)?;
+        let y = y.broadcast_mul(&gate.unsqueeze(2)?.unsqueeze(3)?)?;
         Ok(if self.act { gelu_erf(&y)? } else { y })
     }
 
@@ -1136,7 +1139,7 @@ impl Backbone for FastVit {
         let mut out = Vec::with_capacity(4);
         for s in &self.stages {
             if let Some((lk, m)) = &s.downsample {
-                x = m.forward(&lk.forward(&x, train)?, train)?;
+                x = m.forward(&lk.forward_act(&x, train, Act::Identity)?, train)?;
             }
             if let Some((pe, residual)) = &s.pos_emb {
                 let y = pe.forward(&x)?;

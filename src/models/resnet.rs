@@ -305,7 +305,7 @@ impl Block {
             Some(u) => u.forward(x, train)?,
             None => x.clone(),
         };
-        Ok(crate::kernels::add_act(&h, &skip, Act::Relu)?)
+        Ok(crate::kernels::sum_act(&[&h, &skip], Act::Relu)?)
     }
 }
 
