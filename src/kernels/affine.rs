@@ -642,10 +642,22 @@ pub fn batch_norm_train_act(
         return Ok((y, stats));
     }
     let stats = channel_stats(x)?;
-    let (mean, var) = (stats.get(0)?, stats.get(1)?);
+    let (scale, shift) = bn_scale_shift(&weight, &bias, &stats.get(0)?, &stats.get(1)?, eps)?;
+    Ok((channel_affine_act(x, &scale, &shift, act)?, stats.detach()))
+}
+
+/// BatchNorm as a per-channel map `x * scale + shift`: `scale = weight / sqrt(var + eps)`,
+/// `shift = bias - mean * scale` (all `[C]`, differentiable).
+pub fn bn_scale_shift(
+    weight: &Tensor,
+    bias: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let scale = weight.div(&(var + eps)?.sqrt()?)?;
     let shift = (bias - mean.mul(&scale)?)?;
-    Ok((channel_affine_act(x, &scale, &shift, act)?, stats.detach()))
+    Ok((scale, shift))
 }
 
 /// `act(x * a + b)` with `a`, `b` per channel (`[C]`) over `x: [B, C, H, W]`, differentiable in

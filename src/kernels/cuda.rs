@@ -173,12 +173,17 @@ fn ptx() -> candle_core::Result<&'static str> {
     .map_err(|e| candle_core::Error::Msg(e.clone()))
 }
 
-/// The moments buffer `[m | v]` of `n` values is indexed with 32 bits in the kernels.
-fn moments_fit(n: usize) -> candle_core::Result<()> {
-    match u32::try_from(2 * n) {
-        Ok(_) => Ok(()),
-        Err(_) => candle_core::bail!("adamw on CUDA: a parameter of {n} values is too large"),
+/// The range of the moments buffer `[m | v]` for a parameter of `n` values: `2n` values,
+/// indexed with 32 bits in the kernels.
+fn moments_range(lmv: &Layout, n: usize) -> candle_core::Result<(usize, usize)> {
+    if u32::try_from(2 * n).is_err() {
+        candle_core::bail!("adamw on CUDA: a parameter of {n} values is too large")
     }
+    let (m0, m1) = contiguous_range(lmv, "the moments")?;
+    if m1 - m0 != 2 * n {
+        candle_core::bail!("adamw on CUDA: moments of {} for {n} values", m1 - m0)
+    }
+    Ok((m0, m1))
 }
 
 fn launch_1d(n: usize) -> candle_core::Result<LaunchConfig> {
@@ -222,12 +227,8 @@ impl InplaceOp2 for Moments {
         lg: &Layout,
     ) -> candle_core::Result<()> {
         let (g0, g1) = contiguous_range(lg, "the gradient")?;
-        let (m0, m1) = contiguous_range(lmv, "the moments")?;
         let n = g1 - g0;
-        moments_fit(n)?;
-        if m1 - m0 != 2 * n {
-            candle_core::bail!("adamw on CUDA: moments of {} for {n} values", m1 - m0)
-        }
+        let (m0, m1) = moments_range(lmv, n)?;
         let dev = g.device().clone();
         let func = dev.get_or_load_custom_func("adamw_moments", MODULE, ptx()?)?;
         let g = g.as_cuda_slice::<f32>()?.slice(g0..g1);
@@ -275,12 +276,8 @@ impl InplaceOp2 for Apply {
         lmv: &Layout,
     ) -> candle_core::Result<()> {
         let (w0, w1) = contiguous_range(lw, "the parameter")?;
-        let (m0, m1) = contiguous_range(lmv, "the moments")?;
         let n = w1 - w0;
-        moments_fit(n)?;
-        if m1 - m0 != 2 * n {
-            candle_core::bail!("adamw on CUDA: moments of {} for {n} values", m1 - m0)
-        }
+        let (m0, m1) = moments_range(lmv, n)?;
         let dev = mv.device().clone();
         let func = dev.get_or_load_custom_func("adamw_apply", MODULE, ptx()?)?;
         let mv = mv.as_cuda_slice::<f32>()?.slice(m0..m1);

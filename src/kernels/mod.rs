@@ -85,8 +85,8 @@ pub use conv::conv2d_im2col;
 pub use depthwise::{depthwise_conv2d, max_pool_3x3_s2};
 mod affine;
 pub use affine::{
-    batch_norm_train_act, channel_affine_act, channel_bias, channel_bias_act, channel_scale,
-    channel_stats, sum_act, Act,
+    batch_norm_train_act, bn_scale_shift, channel_affine_act, channel_bias, channel_bias_act,
+    channel_scale, channel_stats, sum_act, Act,
 };
 mod adamw;
 pub use adamw::{adamw_update, AdamStep};

@@ -277,12 +277,25 @@ impl BatchNorm2d {
     /// channel and bias `beta - mean * s`, with `s = gamma / sqrt(var + eps)` (f32).
     pub fn fold_into(&self, conv_weight: &Tensor) -> Result<(Tensor, Tensor)> {
         use candle_core::DType;
-        let f = |t: &Tensor| t.to_dtype(DType::F32);
-        let var = f(self.running_var.as_tensor())?;
-        let scale = f(&self.weight)?.div(&(var + self.eps)?.sqrt()?)?;
-        let weight = f(conv_weight)?.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
-        let bias = (f(&self.bias)? - f(self.running_mean.as_tensor())?.mul(&scale)?)?;
+        let (scale, bias) = self.eval_scale_shift()?;
+        let weight = conv_weight
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
         Ok((weight, bias))
+    }
+
+    /// The eval-mode normalisation as a per-channel `x * scale + shift` (f32).
+    fn eval_scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        use candle_core::DType;
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let (mean, var) = (
+            f(self.running_mean.as_tensor())?,
+            f(self.running_var.as_tensor())?,
+        );
+        let (w, b) = (f(&self.weight)?, f(&self.bias)?);
+        Ok(crate::kernels::bn_scale_shift(
+            &w, &b, &mean, &var, self.eps,
+        )?)
     }
 
     /// The number of channels.
@@ -324,11 +337,11 @@ impl BatchNorm2d {
         let (b, _, h, w) = x.dims4()?;
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
-        let (weight, bias) = (
-            self.weight.to_dtype(DType::F32)?,
-            self.bias.to_dtype(DType::F32)?,
-        );
         if train {
+            let (weight, bias) = (
+                self.weight.to_dtype(DType::F32)?,
+                self.bias.to_dtype(DType::F32)?,
+            );
             let (y, stats) =
                 crate::kernels::batch_norm_train_act(&x, &weight, &bias, self.eps, act)?;
             let (mean, var) = (stats.get(0)?, stats.get(1)?);
@@ -342,10 +355,7 @@ impl BatchNorm2d {
             self.running_var.set(&v_new)?;
             return Ok(y.to_dtype(dtype)?);
         }
-        let mean = self.running_mean.as_tensor().to_dtype(DType::F32)?;
-        let var = self.running_var.as_tensor().to_dtype(DType::F32)?;
-        let scale = weight.div(&(var + self.eps)?.sqrt()?)?;
-        let shift = (bias - mean.mul(&scale)?)?;
+        let (scale, shift) = self.eval_scale_shift()?;
         Ok(crate::kernels::channel_affine_act(&x, &scale, &shift, act)?.to_dtype(dtype)?)
     }
 }
