@@ -79,7 +79,7 @@ fn forward_body(x: &[f32], y: &mut [f32], a: f32, b: f32, act: u8) {
         _ => y.iter_mut().zip(x).for_each(|(d, &v)| *d = v * a + b),
     }
 }
-multiversion!(forward_plane, forward_body, (x: &[f32], y: &mut [f32], a: f32, b: f32, act: u8));
+multiversion!(pub(super) forward_plane, forward_body, (x: &[f32], y: &mut [f32], a: f32, b: f32, act: u8));
 
 /// `y = act(u + v)`, one loop per activation.
 #[inline(always)]
@@ -313,37 +313,7 @@ impl Kernel for ChannelStats {
     fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let [x] = operands(self.name(), xs)?;
         let (b, c, hw) = dims(&x)?;
-        let x = x.data;
-        let n = (b * hw).max(1) as f64;
-        let mut stats = vec![0f32; 2 * c];
-        let per_channel: Vec<(f32, f32)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let plane = |i: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-                let mut m = [0f64; 2];
-                let mut sum = 0f64;
-                for i in 0..b {
-                    plane_moments(plane(i), 0.0, &mut m);
-                    sum += m[0];
-                }
-                let mean = sum / n;
-                let mut sq = 0f64;
-                let mut dev = 0f64;
-                for i in 0..b {
-                    plane_moments(plane(i), mean as f32, &mut m);
-                    dev += m[0];
-                    sq += m[1];
-                }
-                // the shift is the f32-rounded mean: correct for what it left behind
-                let d = dev / n;
-                (mean as f32, (sq / n - d * d).max(0.0) as f32)
-            })
-            .collect();
-        for (ch, (m, v)) in per_channel.into_iter().enumerate() {
-            stats[ch] = m;
-            stats[c + ch] = v;
-        }
-        Ok((stats, Shape::from((2, c))))
+        Ok((channel_moments(x.data, (b, c, hw)), Shape::from((2, c))))
     }
 
     fn backward(
@@ -366,6 +336,42 @@ impl Kernel for ChannelStats {
             Act::Identity,
         )?)])
     }
+}
+
+/// Per-channel `[mean; biased variance]` (`2 * C` values) of `[B, C, HW]` values. Two passes
+/// (the mean, then the spread about it) so the variance does not lose precision to
+/// cancellation; one task per channel.
+pub(super) fn channel_moments(x: &[f32], (b, c, hw): (usize, usize, usize)) -> Vec<f32> {
+    let n = (b * hw).max(1) as f64;
+    let mut stats = vec![0f32; 2 * c];
+    let per_channel: Vec<(f32, f32)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let plane = |i: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+            let mut m = [0f64; 2];
+            let mut sum = 0f64;
+            for i in 0..b {
+                plane_moments(plane(i), 0.0, &mut m);
+                sum += m[0];
+            }
+            let mean = sum / n;
+            let mut sq = 0f64;
+            let mut dev = 0f64;
+            for i in 0..b {
+                plane_moments(plane(i), mean as f32, &mut m);
+                dev += m[0];
+                sq += m[1];
+            }
+            // the shift is the f32-rounded mean: correct for what it left behind
+            let d = dev / n;
+            (mean as f32, (sq / n - d * d).max(0.0) as f32)
+        })
+        .collect();
+    for (ch, (m, v)) in per_channel.into_iter().enumerate() {
+        stats[ch] = m;
+        stats[c + ch] = v;
+    }
+    stats
 }
 
 /// Per-channel `(mean, biased variance)` of `x: [B, C, H, W]` as `[2, C]` (BatchNorm's batch
@@ -503,7 +509,7 @@ fn affine_backward(
 fn add_affine_body(x: &[f32], y: &mut [f32], p: f32, q: f32) {
     y.iter_mut().zip(x).for_each(|(d, &v)| *d += v * p + q);
 }
-multiversion!(add_affine, add_affine_body, (x: &[f32], y: &mut [f32], p: f32, q: f32));
+multiversion!(pub(super) add_affine, add_affine_body, (x: &[f32], y: &mut [f32], p: f32, q: f32));
 
 /// BatchNorm's per-channel map `x * a + b` from `[weight; bias]` and the statistics
 /// `[mean; biased variance]` (both `[2, C]`): `(a, b, 1 / sqrt(var + eps))`.

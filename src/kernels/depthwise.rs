@@ -297,6 +297,68 @@ fn reduce_taps(g: &Geom, acc: &[f32], dk: &mut [f32]) {
     }
 }
 
+/// The depthwise convolution of `x` (`[B, C, H, W]` values) with `k` (`[C, 1, kh, kw]`): one
+/// task per (image, channel) plane.
+pub(super) fn forward(g: &Geom, x: &[f32], k: &[f32]) -> Vec<f32> {
+    let taps = g.kh * g.kw;
+    let mut y = vec![0f32; g.b * g.c * g.out_plane()];
+    y.par_chunks_mut(g.out_plane().max(1))
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (p, yp)| {
+            let c = p % g.c;
+            let xp = &x[p * g.in_plane()..(p + 1) * g.in_plane()];
+            forward_plane(g, xp, &k[c * taps..(c + 1) * taps], yp, buf);
+        });
+    y
+}
+
+/// The input gradient for the output gradient `dy`; `post(plane, dx_plane)` runs on each
+/// finished plane while it is in cache (a caller's element-wise terms).
+pub(super) fn input_grad_with(
+    g: &Geom,
+    dy: &[f32],
+    k: &[f32],
+    post: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let taps = g.kh * g.kw;
+    let mut dx = vec![0f32; g.b * g.c * g.in_plane()];
+    dx.par_chunks_mut(g.in_plane().max(1))
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (p, dxp)| {
+            let c = p % g.c;
+            let dyp = &dy[p * g.out_plane()..(p + 1) * g.out_plane()];
+            input_grad_plane(g, dyp, &k[c * taps..(c + 1) * taps], dxp, buf);
+            post(p, dxp);
+        });
+    dx
+}
+
+/// The kernel gradient `[C, 1, kh, kw]` for input `x` and output gradient `dy`: one task per
+/// channel, over the batch.
+pub(super) fn kernel_grad(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let taps = g.kh * g.kw;
+    let mut dk = vec![0f32; g.c * taps];
+    dk.par_chunks_mut(taps).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(acc, buf), (c, dkc)| {
+            acc.clear();
+            acc.resize(taps * g.ow, 0.0);
+            for b in 0..g.b {
+                let p = b * g.c + c;
+                weight_grad_plane(
+                    g,
+                    &x[p * g.in_plane()..(p + 1) * g.in_plane()],
+                    &dy[p * g.out_plane()..(p + 1) * g.out_plane()],
+                    dkc,
+                    (acc, buf),
+                );
+            }
+            reduce_taps(g, acc, dkc);
+        },
+    );
+    dk
+}
+
 /// The forward pass: `(x [B, C, H, W], k [C, 1, kh, kw]) -> y [B, C, oh, ow]`.
 struct DepthwiseConv {
     stride: usize,
@@ -311,17 +373,10 @@ impl Kernel for DepthwiseConv {
     fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let [x, k] = operands(self.name(), xs)?;
         let g = Geom::new(x.dims(), k.dims(), self.stride, self.pad)?;
-        let (x, k) = (x.data, k.data);
-        let taps = g.kh * g.kw;
-        let mut y = vec![0f32; g.b * g.c * g.out_plane()];
-        y.par_chunks_mut(g.out_plane().max(1))
-            .enumerate()
-            .for_each_init(Vec::new, |buf, (p, yp)| {
-                let c = p % g.c;
-                let xp = &x[p * g.in_plane()..(p + 1) * g.in_plane()];
-                forward_plane(&g, xp, &k[c * taps..(c + 1) * taps], yp, buf);
-            });
-        Ok((y, Shape::from((g.b, g.c, g.oh, g.ow))))
+        Ok((
+            forward(&g, x.data, k.data),
+            Shape::from((g.b, g.c, g.oh, g.ow)),
+        ))
     }
 
     fn backward(
@@ -350,15 +405,7 @@ impl Kernel for InputGrad {
     fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let g = self.0;
         let [dy, k] = operands(self.name(), xs)?.map(|t| t.data);
-        let taps = g.kh * g.kw;
-        let mut dx = vec![0f32; g.b * g.c * g.in_plane()];
-        dx.par_chunks_mut(g.in_plane().max(1))
-            .enumerate()
-            .for_each_init(Vec::new, |buf, (p, dxp)| {
-                let c = p % g.c;
-                let dyp = &dy[p * g.out_plane()..(p + 1) * g.out_plane()];
-                input_grad_plane(&g, dyp, &k[c * taps..(c + 1) * taps], dxp, buf);
-            });
+        let dx = input_grad_with(&g, dy, k, |_, _| {});
         Ok((dx, Shape::from((g.b, g.c, g.h, g.w))))
     }
 }
@@ -374,27 +421,7 @@ impl Kernel for KernelGrad {
     fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let g = self.0;
         let [x, dy] = operands(self.name(), xs)?.map(|t| t.data);
-        let taps = g.kh * g.kw;
-        let mut dk = vec![0f32; g.c * taps];
-        dk.par_chunks_mut(taps).enumerate().for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(acc, buf), (c, dkc)| {
-                acc.clear();
-                acc.resize(taps * g.ow, 0.0);
-                for b in 0..g.b {
-                    let p = b * g.c + c;
-                    weight_grad_plane(
-                        &g,
-                        &x[p * g.in_plane()..(p + 1) * g.in_plane()],
-                        &dy[p * g.out_plane()..(p + 1) * g.out_plane()],
-                        dkc,
-                        (acc, buf),
-                    );
-                }
-                reduce_taps(&g, acc, dkc);
-            },
-        );
-        Ok((dk, Shape::from((g.c, 1, g.kh, g.kw))))
+        Ok((kernel_grad(&g, x, dy), Shape::from((g.c, 1, g.kh, g.kw))))
     }
 }
 

@@ -106,7 +106,7 @@ pub fn fused_training_enabled() -> bool {
 }
 
 /// Hands the gradients of `params` (same order, flat values) to the sink.
-fn give_gradients(params: Vec<&Tensor>, grads: Vec<Vec<f32>>) -> Result<()> {
+pub(super) fn give_gradients(params: Vec<&Tensor>, grads: Vec<Vec<f32>>) -> Result<()> {
     let pairs = params
         .into_iter()
         .zip(grads)
@@ -291,21 +291,21 @@ impl<'a> Views<'a> {
     }
 }
 
-fn msg(s: impl Into<String>) -> candle_core::Error {
+pub(super) fn msg(s: impl Into<String>) -> candle_core::Error {
     candle_core::Error::Msg(s.into())
 }
 
 /// Runs `f` on the values of CPU f32 contiguous tensors.
-fn with_values<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
+pub(super) fn with_values<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
     let mut vals = Vec::with_capacity(ts.len());
     for (s, l) in &guards {
         match &**s {
             Storage::Cpu(c) => vals.push(
                 contiguous_f32(c, l)
-                    .ok_or_else(|| msg("vit block: a tensor is not contiguous f32"))?,
+                    .ok_or_else(|| msg("fused node: a tensor is not contiguous f32"))?,
             ),
-            _ => return Err(msg("vit block: a tensor is not on the CPU")),
+            _ => return Err(msg("fused node: a tensor is not on the CPU")),
         }
     }
     f(&vals)
@@ -780,7 +780,7 @@ impl AdapterOp {
     }
 }
 
-fn values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+pub(super) fn values<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     contiguous_f32(s, l).ok_or_else(|| msg("fused node: operand not contiguous f32"))
 }
 

@@ -57,8 +57,8 @@ fn gelu_one(x: f32) -> f32 {
 }
 
 macro_rules! multiversion {
-    ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
-        fn $name($($arg: $ty),*) {
+    ($vis:vis $name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+        $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
@@ -95,10 +95,12 @@ pub mod cuda;
 mod feature_loss;
 pub use feature_loss::{fused_feature_loss, LossWeights};
 mod fused;
+mod fused_cnn;
 pub use fused::{
     adapter_train, fused_training_enabled, vit_block_infer, vit_block_train, AdapterParams,
     FusedGradients, VitBlockParams,
 };
+pub use fused_cnn::{conv_mlp_train, repmixer_train, ConvMlpParams, RepMixerParams};
 
 #[inline(always)]
 fn gelu_body(src: &[f32], dst: &mut [f32]) {

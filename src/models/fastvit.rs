@@ -976,10 +976,73 @@ impl RepMixer {
         match self {
             RepMixer::Fused(c) => c.forward(x),
             RepMixer::Train(b) => {
+                if train {
+                    if let Some(y) = b.fused_train(x)? {
+                        return Ok(y);
+                    }
+                }
                 let d = (b.mixer.forward(x, train)? - b.norm.forward(x, train)?)?;
                 Ok((x + layer_scale(&d, &b.gamma)?)?)
             }
         }
+    }
+}
+
+impl RepMixerBranches {
+    /// The training forward as one node where it applies (CPU f32 with a
+    /// [`crate::kernels::FusedGradients`] alive; see [`crate::kernels::repmixer_train`]), the
+    /// BatchNorms' running estimates moved as the composed forward moves them.
+    fn fused_train(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (
+            Branches::Train {
+                stride: 1,
+                identity: Some(id),
+                kxk: Some(kxk),
+                scale: Some(sc),
+                ..
+            },
+            Branches::Train {
+                identity: Some(norm),
+                kxk: None,
+                scale: None,
+                ..
+            },
+        ) = (&self.mixer.branches, &self.norm.branches)
+        else {
+            return Ok(None);
+        };
+        let plain = |m: &MobileOne| m.se.is_none() && !m.act;
+        let (Some((kw, kbn)), Some((sw, sbn))) = (kxk.linear_parts(), sc.linear_parts()) else {
+            return Ok(None);
+        };
+        let eps = id.eps();
+        if !plain(&self.mixer)
+            || !plain(&self.norm)
+            || [norm, kbn, sbn].iter().any(|b| b.eps() != eps)
+        {
+            return Ok(None);
+        }
+        let p = crate::kernels::RepMixerParams {
+            norm: norm.affine(),
+            identity: id.affine(),
+            conv: kw.clone(),
+            conv_bn: kbn.affine(),
+            scale: sw.clone(),
+            scale_bn: sbn.affine(),
+            gamma: self.gamma.clone(),
+            eps: eps as f32,
+        };
+        let Some((y, stats)) = crate::kernels::repmixer_train(x, &p)? else {
+            return Ok(None);
+        };
+        let (b, c, h, w) = x.dims4()?;
+        let count = b * h * w;
+        for (bn, s) in [(norm, 0), (id, 0), (kbn, 1), (sbn, 2)] {
+            bn.track(&stats[s], count)?;
+        }
+        // the two convolutions: k x k taps and one per output value
+        crate::macs::add(b * c * h * w * (kw.elem_count() / c.max(1) + 1));
+        Ok(Some(y))
     }
 }
 
@@ -1010,6 +1073,43 @@ struct Mlp {
 }
 
 impl Mlp {
+    /// `x + gamma * mlp(x)` in training mode.
+    fn residual(&self, x: &Tensor, gamma: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            if let Some(y) = self.fused_train(x, gamma)? {
+                return Ok(y);
+            }
+        }
+        Ok((x + layer_scale(&self.forward(x, train)?, gamma)?)?)
+    }
+
+    /// The residual MLP in training mode as one node where it applies (see
+    /// [`crate::kernels::conv_mlp_train`]).
+    fn fused_train(&self, x: &Tensor, gamma: &Tensor) -> Result<Option<Tensor>> {
+        let Some((kw, bn)) = self.conv.linear_parts() else {
+            return Ok(None);
+        };
+        let (Some(b1), Some(b2)) = (&self.fc1.bias, &self.fc2.bias) else {
+            return Ok(None);
+        };
+        let p = crate::kernels::ConvMlpParams {
+            conv: kw.clone(),
+            bn: bn.affine(),
+            fc1: (self.fc1.weight.clone(), b1.clone()),
+            fc2: (self.fc2.weight.clone(), b2.clone()),
+            gamma: gamma.clone(),
+            eps: bn.eps() as f32,
+        };
+        let Some((y, stats)) = crate::kernels::conv_mlp_train(x, &p)? else {
+            return Ok(None);
+        };
+        let (b, c, h, w) = x.dims4()?;
+        bn.track(&stats, b * h * w)?;
+        let hidden = self.fc1.weight.dim(0)?;
+        crate::macs::add(b * c * h * w * (kw.elem_count() / c.max(1) + 2 * hidden));
+        Ok(Some(y))
+    }
+
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = self.conv.forward(x, train)?;
         // a 1x1 convolution, its bias and the activation after it (bias + GELU in one pass)
@@ -1053,7 +1153,7 @@ impl Block {
         match self {
             Block::RepMixer { mixer, mlp, gamma } => {
                 let x = mixer.forward(x, train)?;
-                Ok((&x + layer_scale(&mlp.forward(&x, train)?, gamma)?)?)
+                mlp.residual(&x, gamma, train)
             }
             Block::Attention {
                 norm,
@@ -1070,7 +1170,7 @@ impl Block {
                     .contiguous()?;
                 let a = attn.forward(&t)?.transpose(1, 2)?.reshape((b, c, h, w))?;
                 let x = (x + layer_scale(&a, gamma1)?)?;
-                Ok((&x + layer_scale(&mlp.forward(&x, train)?, gamma2)?)?)
+                mlp.residual(&x, gamma2, train)
             }
         }
     }

@@ -330,6 +330,30 @@ impl BatchNorm2d {
         self.forward_act(x, train, crate::kernels::Act::Identity)
     }
 
+    /// `(weight, bias)`.
+    pub fn affine(&self) -> (Tensor, Tensor) {
+        (self.weight.clone(), self.bias.clone())
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// Moves the running estimates towards batch statistics `[mean; biased variance]` (`[2, C]`)
+    /// of `count` values per channel, as PyTorch does (the variance made unbiased).
+    pub fn track(&self, stats: &Tensor, count: usize) -> Result<()> {
+        let (mean, var) = (stats.get(0)?, stats.get(1)?);
+        let n = count as f64;
+        let unbiased = (var * (n / (n - 1.0).max(1.0)))?;
+        let m_new =
+            ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
+        let v_new =
+            ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
+        self.running_mean.set(&m_new)?;
+        self.running_var.set(&v_new)?;
+        Ok(())
+    }
+
     /// The normalisation and the activation after it, as one pass over the map (the
     /// statistics fold into a per-channel scale and shift).
     pub fn forward_act(&self, x: &Tensor, train: bool, act: crate::kernels::Act) -> Result<Tensor> {
@@ -344,15 +368,7 @@ impl BatchNorm2d {
             );
             let (y, stats) =
                 crate::kernels::batch_norm_train_act(&x, &weight, &bias, self.eps, act)?;
-            let (mean, var) = (stats.get(0)?, stats.get(1)?);
-            let n = (b * h * w) as f64;
-            let unbiased = (var * (n / (n - 1.0).max(1.0)))?;
-            let m_new =
-                ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
-            let v_new = ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))?
-                + (unbiased * BN_MOMENTUM)?)?;
-            self.running_mean.set(&m_new)?;
-            self.running_var.set(&v_new)?;
+            self.track(&stats, b * h * w)?;
             return Ok(y.to_dtype(dtype)?);
         }
         let (scale, shift) = self.eval_scale_shift()?;
@@ -472,6 +488,13 @@ impl ConvBn {
     pub fn out_side(&self, n: usize) -> usize {
         let k = self.weight.dims().get(3).copied().unwrap_or(1);
         (n + 2 * (k / 2) - k) / self.stride + 1
+    }
+
+    /// The convolution's weight and the BatchNorm when the unit has stride 1 and no activation
+    /// (what a fused block node takes over).
+    pub fn linear_parts(&self) -> Option<(&Tensor, &BatchNorm2d)> {
+        (self.stride == 1 && self.act == crate::kernels::Act::Identity)
+            .then_some((&self.weight, &self.norm))
     }
 
     /// The convolution with the eval-mode BatchNorm folded in: (weight, bias), f32.

@@ -8,6 +8,7 @@ use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{model_dir, reference, rel_err};
+use distillery::kernels::FusedGradients;
 use distillery::models::backbone;
 use distillery::models::LoadOptions;
 use distillery::train::engine::{init_params, vars_of};
@@ -27,7 +28,7 @@ fn check(name: &str, levels: usize, refs: usize) {
         device: dev.clone(),
         ..LoadOptions::default()
     };
-    let (spec, net) = backbone::load(&dir.to_string_lossy(), &opts)
+    let (_, net) = backbone::load(&dir.to_string_lossy(), &opts)
         .unwrap()
         .expect("a registered CNN family");
     // eval
@@ -49,7 +50,28 @@ fn check(name: &str, levels: usize, refs: usize) {
     let e = rel_err(&logits, &r["logits"]);
     assert!(e < TOL, "{name} logits: {e}");
 
-    // one training step from the checkpoint, over a parameter store and a buffer store
+    // one training step, with candle's backward and with the fused training nodes
+    for fused in [false, true] {
+        train_step(name, refs, fused);
+    }
+}
+
+/// One training step from the checkpoint of fixture `name`, over a parameter store and a
+/// buffer store: train-mode logits, the moved running statistics and the gradients against the
+/// reference; `fused` runs it with a [`FusedGradients`] alive (the CPU's fused training nodes).
+fn train_step(name: &str, refs: usize, fused: bool) {
+    let dir = model_dir(name);
+    let r = reference(name);
+    let dev = common::test_device();
+    let (spec, _) = backbone::load(
+        &dir.to_string_lossy(),
+        &LoadOptions {
+            device: dev.clone(),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap()
+    .expect("a registered CNN family");
     let file: HashMap<String, Tensor> =
         candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     // Every parameter and buffer comes from the checkpoint (nothing is drawn).
@@ -66,14 +88,19 @@ fn check(name: &str, levels: usize, refs: usize) {
         )
         .unwrap();
     let xt = &r["train.pixel_values"].to_device(&dev).unwrap();
+    let guard = fused.then(FusedGradients::enable);
     let last = net.forward_intermediates(xt, true).unwrap().pop().unwrap();
     let y = net
         .classify(&net.pool(&last, true).unwrap())
         .unwrap()
         .unwrap();
     let e = rel_err(&y, &r["train.logits"]);
-    assert!(e < TOL, "{name} train logits: {e}");
-    let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+    assert!(e < TOL, "{name} train logits (fused {fused}): {e}");
+    let loss = y.sqr().unwrap().mean_all().unwrap();
+    let grads = match &guard {
+        Some(g) => g.backward(&loss).unwrap(),
+        None => loss.backward().unwrap(),
+    };
     let pv = vars_of(&params).unwrap();
     let bv = vars_of(&buffers).unwrap();
     let mut checked = 0;
@@ -81,11 +108,11 @@ fn check(name: &str, levels: usize, refs: usize) {
         if let Some(p) = k.strip_prefix("grad.") {
             let g = grads.get(pv[p].as_tensor()).expect("gradient");
             let e = rel_err(g, want);
-            assert!(e < TOL, "{name} {k}: rel err {e}");
+            assert!(e < TOL, "{name} {k} (fused {fused}): rel err {e}");
             checked += 1;
         } else if let Some(b) = k.strip_prefix("train.").filter(|b| b.contains("running")) {
             let e = rel_err(bv[b].as_tensor(), want);
-            assert!(e < TOL, "{name} {k}: rel err {e}");
+            assert!(e < TOL, "{name} {k} (fused {fused}): rel err {e}");
             checked += 1;
         }
     }
