@@ -124,41 +124,71 @@ impl Geom {
     }
 }
 
-/// `y[lo..hi] += a * x[ix, ix + s, ...]`.
-#[inline(always)]
-fn axpy_strided(y: &mut [f32], a: f32, x: &[f32], ix: usize, s: usize) {
-    if s == 1 {
-        for (d, v) in y.iter_mut().zip(&x[ix..]) {
-            *d += a * v;
-        }
-    } else {
-        for (j, d) in y.iter_mut().enumerate() {
-            *d += a * x[ix + j * s];
-        }
-    }
-}
-
-/// Stride-1 planes through a zero-padded copy (`(h + 2 pad) x (w + 2 pad)`): every tap then
-/// reads or writes one contiguous run of a padded row, with none of the per-tap border
-/// arithmetic of [`Geom::for_each_tap`] (which dominated on the small late-stage planes).
+/// Planes go through a zero-padded copy whose rows are split into `stride` phases (columns `q,
+/// q + s, q + 2s, ...` of a padded row stored side by side, `phase_w` each): output column `ox`
+/// of tap `(ky, kx)` reads padded column `ox * s + kx`, which is element `ox + kx / s` of phase
+/// `kx % s`, so every tap reads or writes one contiguous run of `ow` values for any stride,
+/// with none of the per-tap border arithmetic of [`Geom::for_each_tap`]. Stride 1 is the plain
+/// padded plane.
 impl Geom {
-    fn padded_w(&self) -> usize {
-        self.w + 2 * self.pad
+    /// Values in one phase of a padded row.
+    fn phase_w(&self) -> usize {
+        (self.w + 2 * self.pad).div_ceil(self.stride)
     }
 
-    /// `buf` as a zeroed padded plane.
-    fn zero_padded(&self, buf: &mut Vec<f32>) {
+    /// `buf` as a zeroed split padded plane.
+    fn zero_split(&self, buf: &mut Vec<f32>) {
         buf.clear();
-        buf.resize(self.padded_w() * (self.h + 2 * self.pad), 0.0);
+        buf.resize((self.h + 2 * self.pad) * self.stride * self.phase_w(), 0.0);
     }
 
-    /// `plane` copied into the interior of `buf` (zeros around).
-    fn pad_into(&self, plane: &[f32], buf: &mut Vec<f32>) {
-        let pw = self.padded_w();
-        self.zero_padded(buf);
-        for (iy, row) in plane.chunks(self.w).enumerate() {
-            let at = (iy + self.pad) * pw + self.pad;
-            buf[at..at + self.w].copy_from_slice(row);
+    /// Where the run of tap `(ky, kx)` for output row `oy` starts in the split plane.
+    fn run_at(&self, oy: usize, ky: usize, kx: usize) -> usize {
+        let s = self.stride;
+        ((oy * s + ky) * s + kx % s) * self.phase_w() + kx / s
+    }
+
+    /// Calls `f(plane index, split index)` for every input value, row by row.
+    fn for_each_split(&self, mut f: impl FnMut(usize, usize)) {
+        let (s, pq) = (self.stride, self.phase_w());
+        for iy in 0..self.h {
+            let row = (iy + self.pad) * s;
+            let (mut q, mut j) = (self.pad % s, self.pad / s);
+            for ix in 0..self.w {
+                f(iy * self.w + ix, (row + q) * pq + j);
+                q += 1;
+                if q == s {
+                    q = 0;
+                    j += 1;
+                }
+            }
+        }
+    }
+
+    /// `plane` copied into the interior of the split `buf` (zeros around).
+    fn split_into(&self, plane: &[f32], buf: &mut Vec<f32>) {
+        self.zero_split(buf);
+        if self.stride == 1 {
+            let pw = self.phase_w();
+            for (iy, row) in plane.chunks(self.w).enumerate() {
+                let at = (iy + self.pad) * pw + self.pad;
+                buf[at..at + self.w].copy_from_slice(row);
+            }
+        } else {
+            self.for_each_split(|i, at| buf[at] = plane[i]);
+        }
+    }
+
+    /// The interior of the split `buf` copied out to `plane`.
+    fn split_out(&self, buf: &[f32], plane: &mut [f32]) {
+        if self.stride == 1 {
+            let pw = self.phase_w();
+            for (iy, row) in plane.chunks_mut(self.w).enumerate() {
+                let at = (iy + self.pad) * pw + self.pad;
+                row.copy_from_slice(&buf[at..at + self.w]);
+            }
+        } else {
+            self.for_each_split(|i, at| plane[i] = buf[at]);
         }
     }
 }
@@ -166,25 +196,17 @@ impl Geom {
 /// One output plane from one input plane and its filter.
 #[inline(always)]
 fn forward_body(g: &Geom, x: &[f32], k: &[f32], y: &mut [f32], buf: &mut Vec<f32>) {
-    if g.stride == 1 {
-        g.pad_into(x, buf);
-        let pw = g.padded_w();
-        for (oy, row) in y.chunks_mut(g.ow).enumerate() {
-            for ky in 0..g.kh {
-                let src = &buf[(oy + ky) * pw..(oy + ky) * pw + g.ow + g.kw - 1];
-                for (kx, &a) in k[ky * g.kw..(ky + 1) * g.kw].iter().enumerate() {
-                    for (d, v) in row.iter_mut().zip(&src[kx..kx + g.ow]) {
-                        *d += a * v;
-                    }
+    g.split_into(x, buf);
+    for (oy, row) in y.chunks_mut(g.ow).enumerate() {
+        for ky in 0..g.kh {
+            for (kx, &a) in k[ky * g.kw..(ky + 1) * g.kw].iter().enumerate() {
+                let at = g.run_at(oy, ky, kx);
+                for (d, v) in row.iter_mut().zip(&buf[at..at + g.ow]) {
+                    *d += a * v;
                 }
             }
         }
-        return;
     }
-    g.for_each_tap(|oy, iy, t, (lo, hi), ix| {
-        let row = &mut y[oy * g.ow + lo..oy * g.ow + hi];
-        axpy_strided(row, k[t], &x[iy * g.w..(iy + 1) * g.w], ix, g.stride);
-    });
 }
 
 multiversion!(
@@ -193,44 +215,22 @@ multiversion!(
     (g: &Geom, x: &[f32], k: &[f32], y: &mut [f32], buf: &mut Vec<f32>)
 );
 
-/// Gradient of one input plane from its output-plane gradient.
+/// Gradient of one input plane from its output-plane gradient: accumulated into the split
+/// padded plane, then its interior kept.
 #[inline(always)]
 fn input_grad_body(g: &Geom, dy: &[f32], k: &[f32], dx: &mut [f32], buf: &mut Vec<f32>) {
-    let s = g.stride;
-    if s == 1 {
-        // accumulate into the padded plane, then keep its interior
-        let pw = g.padded_w();
-        g.zero_padded(buf);
-        for (oy, src) in dy.chunks(g.ow).enumerate() {
-            for ky in 0..g.kh {
-                let dst = &mut buf[(oy + ky) * pw..(oy + ky) * pw + g.ow + g.kw - 1];
-                for (kx, &a) in k[ky * g.kw..(ky + 1) * g.kw].iter().enumerate() {
-                    for (d, v) in dst[kx..kx + g.ow].iter_mut().zip(src) {
-                        *d += a * v;
-                    }
+    g.zero_split(buf);
+    for (oy, src) in dy.chunks(g.ow).enumerate() {
+        for ky in 0..g.kh {
+            for (kx, &a) in k[ky * g.kw..(ky + 1) * g.kw].iter().enumerate() {
+                let at = g.run_at(oy, ky, kx);
+                for (d, v) in buf[at..at + g.ow].iter_mut().zip(src) {
+                    *d += a * v;
                 }
             }
         }
-        for (iy, row) in dx.chunks_mut(g.w).enumerate() {
-            let at = (iy + g.pad) * pw + g.pad;
-            row.copy_from_slice(&buf[at..at + g.w]);
-        }
-        return;
     }
-    g.for_each_tap(|oy, iy, t, (lo, hi), ix| {
-        let src = &dy[oy * g.ow + lo..oy * g.ow + hi];
-        let dst = &mut dx[iy * g.w..(iy + 1) * g.w];
-        let a = k[t];
-        if s == 1 {
-            for (d, v) in dst[ix..].iter_mut().zip(src) {
-                *d += a * v;
-            }
-        } else {
-            for (j, v) in src.iter().enumerate() {
-                dst[ix + j * s] += a * v;
-            }
-        }
-    });
+    g.split_out(buf, dx);
 }
 
 multiversion!(
@@ -239,61 +239,36 @@ multiversion!(
     (g: &Geom, dy: &[f32], k: &[f32], dx: &mut [f32], buf: &mut Vec<f32>)
 );
 
-/// Adds one plane's contribution to its filter's gradient. Stride 1 accumulates element-wise
-/// products into `acc` (`kh * kw` rows of `ow`, summed by [`reduce_taps`] once all planes of a
-/// channel are in), so the inner loop is a vectorised multiply-add rather than a dot product's
-/// serial sum; other strides add straight into `dk`.
+/// Adds one plane's contribution to its filter's gradient: element-wise products accumulate
+/// into `acc` (`kh * kw` rows of `ow`, summed by [`reduce_taps`] once all planes of a channel
+/// are in), so the inner loop is a vectorised multiply-add rather than a dot product's serial
+/// sum.
 #[inline(always)]
-fn weight_grad_body(
-    g: &Geom,
-    x: &[f32],
-    dy: &[f32],
-    dk: &mut [f32],
-    (acc, buf): (&mut [f32], &mut Vec<f32>),
-) {
-    let s = g.stride;
-    if s == 1 {
-        g.pad_into(x, buf);
-        let (pw, ow) = (g.padded_w(), g.ow);
-        for (oy, out) in dy.chunks(ow).enumerate() {
-            for ky in 0..g.kh {
-                let row = &buf[(oy + ky) * pw..(oy + ky) * pw + ow + g.kw - 1];
-                let taps = &mut acc[ky * g.kw * ow..(ky + 1) * g.kw * ow];
-                for (kx, a) in taps.chunks_exact_mut(ow).enumerate() {
-                    for ((d, &o), &v) in a.iter_mut().zip(out).zip(&row[kx..kx + ow]) {
-                        *d += o * v;
-                    }
+fn weight_grad_body(g: &Geom, x: &[f32], dy: &[f32], (acc, buf): (&mut [f32], &mut Vec<f32>)) {
+    g.split_into(x, buf);
+    let ow = g.ow;
+    for (oy, out) in dy.chunks(ow).enumerate() {
+        for ky in 0..g.kh {
+            let taps = &mut acc[ky * g.kw * ow..(ky + 1) * g.kw * ow];
+            for (kx, a) in taps.chunks_exact_mut(ow).enumerate() {
+                let at = g.run_at(oy, ky, kx);
+                for ((d, &o), &v) in a.iter_mut().zip(out).zip(&buf[at..at + ow]) {
+                    *d += o * v;
                 }
             }
         }
-        return;
     }
-    g.for_each_tap(|oy, iy, t, (lo, hi), ix| {
-        let out = &dy[oy * g.ow + lo..oy * g.ow + hi];
-        let row = &x[iy * g.w..(iy + 1) * g.w];
-        let dot: f32 = if s == 1 {
-            out.iter().zip(&row[ix..]).map(|(a, b)| a * b).sum()
-        } else {
-            out.iter()
-                .enumerate()
-                .map(|(j, a)| a * row[ix + j * s])
-                .sum()
-        };
-        dk[t] += dot;
-    });
 }
 multiversion!(
     weight_grad_plane,
     weight_grad_body,
-    (g: &Geom, x: &[f32], dy: &[f32], dk: &mut [f32], scratch: (&mut [f32], &mut Vec<f32>))
+    (g: &Geom, x: &[f32], dy: &[f32], scratch: (&mut [f32], &mut Vec<f32>))
 );
 
-/// `dk[t] += sum(acc row t)` for the stride-1 weight gradient's per-tap accumulators.
+/// `dk[t] += sum(acc row t)` for the weight gradient's per-tap accumulators.
 fn reduce_taps(g: &Geom, acc: &[f32], dk: &mut [f32]) {
-    if g.stride == 1 {
-        for (d, row) in dk.iter_mut().zip(acc.chunks_exact(g.ow)) {
-            *d += row.iter().sum::<f32>();
-        }
+    for (d, row) in dk.iter_mut().zip(acc.chunks_exact(g.ow)) {
+        *d += row.iter().sum::<f32>();
     }
 }
 
@@ -349,7 +324,6 @@ pub(super) fn kernel_grad(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
                     g,
                     &x[p * g.in_plane()..(p + 1) * g.in_plane()],
                     &dy[p * g.out_plane()..(p + 1) * g.out_plane()],
-                    dkc,
                     (acc, buf),
                 );
             }
