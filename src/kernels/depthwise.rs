@@ -165,17 +165,36 @@ impl Geom {
         }
     }
 
-    /// `plane` copied into the interior of the split `buf` (zeros around).
+    /// `plane` copied into the interior of the split `buf`, zeros around: every value of `buf`
+    /// written once (no zeroing pass first).
     fn split_into(&self, plane: &[f32], buf: &mut Vec<f32>) {
-        self.zero_split(buf);
-        if self.stride == 1 {
-            let pw = self.phase_w();
-            for (iy, row) in plane.chunks(self.w).enumerate() {
-                let at = (iy + self.pad) * pw + self.pad;
-                buf[at..at + self.w].copy_from_slice(row);
+        let (s, pq, p) = (self.stride, self.phase_w(), self.pad);
+        let len = (self.h + 2 * p) * s * pq;
+        if buf.len() != len {
+            buf.clear();
+            buf.resize(len, 0.0);
+        }
+        for (r, rows) in buf.chunks_exact_mut(s * pq).enumerate() {
+            let src = r
+                .checked_sub(p)
+                .filter(|&iy| iy < self.h)
+                .map(|iy| &plane[iy * self.w..(iy + 1) * self.w]);
+            let Some(src) = src else {
+                rows.fill(0.0);
+                continue;
+            };
+            if s == 1 {
+                rows[..p].fill(0.0);
+                rows[p..p + self.w].copy_from_slice(src);
+                rows[p + self.w..].fill(0.0);
+                continue;
             }
-        } else {
-            self.for_each_split(|i, at| buf[at] = plane[i]);
+            for (q, dst) in rows.chunks_exact_mut(pq).enumerate() {
+                for (j, d) in dst.iter_mut().enumerate() {
+                    // padded column j s + q is input column j s + q - p, when inside
+                    *d = src.get((j * s + q).wrapping_sub(p)).copied().unwrap_or(0.0);
+                }
+            }
         }
     }
 
