@@ -83,6 +83,15 @@ impl FusedGradients {
     }
 }
 
+/// The backward pass of `loss` through `fused` when given (a training forward that ran with
+/// it alive), else candle's plain backward.
+pub fn backward_with(fused: Option<&FusedGradients>, loss: &Tensor) -> Result<GradStore> {
+    match fused {
+        Some(f) => f.backward(loss),
+        None => loss.backward(),
+    }
+}
+
 /// `grads[id] += g`.
 fn add_gradient(grads: &mut GradStore, id: candle_core::TensorId, g: Tensor) -> Result<()> {
     let g = match grads.get_id(id) {

@@ -496,22 +496,18 @@ impl RepMixerOp {
     }
 }
 
-fn dims4(shape: &Shape) -> Result<(usize, usize, usize, usize)> {
-    shape.dims4()
-}
-
 impl CustomOp1 for RepMixerOp {
     fn name(&self) -> &'static str {
         "distillery-repmixer"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self.forward(values(s, l)?, dims4(l.shape())?)?;
+        let y = self.forward(values(s, l)?, l.shape().dims4()?)?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let dims = dims4(x.shape())?;
+        let dims = x.dims4()?;
         let dy = dy.contiguous()?;
         let (dx, grads) = with_values(&[x, &dy], |v| self.backward(v[0], v[1], dims))?;
         give_gradients(self.p.all(), grads)?;
@@ -760,7 +756,7 @@ impl CustomOp1 for ConvMlpOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self.forward(values(s, l)?, dims4(l.shape())?)?;
+        let y = self.forward(values(s, l)?, l.shape().dims4()?)?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -771,7 +767,7 @@ impl CustomOp1 for ConvMlpOp {
             .map_err(|_| msg("conv mlp: poisoned"))?
             .take()
             .ok_or_else(|| msg("conv mlp: backward ran twice over one forward"))?;
-        let dims = dims4(x.shape())?;
+        let dims = x.dims4()?;
         let dy = dy.contiguous()?;
         let (dx, grads) = with_values(&[x, &dy], |v| self.backward(v[0], v[1], saved, dims))?;
         give_gradients(self.p.all(), grads)?;
@@ -848,10 +844,7 @@ mod tests {
             .unwrap()
             .sum_all()
             .unwrap();
-        let grads = match &guard {
-            Some(g) => g.backward(&loss).unwrap(),
-            None => loss.backward().unwrap(),
-        };
+        let grads = crate::kernels::backward_with(guard.as_ref(), &loss).unwrap();
         let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let mut out = vec![f32s(&y)];
         out.extend(extra.iter().map(f32s));

@@ -97,8 +97,8 @@ pub use feature_loss::{fused_feature_loss, LossWeights};
 mod fused;
 mod fused_cnn;
 pub use fused::{
-    adapter_train, fused_training_enabled, vit_block_infer, vit_block_train, AdapterParams,
-    FusedGradients, VitBlockParams,
+    adapter_train, backward_with, fused_training_enabled, vit_block_infer, vit_block_train,
+    AdapterParams, FusedGradients, VitBlockParams,
 };
 pub use fused_cnn::{conv_mlp_train, repmixer_train, ConvMlpParams, RepMixerParams};
 

@@ -1105,10 +1105,7 @@ mod tests {
                     .unwrap()
                     .sum_all()
                     .unwrap();
-                let grads = match &guard {
-                    Some(g) => g.backward(&loss).unwrap(),
-                    None => loss.backward().unwrap(),
-                };
+                let grads = crate::kernels::backward_with(guard.as_ref(), &loss).unwrap();
                 let what = format!("{case} hf={hf} fused={fused}");
                 let e = rel_err(&y, &refs[&format!("{case}.y")]);
                 assert!(e < 1e-5, "{what}: y off by {e}");

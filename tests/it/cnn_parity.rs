@@ -97,10 +97,7 @@ fn train_step(name: &str, refs: usize, fused: bool) {
     let e = rel_err(&y, &r["train.logits"]);
     assert!(e < TOL, "{name} train logits (fused {fused}): {e}");
     let loss = y.sqr().unwrap().mean_all().unwrap();
-    let grads = match &guard {
-        Some(g) => g.backward(&loss).unwrap(),
-        None => loss.backward().unwrap(),
-    };
+    let grads = distillery::kernels::backward_with(guard.as_ref(), &loss).unwrap();
     let pv = vars_of(&params).unwrap();
     let bv = vars_of(&buffers).unwrap();
     let mut checked = 0;
