@@ -480,6 +480,29 @@ unsafe fn gemm_raw(
     } else {
         (1, cols as isize)
     };
+    // Tall products (a ViT's linear layers: batch x tokens rows) split into one block of rows
+    // per thread, each a single-threaded product: on ViT-B/16 b8 forwards this ran 2-3 %
+    // faster than the gemm crate's own threading (7 alternating rounds, 2-core Xeon).
+    let threads = rayon::current_num_threads();
+    if !ta && threads > 1 && rows >= 256 * threads {
+        let per = rows.div_ceil(threads).div_ceil(16) * 16;
+        let out = OutPtr(dst);
+        (0..rows.div_ceil(per)).into_par_iter().for_each(|i| {
+            let (r0, r1) = (i * per, ((i + 1) * per).min(rows));
+            // SAFETY: rows r0..r1 of a (row stride k) and of dst (row stride cols) lie inside
+            // the extents the caller vouched for; the blocks' destinations are disjoint.
+            sgemm_with(
+                (r1 - r0, cols, k),
+                (out.get().add(r0 * cols), 1, cols as isize),
+                (a[r0 * k..].as_ptr(), a_cs, a_rs),
+                (b.as_ptr(), b_cs, b_rs),
+                1.0,
+                accumulate,
+                gemm::Parallelism::None,
+            );
+        });
+        return;
+    }
     sgemm_with(
         (rows, cols, k),
         (dst, 1, cols as isize),
@@ -487,7 +510,7 @@ unsafe fn gemm_raw(
         (b.as_ptr(), b_cs, b_rs),
         1.0,
         accumulate,
-        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        gemm::Parallelism::Rayon(threads),
     );
 }
 
