@@ -513,12 +513,37 @@ multiversion!(pub(super) add_affine, add_affine_body, (x: &[f32], y: &mut [f32],
 
 /// BatchNorm's per-channel map `x * a + b` from `[weight; bias]` and the statistics
 /// `[mean; biased variance]` (both `[2, C]`): `(a, b, 1 / sqrt(var + eps))`.
-fn bn_coefficients(gb: &[f32], stats: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let c = gb.len() / 2;
+pub(super) fn bn_coefficients(
+    weight: &[f32],
+    bias: &[f32],
+    stats: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let c = weight.len();
     let inv: Vec<f32> = stats[c..].iter().map(|&v| 1.0 / (v + eps).sqrt()).collect();
-    let a: Vec<f32> = gb[..c].iter().zip(&inv).map(|(g, i)| g * i).collect();
-    let b = (0..c).map(|ch| gb[c + ch] - stats[ch] * a[ch]).collect();
+    let a: Vec<f32> = weight.iter().zip(&inv).map(|(g, i)| g * i).collect();
+    let b = (0..c).map(|ch| bias[ch] - stats[ch] * a[ch]).collect();
     (a, b, inv)
+}
+
+/// One channel of a BatchNorm's backward with batch statistics: for `y = a (z - mean) + b`
+/// (`a = weight * inv`, `inv = 1 / sqrt(var + eps)`) and an upstream gradient `v` whose sums
+/// over the channel's `count` values are `sv = sum v` and `svz = sum v z`, the input gradient is
+/// `dz = a v + p z + q` (the statistics' dependence on `z` included).
+pub(super) struct BnGrad {
+    pub dweight: f64,
+    pub p: f64,
+    pub q: f64,
+}
+
+pub(super) fn bn_grad(a: f64, inv: f64, mean: f64, (sv, svz): (f64, f64), count: f64) -> BnGrad {
+    let dweight = inv * (svz - mean * sv);
+    let p = -a * inv * dweight / count;
+    BnGrad {
+        dweight,
+        p,
+        q: -a * sv / count - p * mean,
+    }
 }
 
 /// BatchNorm with batch statistics and its activation as one node: `(x [B, C, H, W], [weight;
@@ -545,7 +570,8 @@ impl Kernel for BnTrain {
     fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let [x, gb, stats] = operands(self.name(), xs)?;
         bn_operands(self.name(), &x, &gb, &stats)?;
-        let (a, b, _) = bn_coefficients(gb.data, stats.data, self.eps);
+        let (w, b) = gb.data.split_at(gb.data.len() / 2);
+        let (a, b, _) = bn_coefficients(w, b, stats.data, self.eps);
         affine_forward(&x, &a, &b, self.act)
     }
 
@@ -588,7 +614,7 @@ impl Kernel for BnTrainBwd {
             candle_core::bail!("{}: parameters are not [4, {c}]", self.name())
         }
         let (gb, stats) = params.data.split_at(2 * c);
-        let (a, b, inv) = bn_coefficients(gb, stats, self.eps);
+        let (a, b, inv) = bn_coefficients(&gb[..c], &gb[c..], stats, self.eps);
         // dv = g act'(x a + b); dx = a dv - a mean(dv) - a inv xhat mean(dv xhat): the first
         // term and the per-plane sums in one pass, the rest a per-channel `p x + q` after
         let mut out = affine_backward(&x, &a, &b, g.data, self.act)?;
@@ -603,12 +629,16 @@ impl Kernel for BnTrainBwd {
                 sx += out[at] as f64;
                 s += out[at + 1] as f64;
             }
-            let (mean, inv) = (stats[ch] as f64, inv[ch] as f64);
-            let dgamma = (sx - mean * s) * inv;
-            let p = -(a[ch] as f64) * inv * dgamma / count;
-            pq[ch] = p as f32;
-            pq[c + ch] = (-(a[ch] as f64) * s / count - p * mean) as f32;
-            dgb[ch] = dgamma as f32;
+            let d = bn_grad(
+                a[ch] as f64,
+                inv[ch] as f64,
+                stats[ch] as f64,
+                (s, sx),
+                count,
+            );
+            pq[ch] = d.p as f32;
+            pq[c + ch] = d.q as f32;
+            dgb[ch] = d.dweight as f32;
             dgb[c + ch] = s as f32;
         }
         let (dx, tail) = out.split_at_mut(n);

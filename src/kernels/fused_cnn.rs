@@ -18,7 +18,7 @@
 //! The batch statistics each node computed come back to the caller for the BatchNorms' running
 //! estimates.
 
-use super::affine::{add_affine, channel_moments, forward_plane};
+use super::affine::{add_affine, bn_coefficients, bn_grad, channel_moments, forward_plane};
 use super::depthwise::{self, Geom};
 use super::fused::{fused_training_enabled, give_gradients, msg, values, with_values};
 use super::{fast_path, gelu_bwd_slice, gelu_slice, gemm_into, tracked, CHUNK};
@@ -437,14 +437,11 @@ impl RepMixerOp {
                 // the upstream gradient of mixer(x) - norm(x) is u = gamma dy
                 let (su, sux, suk) = (gm * sg, gm * sgx, gm * sgk);
                 let dgamma = m.ax * sgx + m.ak * sgk + m.bb * sg;
-                // a BatchNorm y = w (z - mu) inv + b with upstream v: dw = inv (sum v z - mu
-                // sum v), db = sum v, dz = a v + p z + q with a = w inv, p = -a inv dw / n,
-                // q = -a sum v / n - p mu
+                // each BatchNorm's `(dweight, a, p, q)`: dz = a v + p z + q for upstream v
                 let bn = |w: f64, inv: f64, mu: f64, sv: f64, svz: f64| {
-                    let dw = inv * (svz - mu * sv);
                     let a = w * inv;
-                    let p = -a * inv * dw / n;
-                    (dw, a, p, -a * sv / n - p * mu)
+                    let d = bn_grad(a, inv, mu, (sv, svz), n);
+                    (d.dweight, a, d.p, d.q)
                 };
                 let (dwi, ai, pi, qi) = bn(f(v.wi), m.inv, m.mu, su, sux);
                 let (dwn, an, pn, qn) = bn(f(v.wn), m.inv, m.mu, -su, -sux);
@@ -563,19 +560,8 @@ impl<'a> MlpValues<'a> {
     }
 
     /// The BatchNorm as `x a + b` per channel, and `1 / sqrt(var + eps)`.
-    fn bn(&self, st: &[f32], eps: f64) -> Vec<(f32, f32, f64)> {
-        let c = self.wc.len();
-        (0..c)
-            .map(|ch| {
-                let inv = inv_std(st[c + ch], eps);
-                let a = self.wc[ch] as f64 * inv;
-                (
-                    a as f32,
-                    (self.bc[ch] as f64 - st[ch] as f64 * a) as f32,
-                    inv,
-                )
-            })
-            .collect()
+    fn bn(&self, st: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        bn_coefficients(self.wc, self.bc, st, eps)
     }
 }
 
@@ -600,16 +586,15 @@ impl ConvMlpOp {
         let hw = h * w;
         let hd = self.hidden;
         let g = self.geom(dims)?;
-        let eps = self.p.eps as f64;
         with_values(&self.p.all(), |vals| {
             let v = MlpValues::new(vals)?;
             let conv = depthwise::forward(&g, x, v.kernel);
             let st = channel_moments(&conv, (b, c, hw));
-            let bn = v.bn(&st, eps);
+            let (a, sh, _) = v.bn(&st, self.p.eps);
             let mut norm = vec![0f32; conv.len()];
             per_plane(&mut norm, hw, |p, o| {
-                let (a, s, _) = bn[p % c];
-                forward_plane(&conv[p * hw..(p + 1) * hw], o, a, s, 0);
+                let ch = p % c;
+                forward_plane(&conv[p * hw..(p + 1) * hw], o, a[ch], sh[ch], 0);
             });
             let mut pre = vec![0f32; b * hd * hw];
             for i in 0..b {
@@ -662,7 +647,6 @@ impl ConvMlpOp {
         let hd = self.hidden;
         let n = (b * hw).max(1) as f64;
         let g = self.geom(dims)?;
-        let eps = self.p.eps as f64;
         let stats = read_stats(&self.stats)?;
         let st = stats
             .first()
@@ -705,15 +689,14 @@ impl ConvMlpOp {
                 db1[r % hd] += s;
             }
             // fc1 (its input, the normalised map, recomputed per image) and the BatchNorm
-            let bn = v.bn(st, eps);
+            let (a, sh, inv) = v.bn(st, self.p.eps);
             let mut dw1 = vec![0f32; hd * c];
             let mut dh = vec![0f32; x.len()];
             let mut norm = vec![0f32; c * hw];
             for i in 0..b {
                 let conv_i = &s.conv[i * c * hw..(i + 1) * c * hw];
                 per_plane(&mut norm, hw, |p, o| {
-                    let (a, sh, _) = bn[p];
-                    forward_plane(&conv_i[p * hw..(p + 1) * hw], o, a, sh, 0);
+                    forward_plane(&conv_i[p * hw..(p + 1) * hw], o, a[p], sh[p], 0);
                 });
                 let di = &dpre[i * hd * hw..(i + 1) * hd * hw];
                 gemm_into(&mut dw1, di, &norm, (hd, hw, c), false, true, i > 0);
@@ -726,12 +709,16 @@ impl ConvMlpOp {
             let mut dbc = vec![0f32; c];
             let mut co = vec![[0f32; 3]; c];
             for ch in 0..c {
-                let (a, _, inv) = bn[ch];
-                let (sv, svz, mu) = (sums[ch][0], sums[ch][1], st[ch] as f64);
-                let dw = inv * (svz - mu * sv);
-                let p = -(a as f64) * inv * dw / n;
-                co[ch] = [a, p as f32, (-(a as f64) * sv / n - p * mu) as f32];
-                dwc[ch] = dw as f32;
+                let sv = sums[ch][0];
+                let d = bn_grad(
+                    a[ch] as f64,
+                    inv[ch] as f64,
+                    st[ch] as f64,
+                    (sv, sums[ch][1]),
+                    n,
+                );
+                co[ch] = [a[ch], d.p as f32, d.q as f32];
+                dwc[ch] = d.dweight as f32;
                 dbc[ch] = sv as f32;
             }
             // dh becomes the gradient at the convolution's output
