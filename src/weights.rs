@@ -174,6 +174,13 @@ impl Weights {
         &self.device
     }
 
+    /// Whether the tensors are read from checkpoint files (a frozen model: a teacher, a model
+    /// loaded for inference), not a parameter store's variables or tensors handed over in
+    /// memory.
+    pub fn reads_files(&self) -> bool {
+        !self.inner.files.is_empty() && self.inner.vars.is_none() && self.inner.manifest.is_none()
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }

@@ -14,8 +14,8 @@
 
 use super::op::{contiguous_f32, In, Kernel};
 use super::{
-    gelu_bwd_slice, gelu_slice, gelu_slice_inplace, gemm_raw, gemm_xwt, written_by, FusedAttention,
-    FusedAttentionBwd, LayerNormBwd, CHUNK,
+    gelu_bwd_slice, gelu_slice, gelu_slice_inplace, gemm_raw, gemm_xwt, input_major_storage,
+    written_by, FusedAttention, FusedAttentionBwd, LayerNormBwd, WeightView, CHUNK,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{
@@ -159,25 +159,39 @@ impl VitBlockParams {
         v
     }
 
+    /// The tensors of [`Self::all`] as stored: a weight kept input-major (see
+    /// [`super::input_major`]) as its contiguous `[in, out]` storage.
+    fn stored(&self) -> Vec<Tensor> {
+        self.all()
+            .into_iter()
+            .map(|t| input_major_storage(t).unwrap_or_else(|| t.clone()))
+            .collect()
+    }
+
+    /// Whether a linear weight is stored input-major.
+    fn any_input_major(&self) -> bool {
+        [&self.qkv.0, &self.proj.0, &self.fc1.0, &self.fc2.0]
+            .into_iter()
+            .any(|w| input_major_storage(w).is_some())
+    }
+
     /// `(dim, hidden)` when every tensor is a CPU f32 tensor of a consistent shape.
     fn dims(&self) -> Option<(usize, usize)> {
         let d = self.norm1.0.elem_count();
         let hidden = self.fc1.0.dim(0).ok()?;
-        let ok = self
-            .all()
-            .iter()
-            .all(|t| super::fast_path(t) && t.is_contiguous())
-            && [
-                &self.norm1.1,
-                &self.proj.1,
-                &self.norm2.0,
-                &self.norm2.1,
-                &self.fc2.1,
-            ]
-            .into_iter()
-            .chain(&self.ls1)
-            .chain(&self.ls2)
-            .all(|t| t.elem_count() == d)
+        let ok = self.all().iter().all(|t| {
+            super::fast_path(t) && (t.is_contiguous() || input_major_storage(t).is_some())
+        }) && [
+            &self.norm1.1,
+            &self.proj.1,
+            &self.norm2.0,
+            &self.norm2.1,
+            &self.fc2.1,
+        ]
+        .into_iter()
+        .chain(&self.ls1)
+        .chain(&self.ls2)
+        .all(|t| t.elem_count() == d)
             && self.qkv.0.dims() == [3 * d, d]
             && self.qkv.1.as_ref().is_none_or(|b| b.elem_count() == 3 * d)
             && self.proj.0.dims() == [d, d]
@@ -224,7 +238,8 @@ fn block_op(x: &Tensor, p: &VitBlockParams, keep: bool) -> Result<Option<BlockOp
     let Some((d, hidden)) = p.dims() else {
         return Ok(None);
     };
-    if x.dim(2)? != d {
+    // input-major weights are frozen ones: their training form is the composed block
+    if x.dim(2)? != d || (keep && p.any_input_major()) {
         return Ok(None);
     }
     Ok(Some(BlockOp {
@@ -263,37 +278,42 @@ struct Saved {
 struct Views<'a> {
     n1w: &'a [f32],
     n1b: &'a [f32],
-    qkvw: &'a [f32],
+    qkvw: WeightView<'a>,
     qkvb: Option<&'a [f32]>,
-    projw: &'a [f32],
+    projw: WeightView<'a>,
     projb: &'a [f32],
     ls1: Option<&'a [f32]>,
     n2w: &'a [f32],
     n2b: &'a [f32],
-    fc1w: &'a [f32],
+    fc1w: WeightView<'a>,
     fc1b: &'a [f32],
-    fc2w: &'a [f32],
+    fc2w: WeightView<'a>,
     fc2b: &'a [f32],
     ls2: Option<&'a [f32]>,
 }
 
 impl<'a> Views<'a> {
+    /// `s`: the values of [`VitBlockParams::stored`].
     fn new(p: &VitBlockParams, s: &[&'a [f32]]) -> Self {
         let mut it = s.iter().copied();
         let mut next = || it.next().unwrap_or(&[]);
+        let weight = |data: &'a [f32], w: &Tensor| WeightView {
+            data,
+            kn: input_major_storage(w).is_some(),
+        };
         Views {
             n1w: next(),
             n1b: next(),
-            qkvw: next(),
+            qkvw: weight(next(), &p.qkv.0),
             qkvb: p.qkv.1.as_ref().map(|_| next()),
-            projw: next(),
+            projw: weight(next(), &p.proj.0),
             projb: next(),
             ls1: p.ls1.as_ref().map(|_| next()),
             n2w: next(),
             n2b: next(),
-            fc1w: next(),
+            fc1w: weight(next(), &p.fc1.0),
             fc1b: next(),
-            fc2w: next(),
+            fc2w: weight(next(), &p.fc2.0),
             fc2b: next(),
             ls2: p.ls2.as_ref().map(|_| next()),
         }
@@ -384,9 +404,9 @@ fn layer_norm_grads(
     Ok((packed, dw, db))
 }
 
-/// `a @ w^T + b` for `a: [m, k]`, `w: [n, k]`.
-fn linear(a: &[f32], w: &[f32], b: Option<&[f32]>, n: usize) -> Vec<f32> {
-    let k = w.len() / n;
+/// `a @ w^T + b` for `a: [m, k]`, `w: [n, k]` (stored `[k, n]` when `w.kn`).
+fn linear(a: &[f32], w: WeightView, b: Option<&[f32]>, n: usize) -> Vec<f32> {
+    let k = w.data.len() / n;
     gemm_xwt(a, w, b, a.len() / k, n, k)
 }
 
@@ -466,7 +486,7 @@ impl BlockOp {
     ) -> Result<(Vec<f32>, Option<Saved>)> {
         let p = &self.p;
         let keep = self.keep;
-        with_values(&p.all(), |vals| {
+        with_values(&p.stored().iter().collect::<Vec<_>>(), |vals| {
             let v = Views::new(p, vals);
             let ln1 = layer_norm_rows(x, v.n1w, v.n1b, p.eps);
             let qkv = linear(&ln1, v.qkvw, v.qkvb, 3 * d);
@@ -546,7 +566,7 @@ impl BlockOp {
                 }
                 _ => (std::borrow::Cow::Borrowed(dy), None),
             };
-            let (dact, dfc2w, dfc2b) = linear_grads(&s.act, v.fc2w, &dmlp, d, true);
+            let (dact, dfc2w, dfc2b) = linear_grads(&s.act, v.fc2w.data, &dmlp, d, true);
             drop(dmlp);
             // the GELU's output is no longer needed: its buffer takes the pre-activation's gradient
             let mut dpre = s.act;
@@ -554,7 +574,7 @@ impl BlockOp {
                 .zip(s.pre.par_chunks(CHUNK).zip(dact.par_chunks(CHUNK)))
                 .for_each(|(o, (x, g))| gelu_bwd_slice(x, g, o));
             drop(dact);
-            let (dln2, dfc1w, dfc1b) = linear_grads(&s.ln2, v.fc1w, &dpre, hidden, true);
+            let (dln2, dfc1w, dfc1b) = linear_grads(&s.ln2, v.fc1w.data, &dpre, hidden, true);
             drop(dpre);
             let (mut dx1, dn2w, dn2b) = layer_norm_grads(&s.x1, v.n2w, &dln2, p.eps)?;
             add_into(&mut dx1, dy);
@@ -566,7 +586,7 @@ impl BlockOp {
                 }
                 _ => (std::borrow::Cow::Borrowed(&dx1[..]), None),
             };
-            let (datt, dprojw, dprojb) = linear_grads(&s.att, v.projw, &dproj, d, true);
+            let (datt, dprojw, dprojb) = linear_grads(&s.att, v.projw.data, &dproj, d, true);
             drop(dproj);
             let bwd = FusedAttentionBwd {
                 heads: p.heads,
@@ -585,7 +605,8 @@ impl BlockOp {
                 },
             ])?;
             drop(datt);
-            let (dln1, dqkvw, dqkvb) = linear_grads(&s.ln1, v.qkvw, &dqkv, 3 * d, v.qkvb.is_some());
+            let (dln1, dqkvw, dqkvb) =
+                linear_grads(&s.ln1, v.qkvw.data, &dqkv, 3 * d, v.qkvb.is_some());
             let (mut dx, dn1w, dn1b) = layer_norm_grads(x, v.n1w, &dln1, p.eps)?;
             add_into(&mut dx, &dx1);
             let mut grads = vec![dn1w, dn1b, dqkvw];
@@ -717,12 +738,12 @@ impl AdapterOp {
         let (y, pre, act) = with_values(&self.p.all(), |v| {
             let s = sum.as_deref().unwrap_or(x);
             let [dw, db, uw, ub, scale] = [v[0], v[1], v[2], v[3], v[4]];
-            let pre = linear(s, dw, Some(db), self.k);
+            let pre = linear(s, WeightView::out_major(dw), Some(db), self.k);
             let mut act = vec![0f32; pre.len()];
             act.par_chunks_mut(CHUNK)
                 .zip(pre.par_chunks(CHUNK))
                 .for_each(|(o, i)| gelu_slice(i, o));
-            let mut y = linear(&act, uw, Some(ub), ub.len());
+            let mut y = linear(&act, WeightView::out_major(uw), Some(ub), ub.len());
             let sc = scale[0];
             y.par_chunks_mut(CHUNK)
                 .zip(s.par_chunks(CHUNK))

@@ -55,7 +55,17 @@ pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    Ok(Linear::new(frozen_layout(w, weight)?, bias))
+}
+
+/// A linear weight as a model keeps it: one read from checkpoint files (a frozen model) is
+/// stored input-major on CPU f32, the layout its products read fastest (see
+/// [`crate::kernels::input_major`]); the tensor's shape and values are unchanged.
+fn frozen_layout(w: &Weights, weight: Tensor) -> Result<Tensor> {
+    if !w.reads_files() {
+        return Ok(weight);
+    }
+    Ok(crate::kernels::input_major(&weight)?)
 }
 
 /// Load several linears with the same input and concatenate them along the output dimension,
@@ -75,6 +85,10 @@ pub fn fused_linear(
         }
     }
     let weight = Tensor::cat(&ws, 0)?;
+    let weight = match parts.first() {
+        Some(p) => frozen_layout(p, weight)?,
+        None => weight,
+    };
     let bias = if bias {
         Some(Tensor::cat(&bs, 0)?)
     } else {
