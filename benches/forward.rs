@@ -41,6 +41,11 @@ fn kernels(c: &mut Criterion) {
     g.bench_function("linear_fc2_1576x3072x768", |b| {
         b.iter(|| distillery::kernels::linear(&h, &w, Some(&bias)).expect("linear"))
     });
+    // the same weight stored input-major, as a frozen model keeps it
+    let w_in = distillery::kernels::input_major(&w).expect("input-major");
+    g.bench_function("linear_fc2_1576x3072x768_input_major", |b| {
+        b.iter(|| distillery::kernels::linear(&h, &w_in, Some(&bias)).expect("linear"))
+    });
     g.finish();
 }
 
