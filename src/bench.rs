@@ -184,8 +184,9 @@ fn time_fn(
 }
 
 /// Time the eval forward of any model: a registered student name at random init (`resnet50`,
-/// `vit-s16`, every level of its pyramid), a timm CNN folder or hub id, or any encoder folder or
-/// hub id (its last hidden state).
+/// `vit-s16`, every level of its pyramid; loaded from a checkpoint file as inference loads a
+/// model), a timm CNN folder or hub id, or any encoder folder or hub id (its last hidden
+/// state).
 pub fn time_model(
     model: &str,
     (batch, image, warmup, iters): (usize, usize, usize, usize),
@@ -204,8 +205,23 @@ pub fn time_model(
         )
     };
     if let Some(spec) = crate::models::backbone::spec(model, (image, image)) {
-        let (_p, _b, net) =
-            crate::train::engine::random_backbone(spec.as_ref(), 0, &opts.device, opts.dtype)?;
+        // the model as inference loads it (`predict`, `export`): random parameters written to a
+        // checkpoint file and read back as frozen weights
+        let (params, buffers, _) =
+            crate::train::engine::random_backbone(spec.as_ref(), 0, &Device::Cpu, DType::F32)?;
+        let dir = tempfile::Builder::new()
+            .prefix("distillery-bench-model")
+            .tempdir()
+            .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+        let file = dir.path().join("model.safetensors");
+        let tensors: HashMap<String, Tensor> = crate::train::engine::vars_of(&params)?
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .chain(crate::train::engine::buffer_tensors(&buffers)?)
+            .collect();
+        crate::atomic::write_safetensors(&tensors, &file)?;
+        let w = crate::weights::Weights::open_file_as(&file, opts.dtype, &opts.device)?;
+        let net = spec.build(&w, &w)?;
         return pyramid(net.as_ref());
     }
     if !model.contains('/') && !Path::new(model).exists() {
