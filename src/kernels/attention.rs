@@ -1,13 +1,17 @@
-//! One attention head's forward, `o_i = softmax(scale q_i K^T) V`, as AVX-512 register-tiled
-//! products that read q, k and v where they lie in the packed qkv buffer.
+//! One attention head's forward, `o_i = softmax(scale q_i K^T) V`, reading q, k and v where
+//! they lie in the packed qkv buffer: as AVX-512 register-tiled products where the machine and
+//! the head width allow, else as two library products and a row softmax.
 //!
-//! The general matrix-product path runs two library products per head (197x197x64 and
-//! 197x64x197 for a ViT at 224 px), which spend a large share of their time packing operands
-//! and dispatching: 150 GFLOP/s on the 2-core Xeon against ~300 for the linear layers. Here K is
-//! transposed once per head into 16-key panels; a block of query rows then gets its score rows
-//! from 12x32 register tiles (each k panel value loaded once per 12 rows, each q value
-//! broadcast once per 32 keys), the rows' softmax while they are in L1, and their outputs from
-//! 6x`hd` register tiles over the value rows read in place.
+//! The library path runs two products per head (197x197x64 and 197x64x197 for a ViT at 224 px),
+//! which spend a large share of their time packing operands and dispatching: 150 GFLOP/s on the
+//! 2-core Xeon against ~300 for the linear layers, and the three-pass softmax was a quarter of
+//! it. The tiled path transposes K once per head into 16-key panels; a block of query rows then
+//! gets its score rows from 12x32 register tiles (each k panel value loaded once per 12 rows,
+//! each q value broadcast once per 32 keys), the rows' exponentials while they are in L1, and
+//! their outputs from 6x`hd` register tiles over the value rows read in place, scaled by the
+//! rows' 1 / sum at the store.
+
+use super::{sgemm, softmax_row_inplace};
 
 /// Query rows per block: score tiles are `ROWS` x 32 (24 accumulators).
 const ROWS: usize = 12;
@@ -17,7 +21,7 @@ const OUT_ROWS: usize = 6;
 const LANES: usize = 16;
 
 /// Where one head's operands lie: row `i` of q, k and v at `q + i * stride` (and `k`, `v`
-/// likewise), `hd` values each; row `i` of the output at `out + i * out_stride`.
+/// likewise), `hd` values each.
 #[derive(Clone, Copy)]
 pub(super) struct Head {
     pub(super) q: usize,
@@ -29,9 +33,9 @@ pub(super) struct Head {
     pub(super) scale: f32,
 }
 
-/// Whether [`head_forward`] runs here for head width `hd` (AVX-512, `hd` a multiple of 16 up
-/// to 64; otherwise the caller uses its general path).
-pub(super) fn available(hd: usize) -> bool {
+/// Whether the register-tiled path runs here for head width `hd` (AVX-512, `hd` a multiple of
+/// 16 up to 64).
+fn tiled(hd: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         hd > 0
@@ -46,19 +50,20 @@ pub(super) fn available(hd: usize) -> bool {
     }
 }
 
-/// Per-task scratch: K transposed into panels and a block of score rows.
+/// Per-task scratch: K transposed into panels and a block of score rows (tiled path), or the
+/// head's whole score matrix (library path).
 #[derive(Default)]
 pub(super) struct Scratch {
     kt: Vec<f32>,
     s: Vec<f32>,
 }
 
-/// One head's attention output, written to `out` rows (see [`Head`]). Returns false (writing
-/// nothing) where [`available`] is false or the operands do not fit `qkv`.
+/// One head's attention output, written to rows `i < n` at `out + i * out_stride`. Returns
+/// false (writing nothing) where q, k or v do not fit `qkv`.
 ///
 /// # Safety
 /// `out` must be valid for writes of `hd` values at `out + i * out_stride` for every row
-/// `i < n`, and no other thread may access those values meanwhile.
+/// `i < n`, not overlap `qkv`, and no other thread may access those values meanwhile.
 pub(super) unsafe fn head_forward(
     qkv: &[f32],
     h: Head,
@@ -66,22 +71,51 @@ pub(super) unsafe fn head_forward(
     out_stride: usize,
     scratch: &mut Scratch,
 ) -> bool {
-    let last = |base: usize| base + (h.n.max(1) - 1) * h.stride + h.hd;
-    if h.n == 0 || !available(h.hd) || [h.q, h.k, h.v].iter().any(|&b| last(b) > qkv.len()) {
+    if h.n == 0 {
+        return true;
+    }
+    let last = |base: usize| base + (h.n - 1) * h.stride + h.hd;
+    if [h.q, h.k, h.v].iter().any(|&b| last(b) > qkv.len()) {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: AVX-512F was detected by `available`; every read is inside `qkv` (checked
+    if tiled(h.hd) {
+        // SAFETY: AVX-512F was detected by `tiled`; every read is inside `qkv` (checked
         // above); the caller vouches for the output rows.
         unsafe { avx512::head(qkv, h, out, out_stride, scratch) };
-        true
+        return true;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (out, out_stride, scratch);
-        false
+    let (n, hd, stride) = (h.n, h.hd, h.stride as isize);
+    let scores = &mut scratch.s;
+    scores.clear();
+    scores.resize(n * n, 0.0);
+    // SAFETY: q, k and v rows lie inside `qkv` (checked above); `scores` holds n x n values;
+    // the caller vouches for the output rows.
+    unsafe {
+        // scores[i, j] = scale * sum_d q[i, d] k[j, d]
+        let (q, k) = (qkv.as_ptr().add(h.q), qkv.as_ptr().add(h.k));
+        sgemm(
+            (n, n, hd),
+            (scores.as_mut_ptr(), 1, n as isize),
+            (q, 1, stride),
+            (k, stride, 1),
+            h.scale,
+        );
     }
+    for row in scores.chunks_exact_mut(n) {
+        softmax_row_inplace(row);
+    }
+    // SAFETY: as above.
+    unsafe {
+        sgemm(
+            (n, hd, n),
+            (out, 1, out_stride as isize),
+            (scores.as_ptr(), 1, n as isize),
+            (qkv.as_ptr().add(h.v), 1, stride),
+            1.0,
+        );
+    }
+    true
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -785,72 +785,34 @@ impl Kernel for FusedAttention {
         let mut out = vec![0f32; b * n * c];
         let ptr = OutPtr(out.as_mut_ptr());
         let scale = self.scale;
-        if attention::available(hd) {
-            let declined = std::sync::atomic::AtomicBool::new(false);
-            (0..b * h)
-                .into_par_iter()
-                .for_each_init(attention::Scratch::default, |scratch, bh| {
-                    let (bi, hi) = (bh / h, bh % h);
-                    let base = bi * n * c3 + hi * hd;
-                    let head = attention::Head {
-                        q: base,
-                        k: base + c,
-                        v: base + 2 * c,
-                        stride: c3,
-                        n,
-                        hd,
-                        scale,
-                    };
-                    // SAFETY: the output columns hi*hd..(hi+1)*hd of batch item bi's n rows
-                    // (row stride c) lie inside `out` and belong to this task alone.
-                    let done = unsafe {
-                        let o = ptr.get().add(bi * n * c + hi * hd);
-                        attention::head_forward(qkv, head, o, c, scratch)
-                    };
-                    if !done {
-                        declined.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                });
-            if declined.into_inner() {
-                candle_core::bail!("attention kernel: a head's rows do not fit the qkv buffer")
-            }
-            return Ok((out, Shape::from((b, n, c))));
-        }
-        (0..b * h).into_par_iter().for_each_init(
-            || vec![0f32; n * n],
-            |scores, bh| {
+        let declined = std::sync::atomic::AtomicBool::new(false);
+        (0..b * h)
+            .into_par_iter()
+            .for_each_init(attention::Scratch::default, |scratch, bh| {
                 let (bi, hi) = (bh / h, bh % h);
                 let base = bi * n * c3 + hi * hd;
-                let q = &qkv[base..];
-                let k = &qkv[base + c..];
-                let v = &qkv[base + 2 * c..];
-                // SAFETY: strides stay inside this batch item's [n, 3c] block; the output
-                // columns hi*hd..(hi+1)*hd of batch item bi belong to this task alone.
-                unsafe {
-                    // scores[i, j] = scale * sum_d q[i, d] k[j, d]
-                    sgemm(
-                        (n, n, hd),
-                        (scores.as_mut_ptr(), 1, n as isize),
-                        (q.as_ptr(), 1, c3 as isize),
-                        (k.as_ptr(), c3 as isize, 1),
-                        scale,
-                    );
-                }
-                for row in scores.chunks_exact_mut(n) {
-                    softmax_row_inplace(row);
-                }
-                unsafe {
+                let head = attention::Head {
+                    q: base,
+                    k: base + c,
+                    v: base + 2 * c,
+                    stride: c3,
+                    n,
+                    hd,
+                    scale,
+                };
+                // SAFETY: the output columns hi*hd..(hi+1)*hd of batch item bi's n rows (row
+                // stride c) lie inside `out` and belong to this task alone.
+                let done = unsafe {
                     let o = ptr.get().add(bi * n * c + hi * hd);
-                    sgemm(
-                        (n, hd, n),
-                        (o, 1, c as isize),
-                        (scores.as_ptr(), 1, n as isize),
-                        (v.as_ptr(), 1, c3 as isize),
-                        1.0,
-                    );
+                    attention::head_forward(qkv, head, o, c, scratch)
+                };
+                if !done {
+                    declined.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-            },
-        );
+            });
+        if declined.into_inner() {
+            candle_core::bail!("attention kernel: a head's rows do not fit the qkv buffer")
+        }
         Ok((out, Shape::from((b, n, c))))
     }
 
