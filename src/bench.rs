@@ -214,11 +214,9 @@ pub fn time_model(
             .tempdir()
             .map_err(|e| Error::io(std::env::temp_dir(), e))?;
         let file = dir.path().join("model.safetensors");
-        let tensors: HashMap<String, Tensor> = crate::train::engine::vars_of(&params)?
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .chain(crate::train::engine::buffer_tensors(&buffers)?)
-            .collect();
+        let mut tensors =
+            crate::train::engine::export_tensors(&crate::train::engine::vars_of(&params)?);
+        tensors.extend(crate::train::engine::buffer_tensors(&buffers)?);
         crate::atomic::write_safetensors(&tensors, &file)?;
         let w = crate::weights::Weights::open_file_as(&file, opts.dtype, &opts.device)?;
         let net = spec.build(&w, &w)?;

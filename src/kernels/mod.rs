@@ -350,15 +350,20 @@ unsafe fn written_by(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
     v
 }
 
-/// `(m, n, k)` of `x @ w^T` for `x: [m, k]` and `w` stored `[n, k]`, or `[k, n]` when `kn`.
-fn linear_dims(x: &In, w: &In, kn: bool) -> candle_core::Result<(usize, usize, usize)> {
+/// `(m, n, k)` of `x @ w^T` for `x: [m, k]` and `w` stored `[n, k]`, or `[k, n]` when `kn`,
+/// and the weight as the product reads it.
+fn linear_operands<'a>(
+    x: &In,
+    w: &In<'a>,
+    kn: bool,
+) -> candle_core::Result<((usize, usize, usize), WeightView<'a>)> {
     let (m, k) = x.shape.dims2()?;
     let (n, k2) = w.shape.dims2()?;
     let (n, k2) = if kn { (k2, n) } else { (n, k2) };
     if k != k2 {
         candle_core::bail!("linear kernel: x is [{m}, {k}] but w is [{n}, {k2}]")
     }
-    Ok((m, n, k))
+    Ok(((m, n, k), WeightView { data: w.data, kn }))
 }
 
 struct LinearNoBias {
@@ -373,11 +378,7 @@ impl Kernel for LinearNoBias {
 
     fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let [x, w] = operands(self.name(), xs)?;
-        let (m, n, k) = linear_dims(&x, &w, self.kn)?;
-        let w = WeightView {
-            data: w.data,
-            kn: self.kn,
-        };
+        let ((m, n, k), w) = linear_operands(&x, &w, self.kn)?;
         Ok((gemm_xwt(x.data, w, None, m, n, k), Shape::from((m, n))))
     }
 
@@ -407,17 +408,13 @@ impl Kernel for LinearBias {
 
     fn forward(&self, xs: &[In]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let [x, w, b] = operands(self.name(), xs)?;
-        let (m, n, k) = linear_dims(&x, &w, self.kn)?;
+        let ((m, n, k), w) = linear_operands(&x, &w, self.kn)?;
         if b.data.len() != n {
             candle_core::bail!(
                 "linear kernel: bias has {} values for {n} outputs",
                 b.data.len()
             )
         }
-        let w = WeightView {
-            data: w.data,
-            kn: self.kn,
-        };
         let mut out = gemm_xwt(x.data, w, Some(b.data), m, n, k);
         if self.gelu {
             out.par_chunks_mut(CHUNK).for_each(gelu_slice_inplace);
