@@ -24,7 +24,7 @@ fn check_family(folder: &str, hw: (usize, usize)) {
     let path = tmp.path().join("model.onnx");
     distillery::models::export::export_onnx(net.as_ref(), hw, folder, &path).unwrap();
     for batch in [1usize, 3] {
-        let x = Tensor::randn(0f32, 1.0, (batch, 3, hw.0, hw.1), &Device::Cpu).unwrap();
+        let x = common::pixels(&[batch, 3, hw.0, hw.1], batch as u64);
         let mut want = net.forward_intermediates(&x, false).unwrap();
         let pooled = net.pool(want.last().unwrap(), false).unwrap();
         let logits = net.classify(&pooled).unwrap();
