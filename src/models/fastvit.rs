@@ -1163,11 +1163,7 @@ impl Block {
                 gamma2,
             } => {
                 let (b, c, h, w) = x.dims4()?;
-                let t = norm
-                    .forward(x, train)?
-                    .flatten_from(2)?
-                    .transpose(1, 2)?
-                    .contiguous()?;
+                let t = crate::kernels::swap_inner(&norm.forward(x, train)?.flatten_from(2)?)?;
                 let a = attn.forward(&t)?.transpose(1, 2)?.reshape((b, c, h, w))?;
                 let x = (x + layer_scale(&a, gamma1)?)?;
                 mlp.residual(&x, gamma2, train)

@@ -226,7 +226,7 @@ impl EncoderOutput {
             3 => {
                 let (b, n, c) = t.dims3()?;
                 let t = t.narrow(1, self.prefix_tokens, n - self.prefix_tokens)?;
-                Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, c, gh, gw))?)
+                Ok(crate::kernels::swap_inner(&t)?.reshape((b, c, gh, gw))?)
             }
             r => Err(Error::Invalid(format!("unexpected hidden state rank {r}"))),
         }

@@ -272,9 +272,7 @@ impl Decoder {
             .iter()
             .zip(&out.grids)
             .zip(&widths)
-            .map(|((t, &(gh, gw)), &c)| {
-                Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, c, gh, gw))?)
-            })
+            .map(|((t, &(gh, gw)), &c)| Ok(crate::kernels::swap_inner(t)?.reshape((b, c, gh, gw))?))
             .collect::<Result<_>>()?;
         let mut gates = Vec::new();
         // mixed[task][level]: [B, D, gh, gw]
@@ -321,15 +319,9 @@ impl Decoder {
             let mut parts = Vec::new();
             for (k, (m, proj)) in mixed[ti].iter().zip(&head.proj).enumerate() {
                 let (gh, gw) = out.grids[k];
-                let tok = m
-                    .reshape((b, widths[k], gh * gw))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
+                let tok = crate::kernels::swap_inner(&m.reshape((b, widths[k], gh * gw))?)?;
                 let p = proj.forward(&tok)?; // [B, hw, D/4]
-                let map = p
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .reshape((b, d / 4, gh, gw))?;
+                let map = crate::kernels::swap_inner(&p)?.reshape((b, d / 4, gh, gw))?;
                 parts.push(resize_bilinear(&map, (qh, qw))?);
             }
             let x = Tensor::cat(&parts, 1)?;

@@ -630,15 +630,12 @@ pub struct Student {
 /// Token sequence `[B, P + h*w, D]` -> patch map `[B, D, h, w]`.
 fn tokens_to_map(t: &Tensor, prefix: usize, (h, w): (usize, usize)) -> Result<Tensor> {
     let (b, n, d) = t.dims3()?;
-    Ok(t.narrow(1, prefix, n - prefix)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, d, h, w))?)
+    Ok(crate::kernels::swap_inner(&t.narrow(1, prefix, n - prefix)?)?.reshape((b, d, h, w))?)
 }
 
 /// Map `[B, C, h, w]` -> tokens `[B, h*w, C]`.
 fn map_to_tokens(m: &Tensor) -> Result<Tensor> {
-    Ok(m.flatten_from(2)?.transpose(1, 2)?.contiguous()?)
+    Ok(crate::kernels::swap_inner(&m.flatten_from(2)?)?)
 }
 
 impl Student {

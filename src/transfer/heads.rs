@@ -111,11 +111,7 @@ pub fn final_map(out: &EncoderOutput) -> Result<Tensor> {
     let (b, n, c) = last.dims3()?;
     let (h, w) = out.grid;
     let p = out.prefix_tokens;
-    Ok(last
-        .narrow(1, p, n - p)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, c, h, w))?)
+    Ok(crate::kernels::swap_inner(&last.narrow(1, p, n - p)?)?.reshape((b, c, h, w))?)
 }
 
 /// The student's decoder: which pyramid levels it reads and its width.

@@ -161,7 +161,7 @@ pub fn feature_map_loss(student: &Tensor, teacher: &Tensor, kind: FeatureMatch) 
     let (b, c, h, w) = teacher.dims4()?;
     let s = crate::interp::resize_bilinear(&student.to_dtype(DType::F32)?, (h, w))?;
     let tokens = |x: &Tensor| -> Result<Tensor> {
-        Ok(x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?)
+        Ok(crate::kernels::swap_inner(&x.reshape((b, c, h * w))?)?)
     };
     let s = l2_normalize(&tokens(&s)?)?;
     let t = l2_normalize(&tokens(&teacher.to_dtype(DType::F32)?.detach())?)?;
