@@ -7,6 +7,7 @@
 use super::{contiguous_f32, fast_path};
 use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// The step's scalars.
 #[derive(Clone, Copy, Debug)]
@@ -24,8 +25,8 @@ pub struct AdamStep {
 
 const CHUNK: usize = 16 * 1024;
 
-/// `[w, g, m, v]` -> `[w', m', v']`.
-fn update([w, g, m, v]: [&[f32]; 4], [wo, mo, vo]: [&mut [f32]; 3], s: &AdamStep) {
+/// `[w, g, m, v]` -> `[w', m', v']` (every output element written).
+fn update([w, g, m, v]: [&[f32]; 4], [wo, mo, vo]: [&mut [MaybeUninit<f32>]; 3], s: &AdamStep) {
     let keep = s.keep as f32;
     let (b1, c1) = (s.beta1 as f32, (1.0 - s.beta1) as f32);
     let (b2, c2) = (s.beta2 as f32, (1.0 - s.beta2) as f32);
@@ -35,9 +36,9 @@ fn update([w, g, m, v]: [&[f32]; 4], [wo, mo, vo]: [&mut [f32]; 3], s: &AdamStep
         let mi = m[i] * b1 + gi * c1;
         let vi = v[i] * b2 + (gi * gi) * c2;
         let denom = vi.sqrt() * ib + eps;
-        mo[i] = mi;
-        vo[i] = vi;
-        wo[i] = w[i] * keep - (mi / denom) * step;
+        mo[i].write(mi);
+        vo[i].write(vi);
+        wo[i].write(w[i] * keep - (mi / denom) * step);
     }
 }
 
@@ -73,9 +74,19 @@ pub fn adamw_update(
     }
     let [wv, gv, mv, vv] = [views[0], views[1], views[2], views[3]];
     let n = wv.len();
-    let (mut wo, mut mo, mut vo) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-    wo.par_chunks_mut(CHUNK)
-        .zip(mo.par_chunks_mut(CHUNK).zip(vo.par_chunks_mut(CHUNK)))
+    // outputs written once, not zeroed first (zeroing cost a third of the update's writes)
+    let (mut wo, mut mo, mut vo): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    wo.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .zip(
+            mo.spare_capacity_mut()[..n]
+                .par_chunks_mut(CHUNK)
+                .zip(vo.spare_capacity_mut()[..n].par_chunks_mut(CHUNK)),
+        )
         .enumerate()
         .for_each(|(c, (wo, (mo, vo)))| {
             let r = c * CHUNK..(c * CHUNK + wo.len());
@@ -83,6 +94,12 @@ pub fn adamw_update(
             update(inputs, [wo, mo, vo], s);
         });
     drop(guards);
+    // SAFETY: `update` wrote all n elements of each (the chunks cover 0..n).
+    unsafe {
+        wo.set_len(n);
+        mo.set_len(n);
+        vo.set_len(n);
+    }
     let dev = w.device();
     Ok(Some((
         Tensor::from_vec(wo, shape, dev)?,
