@@ -38,6 +38,18 @@ fn kernels(c: &mut Criterion) {
     g.bench_function("attention_8x197x12h", |b| {
         b.iter(|| distillery::kernels::attention(&qkv, 12, 0.125).expect("attention"))
     });
+    // a ViT-S/16 student's attention at batch 8, forward and backward (training)
+    let qkv_s = candle_core::Var::randn(0f32, 1f32, (8, 197, 1152), &d).expect("qkv");
+    let up = Tensor::randn(0f32, 1f32, (8, 197, 384), &d).expect("upstream");
+    g.bench_function("attention_fwd_bwd_8x197x6h", |b| {
+        b.iter(|| {
+            let y = distillery::kernels::attention(qkv_s.as_tensor(), 6, 0.125).expect("attention");
+            (y * &up)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward())
+                .expect("backward")
+        })
+    });
     g.bench_function("linear_fc2_1576x3072x768", |b| {
         b.iter(|| distillery::kernels::linear(&h, &w, Some(&bias)).expect("linear"))
     });

@@ -10,6 +10,11 @@
 //! each q value broadcast once per 32 keys), the rows' exponentials while they are in L1, and
 //! their outputs from 6x`hd` register tiles over the value rows read in place, scaled by the
 //! rows' 1 / sum at the store.
+//!
+//! The backward recomputes the head's probabilities P the same way and gets dP = dO V^T from
+//! the same score tiles (V packed like K); dS = P (dP - rowsum(P dP)) row by row; then dQ, dK
+//! and dV from the output tiles, dK and dV reading dS and P down their columns (the
+//! transposes are never formed).
 
 use super::{sgemm, softmax_row_inplace};
 
@@ -33,6 +38,14 @@ pub(super) struct Head {
     pub(super) scale: f32,
 }
 
+impl Head {
+    /// Whether rows `0..n` of q, k and v lie inside a buffer of `len` values.
+    fn fits(&self, len: usize) -> bool {
+        let last = |base: usize| base + (self.n - 1) * self.stride + self.hd;
+        [self.q, self.k, self.v].iter().all(|&b| last(b) <= len)
+    }
+}
+
 /// Whether the register-tiled path runs here for head width `hd` (AVX-512, `hd` a multiple of
 /// 16 up to 64).
 fn tiled(hd: usize) -> bool {
@@ -50,12 +63,14 @@ fn tiled(hd: usize) -> bool {
     }
 }
 
-/// Per-task scratch: K transposed into panels and a block of score rows (tiled path), or the
-/// head's whole score matrix (library path).
+/// Per-task scratch: K (and V) transposed into panels and score rows (tiled path), or the
+/// head's whole score matrices (library path).
 #[derive(Default)]
 pub(super) struct Scratch {
     kt: Vec<f32>,
+    vt: Vec<f32>,
     s: Vec<f32>,
+    ds: Vec<f32>,
 }
 
 /// One head's attention output, written to rows `i < n` at `out + i * out_stride`. Returns
@@ -74,8 +89,7 @@ pub(super) unsafe fn head_forward(
     if h.n == 0 {
         return true;
     }
-    let last = |base: usize| base + (h.n - 1) * h.stride + h.hd;
-    if [h.q, h.k, h.v].iter().any(|&b| last(b) > qkv.len()) {
+    if !h.fits(qkv.len()) {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
@@ -118,6 +132,100 @@ pub(super) unsafe fn head_forward(
     true
 }
 
+/// One head's gradients from the gradient `dout` of its output (row `i` at
+/// `go + i * go_stride`): dq, dk and dv written where q, k and v lie in `qkv`, into `dqkv`
+/// (same layout). Returns false (writing nothing) where the operands do not fit.
+///
+/// # Safety
+/// `dqkv` must be valid for writes of the head's q, k and v rows at the offsets they have in
+/// `qkv`, and no other thread may access those values meanwhile.
+pub(super) unsafe fn head_backward(
+    qkv: &[f32],
+    h: Head,
+    dout: &[f32],
+    (go, go_stride): (usize, usize),
+    dqkv: *mut f32,
+    scratch: &mut Scratch,
+) -> bool {
+    if h.n == 0 {
+        return true;
+    }
+    if !h.fits(qkv.len()) || go + (h.n - 1) * go_stride + h.hd > dout.len() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if tiled(h.hd) {
+        // SAFETY: AVX-512F was detected by `tiled`; reads lie inside `qkv` and `dout` (checked
+        // above); the caller vouches for the gradient rows.
+        unsafe { avx512::head_grads(qkv, h, dout, (go, go_stride), dqkv, scratch) };
+        return true;
+    }
+    let (n, hd, stride) = (h.n, h.hd, h.stride as isize);
+    let (ni, gs) = (n as isize, go_stride as isize);
+    let (p, dp) = (&mut scratch.s, &mut scratch.ds);
+    for m in [&mut *p, &mut *dp] {
+        m.clear();
+        m.resize(n * n, 0.0);
+    }
+    let base = qkv.as_ptr();
+    let (q, k, v) = (base.add(h.q), base.add(h.k), base.add(h.v));
+    let g = dout.as_ptr().add(go);
+    let (dq, dk, dv) = (dqkv.add(h.q), dqkv.add(h.k), dqkv.add(h.v));
+    let (pm, dpm) = (p.as_mut_ptr(), dp.as_mut_ptr());
+    // SAFETY: operands checked above; p and dp hold n x n values; the caller vouches for the
+    // gradient rows.
+    unsafe {
+        // P = softmax(scale q k^T)
+        sgemm(
+            (n, n, hd),
+            (pm, 1, ni),
+            (q, 1, stride),
+            (k, stride, 1),
+            h.scale,
+        );
+        for row in p.chunks_exact_mut(n) {
+            softmax_row_inplace(row);
+        }
+        // dV = P^T dO
+        sgemm(
+            (n, hd, n),
+            (dv, 1, stride),
+            (p.as_ptr(), ni, 1),
+            (g, 1, gs),
+            1.0,
+        );
+        // dP = dO V^T
+        sgemm((n, n, hd), (dpm, 1, ni), (g, 1, gs), (v, stride, 1), 1.0);
+    }
+    // dS = P * (dP - rowsum(dP * P)), in place in dp
+    for (pr, dr) in p.chunks_exact(n).zip(dp.chunks_exact_mut(n)) {
+        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+        for (d, &pv) in dr.iter_mut().zip(pr) {
+            *d = pv * (*d - dot);
+        }
+    }
+    // SAFETY: as above.
+    unsafe {
+        // dQ = scale dS K ; dK = scale dS^T Q
+        let dsp = dp.as_ptr();
+        sgemm(
+            (n, hd, n),
+            (dq, 1, stride),
+            (dsp, 1, ni),
+            (k, 1, stride),
+            h.scale,
+        );
+        sgemm(
+            (n, hd, n),
+            (dk, 1, stride),
+            (dsp, ni, 1),
+            (q, 1, stride),
+            h.scale,
+        );
+    }
+    true
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Head, Scratch, LANES, OUT_ROWS, ROWS};
@@ -132,50 +240,15 @@ mod avx512 {
         sc: &mut Scratch,
     ) {
         let (n, hd) = (h.n, h.hd);
-        let panels = n.div_ceil(LANES);
-        let np = panels * LANES;
-        // kt: panel p holds keys 16p..16p+16 as hd rows of 16 (zero past the last key)
-        sc.kt.clear();
-        sc.kt.resize(panels * hd * LANES, 0.0);
-        for j in 0..n {
-            let (p, jj) = (j / LANES, j % LANES);
-            let row = &qkv[h.k + j * h.stride..][..hd];
-            let panel = &mut sc.kt[p * hd * LANES..][..hd * LANES];
-            for (d, &x) in row.iter().enumerate() {
-                panel[d * LANES + jj] = x;
-            }
-        }
+        let np = n.div_ceil(LANES) * LANES;
+        pack_panels(&mut sc.kt, &qkv[h.k..], h.stride, n, hd);
         sc.s.clear();
         sc.s.resize(ROWS * np, 0.0);
         let kt = sc.kt.as_ptr();
         let s = sc.s.as_mut_ptr();
         let base = qkv.as_ptr();
         for i0 in (0..n).step_by(ROWS) {
-            // rows past the last one repeat it (their results are not stored)
-            let rows: [*const f32; ROWS] =
-                std::array::from_fn(|r| base.add(h.q + (i0 + r).min(n - 1) * h.stride));
-            let mut p = 0;
-            while p + 2 <= panels {
-                scores::<2>(
-                    &rows,
-                    kt.add(p * hd * LANES),
-                    hd,
-                    h.scale,
-                    s.add(p * LANES),
-                    np,
-                );
-                p += 2;
-            }
-            if p < panels {
-                scores::<1>(
-                    &rows,
-                    kt.add(p * hd * LANES),
-                    hd,
-                    h.scale,
-                    s.add(p * LANES),
-                    np,
-                );
-            }
+            score_rows(base.add(h.q), h.stride, i0, n, kt, hd, h.scale, s);
             let valid = (n - i0).min(ROWS);
             // unnormalised probabilities in place; each row's 1 / sum scales its outputs
             let mut inv = [0f32; ROWS];
@@ -189,13 +262,187 @@ mod avx512 {
                 let o = out.add((i0 + r0) * out_stride);
                 let p = s.add(r0 * np);
                 let inv = &inv[r0..r0 + rows];
-                match hd / LANES {
-                    1 => outputs::<1>(p, np, v, h.stride, n, o, out_stride, inv),
-                    2 => outputs::<2>(p, np, v, h.stride, n, o, out_stride, inv),
-                    3 => outputs::<3>(p, np, v, h.stride, n, o, out_stride, inv),
-                    _ => outputs::<4>(p, np, v, h.stride, n, o, out_stride, inv),
-                }
+                outputs_any(false, hd, (p, np), (v, h.stride), n, (o, out_stride), inv);
             }
+        }
+    }
+
+    /// `dst`: rows `j < n` of `src` (row `j` at `src[j * stride..]`, `hd` values) transposed
+    /// into panels of 16 rows: panel `p` holds rows 16p..16p+16 as `hd` groups of 16 (zero past
+    /// the last row).
+    fn pack_panels(dst: &mut Vec<f32>, src: &[f32], stride: usize, n: usize, hd: usize) {
+        let panels = n.div_ceil(LANES);
+        dst.clear();
+        dst.resize(panels * hd * LANES, 0.0);
+        for j in 0..n {
+            let (p, jj) = (j / LANES, j % LANES);
+            let row = &src[j * stride..][..hd];
+            let panel = &mut dst[p * hd * LANES..][..hd * LANES];
+            for (d, &x) in row.iter().enumerate() {
+                panel[d * LANES + jj] = x;
+            }
+        }
+    }
+
+    /// Score rows `i0..i0 + ROWS` (rows past `n` repeat the last; their results are written
+    /// but not meant to be read): `s[r, j] = scale a_{i0+r} . kt_j` over all key panels of
+    /// `kt` (packed by [`pack_panels`] from `n` rows), row `r` at `s + r * np`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn score_rows(
+        a: *const f32,
+        a_stride: usize,
+        i0: usize,
+        n: usize,
+        kt: *const f32,
+        hd: usize,
+        scale: f32,
+        s: *mut f32,
+    ) {
+        let panels = n.div_ceil(LANES);
+        let np = panels * LANES;
+        let rows: [*const f32; ROWS] =
+            std::array::from_fn(|r| a.add((i0 + r).min(n - 1) * a_stride));
+        // key panels two at a time (12x32 tiles), an odd last one alone
+        for p in (0..panels).step_by(2) {
+            let (k, out) = (kt.add(p * hd * LANES), s.add(p * LANES));
+            if p + 2 <= panels {
+                scores::<2>(&rows, k, hd, scale, out, np);
+            } else {
+                scores::<1>(&rows, k, hd, scale, out, np);
+            }
+        }
+    }
+
+    /// [`outputs`] for head width `hd` (16, 32, 48 or 64), reading the weights transposed when
+    /// `t`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn outputs_any(
+        t: bool,
+        hd: usize,
+        p: (*const f32, usize),
+        v: (*const f32, usize),
+        n: usize,
+        o: (*mut f32, usize),
+        inv: &[f32],
+    ) {
+        let f = if t {
+            by_width::<true>(hd)
+        } else {
+            by_width::<false>(hd)
+        };
+        f(p.0, p.1, v.0, v.1, n, o.0, o.1, inv)
+    }
+
+    type Outputs = unsafe fn(*const f32, usize, *const f32, usize, usize, *mut f32, usize, &[f32]);
+
+    /// [`outputs`] instantiated for head width `hd`.
+    fn by_width<const T: bool>(hd: usize) -> Outputs {
+        match hd / LANES {
+            1 => outputs::<1, T>,
+            2 => outputs::<2, T>,
+            3 => outputs::<3, T>,
+            _ => outputs::<4, T>,
+        }
+    }
+
+    /// Gradients of one head (see [`super::head_backward`]).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn head_grads(
+        qkv: &[f32],
+        h: Head,
+        dout: &[f32],
+        (go, go_stride): (usize, usize),
+        dqkv: *mut f32,
+        sc: &mut Scratch,
+    ) {
+        let (n, hd) = (h.n, h.hd);
+        let np = n.div_ceil(LANES) * LANES;
+        // score rows for whole row blocks: the last block's extra rows land in the padding
+        let padded = n.div_ceil(ROWS) * ROWS * np;
+        pack_panels(&mut sc.kt, &qkv[h.k..], h.stride, n, hd);
+        pack_panels(&mut sc.vt, &qkv[h.v..], h.stride, n, hd);
+        for m in [&mut sc.s, &mut sc.ds] {
+            m.clear();
+            m.resize(padded, 0.0);
+        }
+        let base = qkv.as_ptr();
+        let g = dout.as_ptr().add(go);
+        let (p, ds) = (sc.s.as_mut_ptr(), sc.ds.as_mut_ptr());
+        for i0 in (0..n).step_by(ROWS) {
+            // P rows (normalised) and dP = dO V^T rows, then dS = P (dP - rowsum(P dP))
+            score_rows(
+                base.add(h.q),
+                h.stride,
+                i0,
+                n,
+                sc.kt.as_ptr(),
+                hd,
+                h.scale,
+                p.add(i0 * np),
+            );
+            score_rows(
+                g,
+                go_stride,
+                i0,
+                n,
+                sc.vt.as_ptr(),
+                hd,
+                1.0,
+                ds.add(i0 * np),
+            );
+            for i in i0..(i0 + ROWS).min(n) {
+                let (pr, dr) = (p.add(i * np), ds.add(i * np));
+                let inv = exp_row(pr, n);
+                softmax_grad_row(pr, dr, inv, n);
+            }
+        }
+        let (p, ds) = (sc.s.as_ptr(), sc.ds.as_ptr());
+        let (q, k) = (base.add(h.q), base.add(h.k));
+        let scale = [h.scale; OUT_ROWS];
+        let ones = [1.0f32; OUT_ROWS];
+        let st = h.stride;
+        for r0 in (0..n).step_by(OUT_ROWS) {
+            let rows = (n - r0).min(OUT_ROWS);
+            let at = |m: *mut f32| (m.add(r0 * st), st);
+            // dQ = scale dS K (rows of dS); dK = scale dS^T Q, dV = P^T dO (columns)
+            let products = [
+                (false, ds.add(r0 * np), (k, st), h.q, &scale),
+                (true, ds.add(r0), (q, st), h.k, &scale),
+                (true, p.add(r0), (g, go_stride), h.v, &ones),
+            ];
+            for (t, w, rows_of, grad, s) in products {
+                outputs_any(t, hd, (w, np), rows_of, n, at(dqkv.add(grad)), &s[..rows]);
+            }
+        }
+    }
+
+    /// For a row of unnormalised probabilities `p` (`p * inv` sums to 1) and the gradient `dp`
+    /// of the normalised ones: `p <- p * inv` and `dp <- p (dp - sum_j p_j dp_j)`, `n` values.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn softmax_grad_row(p: *mut f32, dp: *mut f32, inv: f32, n: usize) {
+        let iv = _mm512_set1_ps(inv);
+        let mut dot = _mm512_setzero_ps();
+        for j in (0..n).step_by(LANES) {
+            let m: __mmask16 = if n - j >= LANES {
+                !0
+            } else {
+                (1u16 << (n - j)) - 1
+            };
+            let x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(j)), iv);
+            _mm512_mask_storeu_ps(p.add(j), m, x);
+            dot = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, dp.add(j)), dot);
+        }
+        let dot = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
+        for j in (0..n).step_by(LANES) {
+            let m: __mmask16 = if n - j >= LANES {
+                !0
+            } else {
+                (1u16 << (n - j)) - 1
+            };
+            let x = _mm512_maskz_loadu_ps(m, p.add(j));
+            let d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp.add(j)), dot);
+            _mm512_mask_storeu_ps(dp.add(j), m, _mm512_mul_ps(x, d));
         }
     }
 
@@ -291,11 +538,12 @@ mod avx512 {
     }
 
     /// `o_r = inv[r] sum_j p[r, j] v_j` for `inv.len()` (<= `OUT_ROWS`) rows of weights over
-    /// `n` value rows of `16 NV` values each.
+    /// `n` value rows of `16 NV` values each; `p[r, j]` at `p + r * p_stride + j`, or, when
+    /// `T`, at `p + r + j * p_stride` (the weights read down columns: a transposed product).
     #[target_feature(enable = "avx512f")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn outputs<const NV: usize>(
+    unsafe fn outputs<const NV: usize, const T: bool>(
         p: *const f32,
         p_stride: usize,
         v: *const f32,
@@ -308,8 +556,8 @@ mod avx512 {
         let rows = inv.len();
         let mut acc = [[_mm512_setzero_ps(); NV]; OUT_ROWS];
         // rows past `rows` repeat the last one (not stored)
-        let prow: [*const f32; OUT_ROWS] =
-            std::array::from_fn(|r| p.add(r.min(rows - 1) * p_stride));
+        let (rs, cs) = if T { (1, p_stride) } else { (p_stride, 1) };
+        let prow: [*const f32; OUT_ROWS] = std::array::from_fn(|r| p.add(r.min(rows - 1) * rs));
         for j in 0..n {
             let vj = v.add(j * v_stride);
             let mut b = [_mm512_setzero_ps(); NV];
@@ -317,7 +565,7 @@ mod avx512 {
                 *bc = _mm512_loadu_ps(vj.add(c * LANES));
             }
             for r in 0..OUT_ROWS {
-                let a = _mm512_set1_ps(*prow[r].add(j));
+                let a = _mm512_set1_ps(*prow[r].add(j * cs));
                 for c in 0..NV {
                     acc[r][c] = _mm512_fmadd_ps(a, b[c], acc[r][c]);
                 }
