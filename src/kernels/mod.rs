@@ -834,15 +834,23 @@ impl OutPtr {
     }
 }
 
-/// Runs `f` on every (batch item, head) of a packed qkv `[b, n, 3c]` with `heads` heads, in
-/// parallel with a scratch per worker; Err where any call returned false.
-fn for_each_head(
+/// A buffer of `len` values filled by `f` on every (batch item, head) of a packed qkv
+/// `[b, n, 3c]` with `heads` heads, in parallel with a scratch per worker; `f` gets the
+/// buffer's start. Err (nothing returned) where any call returned false.
+///
+/// # Safety
+/// Unless it returns false, each call must write only its own part of the buffer, and together
+/// the calls must write all `len` values (the buffer is not zeroed first).
+unsafe fn per_head_into(
+    len: usize,
     (b, n, c): (usize, usize, usize),
     heads: usize,
     scale: f32,
-    f: impl Fn(attention::Head, (usize, usize), &mut attention::Scratch) -> bool + Sync,
-) -> Result<(), ()> {
+    f: impl Fn(attention::Head, (usize, usize), *mut f32, &mut attention::Scratch) -> bool + Sync,
+) -> Result<Vec<f32>, ()> {
     let hd = c / heads;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let ptr = OutPtr(out.as_mut_ptr());
     let declined = std::sync::atomic::AtomicBool::new(false);
     (0..b * heads)
         .into_par_iter()
@@ -858,15 +866,16 @@ fn for_each_head(
                 hd,
                 scale,
             };
-            if !f(head, (bi, hi), scratch) {
+            if !f(head, (bi, hi), ptr.get(), scratch) {
                 declined.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         });
     if declined.into_inner() {
-        Err(())
-    } else {
-        Ok(())
+        return Err(());
     }
+    // SAFETY: every call succeeded, so all `len` values were written (the caller's promise).
+    unsafe { out.set_len(len) };
+    Ok(out)
 }
 
 impl Kernel for FusedAttention {
@@ -883,14 +892,20 @@ impl Kernel for FusedAttention {
         if c3 % 3 != 0 || c % h != 0 {
             candle_core::bail!("attention kernel: width {c3} does not split into 3 x {h} heads")
         }
-        let mut out = vec![0f32; b * n * c];
-        let ptr = OutPtr(out.as_mut_ptr());
-        // SAFETY: the output columns hi*hd..(hi+1)*hd of batch item bi's n rows (row stride c)
-        // lie inside `out` and belong to this task alone.
-        for_each_head((b, n, c), h, self.scale, |head, (bi, hi), scratch| unsafe {
-            let o = ptr.get().add(bi * n * c + hi * head.hd);
-            attention::head_forward(qkv, head, o, c, scratch)
-        })
+        // SAFETY: a head writes the output columns hi*hd..(hi+1)*hd of batch item bi's n rows
+        // (row stride c), which no other head touches; the heads' columns make up all c.
+        let out = unsafe {
+            per_head_into(
+                b * n * c,
+                (b, n, c),
+                h,
+                self.scale,
+                |head, (bi, hi), out, sc| {
+                    let o = out.add(bi * n * c + hi * head.hd);
+                    attention::head_forward(qkv, head, o, c, sc)
+                },
+            )
+        }
         .map_err(|()| {
             candle_core::Error::Msg(
                 "attention kernel: a head's rows do not fit the qkv buffer".into(),
@@ -973,14 +988,20 @@ impl Kernel for FusedAttentionBwd {
         if c3 % 3 != 0 || c % h != 0 || dout.len() != b * n * c {
             candle_core::bail!("attention bwd kernel: shapes do not match")
         }
-        let mut dqkv = vec![0f32; b * n * c3];
-        let ptr = OutPtr(dqkv.as_mut_ptr());
-        // SAFETY: this (bi, hi)'s q/k/v columns of dqkv (same layout as qkv) belong to this
-        // task alone.
-        for_each_head((b, n, c), h, self.scale, |head, (bi, hi), scratch| unsafe {
-            let go = (bi * n * c + hi * head.hd, c);
-            attention::head_backward(qkv, head, dout, go, ptr.get(), scratch)
-        })
+        // SAFETY: a head writes its own q/k/v columns of dqkv (same layout as qkv); the heads'
+        // columns make up all 3c.
+        let dqkv = unsafe {
+            per_head_into(
+                b * n * c3,
+                (b, n, c),
+                h,
+                self.scale,
+                |head, (bi, hi), d, sc| {
+                    let go = (bi * n * c + hi * head.hd, c);
+                    attention::head_backward(qkv, head, dout, go, d, sc)
+                },
+            )
+        }
         .map_err(|()| {
             candle_core::Error::Msg(
                 "attention bwd kernel: a head's rows do not fit its buffers".into(),
