@@ -269,11 +269,38 @@ mod avx512 {
 
     /// `dst`: rows `j < n` of `src` (row `j` at `src[j * stride..]`, `hd` values) transposed
     /// into panels of 16 rows: panel `p` holds rows 16p..16p+16 as `hd` groups of 16 (zero past
-    /// the last row).
+    /// the last row). Each group of 16 is one gather of a value from 16 rows.
+    #[target_feature(enable = "avx512f")]
     fn pack_panels(dst: &mut Vec<f32>, src: &[f32], stride: usize, n: usize, hd: usize) {
         let panels = n.div_ceil(LANES);
         dst.clear();
         dst.resize(panels * hd * LANES, 0.0);
+        // gather offsets are 32-bit: row 15 of a panel must be within reach
+        if i32::try_from(stride * (LANES - 1)).is_ok() {
+            let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            let idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(stride as i32));
+            for (p, panel) in dst.chunks_exact_mut(hd * LANES).enumerate() {
+                let rows = (n - p * LANES).min(LANES);
+                let mask: __mmask16 = ((1u32 << rows) - 1) as __mmask16;
+                // rows p*16 .. p*16 + rows exist: the last one ends inside `src`
+                assert!((p * LANES + rows - 1) * stride + hd <= src.len());
+                let base = src[p * LANES * stride..].as_ptr();
+                for (d, out) in panel.chunks_exact_mut(LANES).enumerate() {
+                    // SAFETY: lane r < rows reads src[(p*16 + r) * stride + d], inside `src`
+                    // (asserted above); masked lanes read nothing; `out` holds 16 values.
+                    unsafe {
+                        let v = _mm512_mask_i32gather_ps::<4>(
+                            _mm512_setzero_ps(),
+                            mask,
+                            idx,
+                            base.add(d),
+                        );
+                        _mm512_storeu_ps(out.as_mut_ptr(), v);
+                    }
+                }
+            }
+            return;
+        }
         for j in 0..n {
             let (p, jj) = (j / LANES, j % LANES);
             let row = &src[j * stride..][..hd];
