@@ -101,25 +101,10 @@ pub(super) unsafe fn head_forward(
     }
     let (n, hd, stride) = (h.n, h.hd, h.stride as isize);
     let scores = &mut scratch.s;
-    scores.clear();
-    scores.resize(n * n, 0.0);
-    // SAFETY: q, k and v rows lie inside `qkv` (checked above); `scores` holds n x n values;
-    // the caller vouches for the output rows.
-    unsafe {
-        // scores[i, j] = scale * sum_d q[i, d] k[j, d]
-        let (q, k) = (qkv.as_ptr().add(h.q), qkv.as_ptr().add(h.k));
-        sgemm(
-            (n, n, hd),
-            (scores.as_mut_ptr(), 1, n as isize),
-            (q, 1, stride),
-            (k, stride, 1),
-            h.scale,
-        );
-    }
-    for row in scores.chunks_exact_mut(n) {
-        softmax_row_inplace(row);
-    }
-    // SAFETY: as above.
+    // SAFETY: q and k rows lie inside `qkv` (checked above).
+    unsafe { probabilities(qkv, h, scores) };
+    // SAFETY: v rows lie inside `qkv`; `scores` holds n x n values; the caller vouches for the
+    // output rows.
     unsafe {
         sgemm(
             (n, hd, n),
@@ -163,29 +148,18 @@ pub(super) unsafe fn head_backward(
     let (n, hd, stride) = (h.n, h.hd, h.stride as isize);
     let (ni, gs) = (n as isize, go_stride as isize);
     let (p, dp) = (&mut scratch.s, &mut scratch.ds);
-    for m in [&mut *p, &mut *dp] {
-        m.clear();
-        m.resize(n * n, 0.0);
-    }
+    // SAFETY: q and k rows lie inside `qkv` (checked above).
+    unsafe { probabilities(qkv, h, p) };
+    dp.clear();
+    dp.resize(n * n, 0.0);
     let base = qkv.as_ptr();
     let (q, k, v) = (base.add(h.q), base.add(h.k), base.add(h.v));
     let g = dout.as_ptr().add(go);
     let (dq, dk, dv) = (dqkv.add(h.q), dqkv.add(h.k), dqkv.add(h.v));
-    let (pm, dpm) = (p.as_mut_ptr(), dp.as_mut_ptr());
+    let dpm = dp.as_mut_ptr();
     // SAFETY: operands checked above; p and dp hold n x n values; the caller vouches for the
     // gradient rows.
     unsafe {
-        // P = softmax(scale q k^T)
-        sgemm(
-            (n, n, hd),
-            (pm, 1, ni),
-            (q, 1, stride),
-            (k, stride, 1),
-            h.scale,
-        );
-        for row in p.chunks_exact_mut(n) {
-            softmax_row_inplace(row);
-        }
         // dV = P^T dO
         sgemm(
             (n, hd, n),
@@ -224,6 +198,31 @@ pub(super) unsafe fn head_backward(
         );
     }
     true
+}
+
+/// `p` = softmax(scale q k^T), `n` x `n`, by a library product and a row softmax (the path
+/// for widths and CPUs the register tiles do not take).
+///
+/// # Safety
+/// Rows `0..n` of q and k must lie inside `qkv` ([`Head::fits`]).
+unsafe fn probabilities(qkv: &[f32], h: Head, p: &mut Vec<f32>) {
+    let (n, stride) = (h.n, h.stride as isize);
+    p.clear();
+    p.resize(n * n, 0.0);
+    // SAFETY: q and k rows lie inside `qkv` (the caller's promise); `p` holds n x n values.
+    unsafe {
+        let (q, k) = (qkv.as_ptr().add(h.q), qkv.as_ptr().add(h.k));
+        sgemm(
+            (n, n, h.hd),
+            (p.as_mut_ptr(), 1, n as isize),
+            (q, 1, stride),
+            (k, stride, 1),
+            h.scale,
+        );
+    }
+    for row in p.chunks_exact_mut(n) {
+        softmax_row_inplace(row);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -444,6 +443,15 @@ mod avx512 {
         }
     }
 
+    /// The mask of the first `left` lanes (all 16 when `left` >= 16).
+    fn lanes_up_to(left: usize) -> __mmask16 {
+        if left >= LANES {
+            !0
+        } else {
+            (1u16 << left) - 1
+        }
+    }
+
     /// For a row of unnormalised probabilities `p` (`p * inv` sums to 1) and the gradient `dp`
     /// of the normalised ones: `p <- p * inv` and `dp <- p (dp - sum_j p_j dp_j)`, `n` values.
     #[target_feature(enable = "avx512f")]
@@ -451,22 +459,14 @@ mod avx512 {
         let iv = _mm512_set1_ps(inv);
         let mut dot = _mm512_setzero_ps();
         for j in (0..n).step_by(LANES) {
-            let m: __mmask16 = if n - j >= LANES {
-                !0
-            } else {
-                (1u16 << (n - j)) - 1
-            };
+            let m = lanes_up_to(n - j);
             let x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(j)), iv);
             _mm512_mask_storeu_ps(p.add(j), m, x);
             dot = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, dp.add(j)), dot);
         }
         let dot = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
         for j in (0..n).step_by(LANES) {
-            let m: __mmask16 = if n - j >= LANES {
-                !0
-            } else {
-                (1u16 << (n - j)) - 1
-            };
+            let m = lanes_up_to(n - j);
             let x = _mm512_maskz_loadu_ps(m, p.add(j));
             let d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp.add(j)), dot);
             _mm512_mask_storeu_ps(dp.add(j), m, _mm512_mul_ps(x, d));

@@ -258,8 +258,8 @@ impl Kernel for SwapInner {
 }
 
 /// `x` `[B, r, c]` row-major as `[B, c, r]` row-major. Each task writes a block of `TILE`
-/// output rows, reading the input in `TILE` x `TILE` tiles (one tile's rows are `TILE`
-/// consecutive values, its columns land in `TILE` output rows).
+/// output rows (channels c0..c0 + TILE): it walks the input rows, reading each row's `TILE`
+/// consecutive values of those channels into column `i` of its `TILE` output rows.
 fn swap_inner_values(x: &[f32], (r, c): (usize, usize)) -> Vec<f32> {
     const TILE: usize = 16;
     let mut out: Vec<f32> = Vec::with_capacity(x.len());
@@ -275,12 +275,10 @@ fn swap_inner_values(x: &[f32], (r, c): (usize, usize)) -> Vec<f32> {
                 .for_each(|(blk, dst)| {
                     let c0 = blk * TILE;
                     let t = dst.len() / r;
-                    for r0 in (0..r).step_by(TILE) {
-                        for i in r0..(r0 + TILE).min(r) {
-                            let row = &src[i * c + c0..][..t];
-                            for (j, &v) in row.iter().enumerate() {
-                                dst[j * r + i].write(v);
-                            }
+                    for i in 0..r {
+                        let row = &src[i * c + c0..][..t];
+                        for (j, &v) in row.iter().enumerate() {
+                            dst[j * r + i].write(v);
                         }
                     }
                 });
@@ -1364,8 +1362,8 @@ mod tests {
     /// The fused attention's gradient of `sum(attention(qkv) * w)` for a random `[b, n, 3 heads
     /// hd]` qkv, against central finite differences of the unfused composition in float64
     /// (candle's own autograd through the composition is not a usable reference: it returns
-    /// zero gradients for q in this graph), at `count` entries spread over q, k and v of every
-    /// batch item and head.
+    /// zero gradients for q in this graph), at ~24 entries spread over q, k and v of every batch
+    /// item and head, and the last entry.
     fn check_attention_gradient((b, n, heads, hd): (usize, usize, usize, usize), scale: f64) {
         let c3 = 3 * heads * hd;
         let dev = Device::Cpu;
